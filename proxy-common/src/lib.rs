@@ -1,0 +1,18 @@
+//! Types and pure helpers shared by the eBPF datapath (`proxy-ebpf`) and the agent
+//! (`proxy-userspace`).
+//!
+//! Every map key and value here is `#[repr(C)]` with explicit padding so that both sides agree
+//! on the layout byte for byte and so that no uninitialised padding ever reaches a hash-map key.
+//! Sizes are asserted at compile time.
+#![no_std]
+
+pub mod counters;
+pub mod maps;
+pub mod select;
+
+/// IANA protocol numbers as they appear in `bpf_sock_addr.protocol` and IP headers.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}

@@ -1,0 +1,67 @@
+//! One trait per address family so that `lb` and `sock` are written once for IPv4 and IPv6.
+//! Each accessor is `#[inline(always)]`: a map reference must compile to the map's own load
+//! instruction in every program, never to a pointer kept in data.
+
+use aya_ebpf::btf_maps::{HashMap, LruHashMap};
+use proxy_common::maps::{
+    AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceValue, SockRevKey, SockRevValue, capacity,
+};
+
+pub type Services<A> = HashMap<ServiceKey<A>, ServiceValue, { capacity::SERVICES as usize }>;
+pub type Backends<A> = HashMap<u32, Backend<A>, { capacity::BACKENDS as usize }>;
+pub type RevNats<A> = HashMap<u32, RevNat<A>, { capacity::REV_NAT as usize }>;
+pub type SockRevs<A> = LruHashMap<SockRevKey<A>, SockRevValue<A>, { capacity::SOCK_REV as usize }>;
+
+pub trait Family: 'static {
+    type Addr: Copy + PartialEq + 'static;
+
+    fn services() -> &'static Services<Self::Addr>;
+    fn backends() -> &'static Backends<Self::Addr>;
+    fn rev_nat() -> &'static RevNats<Self::Addr>;
+    fn sock_rev() -> &'static SockRevs<Self::Addr>;
+}
+
+pub struct V4;
+pub struct V6;
+
+macro_rules! family {
+    ($fam:ty, $addr:ty, $svc:ident, $be:ident, $rn:ident, $sr:ident) => {
+        impl Family for $fam {
+            type Addr = $addr;
+
+            #[inline(always)]
+            fn services() -> &'static Services<$addr> {
+                &crate::$svc
+            }
+            #[inline(always)]
+            fn backends() -> &'static Backends<$addr> {
+                &crate::$be
+            }
+            #[inline(always)]
+            fn rev_nat() -> &'static RevNats<$addr> {
+                &crate::$rn
+            }
+            #[inline(always)]
+            fn sock_rev() -> &'static SockRevs<$addr> {
+                &crate::$sr
+            }
+        }
+    };
+}
+
+family!(
+    V4,
+    AddrV4,
+    SERVICES_V4,
+    BACKENDS_V4,
+    REV_NAT_V4,
+    SOCK_REV_V4
+);
+family!(
+    V6,
+    AddrV6,
+    SERVICES_V6,
+    BACKENDS_V6,
+    REV_NAT_V6,
+    SOCK_REV_V6
+);

@@ -1,0 +1,122 @@
+//! bpf-kube-proxy datapath. This file holds only the maps and thin program entry points; the
+//! logic lives in one module per concern.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod family;
+mod lb;
+mod sock;
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    counters::Counter,
+    maps::{
+        AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SockRevKey,
+        SockRevValue, capacity,
+    },
+};
+
+use crate::family::{V4, V6};
+
+// Map sizes here are defaults: the agent overrides max_entries at load time.
+
+#[btf_map(name = "bkp_svc_v4")]
+static SERVICES_V4: HashMap<ServiceKey<AddrV4>, ServiceValue, { capacity::SERVICES as usize }> =
+    HashMap::new();
+#[btf_map(name = "bkp_svc_v6")]
+static SERVICES_V6: HashMap<ServiceKey<AddrV6>, ServiceValue, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "bkp_be_v4")]
+static BACKENDS_V4: HashMap<u32, Backend<AddrV4>, { capacity::BACKENDS as usize }> = HashMap::new();
+#[btf_map(name = "bkp_be_v6")]
+static BACKENDS_V6: HashMap<u32, Backend<AddrV6>, { capacity::BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "bkp_revnat_v4")]
+static REV_NAT_V4: HashMap<u32, RevNat<AddrV4>, { capacity::REV_NAT as usize }> = HashMap::new();
+#[btf_map(name = "bkp_revnat_v6")]
+static REV_NAT_V6: HashMap<u32, RevNat<AddrV6>, { capacity::REV_NAT as usize }> = HashMap::new();
+
+#[btf_map(name = "bkp_sockrev_v4")]
+static SOCK_REV_V4: LruHashMap<
+    SockRevKey<AddrV4>,
+    SockRevValue<AddrV4>,
+    { capacity::SOCK_REV as usize },
+> = LruHashMap::new();
+#[btf_map(name = "bkp_sockrev_v6")]
+static SOCK_REV_V6: LruHashMap<
+    SockRevKey<AddrV6>,
+    SockRevValue<AddrV6>,
+    { capacity::SOCK_REV as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "bkp_counters")]
+static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+/// Written by the agent, read by tools only; declared here so it is created, pinned and
+/// described in BTF with the rest. No preallocation: it costs memory only per frontend.
+#[btf_map(name = "bkp_svc_names")]
+static SERVICE_LABELS: HashMap<
+    u32,
+    ServiceLabel,
+    { capacity::SERVICE_LABELS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[cgroup_sock_addr(connect4)]
+pub fn bkp_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bkp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn bkp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn bkp_getpeer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn bkp_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V6>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn bkp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V6>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn bkp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<V6>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn bkp_getpeer6(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<V6>(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never entered at run time.
+    loop {}
+}
+
+// GPL-compatible, so that GPL-only helpers and kfuncs stay available to the datapath.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,109 @@
+//! `list`: the Services the pinned maps hold, read back from the maps alone.
+
+use std::{fmt::Write as _, path::Path};
+
+use bpf_kube_proxy::datapath::{
+    maps::PinnedMaps,
+    reader::{BackendView, Snapshot},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+fn backend_text(b: &BackendView) -> String {
+    let mut text = match b.addr {
+        Some(key) => match key.addr {
+            std::net::IpAddr::V4(a) => format!("{a}:{}", key.port),
+            std::net::IpAddr::V6(a) => format!("[{a}]:{}", key.port),
+        },
+        None => format!("<missing backend {}>", b.id),
+    };
+    if b.terminating {
+        text.push_str(" (terminating)");
+    }
+    if b.local {
+        text.push_str(" (local)");
+    }
+    text
+}
+
+/// Renders the snapshot as an aligned table, one row per frontend.
+pub fn table(snapshot: &Snapshot) -> String {
+    let rows: Vec<[String; 4]> = snapshot
+        .frontends
+        .iter()
+        .map(|f| {
+            let mut backends = if f.backends.is_empty() {
+                "(none: rejected)".to_string()
+            } else {
+                f.backends
+                    .iter()
+                    .map(backend_text)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !f.missing_slots.is_empty() {
+                let _ = write!(backends, " [missing slots {:?}]", f.missing_slots);
+            }
+            let service = if f.service.is_empty() {
+                "?".to_string()
+            } else {
+                f.service.clone()
+            };
+            let port = if f.port_name.is_empty() {
+                "-".to_string()
+            } else {
+                f.port_name.clone()
+            };
+            [service, port, f.frontend.to_string(), backends]
+        })
+        .collect();
+    let header = ["SERVICE", "PORT", "FRONTEND", "BACKENDS"].map(str::to_string);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let _ = writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    }
+    let backends: usize = snapshot.frontends.iter().map(|f| f.backends.len()).sum();
+    let _ = writeln!(
+        out,
+        "{} frontends, {backends} backend slots",
+        snapshot.frontends.len()
+    );
+    if !snapshot.orphan_backends.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} backends not referenced by any frontend",
+            snapshot.orphan_backends.len()
+        );
+    }
+    out
+}
+
+pub fn run(pin_dir: &Path, format: Format) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(pin_dir)?;
+    let snapshot = Snapshot::read(&maps)?;
+    match format {
+        Format::Table => print!("{}", table(&snapshot)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&snapshot)?),
+    }
+    Ok(())
+}

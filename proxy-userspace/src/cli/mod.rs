@@ -1,0 +1,4 @@
+//! Subcommands other than `run`.
+
+pub mod demo;
+pub mod list;

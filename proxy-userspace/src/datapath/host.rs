@@ -1,0 +1,86 @@
+//! Host facts the datapath needs: where bpffs and cgroup v2 are, mounting bpffs when missing.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    mount::{MsFlags, mount},
+    sys::statfs::statfs,
+};
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{path} is not on a bpf filesystem and {DEFAULT_BPFFS} could not be mounted: {source}")]
+    MountBpffs { path: PathBuf, source: nix::Error },
+    #[error(
+        "{path} is not on a bpf filesystem (mount one there, or pick a --pin-dir under {DEFAULT_BPFFS})"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("creating {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading /proc/mounts: {0}")]
+    Mounts(std::io::Error),
+    #[error("no cgroup2 filesystem is mounted (see /proc/mounts); pass --cgroup")]
+    NoCgroup2,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` exists on a bpf filesystem, mounting bpffs at /sys/fs/bpf if the
+/// machine has none there (many minimal hosts and containers do not).
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), HostError> {
+    let default = Path::new(DEFAULT_BPFFS);
+    if pin_dir.starts_with(default) && !is_bpffs(default) {
+        fs::create_dir_all(default).map_err(|source| HostError::CreateDir {
+            path: default.into(),
+            source,
+        })?;
+        mount(
+            Some("bpffs"),
+            default,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| HostError::MountBpffs {
+            path: pin_dir.into(),
+            source,
+        })?;
+        tracing::info!("mounted bpffs at {DEFAULT_BPFFS}");
+    }
+    fs::create_dir_all(pin_dir).map_err(|source| HostError::CreateDir {
+        path: pin_dir.into(),
+        source,
+    })?;
+    if !is_bpffs(pin_dir) {
+        return Err(HostError::NotBpffs {
+            path: pin_dir.into(),
+        });
+    }
+    Ok(())
+}
+
+/// The first cgroup2 mount point in /proc/mounts: the node's cgroup root.
+pub fn cgroup2_root() -> Result<PathBuf, HostError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(HostError::Mounts)?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .ok_or(HostError::NoCgroup2)
+}

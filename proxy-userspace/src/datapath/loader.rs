@@ -1,0 +1,264 @@
+//! Loads the eBPF object with its maps pinned, and attaches the socket programs to a cgroup
+//! through pinned links.
+//!
+//! Restart continuity: maps are reused from their pins when their layout matches this build,
+//! so services, backends and socket reverse-NAT state survive the agent. Links are pinned too;
+//! a restarted agent swaps its freshly loaded programs into the existing links with
+//! BPF_LINK_UPDATE, so there is no instant where a connect() is not translated.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapInfo,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use proxy_common::maps::{self as names, capacity};
+
+use crate::datapath::{host, sys};
+
+/// The datapath object, built by this crate's build script.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// The cgroup sock_addr programs, by name (their attach type comes from their ELF section).
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "bkp_connect4",
+    "bkp_sendmsg4",
+    "bkp_recvmsg4",
+    "bkp_getpeer4",
+    "bkp_connect6",
+    "bkp_sendmsg6",
+    "bkp_recvmsg6",
+    "bkp_getpeer6",
+];
+
+/// Map capacities (max_entries). Changing one recreates that map on the next start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+    pub sock_rev: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            rev_nat: capacity::REV_NAT,
+            sock_rev: capacity::SOCK_REV,
+        }
+    }
+}
+
+impl MapSizes {
+    fn of(&self, map: &str) -> Option<u32> {
+        match map {
+            names::SERVICES_V4 | names::SERVICES_V6 => Some(self.services),
+            names::BACKENDS_V4 | names::BACKENDS_V6 => Some(self.backends),
+            names::REV_NAT_V4 | names::REV_NAT_V6 | names::SERVICE_LABELS => Some(self.rev_nat),
+            names::SOCK_REV_V4 | names::SOCK_REV_V6 => Some(self.sock_rev),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error("parsing the embedded eBPF object: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How the programs were attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachReport {
+    /// Links that existed and now run the new programs.
+    pub updated: usize,
+    /// Links created (first start, or a new cgroup).
+    pub created: usize,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads and verifies every program, creating or reusing pinned maps. Attaching is a
+    /// separate step so the agent can fill the maps before new programs go live.
+    pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
+        host::ensure_pin_dir(pin_dir)?;
+        drop_incompatible_pins(pin_dir, sizes)?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+            if let Some(size) = sizes.of(name) {
+                loader.map_max_entries(name, size);
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in SOCKET_PROGRAMS {
+            socket_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches every socket program to `cgroup` (and its descendants) through links pinned
+    /// under `<pin dir>/links/cgroup-<inode>/`. Links pinned for another cgroup are removed,
+    /// which detaches them.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<AttachReport, LoadError> {
+        let cgroup_err = |source| LoadError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        };
+        let cgroup_dir = fs::File::open(cgroup).map_err(cgroup_err)?;
+        let inode = cgroup_dir.metadata().map_err(cgroup_err)?.ino();
+        let links_dir = self.pin_dir.join("links");
+        let ours = links_dir.join(format!("cgroup-{inode}"));
+        let pin_err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LoadError::Pin { what, path, source }
+        };
+        fs::create_dir_all(&ours).map_err(pin_err("creating", &ours))?;
+        for entry in fs::read_dir(&links_dir).map_err(pin_err("listing", &links_dir))? {
+            let path = entry.map_err(pin_err("listing", &links_dir))?.path();
+            if path != ours {
+                tracing::info!(path = %path.display(), "removing links pinned for another cgroup");
+                fs::remove_dir_all(&path).map_err(pin_err("removing", &path))?;
+            }
+        }
+
+        let mut report = AttachReport::default();
+        for name in SOCKET_PROGRAMS {
+            let program = socket_program(&mut self.ebpf, name)?;
+            let prog_err = |source| LoadError::Program { name, source };
+            let pin = ours.join(name);
+            if pin.exists() {
+                let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link", &pin))?;
+                let prog_fd = program.fd().map_err(prog_err)?;
+                sys::link_update(&link, prog_fd).map_err(pin_err("updating pinned link", &pin))?;
+                report.updated += 1;
+            } else {
+                // A cgroup link always coexists with other programs on the cgroup (the kernel
+                // rejects BPF_F_ALLOW_MULTI on link_create: links are multi by design).
+                let id = program
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .map_err(prog_err)?;
+                let link: FdLink = program
+                    .take_link(id)
+                    .map_err(prog_err)?
+                    .try_into()
+                    .map_err(|source| LoadError::Link { name, source })?;
+                link.pin(&pin)
+                    .map_err(|e| pin_err("pinning link", &pin)(std::io::Error::other(e)))?;
+                report.created += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn socket_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, LoadError> {
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// aya reuses a pinned map by name without comparing its layout. A map from an older build
+/// (other key or value size) or with another capacity is unpinned here so a new one is made;
+/// the old one lives on, still serving the old programs, until the links switch over.
+fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<(), LoadError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)?;
+    for name in names::ALL {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(def) = object.maps.get(name) else {
+            continue;
+        };
+        let want = (
+            def.key_size(),
+            def.value_size(),
+            sizes.of(name).unwrap_or(def.max_entries()),
+        );
+        let have = MapInfo::from_pin(&path)
+            .map(|i| (i.key_size(), i.value_size(), i.max_entries()))
+            .ok();
+        if have != Some(want) {
+            tracing::warn!(
+                map = name,
+                ?have,
+                ?want,
+                "pinned map has another layout or capacity (key, value, max entries); recreating it"
+            );
+            fs::remove_file(&path).map_err(|source| LoadError::Pin {
+                what: "unpinning",
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything under `pin_dir`: links (detaching the programs), then maps.
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<bool> {
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    let links = pin_dir.join("links");
+    if links.exists() {
+        fs::remove_dir_all(&links)?;
+    }
+    fs::remove_dir_all(pin_dir)?;
+    Ok(true)
+}

@@ -1,0 +1,160 @@
+//! Typed handles on the pinned maps, generic over the address family so that the writer and
+//! reader are written once for IPv4 and IPv6.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use proxy_common::{
+    counters::Counter,
+    maps::{
+        self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("opening pinned map {name} under {dir}: {source}")]
+pub struct OpenError {
+    name: &'static str,
+    dir: String,
+    source: MapError,
+}
+
+/// An address type of one family, with the names of that family's maps.
+pub trait FamilyAddr: Copy + Send + Sync + 'static
+where
+    ServiceKey<Self>: Pod,
+    Backend<Self>: Pod,
+    RevNat<Self>: Pod,
+{
+    const SERVICES: &'static str;
+    const BACKENDS: &'static str;
+    const REV_NAT: &'static str;
+
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn to_ip(self) -> IpAddr;
+}
+
+impl FamilyAddr for AddrV4 {
+    const SERVICES: &'static str = names::SERVICES_V4;
+    const BACKENDS: &'static str = names::BACKENDS_V4;
+    const REV_NAT: &'static str = names::REV_NAT_V4;
+
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a.octets()),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(self))
+    }
+}
+
+impl FamilyAddr for AddrV6 {
+    const SERVICES: &'static str = names::SERVICES_V6;
+    const BACKENDS: &'static str = names::BACKENDS_V6;
+    const REV_NAT: &'static str = names::REV_NAT_V6;
+
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a.octets()),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(self))
+    }
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<Map, OpenError> {
+    let err = |source| OpenError {
+        name,
+        dir: dir.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(dir.join(name)).map_err(err)?;
+    // Both hash kinds and arrays are told apart by aya from the map's own info.
+    Map::from_map_data(data).map_err(err)
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, OpenError> {
+    T::try_from(open(dir, name)?).map_err(|source| OpenError {
+        name,
+        dir: dir.display().to_string(),
+        source,
+    })
+}
+
+/// One family's service, backend and reverse-NAT maps.
+pub struct FamilyMaps<A>
+where
+    A: FamilyAddr,
+    ServiceKey<A>: Pod,
+    Backend<A>: Pod,
+    RevNat<A>: Pod,
+{
+    pub services: HashMap<MapData, ServiceKey<A>, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend<A>>,
+    pub rev_nat: HashMap<MapData, u32, RevNat<A>>,
+}
+
+impl<A> FamilyMaps<A>
+where
+    A: FamilyAddr,
+    ServiceKey<A>: Pod,
+    Backend<A>: Pod,
+    RevNat<A>: Pod,
+{
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Ok(Self {
+            services: typed(dir, A::SERVICES)?,
+            backends: typed(dir, A::BACKENDS)?,
+            rev_nat: typed(dir, A::REV_NAT)?,
+        })
+    }
+}
+
+/// Every pinned map the agent writes or the CLI reads.
+pub struct PinnedMaps {
+    pub v4: FamilyMaps<AddrV4>,
+    pub v6: FamilyMaps<AddrV6>,
+    pub labels: HashMap<MapData, u32, ServiceLabel>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Ok(Self {
+            v4: FamilyMaps::open(dir)?,
+            v6: FamilyMaps::open(dir)?,
+            labels: typed(dir, names::SERVICE_LABELS)?,
+            counters: typed(dir, names::COUNTERS)?,
+        })
+    }
+
+    /// Datapath counters summed over CPUs, in `Counter::ALL` order.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*c, total)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,8 @@
+//! The only code that touches BPF: loading, attaching, writing and reading maps.
+
+pub mod host;
+pub mod loader;
+pub mod maps;
+pub mod reader;
+pub mod sys;
+pub mod writer;

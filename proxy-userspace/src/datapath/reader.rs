@@ -1,0 +1,215 @@
+//! Reads the pinned maps back into model terms: for `list`, and for adopting the datapath's
+//! state when the agent restarts.
+
+use std::collections::{HashMap, HashSet};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, MapData, MapError},
+};
+use proxy_common::maps::{
+    Backend, RevNat, ServiceKey, ServiceLabel, backend_flags, scope, svc_flags,
+};
+use serde::Serialize;
+
+use crate::{
+    datapath::maps::{FamilyAddr, FamilyMaps, PinnedMaps},
+    model::{BackendKey, BackendState, FrontendKey, Protocol},
+    plan::{BackendId, Label, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId},
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading map {map}: {source}")]
+pub struct ReadError {
+    map: &'static str,
+    source: MapError,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    pub id: BackendId,
+    /// `None` when the slot names a backend id that is not in the backends map.
+    pub addr: Option<BackendKey>,
+    pub terminating: bool,
+    pub local: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FrontendView {
+    pub frontend: FrontendKey,
+    pub service: String,
+    pub port_name: String,
+    pub rev_nat_id: RevNatId,
+    pub affinity_timeout: Option<u32>,
+    /// Backends in slot order (slot 1 first).
+    pub backends: Vec<BackendView>,
+    /// Slots the frontend's count promises but the map lacks.
+    pub missing_slots: Vec<u16>,
+}
+
+/// Everything the pinned service maps hold, both families.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub frontends: Vec<FrontendView>,
+    /// Backends no frontend slot names (left behind, or mid-update).
+    pub orphan_backends: Vec<BackendView>,
+}
+
+impl Snapshot {
+    pub fn read(maps: &PinnedMaps) -> Result<Self, ReadError> {
+        let labels = read_all(&maps.labels, proxy_common::maps::SERVICE_LABELS)?;
+        let mut snapshot = Snapshot::default();
+        read_family(&maps.v4, &labels, &mut snapshot)?;
+        read_family(&maps.v6, &labels, &mut snapshot)?;
+        snapshot
+            .frontends
+            .sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+        Ok(snapshot)
+    }
+
+    /// The state a restarted agent adopts.
+    pub fn programmed(&self) -> Programmed {
+        let mut programmed = Programmed::default();
+        for fe in &self.frontends {
+            for b in &fe.backends {
+                if let Some(key) = b.addr {
+                    programmed.backends.insert(
+                        key,
+                        ProgrammedBackend {
+                            id: b.id,
+                            state: BackendState {
+                                terminating: b.terminating,
+                                local: b.local,
+                            },
+                        },
+                    );
+                }
+            }
+            programmed.frontends.insert(
+                fe.frontend,
+                ProgrammedFrontend {
+                    rev_nat_id: fe.rev_nat_id,
+                    // A gap makes the rest unreachable by slot number: keep what precedes it
+                    // and let the first plan rewrite the remainder.
+                    slots: if fe.missing_slots.is_empty() {
+                        fe.backends.iter().map(|b| b.id).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    affinity_timeout: fe.affinity_timeout,
+                    label: Label {
+                        service: fe.service.clone(),
+                        port: fe.port_name.clone(),
+                    },
+                },
+            );
+        }
+        for b in &self.orphan_backends {
+            if let Some(key) = b.addr {
+                programmed.backends.insert(
+                    key,
+                    ProgrammedBackend {
+                        id: b.id,
+                        state: BackendState {
+                            terminating: b.terminating,
+                            local: b.local,
+                        },
+                    },
+                );
+            }
+        }
+        programmed
+    }
+}
+
+fn read_all<K: Pod + Eq + std::hash::Hash, V: Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<HashMap<K, V>, ReadError> {
+    map.iter()
+        .collect::<Result<HashMap<K, V>, MapError>>()
+        .map_err(|source| ReadError { map: name, source })
+}
+
+fn text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn read_family<A: FamilyAddr>(
+    maps: &FamilyMaps<A>,
+    labels: &HashMap<u32, ServiceLabel>,
+    out: &mut Snapshot,
+) -> Result<(), ReadError>
+where
+    ServiceKey<A>: Pod,
+    Backend<A>: Pod,
+    RevNat<A>: Pod,
+    A: Eq + std::hash::Hash,
+{
+    let services = read_all(&maps.services, A::SERVICES)?;
+    let backends = read_all(&maps.backends, A::BACKENDS)?;
+    let backend_view = |id: u32| {
+        let b = backends.get(&id);
+        BackendView {
+            id,
+            addr: b.and_then(|b| {
+                Some(BackendKey {
+                    addr: b.addr.to_ip(),
+                    port: b.port,
+                    protocol: Protocol::from_number(b.proto)?,
+                })
+            }),
+            terminating: b.is_some_and(|b| b.flags & backend_flags::TERMINATING != 0),
+            local: b.is_some_and(|b| b.flags & backend_flags::LOCAL != 0),
+        }
+    };
+
+    // Group slot entries under their frontend (slot 0).
+    let mut slots: HashMap<(ServiceKey<A>, u16), u32> = HashMap::new();
+    let mut referenced = HashSet::new();
+    for (key, value) in &services {
+        if key.slot != 0 && key.scope == scope::EXTERNAL {
+            slots.insert((key.with_slot(0), key.slot), value.backend_id);
+            referenced.insert(value.backend_id);
+        }
+    }
+    for (key, value) in &services {
+        if key.slot != 0 || key.scope != scope::EXTERNAL {
+            continue;
+        }
+        let Some(protocol) = Protocol::from_number(key.proto) else {
+            continue;
+        };
+        let mut views = Vec::new();
+        let mut missing = Vec::new();
+        for slot in 1..=value.count as u16 {
+            match slots.get(&(*key, slot)) {
+                Some(id) => views.push(backend_view(*id)),
+                None => missing.push(slot),
+            }
+        }
+        let label = labels.get(&value.rev_nat_id);
+        out.frontends.push(FrontendView {
+            frontend: FrontendKey {
+                addr: key.addr.to_ip(),
+                port: key.port,
+                protocol,
+            },
+            service: label.map(|l| text(&l.service)).unwrap_or_default(),
+            port_name: label.map(|l| text(&l.port)).unwrap_or_default(),
+            rev_nat_id: value.rev_nat_id,
+            affinity_timeout: (value.flags & svc_flags::AFFINITY != 0)
+                .then_some(value.affinity_timeout_s),
+            backends: views,
+            missing_slots: missing,
+        });
+    }
+    out.orphan_backends.extend(
+        backends
+            .keys()
+            .filter(|id| !referenced.contains(*id))
+            .map(|id| backend_view(*id)),
+    );
+    Ok(())
+}

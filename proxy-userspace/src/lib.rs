@@ -1,0 +1,17 @@
+//! bpf-kube-proxy: Kubernetes Service load balancing in eBPF.
+//!
+//! Data flows one way: `source` (manifests, API server) → `translate` (validated model) →
+//! `inventory` (desired frontends per Service, using `policy`) → `plan` (ordered map
+//! operations) → `datapath` (the only code that touches BPF).
+
+pub mod agent;
+pub mod datapath;
+pub mod inventory;
+pub mod metrics;
+pub mod model;
+pub mod plan;
+pub mod policy;
+pub mod proxier;
+pub mod sandbox;
+pub mod source;
+pub mod translate;

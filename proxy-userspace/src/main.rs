@@ -1,0 +1,164 @@
+//! The `bpf-kube-proxy` binary: the agent and its tools.
+
+mod cli;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use bpf_kube_proxy::{
+    agent::{self, AgentOptions},
+    datapath::{host, loader},
+    metrics::Metrics,
+    sandbox::probe::{self, ProbeArgs},
+    translate::TranslateOptions,
+};
+use clap::{Parser, Subcommand};
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bpf-kube-proxy";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bpf-kube-proxy",
+    version,
+    about = "Kubernetes Service load balancing in eBPF: a kube-proxy replacement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: keep the eBPF datapath in sync with Services and EndpointSlices.
+    Run(RunArgs),
+    /// Show what the pinned maps hold: frontends and their backends.
+    List {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::list::Format,
+    },
+    /// Remove the datapath (detach the programs, delete the pinned maps); for uninstalling.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Build a throw-away sandbox, run the agent in it and show Service traffic being balanced.
+    Demo(cli::demo::DemoArgs),
+    /// Connect to a Service from a cgroup and network namespace, as a workload there would.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Read Services, EndpointSlices (and this node's Node) from YAML/JSON files: one file
+    /// or a directory. Changes are picked up as they happen.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// cgroup v2 directory whose processes get socket load balancing (default: the root of the
+    /// cgroup2 mount, i.e. the whole node).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Directory on bpffs for pinned maps and links (mounted at /sys/fs/bpf if absent).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// This node's name, for traffic policies and topology (default: the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    hostname_override: Option<String>,
+    /// Also serve Services labelled service.kubernetes.io/service-proxy-name=<this>.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Re-read the manifests at least this often (seconds), in case a file event was missed.
+    #[arg(long, default_value_t = 10)]
+    resync_seconds: u64,
+    /// Capacity of the services maps (frontend entries plus one per backend slot).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::SERVICES)]
+    map_size_services: u32,
+    /// Capacity of the backends maps.
+    #[arg(long, default_value_t = proxy_common::maps::capacity::BACKENDS)]
+    map_size_backends: u32,
+    /// Capacity of the reverse-NAT maps (one entry per frontend).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::REV_NAT)]
+    map_size_rev_nat: u32,
+    /// Capacity of the socket reverse-NAT LRU maps.
+    #[arg(long, default_value_t = proxy_common::maps::capacity::SOCK_REV)]
+    map_size_sock_rev: u32,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let node_name = match args.hostname_override {
+        Some(name) => name,
+        None => nix::unistd::gethostname()
+            .context("reading the hostname (or pass --hostname-override)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let cgroup = match args.cgroup {
+        Some(path) => path,
+        None => host::cgroup2_root()?,
+    };
+    let opts = AgentOptions {
+        pin_dir: args.pin_dir,
+        cgroup,
+        node_name,
+        manifests: args.manifests,
+        map_sizes: loader::MapSizes {
+            services: args.map_size_services,
+            backends: args.map_size_backends,
+            rev_nat: args.map_size_rev_nat,
+            sock_rev: args.map_size_sock_rev,
+        },
+        translate: TranslateOptions {
+            service_proxy_name: args.service_proxy_name,
+        },
+        resync_period: Duration::from_secs(args.resync_seconds.max(1)),
+    };
+    runtime()?.block_on(agent::run(opts, Metrics::new()))?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        // Before any thread or runtime exists: the probe joins a cgroup and a netns.
+        Command::Probe(args) => probe::run(&args).context("probe")?,
+        Command::Run(args) => {
+            init_logging();
+            run_agent(args)?;
+        }
+        Command::List { pin_dir, output } => cli::list::run(&pin_dir, output)?,
+        Command::Cleanup { pin_dir } => {
+            if loader::cleanup(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?
+            {
+                println!(
+                    "removed {} (programs detached, maps deleted)",
+                    pin_dir.display()
+                );
+            } else {
+                println!("nothing to remove at {}", pin_dir.display());
+            }
+        }
+        Command::Demo(args) => {
+            init_logging();
+            runtime()?.block_on(cli::demo::run(args))?;
+        }
+    }
+    Ok(())
+}

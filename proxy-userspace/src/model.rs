@@ -1,0 +1,263 @@
+//! The service model: Services and endpoints as kube-proxy understands them, after validation,
+//! and the frontends they turn into. No Kubernetes API types, no BPF, no I/O.
+
+use std::{collections::BTreeSet, fmt, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// `namespace/name` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Kubernetes spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
+    pub fn from_k8s(value: Option<&str>) -> Option<Self> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    /// IANA protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proxy_common::proto::TCP,
+            Self::Udp => proxy_common::proto::UDP,
+            Self::Sctp => proxy_common::proto::SCTP,
+        }
+    }
+
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            proxy_common::proto::TCP => Some(Self::Tcp),
+            proxy_common::proto::UDP => Some(Self::Udp),
+            proxy_common::proto::SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// internalTrafficPolicy / externalTrafficPolicy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// spec.trafficDistribution. Upstream kube-proxy does not read this field itself: the
+/// EndpointSlice controller turns it into hints, which kube-proxy follows. It is kept so that
+/// `explain` can say why hints are (not) present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrafficDistribution {
+    PreferClose,
+    PreferSameZone,
+    PreferSameNode,
+    Other(String),
+}
+
+/// One port of a validated Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Port name, "" for a single unnamed port; EndpointSlice ports are matched by it.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub node_port: Option<u16>,
+}
+
+/// A Service after validation: what kube-proxy's ServiceChangeTracker would hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: ServiceName,
+    /// spec.clusterIPs (one per family).
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress IPs, minus those with ipMode Proxy.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub ports: Vec<ServicePort>,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub session_affinity_timeout: Option<u32>,
+    pub internal_policy: TrafficPolicy,
+    pub external_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+impl ServiceInfo {
+    /// kube-proxy's ExternallyAccessible: NodePort, LoadBalancer IPs or externalIPs.
+    pub fn externally_accessible(&self) -> bool {
+        !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+            || self.ports.iter().any(|p| p.node_port.is_some())
+    }
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// An endpoint of an EndpointSlice (one address: kube-proxy uses the first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub addr: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// A validated EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// From the `kubernetes.io/service-name` label.
+    pub service: ServiceName,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of one service port, after merging slices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Runs on this node.
+    pub local: bool,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// What this node is, for traffic policies and topology.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// How a frontend address came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// The address, port and protocol clients use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FrontendKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// A backend as the datapath stores it: shared by every frontend that uses the same
+/// address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct BackendKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        FrontendKey {
+            addr: self.addr,
+            port: self.port,
+            protocol: self.protocol,
+        }
+        .fmt(f)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendState {
+    pub terminating: bool,
+    pub local: bool,
+}
+
+/// A chosen backend of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendBackend {
+    pub key: BackendKey,
+    pub state: BackendState,
+}
+
+/// The desired datapath state of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
+    /// Service port name, for display.
+    pub port_name: String,
+    /// The backends this frontend balances over; empty means reject.
+    pub backends: Vec<FrontendBackend>,
+    pub affinity_timeout: Option<u32>,
+}
+
+/// The desired datapath state of one Service: all of its frontends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub frontends: Vec<Frontend>,
+}

@@ -1,0 +1,295 @@
+//! The sync core: Kubernetes objects in, plans out. It owns the inventory and the planner and
+//! hands plans to a [`PlanSink`] (the BPF map writer in production, a recorder in tests), so
+//! every rule here is unit-tested without root.
+
+use std::{collections::BTreeSet, sync::Arc, time::Instant};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::{
+    inventory::Inventory,
+    metrics::{KindLabel, Metrics},
+    model::{NodeInfo, ServiceInfo, ServiceName, SliceInfo},
+    plan::{Outcome, Plan, PlanIssue, Planner},
+    source::Snapshot,
+    translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
+};
+
+/// Node label with the node's zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// Where plans go.
+pub trait PlanSink {
+    /// Applies `plan` in its phase order; returns a description of each operation that failed.
+    fn apply(&mut self, plan: &Plan) -> Vec<String>;
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub services: usize,
+    pub ops: usize,
+    pub failed: Vec<String>,
+    pub issues: Vec<PlanIssue>,
+}
+
+pub struct Proxier<S> {
+    inventory: Inventory,
+    planner: Planner,
+    sink: S,
+    opts: TranslateOptions,
+    dirty: BTreeSet<ServiceName>,
+    metrics: Arc<Metrics>,
+}
+
+fn node_info(node_name: &str, node: Option<&Node>) -> NodeInfo {
+    NodeInfo {
+        name: node_name.to_string(),
+        zone: node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(LABEL_ZONE))
+            .cloned(),
+    }
+}
+
+impl<S: PlanSink> Proxier<S> {
+    pub fn new(
+        node_name: &str,
+        opts: TranslateOptions,
+        planner: Planner,
+        sink: S,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inventory: Inventory::new(node_info(node_name, None)),
+            planner,
+            sink,
+            opts,
+            dirty: BTreeSet::new(),
+            metrics,
+        }
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    fn report_issues(&self, kind: &str, issues: Vec<ItemIssue>) {
+        for issue in issues {
+            tracing::warn!("{issue}");
+            self.metrics
+                .skipped_items
+                .get_or_create(&KindLabel::new(kind))
+                .inc();
+        }
+    }
+
+    fn report_invalid(&self, kind: &str, error: &TranslateError, kept: bool) {
+        if kept {
+            tracing::error!("{error}; keeping its last good version");
+        } else {
+            tracing::error!("{error}; ignored");
+        }
+        self.metrics
+            .invalid_objects
+            .get_or_create(&KindLabel::new(kind))
+            .inc();
+    }
+
+    /// `Ok(Some)`: proxy it; `Ok(None)`: not ours; `Err`: invalid (already reported).
+    fn translate_service(&self, svc: &Service) -> Result<Option<ServiceInfo>, ()> {
+        let mut issues = Vec::new();
+        let outcome = translate::translate_service(svc, &self.opts, &mut issues);
+        self.report_issues("Service", issues);
+        match outcome {
+            Ok(ServiceOutcome::Proxied(info)) => Ok(Some(info)),
+            Ok(ServiceOutcome::Skipped(name, reason)) => {
+                if self.inventory.service(&name).is_some() {
+                    tracing::info!(service = %name, "no longer proxied: {reason}");
+                } else {
+                    tracing::debug!(service = %name, "not proxied: {reason}");
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                let kept = service_name(svc).is_some_and(|n| self.inventory.service(&n).is_some());
+                self.report_invalid("Service", &e, kept);
+                Err(())
+            }
+        }
+    }
+
+    fn translate_slice(&self, slice: &EndpointSlice) -> Result<SliceInfo, ()> {
+        let mut issues = Vec::new();
+        let outcome = translate::translate_slice(slice, &mut issues);
+        self.report_issues("EndpointSlice", issues);
+        outcome.map_err(|e| match e {
+            // Slices for other consumers (no service label, FQDN) are not errors to report.
+            TranslateError::SliceWithoutService { .. }
+            | TranslateError::UnsupportedAddressType { .. } => {
+                tracing::debug!("{e}");
+            }
+            e => self.report_invalid("EndpointSlice", &e, false),
+        })
+    }
+
+    pub fn upsert_service(&mut self, svc: &Service) {
+        let changed = match self.translate_service(svc) {
+            Ok(Some(info)) => self.inventory.upsert_service(info),
+            Ok(None) => service_name(svc).and_then(|n| self.inventory.remove_service(&n)),
+            Err(()) => None,
+        };
+        if let Some(name) = changed {
+            self.metrics.service_changes.inc();
+            self.dirty.insert(name);
+        }
+    }
+
+    pub fn remove_service(&mut self, name: &ServiceName) {
+        if let Some(name) = self.inventory.remove_service(name) {
+            self.metrics.service_changes.inc();
+            self.dirty.insert(name);
+        }
+    }
+
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        if let Ok(info) = self.translate_slice(slice) {
+            let touched = self.inventory.upsert_slice(info);
+            self.metrics.endpoint_changes.inc_by(touched.len() as u64);
+            self.dirty.extend(touched);
+        }
+    }
+
+    pub fn remove_slice(&mut self, namespace: &str, name: &str) {
+        if let Some(owner) = self.inventory.remove_slice(namespace, name) {
+            self.metrics.endpoint_changes.inc();
+            self.dirty.insert(owner);
+        }
+    }
+
+    pub fn set_node(&mut self, node: Option<&Node>) {
+        let info = node_info(&self.inventory.node().name, node);
+        self.dirty.extend(self.inventory.set_node(info));
+    }
+
+    /// Replaces all objects with a complete snapshot. Objects that fail validation keep their
+    /// last good version instead of disappearing.
+    pub fn replace_all(&mut self, snap: &Snapshot) {
+        let mut services = Vec::new();
+        for svc in &snap.services {
+            match self.translate_service(svc) {
+                Ok(Some(info)) => services.push(info),
+                Ok(None) => {}
+                Err(()) => {
+                    if let Some(previous) =
+                        service_name(svc).and_then(|n| self.inventory.service(&n).cloned())
+                    {
+                        services.push(previous);
+                    }
+                }
+            }
+        }
+        let slices: Vec<SliceInfo> = snap
+            .slices
+            .iter()
+            .filter_map(|s| self.translate_slice(s).ok())
+            .collect();
+        let node_name = self.inventory.node().name.clone();
+        let node = snap
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node_name.as_str()));
+        self.set_node(node);
+        let touched = self.inventory.replace_all(services, slices);
+        self.metrics.service_changes.inc_by(touched.len() as u64);
+        self.dirty.extend(touched);
+    }
+
+    /// Plans and applies every Service changed since the last sync.
+    pub fn sync(&mut self) -> SyncReport {
+        let started = Instant::now();
+        let full = self.dirty.len() == self.inventory.service_count() && !self.dirty.is_empty();
+        let mut report = SyncReport::default();
+        let mut plan = Plan::default();
+        let mut queue: Vec<ServiceName> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let mut planned = BTreeSet::new();
+        while let Some(name) = queue.pop() {
+            let desired = self.inventory.desired(&name);
+            let Outcome {
+                plan: p,
+                issues,
+                retry,
+            } = self.planner.plan_service(&name, desired.as_ref());
+            planned.insert(name);
+            plan.extend(p);
+            report.issues.extend(issues);
+            // A released frontend goes to a Service that wanted it, in this same sync.
+            queue.extend(retry.into_iter().filter(|r| !planned.contains(r)));
+        }
+        report.services = planned.len();
+        self.finish(plan, &mut report);
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics.sync_duration.observe(elapsed);
+        if full {
+            self.metrics.sync_full_duration.observe(elapsed);
+        } else {
+            self.metrics.sync_partial_duration.observe(elapsed);
+        }
+        report
+    }
+
+    /// After the first complete sync following a restart: drops datapath state that no
+    /// Service claimed.
+    pub fn release_unclaimed(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        let Outcome { plan, issues, .. } = self.planner.release_unclaimed();
+        report.issues = issues;
+        self.finish(plan, &mut report);
+        report
+    }
+
+    fn finish(&mut self, plan: Plan, report: &mut SyncReport) {
+        for issue in &report.issues {
+            tracing::warn!("{issue}");
+            if matches!(issue, PlanIssue::FrontendConflict { .. }) {
+                self.metrics.frontend_conflicts.inc();
+            }
+        }
+        report.ops = plan.op_count();
+        if !plan.is_empty() {
+            report.failed = self.sink.apply(&plan);
+        }
+        for failure in &report.failed {
+            tracing::error!("map update failed: {failure}");
+        }
+        self.metrics
+            .map_write_errors
+            .inc_by(report.failed.len() as u64);
+        self.metrics.set_last_sync_now();
+    }
+}
+
+fn service_name(svc: &Service) -> Option<ServiceName> {
+    Some(ServiceName::new(
+        svc.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        svc.metadata.name.clone()?,
+    ))
+}

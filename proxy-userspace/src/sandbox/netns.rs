@@ -1,0 +1,85 @@
+//! Named network namespaces (`ip netns add`), entered per thread with setns(2).
+
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Runs `ip ARGS...`, turning a failure into an error that carries ip's own message.
+pub fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`. Only the network namespace
+/// changes, so bpffs and cgroup2 stay the host's (`ip netns exec` would remount /sys).
+pub fn enter(path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    setns(file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+}
+
+/// A named network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> io::Result<Self> {
+        ip(&["netns", "add", name])?;
+        let ns = Self {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> io::Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Runs `f` on a fresh thread inside this namespace (sockets it creates stay in it).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+        let path = self.path();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    enter(&path)?;
+                    f()
+                })
+                .join()
+                .map_err(|_| io::Error::other("netns thread panicked"))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            tracing::warn!("removing netns {}: {e}", self.name);
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! Kubernetes objects → the validated model, with kube-proxy's rules for what to skip.
+//!
+//! Errors come in two sizes. An object-level error (no name, no usable cluster IP, an
+//! EndpointSlice without its service label) rejects the whole object; the caller keeps the last
+//! good version. An item-level problem (one bad port, address or CIDR) drops that item only and
+//! is reported as an [`ItemIssue`], so one typo does not take a working Service down.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::model::{
+    Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
+    TrafficDistribution, TrafficPolicy,
+};
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Default sessionAffinityConfig.clientIP.timeoutSeconds.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// Upper bound the API server enforces on the affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// An object that cannot be used at all.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TranslateError {
+    #[error("{kind} has no metadata.name")]
+    MissingName { kind: &'static str },
+    #[error("Service {service}: {field} {value:?} is not a valid IP address")]
+    InvalidClusterIp {
+        service: ServiceName,
+        field: &'static str,
+        value: String,
+    },
+    #[error("Service {service}: spec.clusterIPs has two addresses of the same family")]
+    DuplicateClusterIpFamily { service: ServiceName },
+    #[error("Service {service}: no usable port in spec.ports")]
+    NoUsablePort { service: ServiceName },
+    #[error("EndpointSlice {namespace}/{name}: missing label {LABEL_SERVICE_NAME}")]
+    SliceWithoutService { namespace: String, name: String },
+    #[error("EndpointSlice {namespace}/{name}: unsupported addressType {value:?}")]
+    UnsupportedAddressType {
+        namespace: String,
+        name: String,
+        value: String,
+    },
+}
+
+/// A dropped item inside an otherwise usable object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemIssue {
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    /// JSON-path-like field, e.g. `spec.ports[1].port`.
+    pub field: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for ItemIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}: {} (item skipped)",
+            self.object, self.field, self.problem
+        )
+    }
+}
+
+/// Why a Service is deliberately not proxied (kube-proxy's ShouldSkipService and label filters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    Headless,
+    ExternalName,
+    NoClusterIp,
+    HeadlessLabel,
+    OtherProxy(String),
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Headless => f.write_str("headless (clusterIP None)"),
+            Self::ExternalName => f.write_str("type ExternalName"),
+            Self::NoClusterIp => f.write_str("no clusterIP set"),
+            Self::HeadlessLabel => write!(f, "label {LABEL_HEADLESS}"),
+            Self::OtherProxy(name) => write!(f, "label {LABEL_SERVICE_PROXY_NAME}={name}"),
+        }
+    }
+}
+
+/// The outcome of translating a Service.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServiceOutcome {
+    Proxied(ServiceInfo),
+    Skipped(ServiceName, SkipReason),
+}
+
+/// Options that change which Services are ours.
+#[derive(Clone, Debug, Default)]
+pub struct TranslateOptions {
+    /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are served;
+    /// any other value means another proxy owns the Service.
+    pub service_proxy_name: Option<String>,
+}
+
+fn port_number(value: i32) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value} is outside 1-65535"))
+}
+
+pub fn translate_service(
+    svc: &Service,
+    opts: &TranslateOptions,
+    issues: &mut Vec<ItemIssue>,
+) -> Result<ServiceOutcome, TranslateError> {
+    let meta = &svc.metadata;
+    let name = ServiceName::new(
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name
+            .clone()
+            .ok_or(TranslateError::MissingName { kind: "Service" })?,
+    );
+    let labels = meta.labels.as_ref();
+    if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
+        && opts.service_proxy_name.as_deref() != Some(proxy.as_str())
+    {
+        return Ok(ServiceOutcome::Skipped(
+            name,
+            SkipReason::OtherProxy(proxy.clone()),
+        ));
+    }
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return Ok(ServiceOutcome::Skipped(name, SkipReason::HeadlessLabel));
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp));
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(ServiceOutcome::Skipped(name, SkipReason::ExternalName));
+    }
+    let cluster_ip_strings: Vec<(&'static str, &String)> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|ip| ("spec.clusterIPs", ip)).collect(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .map(|ip| ("spec.clusterIP", ip))
+            .collect(),
+    };
+    match cluster_ip_strings.first() {
+        None => return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp)),
+        Some((_, ip)) if ip.is_empty() => {
+            return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp));
+        }
+        Some((_, ip)) if ip.as_str() == "None" => {
+            return Ok(ServiceOutcome::Skipped(name, SkipReason::Headless));
+        }
+        _ => {}
+    }
+    let mut cluster_ips = Vec::new();
+    for (field, ip) in cluster_ip_strings {
+        let addr: IpAddr = ip.parse().map_err(|_| TranslateError::InvalidClusterIp {
+            service: name.clone(),
+            field,
+            value: ip.clone(),
+        })?;
+        if cluster_ips
+            .iter()
+            .any(|a: &IpAddr| a.is_ipv4() == addr.is_ipv4())
+        {
+            return Err(TranslateError::DuplicateClusterIpFamily { service: name });
+        }
+        cluster_ips.push(addr);
+    }
+
+    let object = format!("Service {name}");
+    let mut issue = |field: String, problem: String| {
+        issues.push(ItemIssue {
+            object: object.clone(),
+            field,
+            problem,
+        })
+    };
+
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
+            issue(
+                format!("spec.ports[{i}].protocol"),
+                format!(
+                    "unknown protocol {:?}",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            );
+            continue;
+        };
+        let port = match port_number(p.port) {
+            Ok(port) => port,
+            Err(problem) => {
+                issue(format!("spec.ports[{i}].port"), problem);
+                continue;
+            }
+        };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => match port_number(n) {
+                Ok(n) => Some(n),
+                Err(problem) => {
+                    issue(format!("spec.ports[{i}].nodePort"), problem);
+                    None
+                }
+            },
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        if ports
+            .iter()
+            .any(|q: &ServicePort| q.port == port && q.protocol == protocol)
+        {
+            issue(
+                format!("spec.ports[{i}]"),
+                format!("duplicate of port {port}/{protocol}"),
+            );
+            continue;
+        }
+        ports.push(ServicePort {
+            name: port_name,
+            port,
+            protocol,
+            node_port,
+        });
+    }
+    if ports.is_empty() {
+        return Err(TranslateError::NoUsablePort { service: name });
+    }
+
+    let mut parse_ips = |field: &str, values: &mut dyn Iterator<Item = &String>| -> Vec<IpAddr> {
+        values
+            .enumerate()
+            .filter_map(|(i, v)| match v.parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    issue(
+                        format!("{field}[{i}]"),
+                        format!("{v:?} is not an IP address"),
+                    );
+                    None
+                }
+            })
+            .collect()
+    };
+    let external_ips = parse_ips("spec.externalIPs", &mut spec.external_ips.iter().flatten());
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    // ipMode Proxy means the load balancer delivers to the node with its own address as
+    // destination, so the node must not short-circuit the LB IP (upstream KEP-1860).
+    let load_balancer_ips = parse_ips(
+        "status.loadBalancer.ingress[].ip",
+        &mut ingress
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_ref()),
+    );
+    let load_balancer_source_ranges = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, cidr)| match cidr.trim().parse::<IpNet>() {
+            Ok(net) => Some(net.trunc()),
+            Err(_) => {
+                issue(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{cidr:?} is not a CIDR"),
+                );
+                None
+            }
+        })
+        .collect();
+
+    let session_affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let configured = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        match configured {
+            None => DEFAULT_AFFINITY_TIMEOUT,
+            Some(t) if (1..=MAX_AFFINITY_TIMEOUT as i32).contains(&t) => t as u32,
+            Some(t) => {
+                issue(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    format!("{t} is outside 1-{MAX_AFFINITY_TIMEOUT}, using {DEFAULT_AFFINITY_TIMEOUT}"),
+                );
+                DEFAULT_AFFINITY_TIMEOUT
+            }
+        }
+    });
+
+    let policy = |value: Option<&str>| match value {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    };
+    let health_check_node_port = spec
+        .health_check_node_port
+        .and_then(|p| port_number(p).ok());
+    let traffic_distribution = spec.traffic_distribution.as_deref().map(|d| match d {
+        "PreferClose" => TrafficDistribution::PreferClose,
+        "PreferSameZone" => TrafficDistribution::PreferSameZone,
+        "PreferSameNode" => TrafficDistribution::PreferSameNode,
+        other => TrafficDistribution::Other(other.to_string()),
+    });
+
+    let mut info = ServiceInfo {
+        name,
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        ports,
+        session_affinity_timeout,
+        internal_policy: policy(spec.internal_traffic_policy.as_deref()),
+        external_policy: TrafficPolicy::Cluster,
+        health_check_node_port,
+        traffic_distribution,
+    };
+    // kube-proxy ignores externalTrafficPolicy on a Service nothing outside can reach.
+    if info.externally_accessible() {
+        info.external_policy = policy(spec.external_traffic_policy.as_deref());
+    }
+    Ok(ServiceOutcome::Proxied(info))
+}
+
+pub fn translate_slice(
+    slice: &EndpointSlice,
+    issues: &mut Vec<ItemIssue>,
+) -> Result<SliceInfo, TranslateError> {
+    let meta = &slice.metadata;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = meta.name.clone().ok_or(TranslateError::MissingName {
+        kind: "EndpointSlice",
+    })?;
+    let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+        return Err(TranslateError::SliceWithoutService { namespace, name });
+    };
+    let want_v4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        other => {
+            return Err(TranslateError::UnsupportedAddressType {
+                namespace,
+                name,
+                value: other.to_string(),
+            });
+        }
+    };
+    let object = format!("EndpointSlice {namespace}/{name}");
+    let mut issue = |field: String, problem: String| {
+        issues.push(ItemIssue {
+            object: object.clone(),
+            field,
+            problem,
+        })
+    };
+
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
+            issue(
+                format!("ports[{i}].protocol"),
+                format!(
+                    "unknown protocol {:?}",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            );
+            continue;
+        };
+        // A nil port means "all ports" for selector-less uses; kube-proxy skips it.
+        let Some(number) = p.port else { continue };
+        match port_number(number) {
+            Ok(port) => ports.push(SlicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+                protocol,
+            }),
+            Err(problem) => issue(format!("ports[{i}].port"), problem),
+        }
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        // kube-proxy uses the first address only (the API allows exactly one today).
+        let Some(raw) = ep.addresses.first() else {
+            issue(format!("endpoints[{i}].addresses"), "empty".into());
+            continue;
+        };
+        let addr: IpAddr = match raw.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                issue(
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{raw:?} is not an IP address"),
+                );
+                continue;
+            }
+        };
+        if addr.is_ipv4() != want_v4 {
+            issue(
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{addr} does not match addressType {}", slice.address_type),
+            );
+            continue;
+        }
+        let cond = ep.conditions.as_ref();
+        // API semantics: a nil ready or serving condition means "unknown, treat as ready".
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            addr,
+            ready,
+            serving,
+            terminating,
+            node_name: ep.node_name.clone(),
+            zone: ep.zone.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_else(BTreeSet::new),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_else(BTreeSet::new),
+        });
+    }
+
+    Ok(SliceInfo {
+        service: ServiceName::new(namespace.clone(), service.clone()),
+        namespace,
+        name,
+        ports,
+        endpoints,
+    })
+}
