@@ -45,8 +45,8 @@ pub fn select<F: Family>(key: &ServiceKey<F::Addr>) -> Result<Option<Selected<F:
     // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
     let entropy = unsafe { bpf_get_prandom_u32() };
     let slot_key = key.with_slot(select::slot(entropy, frontend.count));
-    let slot = copy_of(F::services().get_ptr(&slot_key)).ok_or(Reason::BackendMissing)?;
-    let backend = copy_of(F::backends().get_ptr(&slot.backend_id)).ok_or(Reason::BackendMissing)?;
+    let slot = copy_of(F::services().get_ptr(slot_key)).ok_or(Reason::BackendMissing)?;
+    let backend = copy_of(F::backends().get_ptr(slot.backend_id)).ok_or(Reason::BackendMissing)?;
     Ok(Some(Selected {
         backend,
         rev_nat_id: frontend.rev_nat_id,

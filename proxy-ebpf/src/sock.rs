@@ -159,14 +159,14 @@ fn remember_frontend<F: SockFamily>(
     };
     // An unconnected UDP client (a resolver) sends many datagrams to the same backend: skip the
     // LRU write when the entry is already there.
-    if let Some(existing) = copy_of(F::sock_rev().get_ptr(&key))
+    if let Some(existing) = copy_of(F::sock_rev().get_ptr(key))
         && existing.addr == value.addr
         && existing.port == value.port
         && existing.rev_nat_id == value.rev_nat_id
     {
         return;
     }
-    if F::sock_rev().insert(&key, &value, 0).is_err() {
+    if F::sock_rev().insert(key, value, 0).is_err() {
         bump(Counter::SockRevUpdateFailed);
     }
 }
@@ -177,10 +177,10 @@ pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this program's context pointer.
     let key = SockRevKey::new(cookie(ctx), unsafe { F::user_addr(sa) }, user_port(sa));
-    let Some(entry) = copy_of(F::sock_rev().get_ptr(&key)) else {
+    let Some(entry) = copy_of(F::sock_rev().get_ptr(key)) else {
         return ALLOW;
     };
-    match copy_of(F::rev_nat().get_ptr(&entry.rev_nat_id)) {
+    match copy_of(F::rev_nat().get_ptr(entry.rev_nat_id)) {
         Some(frontend) if frontend.addr == entry.addr && frontend.port == entry.port => {
             // SAFETY: `sa` is this program's context pointer.
             unsafe { F::set_user_addr(sa, entry.addr) };
@@ -190,7 +190,7 @@ pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
         // The service was deleted, or its rev-NAT id now names another frontend: the
         // application must see the real peer rather than a frontend that no longer maps to it.
         _ => {
-            let _ = F::sock_rev().remove(&key);
+            let _ = F::sock_rev().remove(key);
         }
     }
     ALLOW

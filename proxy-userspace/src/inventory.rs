@@ -250,3 +250,248 @@ impl Inventory {
         Some(ServiceEntry { frontends })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::{Protocol, SliceEndpoint, SlicePort};
+
+    fn service(name: &str, ips: &[&str], ports: &[(&str, u16, Protocol)]) -> ServiceInfo {
+        ServiceInfo {
+            name: ServiceName::new("ns", name),
+            cluster_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports: ports
+                .iter()
+                .map(|(n, p, proto)| ServicePort {
+                    name: n.to_string(),
+                    port: *p,
+                    protocol: *proto,
+                    node_port: None,
+                })
+                .collect(),
+            session_affinity_timeout: None,
+            internal_policy: TrafficPolicy::Cluster,
+            external_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            traffic_distribution: None,
+        }
+    }
+
+    fn slice(
+        name: &str,
+        service: &str,
+        ports: &[(&str, u16, Protocol)],
+        addrs: &[&str],
+    ) -> SliceInfo {
+        SliceInfo {
+            namespace: "ns".into(),
+            name: name.into(),
+            service: ServiceName::new("ns", service),
+            ports: ports
+                .iter()
+                .map(|(n, p, proto)| SlicePort {
+                    name: n.to_string(),
+                    port: *p,
+                    protocol: *proto,
+                })
+                .collect(),
+            endpoints: addrs
+                .iter()
+                .map(|a| SliceEndpoint {
+                    addr: a.parse().unwrap(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: Some("n1".into()),
+                    zone: None,
+                    zone_hints: Default::default(),
+                    node_hints: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
+    fn backends(
+        entry: &ServiceEntry,
+        frontend: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Vec<String> {
+        let addr: IpAddr = frontend.parse().unwrap();
+        let f = entry
+            .frontends
+            .iter()
+            .find(|f| f.key.addr == addr && f.key.port == port && f.key.protocol == protocol)
+            .unwrap_or_else(|| panic!("no frontend {frontend}:{port}/{protocol}"));
+        f.backends
+            .iter()
+            .map(|b| format!("{}:{}", b.key.addr, b.key.port))
+            .collect()
+    }
+
+    fn inventory() -> Inventory {
+        Inventory::new(NodeInfo {
+            name: "n1".into(),
+            zone: None,
+        })
+    }
+
+    const TCP: Protocol = Protocol::Tcp;
+    const UDP: Protocol = Protocol::Udp;
+
+    #[test]
+    fn slices_are_joined_by_service_name_and_merged_without_duplicates() {
+        let mut inv = inventory();
+        inv.upsert_service(service("web", &["10.96.0.10"], &[("http", 80, TCP)]));
+        inv.upsert_slice(slice(
+            "web-a",
+            "web",
+            &[("http", 8080, TCP)],
+            &["10.0.0.1", "10.0.0.2"],
+        ));
+        inv.upsert_slice(slice(
+            "web-b",
+            "web",
+            &[("http", 8080, TCP)],
+            &["10.0.0.2", "10.0.0.3"],
+        ));
+        inv.upsert_slice(slice("other", "api", &[("http", 8080, TCP)], &["10.0.0.9"]));
+        let entry = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        assert_eq!(
+            backends(&entry, "10.96.0.10", 80, TCP),
+            ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
+        );
+    }
+
+    #[test]
+    fn multiport_service_matches_slice_ports_by_name_and_protocol() {
+        let mut inv = inventory();
+        inv.upsert_service(service(
+            "web",
+            &["10.96.0.10"],
+            &[
+                ("http", 80, TCP),
+                ("metrics", 9090, TCP),
+                ("dns", 53, UDP),
+                ("dns-tcp", 53, TCP),
+            ],
+        ));
+        inv.upsert_slice(slice(
+            "web-a",
+            "web",
+            &[
+                ("http", 8080, TCP),
+                ("metrics", 9100, TCP),
+                ("dns", 5353, UDP),
+                ("dns-tcp", 5354, TCP),
+            ],
+            &["10.0.0.1"],
+        ));
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        assert_eq!(backends(&e, "10.96.0.10", 80, TCP), ["10.0.0.1:8080"]);
+        assert_eq!(backends(&e, "10.96.0.10", 9090, TCP), ["10.0.0.1:9100"]);
+        assert_eq!(backends(&e, "10.96.0.10", 53, UDP), ["10.0.0.1:5353"]);
+        assert_eq!(backends(&e, "10.96.0.10", 53, TCP), ["10.0.0.1:5354"]);
+    }
+
+    #[test]
+    fn a_port_with_no_matching_slice_port_has_no_backends() {
+        let mut inv = inventory();
+        inv.upsert_service(service("web", &["10.96.0.10"], &[("http", 80, TCP)]));
+        inv.upsert_slice(slice(
+            "web-a",
+            "web",
+            &[("other", 8080, TCP)],
+            &["10.0.0.1"],
+        ));
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        assert!(backends(&e, "10.96.0.10", 80, TCP).is_empty());
+    }
+
+    #[test]
+    fn each_cluster_ip_family_uses_only_endpoints_of_its_family() {
+        let mut inv = inventory();
+        inv.upsert_service(service(
+            "web",
+            &["10.96.0.10", "fd00::10"],
+            &[("", 80, TCP)],
+        ));
+        inv.upsert_slice(slice("v4", "web", &[("", 8080, TCP)], &["10.0.0.1"]));
+        inv.upsert_slice(slice("v6", "web", &[("", 8080, TCP)], &["fd00::1"]));
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        assert_eq!(backends(&e, "10.96.0.10", 80, TCP), ["10.0.0.1:8080"]);
+        assert_eq!(backends(&e, "fd00::10", 80, TCP), ["fd00::1:8080"]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_applies_to_cluster_ip_but_not_to_external_ips() {
+        let mut inv = inventory();
+        let mut svc = service("web", &["10.96.0.10"], &[("", 80, TCP)]);
+        svc.internal_policy = TrafficPolicy::Local;
+        svc.external_ips = vec!["192.0.2.1".parse().unwrap()];
+        inv.upsert_service(svc);
+        let mut s = slice("a", "web", &[("", 8080, TCP)], &["10.0.0.1", "10.0.0.2"]);
+        s.endpoints[1].node_name = Some("n2".into());
+        inv.upsert_slice(s);
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        assert_eq!(backends(&e, "10.96.0.10", 80, TCP), ["10.0.0.1:8080"]);
+        assert_eq!(
+            backends(&e, "192.0.2.1", 80, TCP),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+    }
+
+    #[test]
+    fn mutations_report_the_services_they_touch() {
+        let mut inv = inventory();
+        let web = ServiceName::new("ns", "web");
+        let api = ServiceName::new("ns", "api");
+        assert_eq!(
+            inv.upsert_service(service("web", &["10.96.0.10"], &[("", 80, TCP)])),
+            Some(web.clone())
+        );
+        assert_eq!(
+            inv.upsert_service(service("web", &["10.96.0.10"], &[("", 80, TCP)])),
+            None,
+            "no change"
+        );
+        assert_eq!(
+            inv.upsert_slice(slice("s", "web", &[("", 8080, TCP)], &["10.0.0.1"])),
+            vec![web.clone()]
+        );
+        // Relabelling a slice to another Service touches both.
+        assert_eq!(
+            inv.upsert_slice(slice("s", "api", &[("", 8080, TCP)], &["10.0.0.1"])),
+            vec![web.clone(), api.clone()]
+        );
+        assert_eq!(inv.remove_slice("ns", "s"), Some(api));
+        assert_eq!(inv.remove_service(&web), Some(web.clone()));
+        assert!(inv.desired(&web).is_none());
+    }
+
+    #[test]
+    fn replace_all_reports_additions_changes_and_deletions() {
+        let mut inv = inventory();
+        inv.replace_all(
+            vec![
+                service("a", &["10.96.0.1"], &[("", 80, TCP)]),
+                service("b", &["10.96.0.2"], &[("", 80, TCP)]),
+            ],
+            vec![slice("a1", "a", &[("", 8080, TCP)], &["10.0.0.1"])],
+        );
+        let touched = inv.replace_all(
+            vec![
+                service("a", &["10.96.0.1"], &[("", 80, TCP)]),
+                service("c", &["10.96.0.3"], &[("", 80, TCP)]),
+            ],
+            vec![slice("a1", "a", &[("", 8080, TCP)], &["10.0.0.2"])],
+        );
+        let names: Vec<String> = touched.iter().map(|n| n.name.clone()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+}

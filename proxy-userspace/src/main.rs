@@ -2,14 +2,17 @@
 
 mod cli;
 
-use std::{path::PathBuf, time::Duration};
+use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use bpf_kube_proxy::{
     agent::{self, AgentOptions},
     datapath::{host, loader},
     metrics::Metrics,
-    sandbox::probe::{self, ProbeArgs},
+    sandbox::{
+        self,
+        probe::{self, ProbeArgs},
+    },
     translate::TranslateOptions,
 };
 use clap::{Parser, Subcommand};
@@ -47,6 +50,16 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Connect to a Service from a cgroup and network namespace, as a workload there would.
     Probe(ProbeArgs),
+    /// Run a command inside a cgroup and a network namespace (nsenter --net, plus the cgroup).
+    Exec {
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Network namespace path, such as /run/netns/NAME.
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,8 +149,23 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        // Before any thread or runtime exists: the probe joins a cgroup and a netns.
+        // Before any thread or runtime exists: these join a cgroup and a netns.
         Command::Probe(args) => probe::run(&args).context("probe")?,
+        Command::Exec {
+            cgroup,
+            netns,
+            command,
+        } => {
+            sandbox::cgroup::join(&cgroup)
+                .with_context(|| format!("joining {}", cgroup.display()))?;
+            sandbox::netns::enter(&netns)
+                .with_context(|| format!("entering {}", netns.display()))?;
+            // exec only returns on failure.
+            let err = std::process::Command::new(&command[0])
+                .args(&command[1..])
+                .exec();
+            return Err(err).with_context(|| format!("running {}", command[0]));
+        }
         Command::Run(args) => {
             init_logging();
             run_agent(args)?;

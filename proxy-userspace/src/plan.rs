@@ -1,12 +1,17 @@
 //! The planner: desired frontends of a Service → the map operations that take the datapath
 //! there, in an order that never lets a connect() see a half-written Service.
 //!
-//! Ordering (the writer applies the phases of a [`Plan`] in field order):
-//! 1. new and changed backends, 2. reverse-NAT entries, 3. backend slots, 4. frontend entries
-//! (the slot count last, so a grown Service is complete before it is visible), 5. frontend
-//! deletions, 6. slot deletions beyond the new count, 7. reverse-NAT deletions, 8. backends no
-//! longer referenced. Ids only grow, so a freed id is never reused while a reader may still
-//! hold it.
+//! The writer applies the phases of a [`Plan`] in field order:
+//! 1. new and changed backends;
+//! 2. reverse-NAT entries;
+//! 3. backend slots;
+//! 4. frontend entries (the slot count last, so a grown Service is complete before it shows);
+//! 5. frontend deletions;
+//! 6. slot deletions beyond the new count;
+//! 7. reverse-NAT deletions;
+//! 8. backends no longer referenced.
+//!
+//! Ids only grow, so a freed id is never reused while a reader may still hold it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -537,5 +542,324 @@ impl Planner {
             self.backend_ids.release(b.id);
             self.backend_keys.remove(&b.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::{FrontendBackend, FrontendKind, Protocol};
+
+    fn fkey(addr: &str, port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: addr.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backend(addr: &str) -> FrontendBackend {
+        FrontendBackend {
+            key: BackendKey {
+                addr: addr.parse::<IpAddr>().unwrap(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            },
+            state: BackendState::default(),
+        }
+    }
+
+    fn entry(frontends: &[(&str, u16, &[&str])]) -> ServiceEntry {
+        ServiceEntry {
+            frontends: frontends
+                .iter()
+                .map(|(addr, port, backends)| Frontend {
+                    key: fkey(addr, *port),
+                    kind: FrontendKind::ClusterIp,
+                    port_name: "http".into(),
+                    backends: backends.iter().map(|b| backend(b)).collect(),
+                    affinity_timeout: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn svc(name: &str) -> ServiceName {
+        ServiceName::new("default", name)
+    }
+
+    /// Slot number → backend address, as the datapath would resolve it.
+    fn slots(p: &Planner, key: &FrontendKey) -> Vec<IpAddr> {
+        p.frontend(key)
+            .unwrap()
+            .slots
+            .iter()
+            .map(|id| p.backend_keys[id].addr)
+            .collect()
+    }
+
+    #[test]
+    fn new_service_writes_backends_then_slots_then_the_frontend() {
+        let mut p = Planner::new();
+        let out = p.plan_service(
+            &svc("web"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
+        );
+        let plan = out.plan;
+        assert_eq!(plan.upsert_backends.len(), 2);
+        assert_eq!(plan.upsert_rev_nats.len(), 1);
+        assert_eq!(plan.upsert_rev_nats[0].label.service, "default/web");
+        assert_eq!(
+            plan.upsert_slots.iter().map(|s| s.slot).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(plan.upsert_frontends.len(), 1);
+        assert_eq!(plan.upsert_frontends[0].count, 2);
+        assert!(plan.delete_frontends.is_empty() && plan.delete_backends.is_empty());
+        // Every slot names a backend the same plan creates.
+        let created: HashSet<_> = plan.upsert_backends.iter().map(|(id, _, _)| *id).collect();
+        assert!(
+            plan.upsert_slots
+                .iter()
+                .all(|s| created.contains(&s.backend_id))
+        );
+    }
+
+    #[test]
+    fn unchanged_service_plans_nothing() {
+        let mut p = Planner::new();
+        let e = entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])]);
+        p.plan_service(&svc("web"), Some(&e));
+        assert!(p.plan_service(&svc("web"), Some(&e)).plan.is_empty());
+    }
+
+    #[test]
+    fn removing_a_backend_moves_the_last_into_its_slot_and_shrinks_count_before_deleting() {
+        let mut p = Planner::new();
+        let key = fkey("10.96.0.10", 80);
+        p.plan_service(
+            &svc("web"),
+            Some(&entry(&[(
+                "10.96.0.10",
+                80,
+                &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+            )])),
+        );
+        let plan = p
+            .plan_service(
+                &svc("web"),
+                Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.3"])])),
+            )
+            .plan;
+        // Slot 2 (was .2) now holds .3; slot 1 is untouched; slot 3 goes after count drops to 2.
+        assert_eq!(plan.upsert_slots.len(), 1);
+        assert_eq!(plan.upsert_slots[0].slot, 2);
+        assert_eq!(plan.upsert_frontends[0].count, 2);
+        assert_eq!(plan.delete_slots, vec![(key, 3)]);
+        assert_eq!(plan.delete_backends.len(), 1);
+        assert_eq!(plan.delete_backends[0].1.addr.to_string(), "10.0.0.2");
+        assert_eq!(
+            slots(&p, &key),
+            vec![
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "10.0.0.3".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn adding_a_backend_appends_one_slot() {
+        let mut p = Planner::new();
+        p.plan_service(
+            &svc("web"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])),
+        );
+        let plan = p
+            .plan_service(
+                &svc("web"),
+                Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
+            )
+            .plan;
+        assert_eq!(plan.upsert_backends.len(), 1);
+        assert_eq!(plan.upsert_slots.len(), 1);
+        assert_eq!(plan.upsert_slots[0].slot, 2);
+        assert_eq!(plan.upsert_frontends[0].count, 2);
+        assert!(plan.delete_slots.is_empty());
+    }
+
+    #[test]
+    fn backend_shared_by_two_services_is_deleted_only_when_both_drop_it() {
+        let mut p = Planner::new();
+        p.plan_service(&svc("a"), Some(&entry(&[("10.96.0.1", 80, &["10.0.0.1"])])));
+        let plan = p
+            .plan_service(&svc("b"), Some(&entry(&[("10.96.0.2", 80, &["10.0.0.1"])])))
+            .plan;
+        assert!(
+            plan.upsert_backends.is_empty(),
+            "the shared backend is reused"
+        );
+        assert!(
+            p.plan_service(&svc("a"), None)
+                .plan
+                .delete_backends
+                .is_empty()
+        );
+        assert_eq!(
+            p.plan_service(&svc("b"), None).plan.delete_backends.len(),
+            1
+        );
+        assert_eq!(p.backend_count(), 0);
+    }
+
+    #[test]
+    fn deleting_a_service_removes_frontend_first_then_slots_rev_nat_and_backends() {
+        let mut p = Planner::new();
+        let key = fkey("10.96.0.10", 80);
+        p.plan_service(
+            &svc("web"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
+        );
+        let plan = p.plan_service(&svc("web"), None).plan;
+        assert_eq!(plan.delete_frontends, vec![key]);
+        assert_eq!(plan.delete_slots, vec![(key, 1), (key, 2)]);
+        assert_eq!(plan.delete_rev_nats.len(), 1);
+        assert_eq!(plan.delete_backends.len(), 2);
+        assert_eq!(
+            (p.frontend_count(), p.backend_count(), p.service_count()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn no_usable_endpoint_programs_a_zero_count_frontend_that_rejects() {
+        let mut p = Planner::new();
+        let plan = p
+            .plan_service(&svc("web"), Some(&entry(&[("10.96.0.10", 80, &[])])))
+            .plan;
+        assert_eq!(plan.upsert_frontends.len(), 1);
+        assert_eq!(plan.upsert_frontends[0].count, 0);
+        assert!(plan.upsert_slots.is_empty());
+    }
+
+    #[test]
+    fn ids_are_not_reused_after_release() {
+        let mut p = Planner::new();
+        let first = p
+            .plan_service(&svc("a"), Some(&entry(&[("10.96.0.1", 80, &["10.0.0.1"])])))
+            .plan;
+        p.plan_service(&svc("a"), None);
+        let second = p
+            .plan_service(&svc("b"), Some(&entry(&[("10.96.0.2", 80, &["10.0.0.9"])])))
+            .plan;
+        assert_ne!(first.upsert_backends[0].0, second.upsert_backends[0].0);
+        assert_ne!(first.upsert_rev_nats[0].id, second.upsert_rev_nats[0].id);
+    }
+
+    #[test]
+    fn second_service_claiming_a_frontend_is_refused_then_gets_it_when_released() {
+        let mut p = Planner::new();
+        let key = fkey("10.96.0.10", 80);
+        p.plan_service(
+            &svc("first"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])),
+        );
+        let out = p.plan_service(
+            &svc("second"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])),
+        );
+        assert!(out.plan.is_empty());
+        assert!(
+            matches!(&out.issues[..], [PlanIssue::FrontendConflict { loser, .. }] if *loser == svc("second"))
+        );
+        let released = p.plan_service(&svc("first"), None);
+        assert_eq!(released.retry, vec![svc("second")]);
+        p.plan_service(
+            &svc("second"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])),
+        );
+        assert_eq!(p.owner(&key), Some(&svc("second")));
+    }
+
+    #[test]
+    fn adopted_state_that_matches_plans_nothing_and_unclaimed_state_is_released() {
+        let mut first = Planner::new();
+        first.plan_service(
+            &svc("web"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
+        );
+        first.plan_service(
+            &svc("old"),
+            Some(&entry(&[("10.96.0.99", 80, &["10.0.0.7"])])),
+        );
+        let programmed = Programmed {
+            frontends: first.frontends.clone(),
+            backends: first
+                .backends
+                .iter()
+                .map(|(k, b)| {
+                    (
+                        *k,
+                        ProgrammedBackend {
+                            id: b.id,
+                            state: b.state,
+                        },
+                    )
+                })
+                .collect(),
+        };
+
+        let mut restarted = Planner::adopt(programmed);
+        let plan = restarted
+            .plan_service(
+                &svc("web"),
+                Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
+            )
+            .plan;
+        assert!(
+            plan.is_empty(),
+            "a restart must not rewrite what is already right: {plan:?}"
+        );
+        let released = restarted.release_unclaimed().plan;
+        assert_eq!(released.delete_frontends, vec![fkey("10.96.0.99", 80)]);
+        assert_eq!(released.delete_backends.len(), 1);
+        assert_eq!(released.delete_backends[0].1.addr.to_string(), "10.0.0.7");
+        // New ids continue after the adopted ones.
+        let fresh = restarted
+            .plan_service(
+                &svc("new"),
+                Some(&entry(&[("10.96.0.11", 80, &["10.0.0.8"])])),
+            )
+            .plan;
+        let adopted_max = first.backends.values().map(|b| b.id).max().unwrap();
+        assert!(fresh.upsert_backends[0].0 > adopted_max);
+    }
+
+    #[test]
+    fn terminating_flag_change_rewrites_only_the_backend() {
+        let mut p = Planner::new();
+        p.plan_service(
+            &svc("web"),
+            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])),
+        );
+        let mut e = entry(&[("10.96.0.10", 80, &["10.0.0.1"])]);
+        e.frontends[0].backends[0].state.terminating = true;
+        let plan = p.plan_service(&svc("web"), Some(&e)).plan;
+        assert_eq!(plan.upsert_backends.len(), 1);
+        assert!(plan.upsert_backends[0].2.terminating);
+        assert_eq!(plan.op_count(), 1);
+    }
+
+    #[test]
+    fn affinity_change_rewrites_only_the_frontend_entry() {
+        let mut p = Planner::new();
+        let mut e = entry(&[("10.96.0.10", 80, &["10.0.0.1"])]);
+        p.plan_service(&svc("web"), Some(&e));
+        e.frontends[0].affinity_timeout = Some(30);
+        let plan = p.plan_service(&svc("web"), Some(&e)).plan;
+        assert_eq!(plan.upsert_frontends.len(), 1);
+        assert_eq!(plan.upsert_frontends[0].affinity_timeout, Some(30));
+        assert_eq!(plan.op_count(), 1);
     }
 }

@@ -126,3 +126,174 @@ pub fn categorize<'a>(
         .collect();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::model::{Protocol, ServiceName, ServicePort};
+
+    fn svc(internal: TrafficPolicy, external: TrafficPolicy, node_port: bool) -> ServiceInfo {
+        ServiceInfo {
+            name: ServiceName::new("ns", "s"),
+            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports: vec![ServicePort {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                node_port: node_port.then_some(30080),
+            }],
+            session_affinity_timeout: None,
+            internal_policy: internal,
+            external_policy: external,
+            health_check_node_port: None,
+            traffic_distribution: None,
+        }
+    }
+
+    /// `spec`: one letter per condition: R ready, S serving, T terminating, L local;
+    /// `zones`/`nodes`: comma-separated hints.
+    fn ep(last_octet: u8, spec: &str, zones: &str, nodes: &str) -> Endpoint {
+        let set = |s: &str| -> BTreeSet<String> {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        Endpoint {
+            addr: format!("10.0.0.{last_octet}").parse().unwrap(),
+            port: 8080,
+            ready: spec.contains('R'),
+            serving: spec.contains('S') || spec.contains('R'),
+            terminating: spec.contains('T'),
+            local: spec.contains('L'),
+            zone_hints: set(zones),
+            node_hints: set(nodes),
+        }
+    }
+
+    fn octets(eps: &[&Endpoint]) -> Vec<u8> {
+        eps.iter()
+            .map(|e| match e.addr {
+                std::net::IpAddr::V4(a) => a.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            })
+            .collect()
+    }
+
+    fn node(zone: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            name: "n1".into(),
+            zone: zone.map(String::from),
+        }
+    }
+
+    const CLUSTER: TrafficPolicy = TrafficPolicy::Cluster;
+    const LOCAL: TrafficPolicy = TrafficPolicy::Local;
+
+    #[test]
+    fn cluster_policy_uses_ready_endpoints_only() {
+        let eps = [ep(1, "R", "", ""), ep(2, "", "", ""), ep(3, "STR", "", "")];
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(None));
+        assert_eq!(octets(&c.cluster), [1, 3]);
+        assert!(c.has_any);
+    }
+
+    #[test]
+    fn fallback_to_serving_terminating_endpoints_only_when_none_is_ready() {
+        let eps = [ep(1, "ST", "", ""), ep(2, "T", "", ""), ep(3, "", "", "")];
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(None));
+        assert_eq!(
+            octets(&c.cluster),
+            [1],
+            "terminating but not serving is never used"
+        );
+        let eps = [ep(1, "ST", "", ""), ep(2, "R", "", "")];
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(None));
+        assert_eq!(octets(&c.cluster), [2]);
+    }
+
+    #[test]
+    fn no_endpoints_means_nothing_to_use() {
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &[], &node(None));
+        assert!(c.cluster.is_empty() && !c.has_any);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_only_local_endpoints() {
+        let eps = [ep(1, "RL", "", ""), ep(2, "R", "", "")];
+        let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
+        assert_eq!(octets(&c.local), [1]);
+        let eps = [ep(2, "R", "", "")];
+        let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
+        assert!(c.local.is_empty());
+        assert!(
+            c.has_any,
+            "endpoints exist elsewhere (upstream drops rather than rejects)"
+        );
+    }
+
+    #[test]
+    fn local_policy_falls_back_to_local_serving_terminating_endpoints() {
+        let eps = [
+            ep(1, "STL", "", ""),
+            ep(2, "R", "", ""),
+            ep(3, "TL", "", ""),
+        ];
+        let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
+        assert_eq!(octets(&c.local), [1]);
+    }
+
+    #[test]
+    fn external_policy_local_on_node_port_computes_both_sets() {
+        let eps = [ep(1, "RL", "", ""), ep(2, "R", "", "")];
+        let c = categorize(&svc(CLUSTER, LOCAL, true), &eps, &node(None));
+        assert_eq!(octets(&c.cluster), [1, 2]);
+        assert_eq!(octets(&c.local), [1]);
+    }
+
+    #[test]
+    fn topology_zone_hints_are_used_when_every_endpoint_has_them_and_one_matches() {
+        let eps = [ep(1, "R", "z1", ""), ep(2, "R", "z2", "")];
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(Some("z1")));
+        assert_eq!(c.topology, TopologyMode::ZoneHints);
+        assert_eq!(octets(&c.cluster), [1]);
+    }
+
+    #[test]
+    fn topology_hints_are_ignored_when_one_endpoint_lacks_them() {
+        let eps = [ep(1, "R", "z1", ""), ep(2, "R", "", "")];
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(Some("z1")));
+        assert_eq!(c.topology, TopologyMode::None);
+        assert_eq!(octets(&c.cluster), [1, 2]);
+    }
+
+    #[test]
+    fn topology_hints_are_ignored_when_none_is_for_this_zone_or_the_node_has_no_zone() {
+        let eps = [ep(1, "R", "z2", ""), ep(2, "R", "z3", "")];
+        assert_eq!(topology_mode(&eps, &node(Some("z1"))), TopologyMode::None);
+        assert_eq!(topology_mode(&eps, &node(None)), TopologyMode::None);
+    }
+
+    #[test]
+    fn prefer_same_node_hints_win_over_zone_hints() {
+        let eps = [ep(1, "R", "z1", "n1"), ep(2, "R", "z1", "n2")];
+        let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(Some("z1")));
+        assert_eq!(c.topology, TopologyMode::NodeHints);
+        assert_eq!(octets(&c.cluster), [1]);
+    }
+
+    #[test]
+    fn hints_on_terminating_endpoints_do_not_count() {
+        // Only ready endpoints decide whether hints are usable.
+        let eps = [ep(1, "R", "z1", ""), ep(2, "ST", "", "")];
+        assert_eq!(
+            topology_mode(&eps, &node(Some("z1"))),
+            TopologyMode::ZoneHints
+        );
+    }
+}

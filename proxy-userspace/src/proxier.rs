@@ -293,3 +293,163 @@ fn service_name(svc: &Service) -> Option<ServiceName> {
         svc.metadata.name.clone()?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records every plan instead of writing maps.
+    #[derive(Default)]
+    struct Recorder {
+        plans: Vec<Plan>,
+    }
+
+    impl PlanSink for Recorder {
+        fn apply(&mut self, plan: &Plan) -> Vec<String> {
+            self.plans.push(plan.clone());
+            Vec::new()
+        }
+    }
+
+    fn proxier() -> Proxier<Recorder> {
+        Proxier::new(
+            "n1",
+            TranslateOptions::default(),
+            Planner::new(),
+            Recorder::default(),
+            Metrics::new(),
+        )
+    }
+
+    fn service(name: &str, ip: &str) -> Service {
+        serde_saphyr::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: \"{ip}\", ports: [{{name: http, port: 80}}]}}"
+        ))
+        .unwrap()
+    }
+
+    fn slice(name: &str, service: &str, addrs: &[&str]) -> EndpointSlice {
+        let eps: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("{{addresses: [\"{a}\"]}}"))
+            .collect();
+        serde_saphyr::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]",
+            eps.join(", ")
+        ))
+        .unwrap()
+    }
+
+    fn backends_of(p: &Proxier<Recorder>, vip: &str) -> usize {
+        let key = crate::model::FrontendKey {
+            addr: vip.parse().unwrap(),
+            port: 80,
+            protocol: crate::model::Protocol::Tcp,
+        };
+        p.planner().frontend(&key).map_or(0, |f| f.slots.len())
+    }
+
+    #[test]
+    fn invalid_update_keeps_the_last_good_version_programmed() {
+        let mut p = proxier();
+        p.upsert_service(&service("web", "10.96.0.10"));
+        p.upsert_slice(&slice("web-a", "web", &["10.0.0.1"]));
+        p.sync();
+        p.upsert_service(&service("web", "10.96.0.999"));
+        assert!(!p.has_pending(), "a rejected object changes nothing");
+        assert_eq!(p.sync().ops, 0);
+        assert_eq!(backends_of(&p, "10.96.0.10"), 1);
+        assert_eq!(
+            p.metrics
+                .invalid_objects
+                .get_or_create(&KindLabel::new("Service"))
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn snapshot_with_an_invalid_object_keeps_it_and_applies_the_rest() {
+        let mut p = proxier();
+        p.replace_all(&Snapshot {
+            services: vec![service("web", "10.96.0.10"), service("api", "10.96.0.11")],
+            slices: vec![
+                slice("web-a", "web", &["10.0.0.1"]),
+                slice("api-a", "api", &["10.0.0.2"]),
+            ],
+            nodes: vec![],
+        });
+        p.sync();
+        p.replace_all(&Snapshot {
+            services: vec![service("web", "not-an-ip"), service("api", "10.96.0.11")],
+            slices: vec![
+                slice("web-a", "web", &["10.0.0.1"]),
+                slice("api-a", "api", &["10.0.0.2", "10.0.0.3"]),
+            ],
+            nodes: vec![],
+        });
+        p.sync();
+        assert_eq!(
+            backends_of(&p, "10.96.0.10"),
+            1,
+            "web survives its broken update"
+        );
+        assert_eq!(backends_of(&p, "10.96.0.11"), 2, "api's change is applied");
+    }
+
+    #[test]
+    fn labelling_a_service_for_another_proxy_removes_it() {
+        let mut p = proxier();
+        p.upsert_service(&service("web", "10.96.0.10"));
+        p.sync();
+        let mut labelled = service("web", "10.96.0.10");
+        labelled.metadata.labels = Some(
+            [(
+                translate::LABEL_SERVICE_PROXY_NAME.to_string(),
+                "other".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        p.upsert_service(&labelled);
+        let report = p.sync();
+        assert_eq!(p.sink().plans.last().unwrap().delete_frontends.len(), 1);
+        assert_eq!(report.services, 1);
+    }
+
+    #[test]
+    fn a_frontend_freed_by_one_service_goes_to_the_one_waiting_for_it_in_the_same_sync() {
+        let mut p = proxier();
+        p.upsert_service(&service("a", "10.96.0.10"));
+        p.upsert_service(&service("b", "10.96.0.10"));
+        let report = p.sync();
+        assert_eq!(
+            report.issues.len(),
+            1,
+            "the second claimant is refused: {:?}",
+            report.issues
+        );
+        p.remove_service(&ServiceName::new("ns", "a"));
+        p.sync();
+        let key = crate::model::FrontendKey {
+            addr: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: crate::model::Protocol::Tcp,
+        };
+        assert_eq!(p.planner().owner(&key).map(|n| n.name.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn only_changed_services_are_planned() {
+        let mut p = proxier();
+        for i in 0..50 {
+            p.upsert_service(&service(&format!("s{i}"), &format!("10.96.1.{i}")));
+        }
+        assert_eq!(p.sync().services, 50);
+        p.upsert_slice(&slice("s7-a", "s7", &["10.0.0.1"]));
+        let report = p.sync();
+        assert_eq!(report.services, 1);
+        assert_eq!(backends_of(&p, "10.96.1.7"), 1);
+    }
+}

@@ -419,9 +419,10 @@ pub fn translate_slice(
             continue;
         }
         let cond = ep.conditions.as_ref();
-        // API semantics: a nil ready or serving condition means "unknown, treat as ready".
+        // As upstream's EndpointSliceCache: nil ready and nil serving mean true, nil
+        // terminating means false.
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
         endpoints.push(SliceEndpoint {
@@ -449,4 +450,370 @@ pub fn translate_slice(
         ports,
         endpoints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(yaml: &str) -> Service {
+        serde_saphyr::from_str(yaml).expect("test manifest parses")
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_saphyr::from_str(yaml).expect("test manifest parses")
+    }
+
+    fn proxied(svc: &Service) -> (ServiceInfo, Vec<ItemIssue>) {
+        proxied_with(svc, &TranslateOptions::default())
+    }
+
+    fn proxied_with(svc: &Service, opts: &TranslateOptions) -> (ServiceInfo, Vec<ItemIssue>) {
+        let mut issues = Vec::new();
+        match translate_service(svc, opts, &mut issues) {
+            Ok(ServiceOutcome::Proxied(info)) => (info, issues),
+            other => panic!("expected a proxied service, got {other:?}"),
+        }
+    }
+
+    fn skip_reason(svc: &Service, opts: &TranslateOptions) -> SkipReason {
+        match translate_service(svc, opts, &mut Vec::new()) {
+            Ok(ServiceOutcome::Skipped(_, reason)) => reason,
+            other => panic!("expected a skipped service, got {other:?}"),
+        }
+    }
+
+    const BASIC: &str = "
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+
+    #[test]
+    fn basic_service_port_defaults_to_tcp() {
+        let (info, issues) = proxied(&service(BASIC));
+        assert!(issues.is_empty());
+        assert_eq!(info.name.to_string(), "shop/web");
+        assert_eq!(
+            info.cluster_ips,
+            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            info.ports,
+            vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                node_port: None
+            }]
+        );
+        assert_eq!(info.session_affinity_timeout, None);
+        assert_eq!(info.internal_policy, TrafficPolicy::Cluster);
+    }
+
+    #[test]
+    fn should_skip_service_rules() {
+        let opts = TranslateOptions::default();
+        let cases = [
+            (
+                "clusterIP None (headless)",
+                "spec: {clusterIP: None, ports: [{port: 80}]}",
+                SkipReason::Headless,
+            ),
+            (
+                "no clusterIP",
+                "spec: {ports: [{port: 80}]}",
+                SkipReason::NoClusterIp,
+            ),
+            (
+                "type ExternalName",
+                "spec: {type: ExternalName, externalName: example.com, clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+                SkipReason::ExternalName,
+            ),
+        ];
+        for (what, spec, want) in cases {
+            let svc = service(&format!("metadata: {{name: s}}\n{spec}"));
+            assert_eq!(skip_reason(&svc, &opts), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn service_proxy_name_label_means_another_proxy_unless_it_names_us() {
+        let labelled = service(&BASIC.replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, labels: {service.kubernetes.io/service-proxy-name: other}}",
+        ));
+        assert_eq!(
+            skip_reason(&labelled, &TranslateOptions::default()),
+            SkipReason::OtherProxy("other".into())
+        );
+        let ours = TranslateOptions {
+            service_proxy_name: Some("other".into()),
+        };
+        proxied_with(&labelled, &ours);
+    }
+
+    #[test]
+    fn headless_label_skips_the_service() {
+        let svc = service(&BASIC.replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, labels: {service.kubernetes.io/headless: \"\"}}",
+        ));
+        assert_eq!(
+            skip_reason(&svc, &TranslateOptions::default()),
+            SkipReason::HeadlessLabel
+        );
+    }
+
+    #[test]
+    fn invalid_cluster_ip_rejects_the_service_naming_object_and_field() {
+        let svc = service(&BASIC.replace("10.96.0.10", "10.96.0.300"));
+        let err =
+            translate_service(&svc, &TranslateOptions::default(), &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Service shop/web: spec.clusterIP \"10.96.0.300\" is not a valid IP address"
+        );
+    }
+
+    #[test]
+    fn dual_stack_cluster_ips_are_both_served() {
+        let svc = service(&BASIC.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::10\"]",
+        ));
+        let (info, _) = proxied(&svc);
+        assert_eq!(info.cluster_ips.len(), 2);
+        assert!(info.cluster_ips[1].is_ipv6());
+    }
+
+    #[test]
+    fn bad_ports_are_dropped_one_by_one_and_named() {
+        let svc = service(
+            "
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: ok, port: 80}
+  - {name: big, port: 70000}
+  - {name: zero, port: 0}
+  - {name: weird, port: 81, protocol: QUIC}
+  - {name: dup, port: 80, protocol: TCP}
+  - {name: dns, port: 80, protocol: UDP}
+",
+        );
+        let (info, issues) = proxied(&svc);
+        let names: Vec<_> = info.ports.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["ok", "dns"],
+            "same port with another protocol is a separate port"
+        );
+        let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ports[1].port",
+                "spec.ports[2].port",
+                "spec.ports[3].protocol",
+                "spec.ports[4]"
+            ]
+        );
+        assert!(
+            issues[0]
+                .to_string()
+                .starts_with("Service shop/web: spec.ports[1].port: 70000 is outside 1-65535")
+        );
+    }
+
+    #[test]
+    fn service_with_no_usable_port_is_rejected() {
+        let svc =
+            service("metadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 99999}]}");
+        assert!(matches!(
+            translate_service(&svc, &TranslateOptions::default(), &mut Vec::new()),
+            Err(TranslateError::NoUsablePort { .. })
+        ));
+    }
+
+    #[test]
+    fn session_affinity_client_ip_defaults_to_10800_seconds() {
+        let svc = service(&BASIC.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP",
+        ));
+        assert_eq!(proxied(&svc).0.session_affinity_timeout, Some(10_800));
+        let svc = service(&BASIC.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}",
+        ));
+        assert_eq!(proxied(&svc).0.session_affinity_timeout, Some(30));
+        let svc = service(&BASIC.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+        ));
+        let (info, issues) = proxied(&svc);
+        assert_eq!(
+            info.session_affinity_timeout,
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        );
+        assert_eq!(issues.len(), 1);
+    }
+
+    #[test]
+    fn external_traffic_policy_only_applies_to_externally_accessible_services() {
+        let cluster_only = service(&BASIC.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
+        ));
+        let (info, _) = proxied(&cluster_only);
+        assert_eq!(info.external_policy, TrafficPolicy::Cluster);
+        assert_eq!(info.internal_policy, TrafficPolicy::Local);
+        let node_port = service(
+            "
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.11
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{port: 80, nodePort: 30080}]
+",
+        );
+        let (info, _) = proxied(&node_port);
+        assert_eq!(info.external_policy, TrafficPolicy::Local);
+        assert_eq!(info.ports[0].node_port, Some(30080));
+        assert_eq!(info.health_check_node_port, Some(32000));
+    }
+
+    #[test]
+    fn load_balancer_ingress_with_ip_mode_proxy_is_not_short_circuited() {
+        let svc = service(
+            "
+metadata: {name: lb}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.12, ports: [{port: 443, nodePort: 30443}]}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 192.0.2.10}
+    - {ip: 192.0.2.11, ipMode: VIP}
+    - {ip: 192.0.2.12, ipMode: Proxy}
+    - {hostname: lb.example.com}
+",
+        );
+        let (info, _) = proxied(&svc);
+        let ips: Vec<String> = info
+            .load_balancer_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ips, ["192.0.2.10", "192.0.2.11"]);
+    }
+
+    #[test]
+    fn invalid_external_ips_and_source_ranges_are_dropped_with_an_issue() {
+        let svc = service(
+            "
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.12
+  externalIPs: [192.0.2.1, not-an-ip]
+  loadBalancerSourceRanges: [\"203.0.113.0/24\", \"198.51.100.7/33\", \" 10.1.2.3/8 \"]
+  ports: [{port: 443}]
+",
+        );
+        let (info, issues) = proxied(&svc);
+        assert_eq!(info.external_ips.len(), 1);
+        let ranges: Vec<String> = info
+            .load_balancer_source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            ranges,
+            ["203.0.113.0/24", "10.0.0.0/8"],
+            "host bits are cleared"
+        );
+        let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.externalIPs[1]", "spec.loadBalancerSourceRanges[1]"]
+        );
+    }
+
+    const SLICE: &str = "
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: n1, zone: z1}
+- {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.0.3], conditions: {ready: false}}
+- {addresses: [\"fd00::1\"]}
+- {addresses: [bogus]}
+- {addresses: [10.0.0.4], hints: {forZones: [{name: z1}], forNodes: [{name: n1}]}}
+";
+
+    #[test]
+    fn endpoint_conditions_follow_api_defaults() {
+        let mut issues = Vec::new();
+        let info = translate_slice(&slice(SLICE), &mut issues).unwrap();
+        assert_eq!(info.service, ServiceName::new("shop", "web"));
+        let conds: Vec<(String, bool, bool, bool)> = info
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.ready, e.serving, e.terminating))
+            .collect();
+        assert_eq!(
+            conds,
+            [
+                ("10.0.0.1".to_string(), true, true, false),
+                ("10.0.0.2".to_string(), false, true, true),
+                ("10.0.0.3".to_string(), false, true, false),
+                ("10.0.0.4".to_string(), true, true, false),
+            ],
+            "nil ready and nil serving mean true, nil terminating means false"
+        );
+        assert_eq!(info.endpoints[0].node_name.as_deref(), Some("n1"));
+        assert!(
+            info.endpoints[3].zone_hints.contains("z1")
+                && info.endpoints[3].node_hints.contains("n1")
+        );
+        let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["endpoints[3].addresses[0]", "endpoints[4].addresses[0]"]
+        );
+    }
+
+    #[test]
+    fn slice_without_service_label_or_with_fqdn_addresses_is_not_ours() {
+        let unlabelled = slice(&SLICE.replace("  labels: {kubernetes.io/service-name: web}\n", ""));
+        assert!(matches!(
+            translate_slice(&unlabelled, &mut Vec::new()),
+            Err(TranslateError::SliceWithoutService { .. })
+        ));
+        let fqdn = slice(&SLICE.replace("addressType: IPv4", "addressType: FQDN"));
+        assert!(matches!(
+            translate_slice(&fqdn, &mut Vec::new()),
+            Err(TranslateError::UnsupportedAddressType { .. })
+        ));
+    }
+
+    #[test]
+    fn slice_port_without_number_is_skipped_like_kube_proxy() {
+        let s = slice(&SLICE.replace(
+            "ports: [{name: http, port: 8080, protocol: TCP}]",
+            "ports: [{name: all}, {name: http, port: 8080}]",
+        ));
+        let info = translate_slice(&s, &mut Vec::new()).unwrap();
+        assert_eq!(info.ports.len(), 1);
+        assert_eq!(info.ports[0].name, "http");
+    }
 }

@@ -1,1 +1,377 @@
+//! The harness every privileged test shares. A [`World`] is a node namespace with backend pods
+//! (each running an HTTP server on 8080 and a UDP server on 5353 that answer with their name),
+//! a client pod, a child cgroup, a manifest directory and a pin directory, all with names
+//! unique to the test, all removed on drop, also when the test fails.
 
+pub mod manifests;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bpf_kube_proxy::{
+    datapath::{host, loader, maps::PinnedMaps, reader::Snapshot},
+    model::{FrontendKey, Protocol},
+    sandbox::{
+        cgroup::ChildCgroup,
+        probe::{Attempt, ProbeMode},
+        servers::{Identity, Servers},
+        topology::{Pod, Topology},
+        unique_suffix,
+    },
+};
+
+pub const HTTP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 5353;
+pub const NODE_NAME: &str = "test-node";
+
+/// The `bpf-kube-proxy` binary next to the test executable (target/<profile>/), or `BKP_BIN`.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BKP_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("bpf-kube-proxy");
+    assert!(
+        bin.is_file(),
+        "{} not built: run `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged integration tests need root (they load eBPF and create namespaces)"
+    );
+}
+
+/// Removes the pin directory (links first, so the programs detach) on drop.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.0);
+    }
+}
+
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Field order is teardown order: agent, pins, cgroup, servers, namespaces, files, runtime.
+pub struct World {
+    agent: Option<AgentProcess>,
+    pins: Pins,
+    cgroup: ChildCgroup,
+    servers: Servers,
+    pub topology: Topology,
+    manifests: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    log_path: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl World {
+    /// Backends named `backends` plus a `client` pod; nothing is started yet.
+    pub fn new(backends: &[&str]) -> Self {
+        require_root();
+        let id = unique_suffix();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let mut pods = backends.to_vec();
+        pods.push("client");
+        let topology = Topology::create(&format!("bkt-{id}"), &pods).expect("creating namespaces");
+        let mut servers = Servers::default();
+        {
+            let _guard = runtime.enter();
+            for name in backends {
+                let pod = topology.pod(name).expect("backend pod");
+                servers
+                    .http(&pod.netns, HTTP_PORT, name)
+                    .expect("http server");
+                servers.udp(&pod.netns, UDP_PORT, name).expect("udp server");
+            }
+        }
+        let cgroup_root = host::cgroup2_root().expect("cgroup2 mount");
+        let cgroup = ChildCgroup::create(&cgroup_root, &format!("bkt-{id}")).expect("child cgroup");
+        let manifests = tempfile::Builder::new()
+            .prefix("bkt-manifests-")
+            .tempdir()
+            .expect("tempdir");
+        let log_path = manifests.path().with_extension("agent.log");
+        Self {
+            agent: None,
+            pins: Pins(PathBuf::from(format!("/sys/fs/bpf/bkt-{id}"))),
+            cgroup,
+            servers,
+            topology,
+            manifests,
+            runtime,
+            log_path,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Extra `run` flags for every agent start.
+    pub fn agent_args(&mut self, args: &[&str]) -> &mut Self {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.topology
+            .pod(name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// IPv4 address of a pod, as a string.
+    pub fn ip(&self, pod: &str) -> String {
+        self.pod(pod).ipv4.to_string()
+    }
+
+    pub fn ip6(&self, pod: &str) -> String {
+        self.pod(pod).ipv6.to_string()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.0
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    pub fn manifest_dir(&self) -> &Path {
+        self.manifests.path()
+    }
+
+    pub fn write(&self, file: &str, yaml: &str) {
+        let path = self.manifests.path().join(file);
+        // Write then rename, as kubectl-style tools and ConfigMap updates do, so the agent
+        // never reads half a file.
+        let tmp = self.manifests.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("writing manifest");
+        std::fs::rename(&tmp, &path).expect("renaming manifest");
+    }
+
+    pub fn remove(&self, file: &str) {
+        std::fs::remove_file(self.manifests.path().join(file)).expect("removing manifest");
+    }
+
+    /// Starts the agent and waits until its programs are attached.
+    pub fn start_agent(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("agent log");
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--manifests")
+            .arg(self.manifests.path())
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--pin-dir")
+            .arg(&self.pins.0)
+            .args(["--hostname-override", NODE_NAME])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("starting the agent");
+        self.agent = Some(AgentProcess(child));
+        let links = self.pin_dir().join("links");
+        self.wait_until(
+            "the agent to attach its programs",
+            Duration::from_secs(30),
+            |_| {
+                let dir = std::fs::read_dir(&links).ok()?.flatten().next()?.path();
+                (std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len())
+                    .then_some(())
+            },
+        );
+    }
+
+    /// Sends `signal` to the agent and waits for it to exit.
+    pub fn stop_agent(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut agent) = self.agent.take() {
+            let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+            let _ = agent.0.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Polls `check` every 20 ms; panics with the agent log on timeout or if the agent died.
+    pub fn wait_until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&World) -> Option<T>,
+    ) -> T {
+        let started = Instant::now();
+        loop {
+            if let Some(value) = check(self) {
+                return value;
+            }
+            if let Some(agent) = self.agent.as_mut()
+                && let Ok(Some(status)) = agent.0.try_wait()
+            {
+                panic!(
+                    "agent exited ({status}) while waiting for {what}\n--- agent log ---\n{}",
+                    self.agent_log()
+                );
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}\n--- agent log ---\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        Snapshot::read(&PinnedMaps::open(self.pin_dir()).ok()?).ok()
+    }
+
+    /// Backend addresses (`ip:port`) the maps hold for a frontend, `None` if it is absent.
+    pub fn backends_of(
+        &self,
+        frontend: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<Vec<String>> {
+        let key = FrontendKey {
+            addr: frontend.parse().expect("frontend address"),
+            port,
+            protocol,
+        };
+        let snapshot = self.snapshot()?;
+        let f = snapshot.frontends.iter().find(|f| f.frontend == key)?;
+        Some(
+            f.backends
+                .iter()
+                .filter_map(|b| b.addr.map(|a| SocketAddr::new(a.addr, a.port).to_string()))
+                .collect(),
+        )
+    }
+
+    /// Waits until the maps hold exactly `count` backends for a frontend.
+    pub fn wait_for_backends(
+        &mut self,
+        frontend: &str,
+        port: u16,
+        protocol: Protocol,
+        count: usize,
+    ) {
+        self.wait_until(
+            &format!("{frontend}:{port}/{protocol} to have {count} backends"),
+            Duration::from_secs(10),
+            |w| (w.backends_of(frontend, port, protocol)?.len() == count).then_some(()),
+        );
+    }
+
+    /// Runs `count` probes from the client pod (in the cgroup) against `target`.
+    pub fn probe(&self, target: &str, mode: ProbeMode, count: u32) -> Vec<Attempt> {
+        self.probe_from("client", target, mode, count)
+    }
+
+    pub fn probe_from(&self, pod: &str, target: &str, mode: ProbeMode, count: u32) -> Vec<Attempt> {
+        let mode = match mode {
+            ProbeMode::Tcp => "tcp",
+            ProbeMode::Udp => "udp",
+            ProbeMode::UdpConnected => "udp-connected",
+        };
+        let out = Command::new(binary())
+            .args([
+                "probe",
+                target,
+                "--json",
+                "--mode",
+                mode,
+                "--count",
+                &count.to_string(),
+            ])
+            .args(["--timeout-ms", "2000"])
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--netns")
+            .arg(self.pod(pod).netns.path())
+            .output()
+            .expect("running the probe");
+        assert!(
+            out.status.success(),
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("probe JSON"))
+            .collect()
+    }
+
+    /// A command that runs inside `pod`'s network namespace and the test cgroup.
+    pub fn command_in(&self, pod: &str, program: &str) -> Command {
+        let mut cmd = Command::new(binary());
+        cmd.arg("exec")
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--netns")
+            .arg(self.pod(pod).netns.path())
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `f` with the test's tokio runtime entered (for starting more servers).
+    pub fn with_runtime<T>(&mut self, f: impl FnOnce(&mut Servers, &Topology) -> T) -> T {
+        let _guard = self.runtime.enter();
+        f(&mut self.servers, &self.topology)
+    }
+}
+
+/// What a successful attempt's server said.
+pub fn identity(attempt: &Attempt) -> Identity {
+    let reply = attempt
+        .reply
+        .as_deref()
+        .unwrap_or_else(|| panic!("attempt {} failed: {:?}", attempt.n, attempt.error));
+    serde_json::from_str(reply).unwrap_or_else(|e| panic!("unexpected reply {reply:?}: {e}"))
+}
+
+/// How many attempts each backend answered.
+pub fn spread(attempts: &[Attempt]) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in attempts {
+        *out.entry(identity(a).backend).or_insert(0) += 1;
+    }
+    out
+}
+
+/// `ip:port` text for an address and port (brackets for IPv6).
+pub fn addr(ip: &str, port: u16) -> String {
+    SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), port).to_string()
+}

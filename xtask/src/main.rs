@@ -1,1 +1,158 @@
-fn main() {}
+//! `cargo xtask <task>`: everything a fresh machine needs, in one place.
+//!
+//! `setup` is idempotent and quick when done: it installs only what is missing (Debian
+//! packages, nightly's rust-src, a bpf-linker built against nightly's own LLVM, cargo-nextest).
+//! `demo` and `test` run it first.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "bpf-kube-proxy project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build the eBPF programs and the agent.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// rustfmt and clippy (warnings are errors).
+    Lint,
+    /// Unit tests, then the privileged integration tests (root).
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Extra arguments for cargo nextest (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the self-contained demo (root).
+    Demo,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command from the workspace root, failing with its command line if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what} loads eBPF programs and creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--workspace",
+        "--all-targets",
+        "--exclude",
+        "proxy-ebpf",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::all(),
+        Task::Build { release } => {
+            setup::all()?;
+            build(release)
+        }
+        Task::Lint => {
+            setup::all()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo()
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--exclude",
+                    "proxy-ebpf",
+                ])
+                .args(["--", "-D", "warnings"]))?;
+            // The programs only build for BPF, with nightly and build-std.
+            run(Command::new("cargo")
+                .args(["+nightly", "clippy", "--package", "proxy-ebpf", "--release"])
+                .args([
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+        }
+        Task::Test { unit, args } => {
+            setup::all()?;
+            build(false)?;
+            run(cargo()
+                .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+                .args(["--exclude", "integration-tests", "--exclude", "proxy-ebpf"])
+                .args(&args))?;
+            if unit {
+                return Ok(());
+            }
+            require_root("the integration tests")?;
+            run(cargo()
+                .args([
+                    "nextest",
+                    "run",
+                    "--package",
+                    "integration-tests",
+                    "--no-fail-fast",
+                ])
+                .args(&args))
+        }
+        Task::Demo => {
+            require_root("the demo")?;
+            setup::all()?;
+            build(false)?;
+            run(Command::new(workspace_root().join("target/debug/bpf-kube-proxy")).arg("demo"))
+        }
+    }
+}

@@ -136,7 +136,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-fn read_family<A: FamilyAddr>(
+fn read_family<A: FamilyAddr + Eq + std::hash::Hash>(
     maps: &FamilyMaps<A>,
     labels: &HashMap<u32, ServiceLabel>,
     out: &mut Snapshot,
@@ -145,7 +145,6 @@ where
     ServiceKey<A>: Pod,
     Backend<A>: Pod,
     RevNat<A>: Pod,
-    A: Eq + std::hash::Hash,
 {
     let services = read_all(&maps.services, A::SERVICES)?;
     let backends = read_all(&maps.backends, A::BACKENDS)?;

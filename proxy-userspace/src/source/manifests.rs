@@ -41,9 +41,9 @@ pub enum ManifestError {
 
 #[derive(Clone, Debug)]
 enum Object {
-    Service(Service),
-    Slice(EndpointSlice),
-    Node(Node),
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
 }
 
 /// Identity of a document, known even when its body does not parse.
@@ -206,9 +206,9 @@ impl ManifestSet {
         for state in self.files.values() {
             for object in state.objects.values() {
                 match object {
-                    Object::Service(s) => snap.services.push(s.clone()),
-                    Object::Slice(s) => snap.slices.push(s.clone()),
-                    Object::Node(n) => snap.nodes.push(n.clone()),
+                    Object::Service(s) => snap.services.push(s.as_ref().clone()),
+                    Object::Slice(s) => snap.slices.push(s.as_ref().clone()),
+                    Object::Node(n) => snap.nodes.push(n.as_ref().clone()),
                 }
             }
         }
@@ -256,4 +256,177 @@ fn parse_file(path: &Path, text: &str, state: &mut FileState, errors: &mut Vec<M
         }
     }
     state.objects = objects;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1]}]
+";
+
+    fn names(snap: &Snapshot) -> Vec<String> {
+        let mut out: Vec<String> = snap
+            .services
+            .iter()
+            .map(|s| format!("svc:{}", s.metadata.name.clone().unwrap_or_default()))
+            .chain(
+                snap.slices
+                    .iter()
+                    .map(|s| format!("slice:{}", s.metadata.name.clone().unwrap_or_default())),
+            )
+            .chain(
+                snap.nodes
+                    .iter()
+                    .map(|n| format!("node:{}", n.metadata.name.clone().unwrap_or_default())),
+            )
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Rewrites a file so its (mtime, size) stamp surely changes.
+    fn rewrite(path: &Path, text: &str) {
+        fs::write(path, text).unwrap();
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+    }
+
+    #[test]
+    fn multi_document_files_lists_and_json_are_read_and_other_kinds_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("web.yaml"), WEB).unwrap();
+        fs::write(
+            dir.path().join("list.yml"),
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Node, metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}}\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("api.json"),
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"}, "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 81}]}}"#,
+        )
+        .unwrap();
+        fs::write(dir.path().join("README.md"), "not a manifest").unwrap();
+        fs::write(
+            dir.path().join(".hidden.yaml"),
+            "kind: Service\nmetadata: {name: hidden}",
+        )
+        .unwrap();
+        let mut set = ManifestSet::new(dir.path());
+        let (changed, errors) = set.reload();
+        assert!(changed && errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            names(&set.snapshot()),
+            ["node:n1", "slice:web-a", "svc:api", "svc:web"]
+        );
+        assert!(!set.reload().0, "nothing changed on disk");
+    }
+
+    #[test]
+    fn a_file_that_stops_parsing_keeps_its_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        fs::write(&file, WEB).unwrap();
+        let mut set = ManifestSet::new(dir.path());
+        set.reload();
+        rewrite(&file, "kind: Service\nmetadata: {name: [unclosed\n");
+        let (_, errors) = set.reload();
+        assert!(
+            matches!(&errors[..], [ManifestError::Syntax { .. }]),
+            "{errors:?}"
+        );
+        assert_eq!(names(&set.snapshot()), ["slice:web-a", "svc:web"]);
+    }
+
+    #[test]
+    fn a_document_that_stops_matching_its_schema_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        fs::write(&file, WEB).unwrap();
+        let mut set = ManifestSet::new(dir.path());
+        set.reload();
+        let broken = WEB
+            .replace("ports: [{port: 80}]", "ports: [{port: eighty}]")
+            .replace(
+                "endpoints: [{addresses: [10.0.0.1]}]",
+                "endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]",
+            );
+        rewrite(&file, &broken);
+        let (_, errors) = set.reload();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("document 0: Service shop/web"),
+            "{message}"
+        );
+        let snap = set.snapshot();
+        assert_eq!(
+            snap.services[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .as_ref()
+                .unwrap()[0]
+                .port,
+            80
+        );
+        assert_eq!(
+            snap.slices[0].endpoints.len(),
+            2,
+            "the valid document in the same file is updated"
+        );
+    }
+
+    #[test]
+    fn deleting_a_file_or_document_removes_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        fs::write(&file, WEB).unwrap();
+        fs::write(
+            dir.path().join("other.yaml"),
+            WEB.replace("name: web,", "name: other,"),
+        )
+        .unwrap();
+        let mut set = ManifestSet::new(dir.path());
+        set.reload();
+        let without_slice = WEB.split("---").take(2).collect::<Vec<_>>().join("---");
+        rewrite(&file, &without_slice);
+        fs::remove_file(dir.path().join("other.yaml")).unwrap();
+        assert!(set.reload().0);
+        assert_eq!(names(&set.snapshot()), ["svc:web"]);
+    }
+
+    #[test]
+    fn a_missing_path_is_an_error_that_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("m");
+        fs::create_dir(&sub).unwrap();
+        fs::write(sub.join("web.yaml"), WEB).unwrap();
+        let mut set = ManifestSet::new(&sub);
+        set.reload();
+        fs::remove_dir_all(&sub).unwrap();
+        let (changed, errors) = set.reload();
+        assert!(!changed && matches!(&errors[..], [ManifestError::Read { .. }]));
+        assert_eq!(names(&set.snapshot()), ["slice:web-a", "svc:web"]);
+    }
 }
