@@ -19,10 +19,7 @@ mod tests {
         for count in [1u32, 2, 3, 7, 10, 1000, 65_535] {
             for value in [0u32, 1, u32::MAX / 2, u32::MAX - 1, u32::MAX] {
                 let s = slot(value, count) as u32;
-                assert!(
-                    (1..=count).contains(&s),
-                    "value {value} count {count} -> {s}"
-                );
+                assert!((1..=count).contains(&s), "value {value} count {count} -> {s}");
             }
         }
     }

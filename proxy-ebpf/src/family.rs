@@ -49,19 +49,5 @@ macro_rules! family {
     };
 }
 
-family!(
-    V4,
-    AddrV4,
-    SERVICES_V4,
-    BACKENDS_V4,
-    REV_NAT_V4,
-    SOCK_REV_V4
-);
-family!(
-    V6,
-    AddrV6,
-    SERVICES_V6,
-    BACKENDS_V6,
-    REV_NAT_V6,
-    SOCK_REV_V6
-);
+family!(V4, AddrV4, SERVICES_V4, BACKENDS_V4, REV_NAT_V4, SOCK_REV_V4);
+family!(V6, AddrV6, SERVICES_V6, BACKENDS_V6, REV_NAT_V6, SOCK_REV_V6);

@@ -17,8 +17,8 @@ use aya_ebpf::{
 use proxy_common::{
     counters::Counter,
     maps::{
-        AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SockRevKey,
-        SockRevValue, capacity,
+        AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SockRevKey, SockRevValue,
+        capacity,
     },
 };
 
@@ -44,17 +44,11 @@ static REV_NAT_V4: HashMap<u32, RevNat<AddrV4>, { capacity::REV_NAT as usize }> 
 static REV_NAT_V6: HashMap<u32, RevNat<AddrV6>, { capacity::REV_NAT as usize }> = HashMap::new();
 
 #[btf_map(name = "bkp_sockrev_v4")]
-static SOCK_REV_V4: LruHashMap<
-    SockRevKey<AddrV4>,
-    SockRevValue<AddrV4>,
-    { capacity::SOCK_REV as usize },
-> = LruHashMap::new();
+static SOCK_REV_V4: LruHashMap<SockRevKey<AddrV4>, SockRevValue<AddrV4>, { capacity::SOCK_REV as usize }> =
+    LruHashMap::new();
 #[btf_map(name = "bkp_sockrev_v6")]
-static SOCK_REV_V6: LruHashMap<
-    SockRevKey<AddrV6>,
-    SockRevValue<AddrV6>,
-    { capacity::SOCK_REV as usize },
-> = LruHashMap::new();
+static SOCK_REV_V6: LruHashMap<SockRevKey<AddrV6>, SockRevValue<AddrV6>, { capacity::SOCK_REV as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "bkp_counters")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();

@@ -2,13 +2,23 @@
 //! maps in sync with the source, and leaves everything in place when it stops.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::runtime::watcher;
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
+use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     datapath::{
@@ -17,22 +27,36 @@ use crate::{
         reader::{ReadError, Snapshot},
         writer::Writer,
     },
-    metrics::Metrics,
+    metrics::{KindLabel, Metrics},
+    model::ServiceName,
     plan::{Plan, Planner},
     proxier::{PlanSink, Proxier, SyncReport},
-    source::manifests::ManifestSet,
+    source::{
+        ObjectKind,
+        kube::{self as kube_source, KubeEvent, KubeSourceError},
+        manifests::ManifestSet,
+    },
     translate::TranslateOptions,
 };
+
+/// Where Services and EndpointSlices come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// YAML/JSON files, watched for changes.
+    Manifests(PathBuf),
+    /// The API server: `--kubeconfig`, else in-cluster config, else the usual kubeconfig.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub map_sizes: MapSizes,
     pub translate: TranslateOptions,
-    /// Re-reads the manifests at least this often, in case a file event was missed.
+    /// Manifests: re-read at least this often, in case a file event was missed.
     pub resync_period: Duration,
 }
 
@@ -44,13 +68,12 @@ pub enum AgentError {
     Open(#[from] OpenError),
     #[error(transparent)]
     Read(#[from] ReadError),
+    #[error(transparent)]
+    Kube(#[from] KubeSourceError),
     #[error("installing the SIGTERM handler: {0}")]
     Signal(std::io::Error),
     #[error("watching {path}: {source}")]
-    Watch {
-        path: PathBuf,
-        source: notify::Error,
-    },
+    Watch { path: PathBuf, source: notify::Error },
 }
 
 impl PlanSink for Writer {
@@ -73,9 +96,99 @@ fn log_sync(what: &str, report: &SyncReport) {
     }
 }
 
+/// The datapath, loaded and with its pinned state adopted, but not attached yet.
+struct Prepared {
+    datapath: Datapath,
+    proxier: Proxier<Writer>,
+    live: bool,
+}
+
+impl Prepared {
+    fn load(opts: &AgentOptions, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
+        let datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
+        let maps = PinnedMaps::open(&opts.pin_dir)?;
+        let existing = Snapshot::read(&maps)?;
+        if !existing.frontends.is_empty() {
+            tracing::info!(
+                frontends = existing.frontends.len(),
+                "adopting datapath state from pinned maps"
+            );
+        }
+        let planner = Planner::adopt(existing.programmed());
+        let proxier = Proxier::new(
+            &opts.node_name,
+            opts.translate.clone(),
+            planner,
+            Writer::new(maps),
+            metrics,
+        );
+        Ok(Self {
+            datapath,
+            proxier,
+            live: false,
+        })
+    }
+
+    /// Syncs; the first time, once the source has listed everything, also drops state no
+    /// Service claims and only then attaches (or switches over) the programs.
+    fn sync(&mut self, cgroup: &Path) -> Result<(), AgentError> {
+        if self.live {
+            if self.proxier.has_pending() {
+                log_sync("sync", &self.proxier.sync());
+            }
+            return Ok(());
+        }
+        log_sync("initial sync", &self.proxier.sync());
+        log_sync(
+            "removed state no Service claims",
+            &self.proxier.release_unclaimed(),
+        );
+        let attached = self.datapath.attach(cgroup)?;
+        let planner = self.proxier.planner();
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            pin_dir = %self.datapath.pin_dir().display(),
+            links_updated = attached.updated,
+            links_created = attached.created,
+            services = planner.service_count(),
+            frontends = planner.frontend_count(),
+            backends = planner.backend_count(),
+            "datapath ready"
+        );
+        self.live = true;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError> {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    let prepared = Prepared::load(&opts, metrics.clone())?;
+    let stop = shutdown().await?;
+    match &opts.source {
+        SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, stop).await?,
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            run_kube(client, &opts, prepared, metrics, stop).await?;
+        }
+    }
+    tracing::info!("stopping; the datapath stays in place (run `bpf-kube-proxy cleanup` to remove it)");
+    Ok(())
+}
+
 /// Watches the manifest path (its parent when it is a file, since editors replace files by
 /// renaming) and nudges `tx` on any change.
-fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, AgentError> {
+fn watch_files(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, AgentError> {
     let err = |source| AgentError::Watch {
         path: path.to_path_buf(),
         source,
@@ -107,70 +220,185 @@ fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<Writer>) {
     }
 }
 
-pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentError> {
-    let mut datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
-    let maps = PinnedMaps::open(&opts.pin_dir)?;
-    let existing = Snapshot::read(&maps)?;
-    if !existing.frontends.is_empty() {
-        tracing::info!(
-            frontends = existing.frontends.len(),
-            "adopting datapath state from pinned maps"
-        );
-    }
-    let planner = Planner::adopt(existing.programmed());
-    let mut proxier = Proxier::new(
-        &opts.node_name,
-        opts.translate.clone(),
-        planner,
-        Writer::new(maps),
-        metrics,
-    );
-
+async fn run_manifests(
+    path: &Path,
+    opts: &AgentOptions,
+    mut prepared: Prepared,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     let (tx, mut rx) = mpsc::channel(1);
-    let _watcher = watch(&opts.manifests, tx)?;
-    let mut manifests = ManifestSet::new(&opts.manifests);
-    reload(&mut manifests, &mut proxier);
-    log_sync("initial sync", &proxier.sync());
-    log_sync(
-        "removed state no Service claims",
-        &proxier.release_unclaimed(),
-    );
-
-    // Programs go live (or switch over) only now that the maps hold the full state.
-    let attached = datapath.attach(&opts.cgroup)?;
-    tracing::info!(
-        cgroup = %opts.cgroup.display(),
-        pin_dir = %opts.pin_dir.display(),
-        links_updated = attached.updated,
-        links_created = attached.created,
-        services = proxier.planner().service_count(),
-        frontends = proxier.planner().frontend_count(),
-        backends = proxier.planner().backend_count(),
-        "datapath ready"
-    );
+    let _watcher = watch_files(path, tx)?;
+    let mut manifests = ManifestSet::new(path);
+    reload(&mut manifests, &mut prepared.proxier);
+    prepared.sync(&opts.cgroup)?;
 
     let mut resync = tokio::time::interval(opts.resync_period);
     resync.tick().await;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(AgentError::Signal)?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
                 // Let a burst of writes (an editor's save, a `cp -r`) settle into one reload.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while rx.try_recv().is_ok() {}
-                reload(&mut manifests, &mut proxier);
+                reload(&mut manifests, &mut prepared.proxier);
             }
-            _ = resync.tick() => reload(&mut manifests, &mut proxier),
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
+            _ = resync.tick() => reload(&mut manifests, &mut prepared.proxier),
+            _ = &mut stop => return Ok(()),
         }
-        if proxier.has_pending() {
-            log_sync("sync", &proxier.sync());
+        prepared.sync(&opts.cgroup)?;
+    }
+}
+
+/// What one watch delivered, once its relist buffering is resolved.
+enum Change<K> {
+    /// A complete list (the watch's initial list or a relist).
+    Replace(Vec<K>),
+    Apply(K),
+    Delete(K),
+}
+
+/// Buffers one watch's relist so that it lands as a single replacement.
+struct Relist<K> {
+    buffer: Option<Vec<K>>,
+    listed: bool,
+}
+
+impl<K> Relist<K> {
+    fn new() -> Self {
+        Self {
+            buffer: None,
+            listed: false,
         }
     }
-    tracing::info!(
-        "stopping; the datapath stays in place (run `bpf-kube-proxy cleanup` to remove it)"
+
+    fn feed(&mut self, event: watcher::Event<K>) -> Option<Change<K>> {
+        match event {
+            watcher::Event::Init => {
+                self.buffer = Some(Vec::new());
+                None
+            }
+            watcher::Event::InitApply(obj) => {
+                self.buffer.get_or_insert_with(Vec::new).push(obj);
+                None
+            }
+            watcher::Event::InitDone => {
+                self.listed = true;
+                Some(Change::Replace(self.buffer.take().unwrap_or_default()))
+            }
+            watcher::Event::Apply(obj) => Some(Change::Apply(obj)),
+            watcher::Event::Delete(obj) => Some(Change::Delete(obj)),
+        }
+    }
+}
+
+fn namespaced(meta: &ObjectMeta) -> Option<(String, String)> {
+    Some((
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone()?,
+    ))
+}
+
+struct Watches {
+    services: Relist<Service>,
+    slices: Relist<EndpointSlice>,
+    nodes: Relist<Node>,
+    failing: BTreeSet<ObjectKind>,
+}
+
+impl Watches {
+    fn listed(&self) -> bool {
+        self.services.listed && self.slices.listed && self.nodes.listed
+    }
+
+    fn apply(&mut self, event: KubeEvent, proxier: &mut Proxier<Writer>, metrics: &Metrics) {
+        let kind = match &event {
+            KubeEvent::Service(_) => ObjectKind::Service,
+            KubeEvent::Slice(_) => ObjectKind::EndpointSlice,
+            KubeEvent::Node(_) => ObjectKind::Node,
+            KubeEvent::Error { kind, .. } => *kind,
+        };
+        match event {
+            KubeEvent::Service(e) => match self.services.feed(e) {
+                Some(Change::Replace(all)) => proxier.replace_services(&all),
+                Some(Change::Apply(svc)) => proxier.upsert_service(&svc),
+                Some(Change::Delete(svc)) => {
+                    if let Some((ns, name)) = namespaced(&svc.metadata) {
+                        proxier.remove_service(&ServiceName::new(ns, name));
+                    }
+                }
+                None => {}
+            },
+            KubeEvent::Slice(e) => match self.slices.feed(e) {
+                Some(Change::Replace(all)) => proxier.replace_slices(&all),
+                Some(Change::Apply(slice)) => proxier.upsert_slice(&slice),
+                Some(Change::Delete(slice)) => {
+                    if let Some((ns, name)) = namespaced(&slice.metadata) {
+                        proxier.remove_slice(&ns, &name);
+                    }
+                }
+                None => {}
+            },
+            KubeEvent::Node(e) => match self.nodes.feed(e) {
+                Some(Change::Replace(all)) => proxier.set_node(all.first()),
+                Some(Change::Apply(node)) => proxier.set_node(Some(&node)),
+                Some(Change::Delete(_)) => proxier.set_node(None),
+                None => {}
+            },
+            KubeEvent::Error { kind, error } => {
+                // The watcher backs off and retries; the datapath keeps its last state.
+                if self.failing.insert(kind) {
+                    tracing::warn!(%kind, "watch failed, retrying with backoff: {error}");
+                } else {
+                    tracing::debug!(%kind, "watch still failing: {error}");
+                }
+                metrics
+                    .source_errors
+                    .get_or_create(&KindLabel::new(kind.as_str()))
+                    .inc();
+                return;
+            }
+        }
+        if self.failing.remove(&kind) {
+            tracing::info!(%kind, "watch recovered");
+        }
+    }
+}
+
+async fn run_kube(
+    client: kube::Client,
+    opts: &AgentOptions,
+    mut prepared: Prepared,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let mut events = kube_source::events(
+        client,
+        &opts.node_name,
+        opts.translate.service_proxy_name.as_deref(),
     );
-    Ok(())
+    let mut watches = Watches {
+        services: Relist::new(),
+        slices: Relist::new(),
+        nodes: Relist::new(),
+        failing: BTreeSet::new(),
+    };
+    tracing::info!(node = %opts.node_name, "watching the API server");
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return Ok(()) };
+                watches.apply(event, &mut prepared.proxier, &metrics);
+                // Take everything already queued before syncing: one sync per burst.
+                while let Some(Some(event)) = events.next().now_or_never() {
+                    watches.apply(event, &mut prepared.proxier, &metrics);
+                }
+            }
+            _ = &mut stop => return Ok(()),
+        }
+        if watches.listed() {
+            prepared.sync(&opts.cgroup)?;
+        }
+    }
 }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{
     model::{
-        BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind,
-        NodeInfo, ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
+        BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind, NodeInfo,
+        ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
     },
     policy,
 };
@@ -105,13 +105,9 @@ impl Inventory {
         self.services.keys().cloned().collect()
     }
 
-    /// Replaces everything with a full snapshot (a manifest reload or an API relist) and
-    /// returns every Service whose inputs changed, deletions included.
-    pub fn replace_all(
-        &mut self,
-        services: Vec<ServiceInfo>,
-        slices: Vec<SliceInfo>,
-    ) -> BTreeSet<ServiceName> {
+    /// Replaces every Service with a complete list (a manifest reload or an API relist) and
+    /// returns the Services that changed, deletions included.
+    pub fn replace_services(&mut self, services: Vec<ServiceInfo>) -> BTreeSet<ServiceName> {
         let mut touched = BTreeSet::new();
         let keep: BTreeSet<ServiceName> = services.iter().map(|s| s.name.clone()).collect();
         let gone: Vec<ServiceName> = self
@@ -126,6 +122,12 @@ impl Inventory {
         for svc in services {
             touched.extend(self.upsert_service(svc));
         }
+        touched
+    }
+
+    /// Replaces every EndpointSlice with a complete list; returns the Services affected.
+    pub fn replace_slices(&mut self, slices: Vec<SliceInfo>) -> BTreeSet<ServiceName> {
+        let mut touched = BTreeSet::new();
         let keep: BTreeSet<(String, String)> = slices
             .iter()
             .map(|s| (s.namespace.clone(), s.name.clone()))
@@ -217,11 +219,7 @@ impl Inventory {
                     .cluster_ips
                     .iter()
                     .map(|a| (*a, FrontendKind::ClusterIp))
-                    .chain(
-                        svc.external_ips
-                            .iter()
-                            .map(|a| (*a, FrontendKind::ExternalIp)),
-                    )
+                    .chain(svc.external_ips.iter().map(|a| (*a, FrontendKind::ExternalIp)))
                     .chain(
                         svc.load_balancer_ips
                             .iter()
@@ -282,12 +280,7 @@ mod tests {
         }
     }
 
-    fn slice(
-        name: &str,
-        service: &str,
-        ports: &[(&str, u16, Protocol)],
-        addrs: &[&str],
-    ) -> SliceInfo {
+    fn slice(name: &str, service: &str, ports: &[(&str, u16, Protocol)], addrs: &[&str]) -> SliceInfo {
         SliceInfo {
             namespace: "ns".into(),
             name: name.into(),
@@ -316,12 +309,7 @@ mod tests {
         }
     }
 
-    fn backends(
-        entry: &ServiceEntry,
-        frontend: &str,
-        port: u16,
-        protocol: Protocol,
-    ) -> Vec<String> {
+    fn backends(entry: &ServiceEntry, frontend: &str, port: u16, protocol: Protocol) -> Vec<String> {
         let addr: IpAddr = frontend.parse().unwrap();
         let f = entry
             .frontends
@@ -403,12 +391,7 @@ mod tests {
     fn a_port_with_no_matching_slice_port_has_no_backends() {
         let mut inv = inventory();
         inv.upsert_service(service("web", &["10.96.0.10"], &[("http", 80, TCP)]));
-        inv.upsert_slice(slice(
-            "web-a",
-            "web",
-            &[("other", 8080, TCP)],
-            &["10.0.0.1"],
-        ));
+        inv.upsert_slice(slice("web-a", "web", &[("other", 8080, TCP)], &["10.0.0.1"]));
         let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
         assert!(backends(&e, "10.96.0.10", 80, TCP).is_empty());
     }
@@ -416,11 +399,7 @@ mod tests {
     #[test]
     fn each_cluster_ip_family_uses_only_endpoints_of_its_family() {
         let mut inv = inventory();
-        inv.upsert_service(service(
-            "web",
-            &["10.96.0.10", "fd00::10"],
-            &[("", 80, TCP)],
-        ));
+        inv.upsert_service(service("web", &["10.96.0.10", "fd00::10"], &[("", 80, TCP)]));
         inv.upsert_slice(slice("v4", "web", &[("", 8080, TCP)], &["10.0.0.1"]));
         inv.upsert_slice(slice("v6", "web", &[("", 8080, TCP)], &["fd00::1"]));
         let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
@@ -475,23 +454,20 @@ mod tests {
     }
 
     #[test]
-    fn replace_all_reports_additions_changes_and_deletions() {
+    fn replacing_everything_reports_additions_changes_and_deletions() {
         let mut inv = inventory();
-        inv.replace_all(
-            vec![
-                service("a", &["10.96.0.1"], &[("", 80, TCP)]),
-                service("b", &["10.96.0.2"], &[("", 80, TCP)]),
-            ],
-            vec![slice("a1", "a", &[("", 8080, TCP)], &["10.0.0.1"])],
-        );
-        let touched = inv.replace_all(
-            vec![
-                service("a", &["10.96.0.1"], &[("", 80, TCP)]),
-                service("c", &["10.96.0.3"], &[("", 80, TCP)]),
-            ],
-            vec![slice("a1", "a", &[("", 8080, TCP)], &["10.0.0.2"])],
-        );
+        inv.replace_services(vec![
+            service("a", &["10.96.0.1"], &[("", 80, TCP)]),
+            service("b", &["10.96.0.2"], &[("", 80, TCP)]),
+        ]);
+        inv.replace_slices(vec![slice("a1", "a", &[("", 8080, TCP)], &["10.0.0.1"])]);
+        let mut touched = inv.replace_services(vec![
+            service("a", &["10.96.0.1"], &[("", 80, TCP)]),
+            service("c", &["10.96.0.3"], &[("", 80, TCP)]),
+        ]);
+        touched.extend(inv.replace_slices(vec![slice("a1", "a", &[("", 8080, TCP)], &["10.0.0.2"])]));
         let names: Vec<String> = touched.iter().map(|n| n.name.clone()).collect();
         assert_eq!(names, ["a", "b", "c"]);
+        assert!(inv.replace_slices(vec![]).contains(&ServiceName::new("ns", "a")));
     }
 }

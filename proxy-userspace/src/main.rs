@@ -64,10 +64,14 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Read Services, EndpointSlices (and this node's Node) from YAML/JSON files: one file
-    /// or a directory. Changes are picked up as they happen.
+    /// Read Services, EndpointSlices (and this node's Node) from YAML/JSON files, one file
+    /// or a directory, instead of the API server. Changes are picked up as they happen.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API server (default: in-cluster config, then KUBECONFIG, then
+    /// ~/.kube/config).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory whose processes get socket load balancing (default: the root of the
     /// cgroup2 mount, i.e. the whole node).
     #[arg(long)]
@@ -81,7 +85,7 @@ struct RunArgs {
     /// Also serve Services labelled service.kubernetes.io/service-proxy-name=<this>.
     #[arg(long)]
     service_proxy_name: Option<String>,
-    /// Re-read the manifests at least this often (seconds), in case a file event was missed.
+    /// With --manifests: re-read at least this often (seconds), in case a file event was missed.
     #[arg(long, default_value_t = 10)]
     resync_seconds: u64,
     /// Capacity of the services maps (frontend entries plus one per backend slot).
@@ -130,7 +134,12 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         cgroup,
         node_name,
-        manifests: args.manifests,
+        source: match args.manifests {
+            Some(path) => agent::SourceConfig::Manifests(path),
+            None => agent::SourceConfig::Kubernetes {
+                kubeconfig: args.kubeconfig,
+            },
+        },
         map_sizes: loader::MapSizes {
             services: args.map_size_services,
             backends: args.map_size_backends,
@@ -156,14 +165,10 @@ fn main() -> anyhow::Result<()> {
             netns,
             command,
         } => {
-            sandbox::cgroup::join(&cgroup)
-                .with_context(|| format!("joining {}", cgroup.display()))?;
-            sandbox::netns::enter(&netns)
-                .with_context(|| format!("entering {}", netns.display()))?;
+            sandbox::cgroup::join(&cgroup).with_context(|| format!("joining {}", cgroup.display()))?;
+            sandbox::netns::enter(&netns).with_context(|| format!("entering {}", netns.display()))?;
             // exec only returns on failure.
-            let err = std::process::Command::new(&command[0])
-                .args(&command[1..])
-                .exec();
+            let err = std::process::Command::new(&command[0]).args(&command[1..]).exec();
             return Err(err).with_context(|| format!("running {}", command[0]));
         }
         Command::Run(args) => {
@@ -172,13 +177,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::List { pin_dir, output } => cli::list::run(&pin_dir, output)?,
         Command::Cleanup { pin_dir } => {
-            if loader::cleanup(&pin_dir)
-                .with_context(|| format!("removing {}", pin_dir.display()))?
-            {
-                println!(
-                    "removed {} (programs detached, maps deleted)",
-                    pin_dir.display()
-                );
+            if loader::cleanup(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))? {
+                println!("removed {} (programs detached, maps deleted)", pin_dir.display());
             } else {
                 println!("nothing to remove at {}", pin_dir.display());
             }

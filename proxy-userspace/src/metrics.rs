@@ -37,6 +37,7 @@ pub struct Metrics {
     pub skipped_items: Family<KindLabel, Counter>,
     pub map_write_errors: Counter,
     pub frontend_conflicts: Counter,
+    pub source_errors: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -53,6 +54,7 @@ impl Metrics {
             skipped_items: Family::default(),
             map_write_errors: Counter::default(),
             frontend_conflicts: Counter::default(),
+            source_errors: Family::default(),
             registry: Registry::default(),
         };
         {
@@ -109,6 +111,11 @@ impl Metrics {
                 "frontend_conflicts",
                 "Frontends claimed by a second Service and not programmed for it",
                 m.frontend_conflicts.clone(),
+            );
+            own.register(
+                "source_errors",
+                "Failed list/watch attempts against the API server (each is retried with backoff)",
+                m.source_errors.clone(),
             );
         }
         Arc::new(Self { registry, ..m })

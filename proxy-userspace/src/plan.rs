@@ -129,10 +129,7 @@ pub enum PlanIssue {
         loser: ServiceName,
     },
     /// More backends than slots; the rest are left out.
-    TooManyBackends {
-        frontend: FrontendKey,
-        wanted: usize,
-    },
+    TooManyBackends { frontend: FrontendKey, wanted: usize },
 }
 
 impl std::fmt::Display for PlanIssue {
@@ -266,9 +263,7 @@ impl Planner {
         for (key, mut frontend) in programmed.frontends {
             // A slot naming an unknown backend cannot be served: drop it so the next plan for
             // this frontend rewrites the slot list.
-            frontend
-                .slots
-                .retain(|id| planner.backend_keys.contains_key(id));
+            frontend.slots.retain(|id| planner.backend_keys.contains_key(id));
             for id in &frontend.slots {
                 if let Some(b) = planner
                     .backend_keys
@@ -306,11 +301,7 @@ impl Planner {
     }
 
     /// Moves `service` to `desired` (`None`: the Service is gone or no longer proxied).
-    pub fn plan_service(
-        &mut self,
-        service: &ServiceName,
-        desired: Option<&ServiceEntry>,
-    ) -> Outcome {
+    pub fn plan_service(&mut self, service: &ServiceName, desired: Option<&ServiceEntry>) -> Outcome {
         let mut out = Outcome::default();
         let mut wanted: BTreeSet<FrontendKey> = BTreeSet::new();
         let mut backend_deltas: HashMap<BackendKey, i64> = HashMap::new();
@@ -392,8 +383,7 @@ impl Planner {
             return b.id;
         }
         let id = self.backend_ids.take();
-        self.backends
-            .insert(key, BackendEntry { id, state, refs: 0 });
+        self.backends.insert(key, BackendEntry { id, state, refs: 0 });
         self.backend_keys.insert(id, key);
         plan.upsert_backends.push((id, key, state));
         id
@@ -458,11 +448,7 @@ impl Planner {
             }
         }
         let present: HashSet<BackendId> = slots.iter().copied().collect();
-        slots.extend(
-            ids.iter()
-                .map(|(id, _)| *id)
-                .filter(|id| !present.contains(id)),
-        );
+        slots.extend(ids.iter().map(|(id, _)| *id).filter(|id| !present.contains(id)));
 
         for (i, id) in slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
@@ -620,11 +606,7 @@ mod tests {
         assert!(plan.delete_frontends.is_empty() && plan.delete_backends.is_empty());
         // Every slot names a backend the same plan creates.
         let created: HashSet<_> = plan.upsert_backends.iter().map(|(id, _, _)| *id).collect();
-        assert!(
-            plan.upsert_slots
-                .iter()
-                .all(|s| created.contains(&s.backend_id))
-        );
+        assert!(plan.upsert_slots.iter().all(|s| created.contains(&s.backend_id)));
     }
 
     #[test]
@@ -662,20 +644,14 @@ mod tests {
         assert_eq!(plan.delete_backends[0].1.addr.to_string(), "10.0.0.2");
         assert_eq!(
             slots(&p, &key),
-            vec![
-                "10.0.0.1".parse::<IpAddr>().unwrap(),
-                "10.0.0.3".parse().unwrap()
-            ]
+            vec!["10.0.0.1".parse::<IpAddr>().unwrap(), "10.0.0.3".parse().unwrap()]
         );
     }
 
     #[test]
     fn adding_a_backend_appends_one_slot() {
         let mut p = Planner::new();
-        p.plan_service(
-            &svc("web"),
-            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])),
-        );
+        p.plan_service(&svc("web"), Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])));
         let plan = p
             .plan_service(
                 &svc("web"),
@@ -696,20 +672,9 @@ mod tests {
         let plan = p
             .plan_service(&svc("b"), Some(&entry(&[("10.96.0.2", 80, &["10.0.0.1"])])))
             .plan;
-        assert!(
-            plan.upsert_backends.is_empty(),
-            "the shared backend is reused"
-        );
-        assert!(
-            p.plan_service(&svc("a"), None)
-                .plan
-                .delete_backends
-                .is_empty()
-        );
-        assert_eq!(
-            p.plan_service(&svc("b"), None).plan.delete_backends.len(),
-            1
-        );
+        assert!(plan.upsert_backends.is_empty(), "the shared backend is reused");
+        assert!(p.plan_service(&svc("a"), None).plan.delete_backends.is_empty());
+        assert_eq!(p.plan_service(&svc("b"), None).plan.delete_backends.len(), 1);
         assert_eq!(p.backend_count(), 0);
     }
 
@@ -761,24 +726,15 @@ mod tests {
     fn second_service_claiming_a_frontend_is_refused_then_gets_it_when_released() {
         let mut p = Planner::new();
         let key = fkey("10.96.0.10", 80);
-        p.plan_service(
-            &svc("first"),
-            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])),
-        );
-        let out = p.plan_service(
-            &svc("second"),
-            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])),
-        );
+        p.plan_service(&svc("first"), Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])));
+        let out = p.plan_service(&svc("second"), Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])));
         assert!(out.plan.is_empty());
         assert!(
             matches!(&out.issues[..], [PlanIssue::FrontendConflict { loser, .. }] if *loser == svc("second"))
         );
         let released = p.plan_service(&svc("first"), None);
         assert_eq!(released.retry, vec![svc("second")]);
-        p.plan_service(
-            &svc("second"),
-            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])),
-        );
+        p.plan_service(&svc("second"), Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])));
         assert_eq!(p.owner(&key), Some(&svc("second")));
     }
 
@@ -789,10 +745,7 @@ mod tests {
             &svc("web"),
             Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
         );
-        first.plan_service(
-            &svc("old"),
-            Some(&entry(&[("10.96.0.99", 80, &["10.0.0.7"])])),
-        );
+        first.plan_service(&svc("old"), Some(&entry(&[("10.96.0.99", 80, &["10.0.0.7"])])));
         let programmed = Programmed {
             frontends: first.frontends.clone(),
             backends: first
@@ -827,10 +780,7 @@ mod tests {
         assert_eq!(released.delete_backends[0].1.addr.to_string(), "10.0.0.7");
         // New ids continue after the adopted ones.
         let fresh = restarted
-            .plan_service(
-                &svc("new"),
-                Some(&entry(&[("10.96.0.11", 80, &["10.0.0.8"])])),
-            )
+            .plan_service(&svc("new"), Some(&entry(&[("10.96.0.11", 80, &["10.0.0.8"])])))
             .plan;
         let adopted_max = first.backends.values().map(|b| b.id).max().unwrap();
         assert!(fresh.upsert_backends[0].0 > adopted_max);
@@ -839,10 +789,7 @@ mod tests {
     #[test]
     fn terminating_flag_change_rewrites_only_the_backend() {
         let mut p = Planner::new();
-        p.plan_service(
-            &svc("web"),
-            Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])),
-        );
+        p.plan_service(&svc("web"), Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1"])])));
         let mut e = entry(&[("10.96.0.10", 80, &["10.0.0.1"])]);
         e.frontends[0].backends[0].state.terminating = true;
         let plan = p.plan_service(&svc("web"), Some(&e)).plan;

@@ -55,11 +55,7 @@ pub fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
         }
         if ep.zone_hints.is_empty() {
             all_zone_hints = false;
-        } else if node
-            .zone
-            .as_ref()
-            .is_some_and(|z| ep.zone_hints.contains(z))
-        {
+        } else if node.zone.as_ref().is_some_and(|z| ep.zone_hints.contains(z)) {
             zone_hit = true;
         }
     }
@@ -78,18 +74,11 @@ fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) ->
     match mode {
         TopologyMode::None => true,
         TopologyMode::NodeHints => ep.node_hints.contains(&node.name),
-        TopologyMode::ZoneHints => node
-            .zone
-            .as_ref()
-            .is_some_and(|z| ep.zone_hints.contains(z)),
+        TopologyMode::ZoneHints => node.zone.as_ref().is_some_and(|z| ep.zone_hints.contains(z)),
     }
 }
 
-pub fn categorize<'a>(
-    svc: &ServiceInfo,
-    endpoints: &'a [Endpoint],
-    node: &NodeInfo,
-) -> Categorized<'a> {
+pub fn categorize<'a>(svc: &ServiceInfo, endpoints: &'a [Endpoint], node: &NodeInfo) -> Categorized<'a> {
     let mut out = Categorized::default();
     if uses_cluster(svc) {
         out.topology = topology_mode(endpoints, node);
@@ -100,10 +89,7 @@ pub fn categorize<'a>(
         // No ready endpoint anywhere (topology would have been dropped if the zone had none):
         // fall back to endpoints that still serve while terminating.
         if out.cluster.is_empty() {
-            out.cluster = endpoints
-                .iter()
-                .filter(|e| e.serving && e.terminating)
-                .collect();
+            out.cluster = endpoints.iter().filter(|e| e.serving && e.terminating).collect();
         }
         out.has_any = !out.cluster.is_empty();
     }
@@ -159,10 +145,7 @@ mod tests {
     /// `zones`/`nodes`: comma-separated hints.
     fn ep(last_octet: u8, spec: &str, zones: &str, nodes: &str) -> Endpoint {
         let set = |s: &str| -> BTreeSet<String> {
-            s.split(',')
-                .filter(|x| !x.is_empty())
-                .map(String::from)
-                .collect()
+            s.split(',').filter(|x| !x.is_empty()).map(String::from).collect()
         };
         Endpoint {
             addr: format!("10.0.0.{last_octet}").parse().unwrap(),
@@ -239,11 +222,7 @@ mod tests {
 
     #[test]
     fn local_policy_falls_back_to_local_serving_terminating_endpoints() {
-        let eps = [
-            ep(1, "STL", "", ""),
-            ep(2, "R", "", ""),
-            ep(3, "TL", "", ""),
-        ];
+        let eps = [ep(1, "STL", "", ""), ep(2, "R", "", ""), ep(3, "TL", "", "")];
         let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
         assert_eq!(octets(&c.local), [1]);
     }
@@ -291,9 +270,6 @@ mod tests {
     fn hints_on_terminating_endpoints_do_not_count() {
         // Only ready endpoints decide whether hints are usable.
         let eps = [ep(1, "R", "z1", ""), ep(2, "ST", "", "")];
-        assert_eq!(
-            topology_mode(&eps, &node(Some("z1"))),
-            TopologyMode::ZoneHints
-        );
+        assert_eq!(topology_mode(&eps, &node(Some("z1"))), TopologyMode::ZoneHints);
     }
 }

@@ -140,8 +140,7 @@ impl<S: PlanSink> Proxier<S> {
         self.report_issues("EndpointSlice", issues);
         outcome.map_err(|e| match e {
             // Slices for other consumers (no service label, FQDN) are not errors to report.
-            TranslateError::SliceWithoutService { .. }
-            | TranslateError::UnsupportedAddressType { .. } => {
+            TranslateError::SliceWithoutService { .. } | TranslateError::UnsupportedAddressType { .. } => {
                 tracing::debug!("{e}");
             }
             e => self.report_invalid("EndpointSlice", &e, false),
@@ -187,36 +186,48 @@ impl<S: PlanSink> Proxier<S> {
         self.dirty.extend(self.inventory.set_node(info));
     }
 
-    /// Replaces all objects with a complete snapshot. Objects that fail validation keep their
-    /// last good version instead of disappearing.
+    /// Replaces all objects with a complete snapshot (a manifest reload).
     pub fn replace_all(&mut self, snap: &Snapshot) {
-        let mut services = Vec::new();
-        for svc in &snap.services {
+        self.replace_services(&snap.services);
+        self.replace_slices(&snap.slices);
+        let node_name = self.inventory.node().name.clone();
+        self.set_node(
+            snap.nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(node_name.as_str())),
+        );
+    }
+
+    /// Replaces every Service with a complete list (a reload or a relist). Objects that fail
+    /// validation keep their last good version instead of disappearing.
+    pub fn replace_services(&mut self, services: &[Service]) {
+        let mut infos = Vec::new();
+        for svc in services {
             match self.translate_service(svc) {
-                Ok(Some(info)) => services.push(info),
+                Ok(Some(info)) => infos.push(info),
                 Ok(None) => {}
                 Err(()) => {
                     if let Some(previous) =
                         service_name(svc).and_then(|n| self.inventory.service(&n).cloned())
                     {
-                        services.push(previous);
+                        infos.push(previous);
                     }
                 }
             }
         }
-        let slices: Vec<SliceInfo> = snap
-            .slices
+        let touched = self.inventory.replace_services(infos);
+        self.metrics.service_changes.inc_by(touched.len() as u64);
+        self.dirty.extend(touched);
+    }
+
+    /// Replaces every EndpointSlice with a complete list.
+    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
+        let infos: Vec<SliceInfo> = slices
             .iter()
             .filter_map(|s| self.translate_slice(s).ok())
             .collect();
-        let node_name = self.inventory.node().name.clone();
-        let node = snap
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node_name.as_str()));
-        self.set_node(node);
-        let touched = self.inventory.replace_all(services, slices);
-        self.metrics.service_changes.inc_by(touched.len() as u64);
+        let touched = self.inventory.replace_slices(infos);
+        self.metrics.endpoint_changes.inc_by(touched.len() as u64);
         self.dirty.extend(touched);
     }
 
@@ -277,19 +288,14 @@ impl<S: PlanSink> Proxier<S> {
         for failure in &report.failed {
             tracing::error!("map update failed: {failure}");
         }
-        self.metrics
-            .map_write_errors
-            .inc_by(report.failed.len() as u64);
+        self.metrics.map_write_errors.inc_by(report.failed.len() as u64);
         self.metrics.set_last_sync_now();
     }
 }
 
 fn service_name(svc: &Service) -> Option<ServiceName> {
     Some(ServiceName::new(
-        svc.metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         svc.metadata.name.clone()?,
     ))
 }
@@ -390,11 +396,7 @@ mod tests {
             nodes: vec![],
         });
         p.sync();
-        assert_eq!(
-            backends_of(&p, "10.96.0.10"),
-            1,
-            "web survives its broken update"
-        );
+        assert_eq!(backends_of(&p, "10.96.0.10"), 1, "web survives its broken update");
         assert_eq!(backends_of(&p, "10.96.0.11"), 2, "api's change is applied");
     }
 

@@ -145,11 +145,7 @@ pub fn translate_service(
     }
     let cluster_ip_strings: Vec<(&'static str, &String)> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().map(|ip| ("spec.clusterIPs", ip)).collect(),
-        _ => spec
-            .cluster_ip
-            .iter()
-            .map(|ip| ("spec.clusterIP", ip))
-            .collect(),
+        _ => spec.cluster_ip.iter().map(|ip| ("spec.clusterIP", ip)).collect(),
     };
     match cluster_ip_strings.first() {
         None => return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp)),
@@ -168,10 +164,7 @@ pub fn translate_service(
             field,
             value: ip.clone(),
         })?;
-        if cluster_ips
-            .iter()
-            .any(|a: &IpAddr| a.is_ipv4() == addr.is_ipv4())
-        {
+        if cluster_ips.iter().any(|a: &IpAddr| a.is_ipv4() == addr.is_ipv4()) {
             return Err(TranslateError::DuplicateClusterIpFamily { service: name });
         }
         cluster_ips.push(addr);
@@ -191,10 +184,7 @@ pub fn translate_service(
         let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
             issue(
                 format!("spec.ports[{i}].protocol"),
-                format!(
-                    "unknown protocol {:?}",
-                    p.protocol.as_deref().unwrap_or_default()
-                ),
+                format!("unknown protocol {:?}", p.protocol.as_deref().unwrap_or_default()),
             );
             continue;
         };
@@ -243,10 +233,7 @@ pub fn translate_service(
             .filter_map(|(i, v)| match v.parse() {
                 Ok(ip) => Some(ip),
                 Err(_) => {
-                    issue(
-                        format!("{field}[{i}]"),
-                        format!("{v:?} is not an IP address"),
-                    );
+                    issue(format!("{field}[{i}]"), format!("{v:?} is not an IP address"));
                     None
                 }
             })
@@ -308,9 +295,7 @@ pub fn translate_service(
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
     };
-    let health_check_node_port = spec
-        .health_check_node_port
-        .and_then(|p| port_number(p).ok());
+    let health_check_node_port = spec.health_check_node_port.and_then(|p| port_number(p).ok());
     let traffic_distribution = spec.traffic_distribution.as_deref().map(|d| match d {
         "PreferClose" => TrafficDistribution::PreferClose,
         "PreferSameZone" => TrafficDistribution::PreferSameZone,
@@ -375,10 +360,7 @@ pub fn translate_slice(
         let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
             issue(
                 format!("ports[{i}].protocol"),
-                format!(
-                    "unknown protocol {:?}",
-                    p.protocol.as_deref().unwrap_or_default()
-                ),
+                format!("unknown protocol {:?}", p.protocol.as_deref().unwrap_or_default()),
             );
             continue;
         };
@@ -495,10 +477,7 @@ spec:
         let (info, issues) = proxied(&service(BASIC));
         assert!(issues.is_empty());
         assert_eq!(info.name.to_string(), "shop/web");
-        assert_eq!(
-            info.cluster_ips,
-            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
-        );
+        assert_eq!(info.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(
             info.ports,
             vec![ServicePort {
@@ -569,8 +548,7 @@ spec:
     #[test]
     fn invalid_cluster_ip_rejects_the_service_naming_object_and_field() {
         let svc = service(&BASIC.replace("10.96.0.10", "10.96.0.300"));
-        let err =
-            translate_service(&svc, &TranslateOptions::default(), &mut Vec::new()).unwrap_err();
+        let err = translate_service(&svc, &TranslateOptions::default(), &mut Vec::new()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "Service shop/web: spec.clusterIP \"10.96.0.300\" is not a valid IP address"
@@ -630,8 +608,7 @@ spec:
 
     #[test]
     fn service_with_no_usable_port_is_rejected() {
-        let svc =
-            service("metadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 99999}]}");
+        let svc = service("metadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 99999}]}");
         assert!(matches!(
             translate_service(&svc, &TranslateOptions::default(), &mut Vec::new()),
             Err(TranslateError::NoUsablePort { .. })
@@ -655,10 +632,7 @@ spec:
             "clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
         ));
         let (info, issues) = proxied(&svc);
-        assert_eq!(
-            info.session_affinity_timeout,
-            Some(DEFAULT_AFFINITY_TIMEOUT)
-        );
+        assert_eq!(info.session_affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
         assert_eq!(issues.len(), 1);
     }
 
@@ -704,11 +678,7 @@ status:
 ",
         );
         let (info, _) = proxied(&svc);
-        let ips: Vec<String> = info
-            .load_balancer_ips
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let ips: Vec<String> = info.load_balancer_ips.iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["192.0.2.10", "192.0.2.11"]);
     }
 
@@ -732,11 +702,7 @@ spec:
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(
-            ranges,
-            ["203.0.113.0/24", "10.0.0.0/8"],
-            "host bits are cleared"
-        );
+        assert_eq!(ranges, ["203.0.113.0/24", "10.0.0.0/8"], "host bits are cleared");
         let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -781,15 +747,9 @@ endpoints:
             "nil ready and nil serving mean true, nil terminating means false"
         );
         assert_eq!(info.endpoints[0].node_name.as_deref(), Some("n1"));
-        assert!(
-            info.endpoints[3].zone_hints.contains("z1")
-                && info.endpoints[3].node_hints.contains("n1")
-        );
+        assert!(info.endpoints[3].zone_hints.contains("z1") && info.endpoints[3].node_hints.contains("n1"));
         let fields: Vec<_> = issues.iter().map(|i| i.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            ["endpoints[3].addresses[0]", "endpoints[4].addresses[0]"]
-        );
+        assert_eq!(fields, ["endpoints[3].addresses[0]", "endpoints[4].addresses[0]"]);
     }
 
     #[test]

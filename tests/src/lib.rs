@@ -3,6 +3,7 @@
 //! a client pod, a child cgroup, a manifest directory and a pin directory, all with names
 //! unique to the test, all removed on drop, also when the test fails.
 
+pub mod apiserver;
 pub mod manifests;
 
 use std::{
@@ -12,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use apiserver::ApiServer;
 use bpf_kube_proxy::{
     datapath::{host, loader, maps::PinnedMaps, reader::Snapshot},
     model::{FrontendKey, Protocol},
@@ -72,9 +74,11 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Field order is teardown order: agent, pins, cgroup, servers, namespaces, files, runtime.
+/// Field order is teardown order: agent, API server, pins, cgroup, servers, namespaces, files,
+/// runtime.
 pub struct World {
     agent: Option<AgentProcess>,
+    api: Option<ApiServer>,
     pins: Pins,
     cgroup: ChildCgroup,
     servers: Servers,
@@ -103,9 +107,7 @@ impl World {
             let _guard = runtime.enter();
             for name in backends {
                 let pod = topology.pod(name).expect("backend pod");
-                servers
-                    .http(&pod.netns, HTTP_PORT, name)
-                    .expect("http server");
+                servers.http(&pod.netns, HTTP_PORT, name).expect("http server");
                 servers.udp(&pod.netns, UDP_PORT, name).expect("udp server");
             }
         }
@@ -118,6 +120,7 @@ impl World {
         let log_path = manifests.path().with_extension("agent.log");
         Self {
             agent: None,
+            api: None,
             pins: Pins(PathBuf::from(format!("/sys/fs/bpf/bkt-{id}"))),
             cgroup,
             servers,
@@ -136,9 +139,7 @@ impl World {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.topology
-            .pod(name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+        self.topology.pod(name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// IPv4 address of a pod, as a string.
@@ -175,6 +176,33 @@ impl World {
         std::fs::remove_file(self.manifests.path().join(file)).expect("removing manifest");
     }
 
+    /// Serves objects from a test API server instead of manifest files from now on.
+    pub fn use_api_server(&mut self) -> &ApiServer {
+        let api = ApiServer::start(self.runtime.handle());
+        api.write_kubeconfig(&self.kubeconfig_path());
+        self.api.insert(api)
+    }
+
+    pub fn api(&self) -> &ApiServer {
+        self.api.as_ref().expect("use_api_server() first")
+    }
+
+    pub fn api_mut(&mut self) -> &mut ApiServer {
+        self.api.as_mut().expect("use_api_server() first")
+    }
+
+    /// Applies every document of a multi-document YAML string to the API server.
+    pub fn apply(&self, yaml: &str) {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).expect("test YAML parses");
+        for doc in docs.into_iter().filter(|d| !d.is_null()) {
+            self.api().apply(doc);
+        }
+    }
+
+    fn kubeconfig_path(&self) -> PathBuf {
+        self.manifests.path().with_extension("kubeconfig")
+    }
+
     /// Starts the agent and waits until its programs are attached.
     pub fn start_agent(&mut self) {
         let log = std::fs::OpenOptions::new()
@@ -182,10 +210,14 @@ impl World {
             .append(true)
             .open(&self.log_path)
             .expect("agent log");
-        let child = Command::new(binary())
-            .arg("run")
-            .arg("--manifests")
-            .arg(self.manifests.path())
+        let mut cmd = Command::new(binary());
+        cmd.arg("run");
+        if self.api.is_some() {
+            cmd.arg("--kubeconfig").arg(self.kubeconfig_path());
+        } else {
+            cmd.arg("--manifests").arg(self.manifests.path());
+        }
+        let child = cmd
             .arg("--cgroup")
             .arg(self.cgroup.path())
             .arg("--pin-dir")
@@ -205,8 +237,7 @@ impl World {
             Duration::from_secs(30),
             |_| {
                 let dir = std::fs::read_dir(&links).ok()?.flatten().next()?.path();
-                (std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len())
-                    .then_some(())
+                (std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len()).then_some(())
             },
         );
     }
@@ -258,12 +289,7 @@ impl World {
     }
 
     /// Backend addresses (`ip:port`) the maps hold for a frontend, `None` if it is absent.
-    pub fn backends_of(
-        &self,
-        frontend: &str,
-        port: u16,
-        protocol: Protocol,
-    ) -> Option<Vec<String>> {
+    pub fn backends_of(&self, frontend: &str, port: u16, protocol: Protocol) -> Option<Vec<String>> {
         let key = FrontendKey {
             addr: frontend.parse().expect("frontend address"),
             port,
@@ -280,13 +306,7 @@ impl World {
     }
 
     /// Waits until the maps hold exactly `count` backends for a frontend.
-    pub fn wait_for_backends(
-        &mut self,
-        frontend: &str,
-        port: u16,
-        protocol: Protocol,
-        count: usize,
-    ) {
+    pub fn wait_for_backends(&mut self, frontend: &str, port: u16, protocol: Protocol, count: usize) {
         self.wait_until(
             &format!("{frontend}:{port}/{protocol} to have {count} backends"),
             Duration::from_secs(10),
@@ -300,37 +320,54 @@ impl World {
     }
 
     pub fn probe_from(&self, pod: &str, target: &str, mode: ProbeMode, count: u32) -> Vec<Attempt> {
+        Prober(
+            self.probe_command(pod, target, mode, count, 0)
+                .spawn()
+                .expect("running the probe"),
+        )
+        .results()
+    }
+
+    /// Starts probing in the background: `count` attempts `interval_ms` apart.
+    pub fn spawn_probe(&self, target: &str, mode: ProbeMode, count: u32, interval_ms: u64) -> Prober {
+        Prober(
+            self.probe_command("client", target, mode, count, interval_ms)
+                .spawn()
+                .expect("starting the probe"),
+        )
+    }
+
+    fn probe_command(
+        &self,
+        pod: &str,
+        target: &str,
+        mode: ProbeMode,
+        count: u32,
+        interval_ms: u64,
+    ) -> Command {
         let mode = match mode {
             ProbeMode::Tcp => "tcp",
             ProbeMode::Udp => "udp",
             ProbeMode::UdpConnected => "udp-connected",
         };
-        let out = Command::new(binary())
-            .args([
-                "probe",
-                target,
-                "--json",
-                "--mode",
-                mode,
-                "--count",
-                &count.to_string(),
-            ])
-            .args(["--timeout-ms", "2000"])
-            .arg("--cgroup")
-            .arg(self.cgroup.path())
-            .arg("--netns")
-            .arg(self.pod(pod).netns.path())
-            .output()
-            .expect("running the probe");
-        assert!(
-            out.status.success(),
-            "probe failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("probe JSON"))
-            .collect()
+        let mut cmd = Command::new(binary());
+        cmd.args([
+            "probe",
+            target,
+            "--json",
+            "--mode",
+            mode,
+            "--count",
+            &count.to_string(),
+        ])
+        .args(["--timeout-ms", "2000", "--interval-ms", &interval_ms.to_string()])
+        .arg("--cgroup")
+        .arg(self.cgroup.path())
+        .arg("--netns")
+        .arg(self.pod(pod).netns.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd
     }
 
     /// A command that runs inside `pod`'s network namespace and the test cgroup.
@@ -350,6 +387,25 @@ impl World {
     pub fn with_runtime<T>(&mut self, f: impl FnOnce(&mut Servers, &Topology) -> T) -> T {
         let _guard = self.runtime.enter();
         f(&mut self.servers, &self.topology)
+    }
+}
+
+/// A probe running in the background.
+pub struct Prober(Child);
+
+impl Prober {
+    /// Waits for the probe to finish and returns its attempts.
+    pub fn results(self) -> Vec<Attempt> {
+        let out = self.0.wait_with_output().expect("waiting for the probe");
+        assert!(
+            out.status.success(),
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("probe JSON"))
+            .collect()
     }
 }
 

@@ -74,10 +74,7 @@ pub fn slice(name: &str, service: &str, ipv6: bool, ports: &[Port], endpoints: &
         if ipv6 { "IPv6" } else { "IPv4" }
     );
     for (port_name, port, proto) in ports {
-        let _ = writeln!(
-            y,
-            "- {{name: \"{port_name}\", port: {port}, protocol: {proto}}}"
-        );
+        let _ = writeln!(y, "- {{name: \"{port_name}\", port: {port}, protocol: {proto}}}");
     }
     y.push_str("endpoints:\n");
     for ep in endpoints {
@@ -90,16 +87,8 @@ pub fn slice(name: &str, service: &str, ipv6: bool, ports: &[Port], endpoints: &
             let _ = writeln!(y, "  nodeName: {node}");
         }
         if !ep.zone_hints.is_empty() || !ep.node_hints.is_empty() {
-            let zones: Vec<String> = ep
-                .zone_hints
-                .iter()
-                .map(|z| format!("{{name: {z}}}"))
-                .collect();
-            let nodes: Vec<String> = ep
-                .node_hints
-                .iter()
-                .map(|n| format!("{{name: {n}}}"))
-                .collect();
+            let zones: Vec<String> = ep.zone_hints.iter().map(|z| format!("{{name: {z}}}")).collect();
+            let nodes: Vec<String> = ep.node_hints.iter().map(|n| format!("{{name: {n}}}")).collect();
             let _ = writeln!(
                 y,
                 "  hints: {{forZones: [{}], forNodes: [{}]}}",

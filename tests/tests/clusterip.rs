@@ -18,12 +18,7 @@ fn web(world: &World, backends: &[&str]) -> String {
     let ports = [("http", HTTP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
     let eps: Vec<Ep> = backends.iter().map(|b| Ep::ready(&world.ip(b))).collect();
     docs(&[
-        service(
-            "web",
-            &[VIP],
-            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
-            "",
-        ),
+        service("web", &[VIP], &[("http", 80, "TCP"), ("dns", 53, "UDP")], ""),
         slice("web-1", "web", false, &ports, &eps),
     ])
 }
@@ -168,17 +163,10 @@ fn manifest_edits_are_reflected_in_new_connections() {
     // it, so connect() fails with ENETUNREACH instead of reaching a backend.
     world.remove("web.yaml");
     world.wait_until("the frontend to disappear", Duration::from_secs(10), |w| {
-        w.backends_of(VIP, 80, Protocol::Tcp)
-            .is_none()
-            .then_some(())
+        w.backends_of(VIP, 80, Protocol::Tcp).is_none().then_some(())
     });
     let attempts = world.probe(&addr(VIP, 80), ProbeMode::Tcp, 1);
-    assert_eq!(
-        attempts[0].errno,
-        Some(libc::ENETUNREACH),
-        "{:?}",
-        attempts[0]
-    );
+    assert_eq!(attempts[0].errno, Some(libc::ENETUNREACH), "{:?}", attempts[0]);
     let snapshot = world.snapshot().expect("pinned maps");
     assert!(snapshot.frontends.is_empty() && snapshot.orphan_backends.is_empty());
 }
@@ -192,11 +180,7 @@ fn bpftool_map_dump_shows_btf_field_names() {
         .arg(&map)
         .output()
         .expect("running bpftool (Debian package bpftool)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     // With BTF, bpftool adds a "formatted" view of each entry with the named fields.
     let frontend = entries
@@ -219,19 +203,10 @@ fn bad_input_is_skipped_and_the_rest_keeps_working() {
     let ports = [("http", HTTP_PORT, "TCP")];
     let good = docs(&[
         service("good", &["10.96.0.20"], &[("http", 80, "TCP")], ""),
-        slice(
-            "good-1",
-            "good",
-            false,
-            &ports,
-            &[Ep::ready(&world.ip("be1"))],
-        ),
+        slice("good-1", "good", false, &ports, &[Ep::ready(&world.ip("be1"))]),
     ]);
     world.write("good.yaml", &good);
-    world.write(
-        "garbage.yaml",
-        "kind: Service\nmetadata: {name: [unclosed\n",
-    );
+    world.write("garbage.yaml", "kind: Service\nmetadata: {name: [unclosed\n");
     world.write(
         "bad-ip.yaml",
         &service("bad-ip", &["10.96.0.300"], &[("http", 80, "TCP")], ""),
@@ -249,13 +224,7 @@ fn bad_input_is_skipped_and_the_rest_keeps_working() {
                 "  - {name: \"q\"",
                 "  - {name: huge, port: 65536}\n  - {name: \"q\"",
             ),
-            slice(
-                "mixed-1",
-                "mixed",
-                false,
-                &ports,
-                &[Ep::ready(&world.ip("be2"))],
-            ),
+            slice("mixed-1", "mixed", false, &ports, &[Ep::ready(&world.ip("be2"))]),
         ]),
     );
     world.start_agent();

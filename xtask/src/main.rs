@@ -82,13 +82,7 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 
 fn build(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--workspace",
-        "--all-targets",
-        "--exclude",
-        "proxy-ebpf",
-    ]);
+    cmd.args(["build", "--workspace", "--all-targets", "--exclude", "proxy-ebpf"]);
     if release {
         cmd.arg("--release");
     }

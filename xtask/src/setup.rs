@@ -61,18 +61,11 @@ fn debian_packages() -> anyhow::Result<()> {
 }
 
 fn rust_src() -> anyhow::Result<PathBuf> {
-    let sysroot = PathBuf::from(
-        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
-    );
+    let sysroot =
+        PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
         println!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(sysroot)
 }

@@ -99,11 +99,7 @@ endpoints:
             family_lower = family.to_lowercase()
         ));
         for (a4, a6) in addrs {
-            let addr = if v4 {
-                a4.to_string()
-            } else {
-                format!("\"{a6}\"")
-            };
+            let addr = if v4 { a4.to_string() } else { format!("\"{a6}\"") };
             slices.push_str(&format!(
                 "- {{addresses: [{addr}], conditions: {{ready: true}}, nodeName: {NODE_NAME}}}\n"
             ));
@@ -278,10 +274,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     };
 
     let client = world.topology.pod("client").context("client pod")?;
-    println!(
-        "sandbox   node netns {}-node with a bridge; pods on it:",
-        prefix
-    );
+    println!("sandbox   node netns {}-node with a bridge; pods on it:", prefix);
     for pod in &world.topology.pods {
         println!("            {:<7} {:<12} {}", pod.name, pod.ipv4, pod.ipv6);
     }
@@ -316,9 +309,8 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
                 .next()
                 .and_then(|d| std::fs::read_dir(d.path()).ok())?
                 .count();
-            (attached == loader::SOCKET_PROGRAMS.len()
-                && backend_count(&pin_dir, http_v4) == Some(3))
-            .then_some(())
+            (attached == loader::SOCKET_PROGRAMS.len() && backend_count(&pin_dir, http_v4) == Some(3))
+                .then_some(())
         },
     )
     .await;
@@ -349,19 +341,8 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     .await?;
     let spread = show(&attempts);
 
-    println!(
-        "\n== 6 DNS-style UDP queries to {VIP_V4}:53, unconnected socket (sendto/recvfrom) =="
-    );
-    show(
-        &probe(
-            &world,
-            &client_ns,
-            SocketAddr::new(vip4, 53),
-            ProbeMode::Udp,
-            6,
-        )
-        .await?,
-    );
+    println!("\n== 6 DNS-style UDP queries to {VIP_V4}:53, unconnected socket (sendto/recvfrom) ==");
+    show(&probe(&world, &client_ns, SocketAddr::new(vip4, 53), ProbeMode::Udp, 6).await?);
     println!("  (the reply's source is the ClusterIP: recvmsg translated it back)");
 
     println!("\n== 4 UDP queries to {VIP_V4}:53, connected socket ==");
@@ -377,21 +358,9 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     println!("\n== 6 HTTP requests to [{VIP_V6}]:80 (IPv6) ==");
-    show(
-        &probe(
-            &world,
-            &client_ns,
-            SocketAddr::new(vip6, 80),
-            ProbeMode::Tcp,
-            6,
-        )
-        .await?,
-    );
+    show(&probe(&world, &client_ns, SocketAddr::new(vip6, 80), ProbeMode::Tcp, 6).await?);
 
-    println!(
-        "\n== bpf-kube-proxy list --pin-dir {} ==",
-        pin_dir.display()
-    );
+    println!("\n== bpf-kube-proxy list --pin-dir {} ==", pin_dir.display());
     let snapshot = Snapshot::read(&PinnedMaps::open(&pin_dir)?)?;
     print!("{}", crate::cli::list::table(&snapshot));
 
@@ -432,20 +401,9 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
         "  datapath updated {} ms after the file was written",
         took.as_millis()
     );
-    let after = show(
-        &probe(
-            &world,
-            &client_ns,
-            SocketAddr::new(vip4, 80),
-            ProbeMode::Tcp,
-            12,
-        )
-        .await?,
-    );
+    let after = show(&probe(&world, &client_ns, SocketAddr::new(vip4, 80), ProbeMode::Tcp, 12).await?);
 
-    let all_three = BACKENDS
-        .iter()
-        .all(|b| spread.get(*b).is_some_and(|n| *n > 0));
+    let all_three = BACKENDS.iter().all(|b| spread.get(*b).is_some_and(|n| *n > 0));
     let be2_gone = !after.contains_key("be2") && after.values().sum::<u32>() == 12;
     println!(
         "\nresult: {} answered through the VIP; after the edit {}",

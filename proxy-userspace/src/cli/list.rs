@@ -39,11 +39,7 @@ pub fn table(snapshot: &Snapshot) -> String {
             let mut backends = if f.backends.is_empty() {
                 "(none: rejected)".to_string()
             } else {
-                f.backends
-                    .iter()
-                    .map(backend_text)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                f.backends.iter().map(backend_text).collect::<Vec<_>>().join(", ")
             };
             if !f.missing_slots.is_empty() {
                 let _ = write!(backends, " [missing slots {:?}]", f.missing_slots);

@@ -18,15 +18,10 @@ const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 pub enum HostError {
     #[error("{path} is not on a bpf filesystem and {DEFAULT_BPFFS} could not be mounted: {source}")]
     MountBpffs { path: PathBuf, source: nix::Error },
-    #[error(
-        "{path} is not on a bpf filesystem (mount one there, or pick a --pin-dir under {DEFAULT_BPFFS})"
-    )]
+    #[error("{path} is not on a bpf filesystem (mount one there, or pick a --pin-dir under {DEFAULT_BPFFS})")]
     NotBpffs { path: PathBuf },
     #[error("creating {path}: {source}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("reading /proc/mounts: {0}")]
     Mounts(std::io::Error),
     #[error("no cgroup2 filesystem is mounted (see /proc/mounts); pass --cgroup")]
@@ -64,9 +59,7 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), HostError> {
         source,
     })?;
     if !is_bpffs(pin_dir) {
-        return Err(HostError::NotBpffs {
-            path: pin_dir.into(),
-        });
+        return Err(HostError::NotBpffs { path: pin_dir.into() });
     }
     Ok(())
 }

@@ -22,8 +22,7 @@ use proxy_common::maps::{self as names, capacity};
 use crate::datapath::{host, sys};
 
 /// The datapath object, built by this crate's build script.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// The cgroup sock_addr programs, by name (their attach type comes from their ELF section).
 pub const SOCKET_PROGRAMS: [&str; 8] = [
@@ -90,10 +89,7 @@ pub enum LoadError {
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("opening cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { path: PathBuf, source: std::io::Error },
     #[error("{what} {path}: {source}")]
     Pin {
         what: &'static str,
@@ -123,8 +119,7 @@ impl Datapath {
         host::ensure_pin_dir(pin_dir)?;
         drop_incompatible_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> =
-            names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
             if let Some(size) = sizes.of(name) {
@@ -202,10 +197,7 @@ impl Datapath {
     }
 }
 
-fn socket_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, LoadError> {
+fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, LoadError> {
     ebpf.program_mut(name)
         .ok_or(LoadError::MissingProgram { name })?
         .try_into()

@@ -12,9 +12,7 @@ use aya::{
 };
 use proxy_common::{
     counters::Counter,
-    maps::{
-        self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
-    },
+    maps::{self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +83,7 @@ fn open(dir: &Path, name: &'static str) -> Result<Map, OpenError> {
     Map::from_map_data(data).map_err(err)
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(
-    dir: &Path,
-    name: &'static str,
-) -> Result<T, OpenError> {
+fn typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, OpenError> {
     T::try_from(open(dir, name)?).map_err(|source| OpenError {
         name,
         dir: dir.display().to_string(),

@@ -7,9 +7,7 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, MapData, MapError},
 };
-use proxy_common::maps::{
-    Backend, RevNat, ServiceKey, ServiceLabel, backend_flags, scope, svc_flags,
-};
+use proxy_common::maps::{Backend, RevNat, ServiceKey, ServiceLabel, backend_flags, scope, svc_flags};
 use serde::Serialize;
 
 use crate::{
@@ -198,8 +196,7 @@ where
             service: label.map(|l| text(&l.service)).unwrap_or_default(),
             port_name: label.map(|l| text(&l.port)).unwrap_or_default(),
             rev_nat_id: value.rev_nat_id,
-            affinity_timeout: (value.flags & svc_flags::AFFINITY != 0)
-                .then_some(value.affinity_timeout_s),
+            affinity_timeout: (value.flags & svc_flags::AFFINITY != 0).then_some(value.affinity_timeout_s),
             backends: views,
             missing_slots: missing,
         });

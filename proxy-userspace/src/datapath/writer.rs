@@ -44,10 +44,7 @@ impl Writer {
     }
 }
 
-pub(crate) fn frontend_key<A: FamilyAddr>(
-    frontend: &FrontendKey,
-    slot: u16,
-) -> Option<ServiceKey<A>>
+pub(crate) fn frontend_key<A: FamilyAddr>(frontend: &FrontendKey, slot: u16) -> Option<ServiceKey<A>>
 where
     ServiceKey<A>: Pod,
     Backend<A>: Pod,
@@ -55,13 +52,8 @@ where
 {
     let addr = A::from_ip(frontend.addr)?;
     Some(
-        ServiceKey::frontend(
-            addr,
-            frontend.port,
-            frontend.protocol.number(),
-            scope::EXTERNAL,
-        )
-        .with_slot(slot),
+        ServiceKey::frontend(addr, frontend.port, frontend.protocol.number(), scope::EXTERNAL)
+            .with_slot(slot),
     )
 }
 
@@ -94,20 +86,13 @@ fn service_label(label: &Label) -> ServiceLabel {
     }
 }
 
-fn record(
-    errors: &mut Vec<WriteError>,
-    what: impl FnOnce() -> String,
-    result: Result<(), MapError>,
-) {
+fn record(errors: &mut Vec<WriteError>, what: impl FnOnce() -> String, result: Result<(), MapError>) {
     match result {
         Ok(()) => {}
         // Deleting what is already gone is the desired end state.
         Err(MapError::KeyNotFound) => {}
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-        Err(source) => errors.push(WriteError {
-            what: what(),
-            source,
-        }),
+        Err(source) => errors.push(WriteError { what: what(), source }),
     }
 }
 

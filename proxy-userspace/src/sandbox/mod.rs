@@ -16,8 +16,5 @@ pub fn unique_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!(
-        "{:06x}",
-        (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff
-    )
+    format!("{:06x}", (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff)
 }

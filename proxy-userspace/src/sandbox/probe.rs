@@ -100,9 +100,7 @@ fn tcp(target: SocketAddr, timeout: Duration, n: u32) -> std::io::Result<(String
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let text = String::from_utf8_lossy(&response);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(text.as_ref(), |(_, b)| b);
+    let body = text.split_once("\r\n\r\n").map_or(text.as_ref(), |(_, b)| b);
     Ok((body.trim().to_string(), peer))
 }
 
@@ -130,10 +128,7 @@ fn udp(
         socket.send_to(payload.as_bytes(), target)?;
         socket.recv_from(&mut buf)?
     };
-    Ok((
-        String::from_utf8_lossy(&buf[..len]).trim().to_string(),
-        peer,
-    ))
+    Ok((String::from_utf8_lossy(&buf[..len]).trim().to_string(), peer))
 }
 
 /// Runs before any thread exists: joining a cgroup moves the whole process, and setns(2)
@@ -157,10 +152,7 @@ pub fn run(args: &ProbeArgs) -> std::io::Result<()> {
                 attempt.micros
             );
         } else {
-            println!(
-                "{n:>4}  error: {}",
-                attempt.error.as_deref().unwrap_or_default()
-            );
+            println!("{n:>4}  error: {}", attempt.error.as_deref().unwrap_or_default());
         }
         if args.interval_ms > 0 && n < args.count {
             std::thread::sleep(Duration::from_millis(args.interval_ms));

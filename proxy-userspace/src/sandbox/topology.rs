@@ -22,11 +22,7 @@ pub struct Pod {
 
 impl Pod {
     pub fn addr(&self, v4: bool) -> IpAddr {
-        if v4 {
-            self.ipv4.into()
-        } else {
-            self.ipv6.into()
-        }
+        if v4 { self.ipv4.into() } else { self.ipv6.into() }
     }
 }
 
@@ -44,14 +40,7 @@ impl Topology {
         let node = Netns::create(&format!("{prefix}-node"))?;
         node.ip(&["link", "add", "br0", "type", "bridge"])?;
         node.ip(&["addr", "add", &format!("{GATEWAY_V4}/24"), "dev", "br0"])?;
-        node.ip(&[
-            "addr",
-            "add",
-            &format!("{GATEWAY_V6}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ])?;
+        node.ip(&["addr", "add", &format!("{GATEWAY_V6}/64"), "dev", "br0", "nodad"])?;
         node.ip(&["link", "set", "br0", "up"])?;
         let mut topology = Self {
             pods: Vec::new(),
@@ -79,8 +68,7 @@ impl Topology {
             "netns",
             netns.name(),
         ])?;
-        self.node
-            .ip(&["link", "set", &port, "master", "br0", "up"])?;
+        self.node.ip(&["link", "set", &port, "master", "br0", "up"])?;
         let ipv4 = Ipv4Addr::new(10, 244, 0, host);
         let ipv6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, u16::from(host));
         netns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;

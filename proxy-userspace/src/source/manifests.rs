@@ -23,10 +23,7 @@ use super::{ObjectKind, Snapshot};
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: not valid YAML/JSON, keeping its last good objects: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}: document {index}: {kind} {name}: {message}")]
@@ -72,10 +69,7 @@ fn is_manifest(path: &Path) -> bool {
         .file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with('.'));
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
     !hidden && matches!(ext, "yaml" | "yml" | "json")
 }
 
@@ -374,20 +368,10 @@ endpoints: [{addresses: [10.0.0.1]}]
         let (_, errors) = set.reload();
         assert_eq!(errors.len(), 1, "{errors:?}");
         let message = errors[0].to_string();
-        assert!(
-            message.contains("document 0: Service shop/web"),
-            "{message}"
-        );
+        assert!(message.contains("document 0: Service shop/web"), "{message}");
         let snap = set.snapshot();
         assert_eq!(
-            snap.services[0]
-                .spec
-                .as_ref()
-                .unwrap()
-                .ports
-                .as_ref()
-                .unwrap()[0]
-                .port,
+            snap.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
             80
         );
         assert_eq!(

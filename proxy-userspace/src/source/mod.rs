@@ -1,5 +1,6 @@
 //! Where Kubernetes objects come from: manifest files, or the API server.
 
+pub mod kube;
 pub mod manifests;
 
 use k8s_openapi::api::{
