@@ -319,7 +319,7 @@ impl Watches {
             KubeEvent::Error { kind, .. } => *kind,
         };
         match event {
-            KubeEvent::Service(e) => match self.services.feed(e) {
+            KubeEvent::Service(e) => match self.services.feed(*e) {
                 Some(Change::Replace(all)) => proxier.replace_services(&all),
                 Some(Change::Apply(svc)) => proxier.upsert_service(&svc),
                 Some(Change::Delete(svc)) => {
@@ -329,7 +329,7 @@ impl Watches {
                 }
                 None => {}
             },
-            KubeEvent::Slice(e) => match self.slices.feed(e) {
+            KubeEvent::Slice(e) => match self.slices.feed(*e) {
                 Some(Change::Replace(all)) => proxier.replace_slices(&all),
                 Some(Change::Apply(slice)) => proxier.upsert_slice(&slice),
                 Some(Change::Delete(slice)) => {
@@ -339,7 +339,7 @@ impl Watches {
                 }
                 None => {}
             },
-            KubeEvent::Node(e) => match self.nodes.feed(e) {
+            KubeEvent::Node(e) => match self.nodes.feed(*e) {
                 Some(Change::Replace(all)) => proxier.set_node(all.first()),
                 Some(Change::Apply(node)) => proxier.set_node(Some(&node)),
                 Some(Change::Delete(_)) => proxier.set_node(None),

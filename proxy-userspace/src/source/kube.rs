@@ -38,9 +38,9 @@ pub enum KubeSourceError {
 /// One thing that happened on a watch.
 #[derive(Debug)]
 pub enum KubeEvent {
-    Service(watcher::Event<Service>),
-    Slice(watcher::Event<EndpointSlice>),
-    Node(watcher::Event<Node>),
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
     /// The watch for `kind` failed; it will back off and retry (relisting if needed).
     Error {
         kind: ObjectKind,
@@ -80,7 +80,7 @@ fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: ObjectKind,
-    wrap: fn(watcher::Event<K>) -> KubeEvent,
+    wrap: fn(Box<watcher::Event<K>>) -> KubeEvent,
 ) -> BoxStream<'static, KubeEvent>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -88,7 +88,7 @@ where
     watcher(api, config)
         .default_backoff()
         .map(move |item| match item {
-            Ok(event) => wrap(event),
+            Ok(event) => wrap(Box::new(event)),
             Err(e) => KubeEvent::Error {
                 kind,
                 error: e.to_string(),
