@@ -24,7 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent).
-    Setup,
+    Setup {
+        /// Only what building needs (nightly rust-src, bpf-linker): for container builds.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Build the eBPF programs and the agent.
     Build {
         #[arg(long)]
@@ -91,7 +95,10 @@ fn build(release: bool) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::all(),
+        Task::Setup { toolchain_only: true } => setup::toolchain().map(drop),
+        Task::Setup {
+            toolchain_only: false,
+        } => setup::all(),
         Task::Build { release } => {
             setup::all()?;
             build(release)

@@ -125,6 +125,21 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Kubernetes schema validator the deploy tests use (its schemas ship in the package).
+fn kubernetes_validate() -> anyhow::Result<()> {
+    if !has_command("kubernetes-validate") {
+        println!("setup: installing kubernetes-validate (PyPI)");
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "kubernetes-validate==1.37.0",
+        ]))?;
+    }
+    Ok(())
+}
+
 fn nextest() -> anyhow::Result<()> {
     let installed = Command::new("cargo")
         .args(["nextest", "--version"])
@@ -137,6 +152,13 @@ fn nextest() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// nightly's rust-src and a matching bpf-linker; returns nightly's sysroot.
+pub fn toolchain() -> anyhow::Result<PathBuf> {
+    let sysroot = rust_src()?;
+    bpf_linker(&sysroot)?;
+    Ok(sysroot)
+}
+
 pub fn all() -> anyhow::Result<()> {
     if is_root() {
         debian_packages()?;
@@ -146,7 +168,7 @@ pub fn all() -> anyhow::Result<()> {
             PACKAGES.iter().map(|p| p.0).collect::<Vec<_>>().join(" ")
         );
     }
-    let sysroot = rust_src()?;
-    bpf_linker(&sysroot)?;
+    toolchain()?;
+    kubernetes_validate()?;
     nextest()
 }
