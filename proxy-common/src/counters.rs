@@ -15,15 +15,24 @@ pub enum Counter {
     SockBackendMissing,
     /// The socket reverse map refused an entry: replies will show the backend address.
     SockRevUpdateFailed,
+    /// A ClusterIP was asked for a port or protocol its Service does not serve: refused.
+    SockRejectUnknownPort,
+    /// ClientIP session affinity sent a connection to the client's previous backend.
+    SockAffinityHit,
+    /// The affinity map refused an entry: the next connection may pick another backend.
+    SockAffinityUpdateFailed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 8] = [
         Counter::SockForward,
         Counter::SockReverse,
         Counter::SockRejectNoBackend,
         Counter::SockBackendMissing,
         Counter::SockRevUpdateFailed,
+        Counter::SockRejectUnknownPort,
+        Counter::SockAffinityHit,
+        Counter::SockAffinityUpdateFailed,
     ];
 
     /// Size of the counters map.
@@ -37,6 +46,9 @@ impl Counter {
             Counter::SockRejectNoBackend => "sock_reject_no_backend",
             Counter::SockBackendMissing => "sock_backend_missing",
             Counter::SockRevUpdateFailed => "sock_rev_update_failed",
+            Counter::SockRejectUnknownPort => "sock_reject_unknown_port",
+            Counter::SockAffinityHit => "sock_affinity_hit",
+            Counter::SockAffinityUpdateFailed => "sock_affinity_update_failed",
         }
     }
 }

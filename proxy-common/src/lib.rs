@@ -12,6 +12,9 @@ pub mod select;
 
 /// IANA protocol numbers as they appear in `bpf_sock_addr.protocol` and IP headers.
 pub mod proto {
+    /// Not a protocol: the key of a ClusterIP's guard entry, which rejects ports and protocols
+    /// the Service does not serve (kube-proxy rejects traffic to unknown ports of a ClusterIP).
+    pub const ANY: u8 = 0;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;

@@ -22,9 +22,10 @@ pub const SOCK_REV_V4: &str = "bkp_sockrev_v4";
 pub const SOCK_REV_V6: &str = "bkp_sockrev_v6";
 pub const COUNTERS: &str = "bkp_counters";
 pub const SERVICE_LABELS: &str = "bkp_svc_names";
+pub const AFFINITY: &str = "bkp_affinity";
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -33,6 +34,7 @@ pub const ALL: [&str; 10] = [
     REV_NAT_V6,
     SOCK_REV_V4,
     SOCK_REV_V6,
+    AFFINITY,
     COUNTERS,
     SERVICE_LABELS,
 ];
@@ -43,6 +45,8 @@ pub mod capacity {
     pub const BACKENDS: u32 = 262_144;
     pub const REV_NAT: u32 = 65_536;
     pub const SOCK_REV: u32 = 262_144;
+    /// One entry per (client network namespace, frontend) with ClientIP affinity in use.
+    pub const AFFINITY: u32 = 65_536;
     /// One label per frontend, like rev-NAT ids.
     pub const SERVICE_LABELS: u32 = REV_NAT;
 }
@@ -133,6 +137,12 @@ pub struct RevNat<A> {
     pub _pad: u16,
 }
 
+/// A `u64` as two native-endian `u32` halves, low first: keys hold cookies this way so that
+/// they need no 8-byte alignment (and hence no padding).
+pub const fn halves(value: u64) -> [u32; 2] {
+    [value as u32, (value >> 32) as u32]
+}
+
 /// Socket reverse map key: which frontend a socket meant when it talked to this backend.
 ///
 /// The cookie is two `u32` halves rather than a `u64` so that the IPv6 key has no trailing
@@ -149,7 +159,7 @@ pub struct SockRevKey<A> {
 impl<A> SockRevKey<A> {
     pub const fn new(cookie: u64, addr: A, port: u16) -> Self {
         Self {
-            cookie: [cookie as u32, (cookie >> 32) as u32],
+            cookie: halves(cookie),
             addr,
             port,
             _pad: 0,
@@ -169,6 +179,40 @@ pub struct SockRevValue<A> {
     pub port: u16,
     pub _pad: u16,
     pub rev_nat_id: u32,
+}
+
+/// Session affinity map key (LRU, both families): a client and a frontend.
+///
+/// The socket hooks run before the kernel picks a source address, so the client is identified
+/// by its network namespace cookie (Cilium's choice): a pod is one namespace with one IP, so
+/// this is kube-proxy's "ClientIP" for pods, and processes in the node's namespace share the
+/// node's identity as they would share its IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub netns_cookie: [u32; 2],
+    pub rev_nat_id: u32,
+}
+
+impl AffinityKey {
+    pub const fn new(netns_cookie: u64, rev_nat_id: u32) -> Self {
+        Self {
+            netns_cookie: halves(netns_cookie),
+            rev_nat_id,
+        }
+    }
+}
+
+/// Session affinity map value: the backend last used and when (CLOCK_MONOTONIC ns). The slot
+/// is kept so that a connect can check in one lookup that the backend still serves the
+/// frontend (a removed backend must not keep its clients).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub slot: u16,
+    pub _pad: u16,
 }
 
 /// Service labels map value, keyed by rev-NAT id: which Service port a frontend belongs to.
@@ -212,6 +256,8 @@ assert_size!(
     SockRevValue<AddrV4> => 12,
     SockRevValue<AddrV6> => 24,
     ServiceLabel => 144,
+    AffinityKey => 12,
+    AffinityValue => 16,
 );
 
 #[cfg(feature = "user")]
@@ -239,6 +285,8 @@ mod pod {
         SockRevValue<AddrV4>,
         SockRevValue<AddrV6>,
         ServiceLabel,
+        AffinityKey,
+        AffinityValue,
     );
 }
 

@@ -1,13 +1,16 @@
 //! Frontend lookup and backend choice, shared by every hook (as Cilium's lb.h serves both its
 //! socket and tc paths).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    maps::{Backend, ServiceKey},
+    counters::Counter,
+    maps::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, svc_flags},
     select,
 };
 
-use crate::family::Family;
+use crate::{AFFINITY, counters::bump, family::Family};
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// Why a frontend could not be served.
 #[derive(Clone, Copy)]
@@ -24,6 +27,13 @@ pub struct Selected<A> {
     pub rev_nat_id: u32,
 }
 
+/// A backend as found through one slot of a frontend.
+struct Choice<A> {
+    slot: u16,
+    backend_id: u32,
+    backend: Backend<A>,
+}
+
 #[inline(always)]
 pub fn copy_of<V: Copy>(map_get: Option<*const V>) -> Option<V> {
     // SAFETY: the pointer comes from a successful map lookup and stays valid for the rest of
@@ -32,23 +42,86 @@ pub fn copy_of<V: Copy>(map_get: Option<*const V>) -> Option<V> {
     map_get.map(|ptr| unsafe { *ptr })
 }
 
-/// Looks `key` (a slot-0 frontend key) up and picks one of its backends at random.
-/// `Ok(None)` means the address is not a frontend and must be left alone.
+/// Looks `key` (a slot-0 frontend key) up and picks one of its backends: the client's previous
+/// one under ClientIP affinity, else one at random. `client` names the client for affinity and
+/// is only called when the frontend has it. `Ok(None)` means the address is not a frontend
+/// and must be left alone.
 #[inline(always)]
-pub fn select<F: Family>(key: &ServiceKey<F::Addr>) -> Result<Option<Selected<F::Addr>>, Reason> {
+pub fn select<F: Family>(
+    key: &ServiceKey<F::Addr>,
+    client: impl FnOnce() -> u64,
+) -> Result<Option<Selected<F::Addr>>, Reason> {
     let Some(frontend) = copy_of(F::services().get_ptr(key)) else {
         return Ok(None);
     };
     if frontend.count == 0 {
         return Err(Reason::NoBackend);
     }
-    // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
-    let entropy = unsafe { bpf_get_prandom_u32() };
-    let slot_key = key.with_slot(select::slot(entropy, frontend.count));
-    let slot = copy_of(F::services().get_ptr(slot_key)).ok_or(Reason::BackendMissing)?;
-    let backend = copy_of(F::backends().get_ptr(slot.backend_id)).ok_or(Reason::BackendMissing)?;
+    let choice = if frontend.flags & svc_flags::AFFINITY != 0 {
+        affine::<F>(key, &frontend, client())?
+    } else {
+        at_random::<F>(key, frontend.count)?
+    };
     Ok(Some(Selected {
-        backend,
+        backend: choice.backend,
         rev_nat_id: frontend.rev_nat_id,
     }))
+}
+
+#[inline(always)]
+fn at_random<F: Family>(key: &ServiceKey<F::Addr>, count: u32) -> Result<Choice<F::Addr>, Reason> {
+    // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
+    let entropy = unsafe { bpf_get_prandom_u32() };
+    through_slot::<F>(key, select::slot(entropy, count))
+}
+
+#[inline(always)]
+fn through_slot<F: Family>(key: &ServiceKey<F::Addr>, slot: u16) -> Result<Choice<F::Addr>, Reason> {
+    let entry = copy_of(F::services().get_ptr(key.with_slot(slot))).ok_or(Reason::BackendMissing)?;
+    let backend = copy_of(F::backends().get_ptr(entry.backend_id)).ok_or(Reason::BackendMissing)?;
+    Ok(Choice {
+        slot,
+        backend_id: entry.backend_id,
+        backend,
+    })
+}
+
+/// ClientIP affinity: reuse the client's backend while it is recent and still in the same slot
+/// of this frontend, otherwise pick afresh; either way refresh the entry, so the timeout runs
+/// from the last connection as with kube-proxy's `recent --rcheck --seconds --reap`.
+#[inline(always)]
+fn affine<F: Family>(
+    key: &ServiceKey<F::Addr>,
+    frontend: &ServiceValue,
+    client: u64,
+) -> Result<Choice<F::Addr>, Reason> {
+    // SAFETY: bpf_ktime_get_ns takes no arguments and has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let affinity_key = AffinityKey::new(client, frontend.rev_nat_id);
+    let timeout = frontend.affinity_timeout_s as u64 * NANOS_PER_SECOND;
+    let previous = copy_of(AFFINITY.get_ptr(affinity_key))
+        .filter(|p| now.wrapping_sub(p.last_used_ns) <= timeout)
+        .filter(|p| p.slot >= 1 && u32::from(p.slot) <= frontend.count)
+        .and_then(|p| {
+            through_slot::<F>(key, p.slot)
+                .ok()
+                .filter(|c| c.backend_id == p.backend_id)
+        });
+    let choice = match previous {
+        Some(choice) => {
+            bump(Counter::SockAffinityHit);
+            choice
+        }
+        None => at_random::<F>(key, frontend.count)?,
+    };
+    let value = AffinityValue {
+        last_used_ns: now,
+        backend_id: choice.backend_id,
+        slot: choice.slot,
+        _pad: 0,
+    };
+    if AFFINITY.insert(affinity_key, value, 0).is_err() {
+        bump(Counter::SockAffinityUpdateFailed);
+    }
+    Ok(choice)
 }

@@ -17,8 +17,8 @@ use aya_ebpf::{
 use proxy_common::{
     counters::Counter,
     maps::{
-        AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SockRevKey, SockRevValue,
-        capacity,
+        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
+        SockRevKey, SockRevValue, capacity,
     },
 };
 
@@ -49,6 +49,9 @@ static SOCK_REV_V4: LruHashMap<SockRevKey<AddrV4>, SockRevValue<AddrV4>, { capac
 #[btf_map(name = "bkp_sockrev_v6")]
 static SOCK_REV_V6: LruHashMap<SockRevKey<AddrV6>, SockRevValue<AddrV6>, { capacity::SOCK_REV as usize }> =
     LruHashMap::new();
+
+#[btf_map(name = "bkp_affinity")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
 
 #[btf_map(name = "bkp_counters")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();

@@ -8,12 +8,13 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
     counters::Counter,
     maps::{AddrV4, AddrV6, ServiceKey, SockRevKey, SockRevValue, scope},
+    proto,
 };
 
 use crate::{
@@ -101,6 +102,12 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the network namespace of the program's own context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
 fn reject(errno: i32) -> i32 {
     // SAFETY: bpf_set_retval only sets the syscall's return value; connect and sendmsg hooks
     // may call it. The negative errno is what connect()/sendmsg() then return.
@@ -108,16 +115,33 @@ fn reject(errno: i32) -> i32 {
     REJECT
 }
 
+/// Why a socket was refused or left alone.
+enum Refusal {
+    Lb(Reason),
+    /// A ClusterIP asked for a port or protocol its Service does not serve.
+    UnknownPort,
+}
+
+impl From<Reason> for Refusal {
+    fn from(reason: Reason) -> Self {
+        Self::Lb(reason)
+    }
+}
+
 /// connect4/6 and sendmsg4/6: frontend → backend.
 #[inline(always)]
 pub fn connect<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     match try_connect::<F>(ctx) {
         Ok(()) => ALLOW,
-        Err(Reason::NoBackend) => {
+        Err(Refusal::UnknownPort) => {
+            bump(Counter::SockRejectUnknownPort);
+            reject(ECONNREFUSED)
+        }
+        Err(Refusal::Lb(Reason::NoBackend)) => {
             bump(Counter::SockRejectNoBackend);
             reject(ECONNREFUSED)
         }
-        Err(Reason::BackendMissing) => {
+        Err(Refusal::Lb(Reason::BackendMissing)) => {
             bump(Counter::SockBackendMissing);
             reject(EHOSTUNREACH)
         }
@@ -125,13 +149,17 @@ pub fn connect<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Reason> {
+fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this program's context pointer.
     let frontend_addr = unsafe { F::user_addr(sa) };
     let frontend_port = user_port(sa);
     let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(sa), scope::EXTERNAL);
-    let Some(selected) = lb::select::<F>(&key)? else {
+    let Some(selected) = lb::select::<F>(&key, || netns_cookie(ctx))? else {
+        let guard = ServiceKey::frontend(frontend_addr, 0, proto::ANY, scope::EXTERNAL);
+        if F::services().get_ptr(guard).is_some() {
+            return Err(Refusal::UnknownPort);
+        }
         return Ok(());
     };
     // SAFETY: `sa` is this program's context pointer.

@@ -25,6 +25,7 @@ use crate::{
         loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
+        sockets::StaleSockets,
         writer::Writer,
     },
     metrics::{KindLabel, Metrics},
@@ -76,12 +77,39 @@ pub enum AgentError {
     Watch { path: PathBuf, source: notify::Error },
 }
 
-impl PlanSink for Writer {
+/// The real datapath behind the proxier: map writes, then the sockets they left stale.
+struct DatapathSink {
+    writer: Writer,
+    stale: StaleSockets,
+    metrics: Arc<Metrics>,
+}
+
+impl PlanSink for DatapathSink {
     fn apply(&mut self, plan: &Plan) -> Vec<String> {
-        Writer::apply(self, plan)
+        let failed: Vec<String> = self
+            .writer
+            .apply(plan)
             .into_iter()
             .map(|e| e.to_string())
-            .collect()
+            .collect();
+        if !plan.departed.is_empty() {
+            let done = self.stale.terminate(&plan.departed);
+            self.metrics
+                .stale_udp_sockets_destroyed
+                .inc_by(done.destroyed as u64);
+            self.metrics.stale_udp_failures.inc_by(done.failures.len() as u64);
+            for failure in &done.failures {
+                tracing::warn!(%failure, "could not destroy stale UDP sockets");
+            }
+            if done.destroyed > 0 {
+                tracing::info!(
+                    destroyed = done.destroyed,
+                    namespaces = done.namespaces,
+                    "destroyed connected UDP sockets of departed backends"
+                );
+            }
+        }
+        failed
     }
 }
 
@@ -99,7 +127,7 @@ fn log_sync(what: &str, report: &SyncReport) {
 /// The datapath, loaded and with its pinned state adopted, but not attached yet.
 struct Prepared {
     datapath: Datapath,
-    proxier: Proxier<Writer>,
+    proxier: Proxier<DatapathSink>,
     live: bool,
 }
 
@@ -119,7 +147,11 @@ impl Prepared {
             &opts.node_name,
             opts.translate.clone(),
             planner,
-            Writer::new(maps),
+            DatapathSink {
+                writer: Writer::new(maps),
+                stale: StaleSockets::open(&opts.pin_dir, &opts.cgroup)?,
+                metrics: metrics.clone(),
+            },
             metrics,
         );
         Ok(Self {
@@ -210,7 +242,7 @@ fn watch_files(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedW
     Ok(watcher)
 }
 
-fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<Writer>) {
+fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<DatapathSink>) {
     let (changed, errors) = manifests.reload();
     for e in &errors {
         tracing::error!("{e}");
@@ -311,7 +343,7 @@ impl Watches {
         self.services.listed && self.slices.listed && self.nodes.listed
     }
 
-    fn apply(&mut self, event: KubeEvent, proxier: &mut Proxier<Writer>, metrics: &Metrics) {
+    fn apply(&mut self, event: KubeEvent, proxier: &mut Proxier<DatapathSink>, metrics: &Metrics) {
         let kind = match &event {
             KubeEvent::Service(_) => ObjectKind::Service,
             KubeEvent::Slice(_) => ObjectKind::EndpointSlice,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::{
     model::{
         BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind, NodeInfo,
-        ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
+        Protocol, ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
     },
     policy,
 };
@@ -245,16 +245,32 @@ impl Inventory {
                 }
             }
         }
+        // One guard per ClusterIP: ports and protocols the Service does not serve are refused
+        // rather than sent to an address nobody answers (kube-proxy rejects them too).
+        frontends.extend(svc.cluster_ips.iter().map(|addr| Frontend {
+            key: FrontendKey {
+                addr: *addr,
+                port: 0,
+                protocol: Protocol::Any,
+            },
+            kind: FrontendKind::ClusterIp,
+            port_name: GUARD_PORT_NAME.to_string(),
+            backends: Vec::new(),
+            affinity_timeout: None,
+        }));
         Some(ServiceEntry { frontends })
     }
 }
+
+/// Port name shown for a ClusterIP's guard frontend (real port names cannot contain `*`).
+pub const GUARD_PORT_NAME: &str = "*";
 
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::model::{Protocol, SliceEndpoint, SlicePort};
+    use crate::model::{SliceEndpoint, SlicePort};
 
     fn service(name: &str, ips: &[&str], ports: &[(&str, u16, Protocol)]) -> ServiceInfo {
         ServiceInfo {
@@ -385,6 +401,26 @@ mod tests {
         assert_eq!(backends(&e, "10.96.0.10", 9090, TCP), ["10.0.0.1:9100"]);
         assert_eq!(backends(&e, "10.96.0.10", 53, UDP), ["10.0.0.1:5353"]);
         assert_eq!(backends(&e, "10.96.0.10", 53, TCP), ["10.0.0.1:5354"]);
+    }
+
+    #[test]
+    fn unknown_ports_of_each_cluster_ip_are_rejected_but_external_ips_are_not_guarded() {
+        let mut inv = inventory();
+        let mut svc = service("web", &["10.96.0.10", "fd00::10"], &[("http", 80, TCP)]);
+        svc.external_ips = vec!["192.0.2.1".parse().unwrap()];
+        inv.upsert_service(svc);
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        let guards: Vec<String> = e
+            .frontends
+            .iter()
+            .filter(|f| f.key.protocol == Protocol::Any)
+            .map(|f| {
+                assert!(f.backends.is_empty(), "a guard only rejects");
+                assert_eq!(f.key.port, 0);
+                f.key.addr.to_string()
+            })
+            .collect();
+        assert_eq!(guards, ["10.96.0.10", "fd00::10"]);
     }
 
     #[test]

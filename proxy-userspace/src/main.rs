@@ -100,6 +100,9 @@ struct RunArgs {
     /// Capacity of the socket reverse-NAT LRU maps.
     #[arg(long, default_value_t = proxy_common::maps::capacity::SOCK_REV)]
     map_size_sock_rev: u32,
+    /// Capacity of the session affinity LRU map (one entry per client and frontend in use).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::AFFINITY)]
+    map_size_affinity: u32,
 }
 
 fn init_logging() {
@@ -145,6 +148,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             backends: args.map_size_backends,
             rev_nat: args.map_size_rev_nat,
             sock_rev: args.map_size_sock_rev,
+            affinity: args.map_size_affinity,
         },
         translate: TranslateOptions {
             service_proxy_name: args.service_proxy_name,

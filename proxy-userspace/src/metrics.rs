@@ -38,6 +38,8 @@ pub struct Metrics {
     pub map_write_errors: Counter,
     pub frontend_conflicts: Counter,
     pub source_errors: Family<KindLabel, Counter>,
+    pub stale_udp_sockets_destroyed: Counter,
+    pub stale_udp_failures: Counter,
 }
 
 impl Metrics {
@@ -55,6 +57,8 @@ impl Metrics {
             map_write_errors: Counter::default(),
             frontend_conflicts: Counter::default(),
             source_errors: Family::default(),
+            stale_udp_sockets_destroyed: Counter::default(),
+            stale_udp_failures: Counter::default(),
             registry: Registry::default(),
         };
         {
@@ -116,6 +120,16 @@ impl Metrics {
                 "source_errors",
                 "Failed list/watch attempts against the API server (each is retried with backoff)",
                 m.source_errors.clone(),
+            );
+            own.register(
+                "stale_udp_sockets_destroyed",
+                "Connected UDP sockets destroyed because their backend left the Service",
+                m.stale_udp_sockets_destroyed.clone(),
+            );
+            own.register(
+                "stale_udp_failures",
+                "Network namespaces or sockets where stale UDP sockets could not be destroyed",
+                m.stale_udp_failures.clone(),
             );
         }
         Arc::new(Self { registry, ..m })

@@ -33,6 +33,9 @@ pub enum Protocol {
     Tcp,
     Udp,
     Sctp,
+    /// Every port and protocol a ClusterIP does not serve: its guard frontend (port 0), which
+    /// rejects them. Never comes from Kubernetes.
+    Any,
 }
 
 impl Protocol {
@@ -52,6 +55,7 @@ impl Protocol {
             Self::Tcp => proxy_common::proto::TCP,
             Self::Udp => proxy_common::proto::UDP,
             Self::Sctp => proxy_common::proto::SCTP,
+            Self::Any => proxy_common::proto::ANY,
         }
     }
 
@@ -60,6 +64,7 @@ impl Protocol {
             proxy_common::proto::TCP => Some(Self::Tcp),
             proxy_common::proto::UDP => Some(Self::Udp),
             proxy_common::proto::SCTP => Some(Self::Sctp),
+            proxy_common::proto::ANY => Some(Self::Any),
             _ => None,
         }
     }
@@ -71,6 +76,7 @@ impl fmt::Display for Protocol {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
             Self::Sctp => "SCTP",
+            Self::Any => "ANY",
         })
     }
 }

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::model::{BackendKey, BackendState, Frontend, FrontendKey, ServiceEntry, ServiceName};
+use crate::model::{BackendKey, BackendState, Frontend, FrontendKey, Protocol, ServiceEntry, ServiceName};
 
 pub type BackendId = u32;
 pub type RevNatId = u32;
@@ -78,7 +78,18 @@ pub struct FrontendWrite {
     pub affinity_timeout: Option<u32>,
 }
 
-/// Ordered map operations. Fields are phases, applied top to bottom.
+/// A UDP backend that stopped serving a frontend. Connected UDP sockets that a client opened
+/// through the frontend stay pinned to the backend's address; once the maps no longer send new
+/// traffic there, those sockets are ended so the client opens a new one (see
+/// `datapath::sockets`). TCP is left alone, as kube-proxy leaves established TCP flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Departure {
+    pub rev_nat_id: RevNatId,
+    pub backend: BackendKey,
+}
+
+/// Ordered map operations. Fields are phases, applied top to bottom; `departed` is acted on
+/// last, once no map entry leads to those backends any more.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub upsert_backends: Vec<(BackendId, BackendKey, BackendState)>,
@@ -89,6 +100,7 @@ pub struct Plan {
     pub delete_slots: Vec<(FrontendKey, u16)>,
     pub delete_rev_nats: Vec<(RevNatId, FrontendKey)>,
     pub delete_backends: Vec<(BackendId, BackendKey)>,
+    pub departed: Vec<Departure>,
 }
 
 impl Plan {
@@ -116,6 +128,7 @@ impl Plan {
         self.delete_slots.extend(other.delete_slots);
         self.delete_rev_nats.extend(other.delete_rev_nats);
         self.delete_backends.extend(other.delete_backends);
+        self.departed.extend(other.departed);
     }
 }
 
@@ -436,6 +449,8 @@ impl Planner {
             }
         };
         self.unreference(&old_slots, deltas);
+        let departed = old_slots.iter().filter(|id| !new_set.contains(id));
+        self.record_departures(rev_nat_id, departed, plan);
 
         // Keep every surviving backend in its slot; fill holes from the end, append newcomers.
         let mut slots = old_slots.clone();
@@ -494,6 +509,7 @@ impl Planner {
         };
         self.unreference(&old.slots, deltas);
         let plan = &mut out.plan;
+        self.record_departures(old.rev_nat_id, old.slots.iter(), plan);
         plan.delete_frontends.push(*key);
         plan.delete_slots
             .extend((1..=old.slots.len()).map(|s| (*key, s as u16)));
@@ -502,6 +518,21 @@ impl Planner {
         if let Some(waiting) = self.contenders.remove(key) {
             out.retry.extend(waiting);
         }
+    }
+
+    fn record_departures<'a>(
+        &self,
+        rev_nat_id: RevNatId,
+        gone: impl Iterator<Item = &'a BackendId>,
+        plan: &mut Plan,
+    ) {
+        let udp = gone
+            .filter_map(|id| self.backend_keys.get(id))
+            .filter(|backend| backend.protocol == Protocol::Udp);
+        plan.departed.extend(udp.map(|backend| Departure {
+            rev_nat_id,
+            backend: *backend,
+        }));
     }
 
     fn unreference(&self, slots: &[BackendId], deltas: &mut HashMap<BackendKey, i64>) {
@@ -536,7 +567,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::model::{FrontendBackend, FrontendKind, Protocol};
+    use crate::model::{FrontendBackend, FrontendKind};
 
     fn fkey(addr: &str, port: u16) -> FrontendKey {
         FrontendKey {
@@ -808,5 +839,60 @@ mod tests {
         assert_eq!(plan.upsert_frontends.len(), 1);
         assert_eq!(plan.upsert_frontends[0].affinity_timeout, Some(30));
         assert_eq!(plan.op_count(), 1);
+    }
+
+    #[test]
+    fn udp_backends_leaving_a_frontend_are_reported_as_departed_but_tcp_ones_are_not() {
+        let udp = |mut e: ServiceEntry| {
+            for f in &mut e.frontends {
+                f.key.protocol = Protocol::Udp;
+                for b in &mut f.backends {
+                    b.key.protocol = Protocol::Udp;
+                }
+            }
+            e
+        };
+        let mut p = Planner::new();
+        p.plan_service(
+            &svc("dns"),
+            Some(&udp(entry(&[("10.96.0.10", 53, &["10.0.0.1", "10.0.0.2"])]))),
+        );
+        p.plan_service(
+            &svc("web"),
+            Some(&entry(&[("10.96.0.11", 80, &["10.0.0.1", "10.0.0.2"])])),
+        );
+        let rev_nat_id = p
+            .frontend(&FrontendKey {
+                protocol: Protocol::Udp,
+                ..fkey("10.96.0.10", 53)
+            })
+            .unwrap()
+            .rev_nat_id;
+
+        let plan = p
+            .plan_service(
+                &svc("dns"),
+                Some(&udp(entry(&[("10.96.0.10", 53, &["10.0.0.2"])]))),
+            )
+            .plan;
+        let gone: Vec<(RevNatId, String)> = plan
+            .departed
+            .iter()
+            .map(|d| (d.rev_nat_id, d.backend.addr.to_string()))
+            .collect();
+        assert_eq!(gone, [(rev_nat_id, "10.0.0.1".to_string())]);
+
+        let tcp = p
+            .plan_service(&svc("web"), Some(&entry(&[("10.96.0.11", 80, &["10.0.0.2"])])))
+            .plan;
+        assert!(tcp.departed.is_empty(), "TCP flows are left to finish");
+
+        let deleted = p.plan_service(&svc("dns"), None).plan;
+        assert_eq!(
+            deleted.departed.len(),
+            1,
+            "deleting the Service ends its last backend's sockets"
+        );
+        assert_eq!(deleted.departed[0].backend.addr.to_string(), "10.0.0.2");
     }
 }

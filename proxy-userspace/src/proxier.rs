@@ -416,7 +416,8 @@ mod tests {
         );
         p.upsert_service(&labelled);
         let report = p.sync();
-        assert_eq!(p.sink().plans.last().unwrap().delete_frontends.len(), 1);
+        // Its port and its ClusterIP's guard.
+        assert_eq!(p.sink().plans.last().unwrap().delete_frontends.len(), 2);
         assert_eq!(report.services, 1);
     }
 
@@ -428,8 +429,8 @@ mod tests {
         let report = p.sync();
         assert_eq!(
             report.issues.len(),
-            1,
-            "the second claimant is refused: {:?}",
+            2,
+            "the second claimant is refused its port and its ClusterIP guard: {:?}",
             report.issues
         );
         p.remove_service(&ServiceName::new("ns", "a"));

@@ -345,18 +345,13 @@ impl World {
         count: u32,
         interval_ms: u64,
     ) -> Command {
-        let mode = match mode {
-            ProbeMode::Tcp => "tcp",
-            ProbeMode::Udp => "udp",
-            ProbeMode::UdpConnected => "udp-connected",
-        };
         let mut cmd = Command::new(binary());
         cmd.args([
             "probe",
             target,
             "--json",
             "--mode",
-            mode,
+            mode.flag(),
             "--count",
             &count.to_string(),
         ])

@@ -42,6 +42,31 @@ impl Ep {
         self.node = Some(node.to_string());
         self
     }
+
+    /// Neither ready nor serving (a pod that is gone or failing its probe).
+    pub fn not_serving(mut self) -> Self {
+        self.ready = false;
+        self.serving = false;
+        self
+    }
+
+    pub fn for_zones(mut self, zones: &[&str]) -> Self {
+        self.zone_hints = zones.iter().map(|z| z.to_string()).collect();
+        self
+    }
+
+    pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
+        self.node_hints = nodes.iter().map(|n| n.to_string()).collect();
+        self
+    }
+}
+
+/// This node's Node object, in `zone`.
+pub fn node(zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n",
+        crate::NODE_NAME
+    )
 }
 
 /// A ClusterIP Service. `extra_spec` is appended to `spec:` (indented two spaces).

@@ -147,13 +147,8 @@ async fn probe(
     mode: ProbeMode,
     count: u32,
 ) -> anyhow::Result<Vec<Attempt>> {
-    let mode_arg = match mode {
-        ProbeMode::Tcp => "tcp",
-        ProbeMode::Udp => "udp",
-        ProbeMode::UdpConnected => "udp-connected",
-    };
     let out = Command::new(std::env::current_exe()?)
-        .args(["probe", &target.to_string(), "--json", "--mode", mode_arg])
+        .args(["probe", &target.to_string(), "--json", "--mode", mode.flag()])
         .args(["--count", &count.to_string()])
         .arg("--cgroup")
         .arg(world.cgroup.path())

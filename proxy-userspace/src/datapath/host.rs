@@ -1,12 +1,14 @@
 //! Host facts the datapath needs: where bpffs and cgroup v2 are, mounting bpffs when missing.
 
 use std::{
-    fs,
+    fs::{self, File},
+    io,
     path::{Path, PathBuf},
 };
 
 use nix::{
     mount::{MsFlags, mount},
+    sched::{CloneFlags, setns},
     sys::statfs::statfs,
 };
 
@@ -76,4 +78,18 @@ pub fn cgroup2_root() -> Result<PathBuf, HostError> {
         })
         .next()
         .ok_or(HostError::NoCgroup2)
+}
+
+/// Runs `f` on a fresh thread inside the network namespace `netns` (only the network namespace
+/// changes, so bpffs and cgroup2 stay the host's). Sockets `f` creates stay in that namespace.
+pub fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                setns(netns, CloneFlags::CLONE_NEWNET)?;
+                f()
+            })
+            .join()
+            .map_err(|_| io::Error::other("network namespace thread panicked"))?
+    })
 }

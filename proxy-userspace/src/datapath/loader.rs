@@ -43,6 +43,7 @@ pub struct MapSizes {
     pub backends: u32,
     pub rev_nat: u32,
     pub sock_rev: u32,
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -52,6 +53,7 @@ impl Default for MapSizes {
             backends: capacity::BACKENDS,
             rev_nat: capacity::REV_NAT,
             sock_rev: capacity::SOCK_REV,
+            affinity: capacity::AFFINITY,
         }
     }
 }
@@ -63,6 +65,7 @@ impl MapSizes {
             names::BACKENDS_V4 | names::BACKENDS_V6 => Some(self.backends),
             names::REV_NAT_V4 | names::REV_NAT_V6 | names::SERVICE_LABELS => Some(self.rev_nat),
             names::SOCK_REV_V4 | names::SOCK_REV_V6 => Some(self.sock_rev),
+            names::AFFINITY => Some(self.affinity),
             _ => None,
         }
     }

@@ -83,7 +83,8 @@ fn open(dir: &Path, name: &'static str) -> Result<Map, OpenError> {
     Map::from_map_data(data).map_err(err)
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, OpenError> {
+/// Opens the pinned map `name` under `dir` as the typed handle `T`.
+pub fn typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, OpenError> {
     T::try_from(open(dir, name)?).map_err(|source| OpenError {
         name,
         dir: dir.display().to_string(),

@@ -4,5 +4,6 @@ pub mod host;
 pub mod loader;
 pub mod maps;
 pub mod reader;
+pub mod sockets;
 pub mod sys;
 pub mod writer;

@@ -9,6 +9,8 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+use crate::datapath::host;
+
 /// Runs `ip ARGS...`, turning a failure into an error that carries ip's own message.
 pub fn ip(args: &[&str]) -> io::Result<()> {
     let out = Command::new("ip").args(args).output()?;
@@ -63,16 +65,7 @@ impl Netns {
 
     /// Runs `f` on a fresh thread inside this namespace (sockets it creates stay in it).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-        let path = self.path();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    enter(&path)?;
-                    f()
-                })
-                .join()
-                .map_err(|_| io::Error::other("netns thread panicked"))?
-        })
+        host::in_netns(&File::open(self.path())?, f)
     }
 }
 

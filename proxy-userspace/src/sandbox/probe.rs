@@ -20,6 +20,21 @@ pub enum ProbeMode {
     Udp,
     /// Connected UDP: connect(), send(), recv(); peer from getpeername().
     UdpConnected,
+    /// Connected UDP on one long-lived socket, as a resolver keeps it; a new socket is opened
+    /// only after an attempt fails.
+    UdpSession,
+}
+
+impl ProbeMode {
+    /// The `--mode` value that selects this mode.
+    pub const fn flag(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::UdpConnected => "udp-connected",
+            Self::UdpSession => "udp-session",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,13 +76,14 @@ pub struct Attempt {
     pub micros: u64,
 }
 
-fn attempt_once(args: &ProbeArgs, n: u32) -> Attempt {
+fn attempt_once(args: &ProbeArgs, n: u32, session: &mut Option<UdpSocket>) -> Attempt {
     let started = Instant::now();
     let timeout = Duration::from_millis(args.timeout_ms);
     let result = match args.mode {
         ProbeMode::Tcp => tcp(args.target, timeout, n),
         ProbeMode::Udp => udp(args.target, timeout, n, false),
         ProbeMode::UdpConnected => udp(args.target, timeout, n, true),
+        ProbeMode::UdpSession => udp_session(args.target, timeout, n, session),
     };
     let micros = started.elapsed().as_micros() as u64;
     match result {
@@ -104,12 +120,7 @@ fn tcp(target: SocketAddr, timeout: Duration, n: u32) -> std::io::Result<(String
     Ok((body.trim().to_string(), peer))
 }
 
-fn udp(
-    target: SocketAddr,
-    timeout: Duration,
-    n: u32,
-    connected: bool,
-) -> std::io::Result<(String, SocketAddr)> {
+fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = if target.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -117,18 +128,55 @@ fn udp(
     };
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(timeout))?;
-    let payload = format!("probe {n}");
+    Ok(socket)
+}
+
+fn exchange_connected(socket: &UdpSocket, n: u32) -> std::io::Result<(String, SocketAddr)> {
     let mut buf = [0u8; 1500];
-    let (len, peer) = if connected {
+    socket.send(format!("probe {n}").as_bytes())?;
+    let len = socket.recv(&mut buf)?;
+    Ok((
+        String::from_utf8_lossy(&buf[..len]).trim().to_string(),
+        socket.peer_addr()?,
+    ))
+}
+
+fn udp(
+    target: SocketAddr,
+    timeout: Duration,
+    n: u32,
+    connected: bool,
+) -> std::io::Result<(String, SocketAddr)> {
+    let socket = udp_socket(target, timeout)?;
+    if connected {
         socket.connect(target)?;
-        socket.send(payload.as_bytes())?;
-        let len = socket.recv(&mut buf)?;
-        (len, socket.peer_addr()?)
-    } else {
-        socket.send_to(payload.as_bytes(), target)?;
-        socket.recv_from(&mut buf)?
-    };
+        return exchange_connected(&socket, n);
+    }
+    let mut buf = [0u8; 1500];
+    socket.send_to(format!("probe {n}").as_bytes(), target)?;
+    let (len, peer) = socket.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..len]).trim().to_string(), peer))
+}
+
+fn udp_session(
+    target: SocketAddr,
+    timeout: Duration,
+    n: u32,
+    session: &mut Option<UdpSocket>,
+) -> std::io::Result<(String, SocketAddr)> {
+    let socket = match session.take() {
+        Some(socket) => socket,
+        None => {
+            let socket = udp_socket(target, timeout)?;
+            socket.connect(target)?;
+            socket
+        }
+    };
+    let result = exchange_connected(&socket, n);
+    if result.is_ok() {
+        *session = Some(socket);
+    }
+    result
 }
 
 /// Runs before any thread exists: joining a cgroup moves the whole process, and setns(2)
@@ -140,8 +188,9 @@ pub fn run(args: &ProbeArgs) -> std::io::Result<()> {
     if let Some(ns) = &args.netns {
         netns::enter(ns)?;
     }
+    let mut session = None;
     for n in 1..=args.count {
-        let attempt = attempt_once(args, n);
+        let attempt = attempt_once(args, n, &mut session);
         if args.json {
             println!("{}", serde_json::to_string(&attempt).unwrap_or_default());
         } else if attempt.ok {
@@ -159,4 +208,18 @@ pub fn run(args: &ProbeArgs) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_are_the_values_clap_accepts() {
+        for mode in ProbeMode::value_variants() {
+            assert_eq!(ProbeMode::from_str(mode.flag(), false), Ok(*mode));
+        }
+    }
 }
