@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -25,13 +26,15 @@ use crate::{
         loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
+        readings::PinnedReadings,
         sockets::StaleSockets,
         writer::Writer,
     },
     metrics::{KindLabel, Metrics},
     model::ServiceName,
-    plan::{Plan, Planner},
+    plan::{Capacity, Plan, Planner},
     proxier::{PlanSink, Proxier, SyncReport},
+    serve,
     source::{
         ObjectKind,
         kube::{self as kube_source, KubeEvent, KubeSourceError},
@@ -59,6 +62,11 @@ pub struct AgentOptions {
     pub translate: TranslateOptions,
     /// Manifests: re-read at least this often, in case a file event was missed.
     pub resync_period: Duration,
+    /// kube-proxy's `--sync-period`: a full sync at least this often; `/healthz` fails when a
+    /// change waits twice as long.
+    pub sync_period: Duration,
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +81,8 @@ pub enum AgentError {
     Kube(#[from] KubeSourceError),
     #[error("installing the SIGTERM handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] serve::BindError),
     #[error("watching {path}: {source}")]
     Watch { path: PathBuf, source: notify::Error },
 }
@@ -142,7 +152,12 @@ impl Prepared {
                 "adopting datapath state from pinned maps"
             );
         }
-        let planner = Planner::adopt(existing.programmed());
+        let sizes = opts.map_sizes;
+        let planner = Planner::adopt(existing.programmed()).with_capacity(Capacity {
+            services: sizes.services,
+            backends: sizes.backends,
+            rev_nat: sizes.rev_nat,
+        });
         let proxier = Proxier::new(
             &opts.node_name,
             opts.translate.clone(),
@@ -163,9 +178,14 @@ impl Prepared {
 
     /// Syncs; the first time, once the source has listed everything, also drops state no
     /// Service claims and only then attaches (or switches over) the programs.
-    fn sync(&mut self, cgroup: &Path) -> Result<(), AgentError> {
+    /// `periodic`: kube-proxy's sync-period tick, which syncs (and so reports health) even
+    /// when nothing changed.
+    fn sync(&mut self, cgroup: &Path, periodic: bool) -> Result<(), AgentError> {
         if self.live {
-            if self.proxier.has_pending() {
+            if periodic {
+                self.proxier.note_periodic_sync();
+            }
+            if periodic || self.proxier.has_pending() {
                 log_sync("sync", &self.proxier.sync());
             }
             return Ok(());
@@ -192,6 +212,14 @@ impl Prepared {
     }
 }
 
+/// kube-proxy's sync-period timer; its first tick is one period from now.
+async fn periodic_sync(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    interval
+}
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
@@ -206,6 +234,8 @@ async fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError>
 
 pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let prepared = Prepared::load(&opts, metrics.clone())?;
+    metrics.attach_datapath(Box::new(PinnedReadings::open(&opts.pin_dir)?));
+    serve::start(metrics.clone(), opts.healthz_addr, opts.metrics_addr).await?;
     let stop = shutdown().await?;
     match &opts.source {
         SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, stop).await?,
@@ -262,12 +292,14 @@ async fn run_manifests(
     let _watcher = watch_files(path, tx)?;
     let mut manifests = ManifestSet::new(path);
     reload(&mut manifests, &mut prepared.proxier);
-    prepared.sync(&opts.cgroup)?;
+    prepared.sync(&opts.cgroup, false)?;
 
     let mut resync = tokio::time::interval(opts.resync_period);
     resync.tick().await;
+    let mut periodic = periodic_sync(opts.sync_period).await;
     tokio::pin!(stop);
     loop {
+        let mut full = false;
         tokio::select! {
             Some(()) = rx.recv() => {
                 // Let a burst of writes (an editor's save, a `cp -r`) settle into one reload.
@@ -276,9 +308,10 @@ async fn run_manifests(
                 reload(&mut manifests, &mut prepared.proxier);
             }
             _ = resync.tick() => reload(&mut manifests, &mut prepared.proxier),
+            _ = periodic.tick() => full = true,
             _ = &mut stop => return Ok(()),
         }
-        prepared.sync(&opts.cgroup)?;
+        prepared.sync(&opts.cgroup, full)?;
     }
 }
 
@@ -416,9 +449,12 @@ async fn run_kube(
         failing: BTreeSet::new(),
     };
     tracing::info!(node = %opts.node_name, "watching the API server");
+    let mut periodic = periodic_sync(opts.sync_period).await;
     tokio::pin!(stop);
     loop {
+        let mut full = false;
         tokio::select! {
+            _ = periodic.tick() => full = true,
             event = events.next() => {
                 let Some(event) = event else { return Ok(()) };
                 watches.apply(event, &mut prepared.proxier, &metrics);
@@ -430,7 +466,7 @@ async fn run_kube(
             _ = &mut stop => return Ok(()),
         }
         if watches.listed() {
-            prepared.sync(&opts.cgroup)?;
+            prepared.sync(&opts.cgroup, full)?;
         }
     }
 }

@@ -5,13 +5,16 @@
 //! operations) → `datapath` (the only code that touches BPF).
 
 pub mod agent;
+pub mod config;
 pub mod datapath;
+pub mod health;
 pub mod inventory;
 pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod proxier;
+pub mod serve;
 pub mod sandbox;
 pub mod source;
 pub mod translate;

@@ -7,6 +7,7 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use bpf_kube_proxy::{
     agent::{self, AgentOptions},
+    config::{self, ProxyConfig},
     datapath::{host, loader},
     metrics::Metrics,
     sandbox::{
@@ -64,6 +65,22 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// A kube-proxy KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Flags given
+    /// on the command line override its values; fields that do not apply are reported once.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Health server (/healthz, /livez), as kube-proxy's flag; "" turns it off
+    /// [default: 0.0.0.0:10256].
+    #[arg(long)]
+    healthz_bind_address: Option<String>,
+    /// Metrics server (/metrics, /proxyMode), as kube-proxy's flag; "" turns it off
+    /// [default: 127.0.0.1:10249].
+    #[arg(long)]
+    metrics_bind_address: Option<String>,
+    /// Full sync at least this often (e.g. 30s, 1m); /healthz fails when a change waits for
+    /// twice as long [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sync_period: Option<Duration>,
     /// Read Services, EndpointSlices (and this node's Node) from YAML/JSON files, one file
     /// or a directory, instead of the API server. Changes are picked up as they happen.
     #[arg(long, conflicts_with = "kubeconfig")]
@@ -85,9 +102,10 @@ struct RunArgs {
     /// Also serve Services labelled service.kubernetes.io/service-proxy-name=<this>.
     #[arg(long)]
     service_proxy_name: Option<String>,
-    /// With --manifests: re-read at least this often (seconds), in case a file event was missed.
-    #[arg(long, default_value_t = 10)]
-    resync_seconds: u64,
+    /// With --manifests: re-read at least this often (seconds), in case a file event was missed
+    /// [default: 10, or the config file's configSyncPeriod].
+    #[arg(long)]
+    resync_seconds: Option<u64>,
     /// Capacity of the services maps (frontend entries plus one per backend slot).
     #[arg(long, default_value_t = proxy_common::maps::capacity::SERVICES)]
     map_size_services: u32,
@@ -111,6 +129,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Escape codes only for a terminal: log files and `kubectl logs` stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -121,8 +141,40 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
+const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
+const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
+
+fn read_config(path: &std::path::Path) -> anyhow::Result<ProxyConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = config::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    for line in &config.ignored {
+        tracing::warn!(file = %path.display(), "{line}");
+    }
+    Ok(config)
+}
+
+/// A bind address from its flag, else the config file, else kube-proxy's default.
+fn bind_address(
+    flag: &str,
+    from_flag: Option<String>,
+    from_file: Option<Option<std::net::SocketAddr>>,
+    default: &str,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    match (from_flag, from_file) {
+        (Some(text), _) => Ok(config::parse_bind_address(flag, &text)?),
+        (None, Some(addr)) => Ok(addr),
+        (None, None) => Ok(config::parse_bind_address(flag, default)?),
+    }
+}
+
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    let node_name = match args.hostname_override {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => ProxyConfig::default(),
+    };
+    let node_name = match args.hostname_override.or(file.hostname_override) {
         Some(name) => name,
         None => nix::unistd::gethostname()
             .context("reading the hostname (or pass --hostname-override)")?
@@ -133,6 +185,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => path,
         None => host::cgroup2_root()?,
     };
+    let sync_period = args.sync_period.or(file.sync_period).unwrap_or(DEFAULT_SYNC_PERIOD);
     let opts = AgentOptions {
         pin_dir: args.pin_dir,
         cgroup,
@@ -140,7 +193,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         source: match args.manifests {
             Some(path) => agent::SourceConfig::Manifests(path),
             None => agent::SourceConfig::Kubernetes {
-                kubeconfig: args.kubeconfig,
+                kubeconfig: args.kubeconfig.or(file.kubeconfig),
             },
         },
         map_sizes: loader::MapSizes {
@@ -153,9 +206,26 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         translate: TranslateOptions {
             service_proxy_name: args.service_proxy_name,
         },
-        resync_period: Duration::from_secs(args.resync_seconds.max(1)),
+        resync_period: args
+            .resync_seconds
+            .map(|s| Duration::from_secs(s.max(1)))
+            .or(file.config_sync_period)
+            .unwrap_or(DEFAULT_RESYNC),
+        sync_period,
+        healthz_addr: bind_address(
+            "--healthz-bind-address",
+            args.healthz_bind_address,
+            file.healthz_bind_address,
+            DEFAULT_HEALTHZ_BIND_ADDRESS,
+        )?,
+        metrics_addr: bind_address(
+            "--metrics-bind-address",
+            args.metrics_bind_address,
+            file.metrics_bind_address,
+            DEFAULT_METRICS_BIND_ADDRESS,
+        )?,
     };
-    runtime()?.block_on(agent::run(opts, Metrics::new()))?;
+    runtime()?.block_on(agent::run(opts, Metrics::new(2 * sync_period)))?;
     Ok(())
 }
 

@@ -1,13 +1,22 @@
 //! Prometheus metrics: kube-proxy's own names (`kubeproxy_*`) where a kube-proxy metric means
 //! the same thing, `bpf_kube_proxy_*` for what only this proxy has.
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::{
+    sync::{Arc, OnceLock, atomic::AtomicU64},
+    time::Duration,
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
+
+use crate::health::Health;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -20,6 +29,84 @@ impl KindLabel {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub traffic_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+/// One pinned map's fill level.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Figures read from the datapath itself at scrape time (its per-CPU counters and maps), so
+/// that they are never older than the scrape.
+pub trait DatapathReadings: Send + Sync {
+    /// `(reason, total over CPUs)`, reasons in `Counter::ALL` order.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+    fn map_fill(&self) -> Vec<MapFill>;
+}
+
+/// Encodes the datapath's readings once the datapath is loaded (nothing before).
+#[derive(Default)]
+struct DatapathCollector(Arc<OnceLock<Box<dyn DatapathReadings>>>);
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(readings) = self.0.get() else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "bpf_kube_proxy_datapath_events",
+            "Socket program decisions by reason, summed over CPUs (from the bkp_counters map)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, total) in readings.counters() {
+            ConstCounter::new(total).encode(family.encode_family(&ReasonLabel { reason })?)?;
+        }
+        let fill = readings.map_fill();
+        for (name, help, value) in [
+            (
+                "bpf_kube_proxy_map_entries",
+                "Entries in each pinned map",
+                (|f: &MapFill| f.entries) as fn(&MapFill) -> u64,
+            ),
+            ("bpf_kube_proxy_map_capacity", "max_entries of each pinned map", |f| f.capacity),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for f in &fill {
+                ConstGauge::new(value(f) as i64).encode(family.encode_family(&MapLabel { map: f.map })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// kube-proxy's sync buckets: 1 ms doubling up to ~16 s.
 fn sync_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
@@ -27,6 +114,15 @@ fn sync_buckets() -> impl Iterator<Item = f64> {
 
 pub struct Metrics {
     registry: Registry,
+    datapath: Arc<OnceLock<Box<dyn DatapathReadings>>>,
+    pub health: Health,
+    pub network_programming_duration: Histogram,
+    pub service_changes_pending: Gauge,
+    pub endpoint_changes_pending: Gauge,
+    pub no_local_endpoints: Family<PolicyLabel, Gauge>,
+    pub healthz_requests: Family<CodeLabel, Counter>,
+    pub livez_requests: Family<CodeLabel, Counter>,
+    pub map_full: Counter,
     pub sync_duration: Histogram,
     pub sync_full_duration: Histogram,
     pub sync_partial_duration: Histogram,
@@ -43,9 +139,25 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    /// `health_timeout`: how long a change may wait for a sync before `/healthz` fails
+    /// (kube-proxy: 2 × the sync period).
+    pub fn new(health_timeout: Duration) -> Arc<Self> {
         let mut registry = Registry::default();
+        let collector = DatapathCollector::default();
+        let datapath = collector.0.clone();
+        registry.register_collector(Box::new(collector));
         let m = Self {
+            datapath,
+            health: Health::new(health_timeout),
+            network_programming_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20),
+            ),
+            service_changes_pending: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
+            no_local_endpoints: Family::default(),
+            healthz_requests: Family::default(),
+            livez_requests: Family::default(),
+            map_full: Counter::default(),
             sync_duration: Histogram::new(sync_buckets()),
             sync_full_duration: Histogram::new(sync_buckets()),
             sync_partial_duration: Histogram::new(sync_buckets()),
@@ -93,6 +205,36 @@ impl Metrics {
                 "Cumulative proxy rules Endpoint changes",
                 m.endpoint_changes.clone(),
             );
+            kp.register(
+                "sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+                m.service_changes_pending.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+                m.endpoint_changes_pending.clone(),
+            );
+            kp.register(
+                "network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                m.network_programming_duration.clone(),
+            );
+            kp.register(
+                "sync_proxy_rules_no_local_endpoints_total",
+                "Number of services with a Local traffic policy and no endpoints",
+                m.no_local_endpoints.clone(),
+            );
+            kp.register(
+                "proxy_healthz",
+                "Cumulative proxy healthz HTTP status",
+                m.healthz_requests.clone(),
+            );
+            kp.register(
+                "proxy_livez",
+                "Cumulative proxy livez HTTP status",
+                m.livez_requests.clone(),
+            );
         }
         {
             let own = registry.sub_registry_with_prefix("bpf_kube_proxy");
@@ -131,6 +273,11 @@ impl Metrics {
                 "Network namespaces or sockets where stale UDP sockets could not be destroyed",
                 m.stale_udp_failures.clone(),
             );
+            own.register(
+                "map_full",
+                "Service changes not programmed because a map would have overflowed",
+                m.map_full.clone(),
+            );
         }
         Arc::new(Self { registry, ..m })
     }
@@ -141,6 +288,11 @@ impl Metrics {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         self.last_sync_timestamp.set(now);
+    }
+
+    /// Starts reporting the datapath's own counters and map fill (once, when it is loaded).
+    pub fn attach_datapath(&self, readings: Box<dyn DatapathReadings>) {
+        let _ = self.datapath.set(readings);
     }
 
     /// Prometheus/OpenMetrics text exposition.

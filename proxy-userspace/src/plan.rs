@@ -143,6 +143,14 @@ pub enum PlanIssue {
     },
     /// More backends than slots; the rest are left out.
     TooManyBackends { frontend: FrontendKey, wanted: usize },
+    /// Programming the Service would overflow a map: nothing of the change is written and the
+    /// Service keeps what it had, so it is never half programmed.
+    MapFull {
+        service: ServiceName,
+        map: &'static str,
+        needed: u64,
+        capacity: u32,
+    },
 }
 
 impl std::fmt::Display for PlanIssue {
@@ -158,6 +166,16 @@ impl std::fmt::Display for PlanIssue {
                     "Service {loser}: frontend {frontend} already belongs to {owner}; not programmed"
                 )
             }
+            Self::MapFull {
+                service,
+                map,
+                needed,
+                capacity,
+            } => write!(
+                f,
+                "Service {service} could not be programmed: map {map} would need {needed} entries, \
+                 its capacity is {capacity}; its previous state stays"
+            ),
             Self::TooManyBackends { frontend, wanted } => {
                 write!(
                     f,
@@ -166,6 +184,45 @@ impl std::fmt::Display for PlanIssue {
             }
         }
     }
+}
+
+/// Entries each family's maps can hold: the agent's map sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+}
+
+impl Capacity {
+    pub const UNLIMITED: Self = Self {
+        services: u32::MAX,
+        backends: u32::MAX,
+        rev_nat: u32::MAX,
+    };
+}
+
+/// Map entries of one family, counted or about to be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    services: u64,
+    backends: u64,
+    rev_nat: u64,
+}
+
+impl Usage {
+    fn add(&mut self, other: Usage) {
+        self.services += other.services;
+        self.backends += other.backends;
+        self.rev_nat += other.rev_nat;
+    }
+}
+
+const V4: usize = 0;
+const V6: usize = 1;
+
+fn family(addr: std::net::IpAddr) -> usize {
+    if addr.is_ipv4() { V4 } else { V6 }
 }
 
 /// The result of planning one Service.
@@ -234,6 +291,10 @@ pub struct Planner {
     backend_keys: HashMap<BackendId, BackendKey>,
     backend_ids: Ids,
     rev_nat_ids: Ids,
+    capacity: Capacity,
+    /// Per family: entries held when the current sync began, plus those its plans add so far.
+    /// A plan writes all additions before any deletion, so this is the sync's peak.
+    peak: [Usage; 2],
 }
 
 impl Default for Planner {
@@ -253,7 +314,80 @@ impl Planner {
             backend_keys: HashMap::new(),
             backend_ids: Ids::new(),
             rev_nat_ids: Ids::new(),
+            capacity: Capacity::UNLIMITED,
+            peak: [Usage::default(); 2],
         }
+    }
+
+    pub fn with_capacity(mut self, capacity: Capacity) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Counts what the maps hold now; call before planning a sync's Services.
+    pub fn begin_sync(&mut self) {
+        let mut used = [Usage::default(); 2];
+        for (key, f) in &self.frontends {
+            let u = &mut used[family(key.addr)];
+            u.services += 1 + f.slots.len() as u64;
+            u.rev_nat += 1;
+        }
+        for key in self.backends.keys() {
+            used[family(key.addr)].backends += 1;
+        }
+        self.peak = used;
+    }
+
+    /// Entries planning `desired` for `service` would add, per family.
+    fn additions(&self, service: &ServiceName, desired: &ServiceEntry) -> [Usage; 2] {
+        let mut adds = [Usage::default(); 2];
+        let mut new_backends = HashSet::new();
+        for f in &desired.frontends {
+            if matches!(self.owners.get(&f.key), Some(Some(owner)) if owner != service) {
+                continue;
+            }
+            let u = &mut adds[family(f.key.addr)];
+            let wanted = f.backends.len().min(MAX_SLOTS) as u64;
+            match self.frontends.get(&f.key) {
+                Some(p) => u.services += wanted.saturating_sub(p.slots.len() as u64),
+                None => {
+                    u.services += 1 + wanted;
+                    u.rev_nat += 1;
+                }
+            }
+            for b in f.backends.iter().take(MAX_SLOTS) {
+                if !self.backends.contains_key(&b.key) && new_backends.insert(b.key) {
+                    adds[family(b.key.addr)].backends += 1;
+                }
+            }
+        }
+        adds
+    }
+
+    /// The first map `adds` would overflow, as a [`PlanIssue::MapFull`].
+    fn overflow(&self, service: &ServiceName, adds: &[Usage; 2]) -> Option<PlanIssue> {
+        use proxy_common::maps as names;
+        let cap = self.capacity;
+        for (fam, maps) in [
+            (V4, [names::SERVICES_V4, names::BACKENDS_V4, names::REV_NAT_V4]),
+            (V6, [names::SERVICES_V6, names::BACKENDS_V6, names::REV_NAT_V6]),
+        ] {
+            let (peak, add) = (self.peak[fam], adds[fam]);
+            let checks = [
+                (maps[0], peak.services + add.services, cap.services),
+                (maps[1], peak.backends + add.backends, cap.backends),
+                (maps[2], peak.rev_nat + add.rev_nat, cap.rev_nat),
+            ];
+            if let Some((map, needed, capacity)) = checks.into_iter().find(|(_, n, c)| *n > u64::from(*c)) {
+                return Some(PlanIssue::MapFull {
+                    service: service.clone(),
+                    map,
+                    needed,
+                    capacity,
+                });
+            }
+        }
+        None
     }
 
     /// Starts from what pinned maps already hold, so the first sync after a restart changes
@@ -316,6 +450,16 @@ impl Planner {
     /// Moves `service` to `desired` (`None`: the Service is gone or no longer proxied).
     pub fn plan_service(&mut self, service: &ServiceName, desired: Option<&ServiceEntry>) -> Outcome {
         let mut out = Outcome::default();
+        if let Some(desired) = desired {
+            let adds = self.additions(service, desired);
+            if let Some(issue) = self.overflow(service, &adds) {
+                out.issues.push(issue);
+                return out;
+            }
+            for (peak, add) in self.peak.iter_mut().zip(adds) {
+                peak.add(add);
+            }
+        }
         let mut wanted: BTreeSet<FrontendKey> = BTreeSet::new();
         let mut backend_deltas: HashMap<BackendKey, i64> = HashMap::new();
 
@@ -894,5 +1038,44 @@ mod tests {
             "deleting the Service ends its last backend's sockets"
         );
         assert_eq!(deleted.departed[0].backend.addr.to_string(), "10.0.0.2");
+    }
+
+    #[test]
+    fn a_service_that_would_overflow_a_map_is_refused_whole_and_keeps_its_previous_state() {
+        // Room for 2 frontends with 2 slots each in the services map.
+        let mut p = Planner::new().with_capacity(Capacity {
+            services: 6,
+            ..Capacity::UNLIMITED
+        });
+        p.begin_sync();
+        let web = entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])]);
+        assert!(p.plan_service(&svc("web"), Some(&web)).issues.is_empty());
+
+        // Growing web to 4 backends needs 2 more entries: fits (3 + 2 <= 6).
+        p.begin_sync();
+        let bigger = entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2", "10.0.0.3"])]);
+        assert!(p.plan_service(&svc("web"), Some(&bigger)).issues.is_empty());
+
+        // A second Service needing 3 entries does not (4 + 3 > 6): nothing of it is planned.
+        p.begin_sync();
+        let api = entry(&[("10.96.0.11", 80, &["10.0.0.7", "10.0.0.8"])]);
+        let out = p.plan_service(&svc("api"), Some(&api));
+        assert!(out.plan.is_empty(), "no half-programmed Service: {:?}", out.plan);
+        assert!(
+            matches!(&out.issues[..], [PlanIssue::MapFull { map: "bkp_svc_v4", needed: 7, capacity: 6, .. }]),
+            "{:?}",
+            out.issues
+        );
+        assert!(p.frontend(&fkey("10.96.0.11", 80)).is_none());
+        assert_eq!(p.backend_count(), 3, "its backends were not allocated either");
+
+        // Within one sync, additions count before deletions: shrinking web and adding api in
+        // the same sync would briefly need both, so api waits for the next sync.
+        p.begin_sync();
+        let smaller = entry(&[("10.96.0.10", 80, &["10.0.0.1"])]);
+        assert!(p.plan_service(&svc("web"), Some(&smaller)).issues.is_empty());
+        assert!(!p.plan_service(&svc("api"), Some(&api)).issues.is_empty());
+        p.begin_sync();
+        assert!(p.plan_service(&svc("api"), Some(&api)).issues.is_empty());
     }
 }

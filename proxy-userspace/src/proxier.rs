@@ -2,7 +2,11 @@
 //! hands plans to a [`PlanSink`] (the BPF map writer in production, a recorder in tests), so
 //! every rule here is unit-tested without root.
 
-use std::{collections::BTreeSet, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -11,8 +15,10 @@ use k8s_openapi::api::{
 
 use crate::{
     inventory::Inventory,
-    metrics::{KindLabel, Metrics},
-    model::{NodeInfo, ServiceInfo, ServiceName, SliceInfo},
+    metrics::{KindLabel, Metrics, PolicyLabel},
+    model::{
+        FrontendKind, NodeInfo, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
+    },
     plan::{Outcome, Plan, PlanIssue, Planner},
     source::Snapshot,
     translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
@@ -34,6 +40,8 @@ pub struct SyncReport {
     pub ops: usize,
     pub failed: Vec<String>,
     pub issues: Vec<PlanIssue>,
+    /// Services not programmed because a map would overflow (kept pending).
+    pub refused: usize,
 }
 
 pub struct Proxier<S> {
@@ -42,7 +50,36 @@ pub struct Proxier<S> {
     sink: S,
     opts: TranslateOptions,
     dirty: BTreeSet<ServiceName>,
+    /// EndpointSlice change times (`endpoints.kubernetes.io/last-change-trigger-time`) not yet
+    /// programmed, for kube-proxy's network programming latency.
+    triggers: BTreeMap<ServiceName, Vec<SystemTime>>,
+    /// The last trigger time seen per slice (namespace, name), so a relist or reload does not
+    /// count an old change again.
+    seen_triggers: HashMap<(String, String), SystemTime>,
+    started: SystemTime,
+    /// Service ports per Service with internalTrafficPolicy Local and no local endpoint.
+    no_local: BTreeMap<ServiceName, usize>,
     metrics: Arc<Metrics>,
+}
+
+/// The annotation the EndpointSlice controller sets to the time of the change it reflects.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let value = slice.metadata.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    humantime::parse_rfc3339_weak(value).ok()
+}
+
+/// kube-proxy stops reporting a node healthy once it is being removed, so that load balancers
+/// drain it first.
+fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let autoscaler = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == crate::health::TAINT_TO_BE_DELETED));
+    !deleting && !autoscaler
 }
 
 fn node_info(node_name: &str, node: Option<&Node>) -> NodeInfo {
@@ -69,6 +106,10 @@ impl<S: PlanSink> Proxier<S> {
             sink,
             opts,
             dirty: BTreeSet::new(),
+            triggers: BTreeMap::new(),
+            seen_triggers: HashMap::new(),
+            started: SystemTime::now(),
+            no_local: BTreeMap::new(),
             metrics,
         }
     }
@@ -83,6 +124,12 @@ impl<S: PlanSink> Proxier<S> {
 
     pub fn sink(&self) -> &S {
         &self.sink
+    }
+
+    /// kube-proxy's periodic sync counts as a queued change for health: if it cannot
+    /// complete, `/healthz` fails after the health timeout.
+    pub fn note_periodic_sync(&self) {
+        self.metrics.health.queued(SystemTime::now());
     }
 
     pub fn has_pending(&self) -> bool {
@@ -147,43 +194,71 @@ impl<S: PlanSink> Proxier<S> {
         })
     }
 
+    fn record_service_changes(&mut self, touched: impl IntoIterator<Item = ServiceName>) {
+        for name in touched {
+            self.metrics.service_changes.inc();
+            self.metrics.service_changes_pending.inc();
+            self.metrics.health.queued(SystemTime::now());
+            self.dirty.insert(name);
+        }
+    }
+
+    fn record_endpoint_changes(&mut self, touched: impl IntoIterator<Item = ServiceName>) {
+        for name in touched {
+            self.metrics.endpoint_changes.inc();
+            self.metrics.endpoint_changes_pending.inc();
+            self.metrics.health.queued(SystemTime::now());
+            self.dirty.insert(name);
+        }
+    }
+
+    /// Remembers a slice's change trigger time the first time it is seen, for the network
+    /// programming latency of the sync that programs it.
+    fn note_trigger(&mut self, slice: &SliceInfo, trigger: Option<SystemTime>) {
+        let Some(trigger) = trigger else {
+            return;
+        };
+        let key = (slice.namespace.clone(), slice.name.clone());
+        // Changes from before this agent started were programmed by someone else (or by the
+        // pinned state); counting them would report the downtime as programming latency.
+        if self.seen_triggers.insert(key, trigger) != Some(trigger) && trigger >= self.started {
+            self.triggers.entry(slice.service.clone()).or_default().push(trigger);
+        }
+    }
+
     pub fn upsert_service(&mut self, svc: &Service) {
         let changed = match self.translate_service(svc) {
             Ok(Some(info)) => self.inventory.upsert_service(info),
             Ok(None) => service_name(svc).and_then(|n| self.inventory.remove_service(&n)),
             Err(()) => None,
         };
-        if let Some(name) = changed {
-            self.metrics.service_changes.inc();
-            self.dirty.insert(name);
-        }
+        self.record_service_changes(changed);
     }
 
     pub fn remove_service(&mut self, name: &ServiceName) {
-        if let Some(name) = self.inventory.remove_service(name) {
-            self.metrics.service_changes.inc();
-            self.dirty.insert(name);
-        }
+        let changed = self.inventory.remove_service(name);
+        self.record_service_changes(changed);
     }
 
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         if let Ok(info) = self.translate_slice(slice) {
+            self.note_trigger(&info, trigger_time(slice));
             let touched = self.inventory.upsert_slice(info);
-            self.metrics.endpoint_changes.inc_by(touched.len() as u64);
-            self.dirty.extend(touched);
+            self.record_endpoint_changes(touched);
         }
     }
 
     pub fn remove_slice(&mut self, namespace: &str, name: &str) {
-        if let Some(owner) = self.inventory.remove_slice(namespace, name) {
-            self.metrics.endpoint_changes.inc();
-            self.dirty.insert(owner);
-        }
+        let owner = self.inventory.remove_slice(namespace, name);
+        self.seen_triggers.remove(&(namespace.to_string(), name.to_string()));
+        self.record_endpoint_changes(owner);
     }
 
     pub fn set_node(&mut self, node: Option<&Node>) {
         let info = node_info(&self.inventory.node().name, node);
-        self.dirty.extend(self.inventory.set_node(info));
+        self.metrics.health.set_node_eligible(node.is_none_or(node_eligible));
+        let touched = self.inventory.set_node(info);
+        self.record_service_changes(touched);
     }
 
     /// Replaces all objects with a complete snapshot (a manifest reload).
@@ -216,19 +291,22 @@ impl<S: PlanSink> Proxier<S> {
             }
         }
         let touched = self.inventory.replace_services(infos);
-        self.metrics.service_changes.inc_by(touched.len() as u64);
-        self.dirty.extend(touched);
+        self.record_service_changes(touched);
     }
 
     /// Replaces every EndpointSlice with a complete list.
     pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
-        let infos: Vec<SliceInfo> = slices
-            .iter()
-            .filter_map(|s| self.translate_slice(s).ok())
-            .collect();
+        let mut infos = Vec::new();
+        for slice in slices {
+            if let Ok(info) = self.translate_slice(slice) {
+                self.note_trigger(&info, trigger_time(slice));
+                infos.push(info);
+            }
+        }
+        self.seen_triggers
+            .retain(|(ns, name), _| infos.iter().any(|i| &i.namespace == ns && &i.name == name));
         let touched = self.inventory.replace_slices(infos);
-        self.metrics.endpoint_changes.inc_by(touched.len() as u64);
-        self.dirty.extend(touched);
+        self.record_endpoint_changes(touched);
     }
 
     /// Plans and applies every Service changed since the last sync.
@@ -239,6 +317,8 @@ impl<S: PlanSink> Proxier<S> {
         let mut plan = Plan::default();
         let mut queue: Vec<ServiceName> = std::mem::take(&mut self.dirty).into_iter().collect();
         let mut planned = BTreeSet::new();
+        let mut refused = Vec::new();
+        self.planner.begin_sync();
         while let Some(name) = queue.pop() {
             let desired = self.inventory.desired(&name);
             let Outcome {
@@ -246,6 +326,11 @@ impl<S: PlanSink> Proxier<S> {
                 issues,
                 retry,
             } = self.planner.plan_service(&name, desired.as_ref());
+            self.count_no_local(&name, desired.as_ref());
+            if issues.iter().any(|i| matches!(i, PlanIssue::MapFull { .. })) {
+                // Retried on the next sync, when room may have been freed.
+                refused.push(name.clone());
+            }
             planned.insert(name);
             plan.extend(p);
             report.issues.extend(issues);
@@ -254,6 +339,24 @@ impl<S: PlanSink> Proxier<S> {
         }
         report.services = planned.len();
         self.finish(plan, &mut report);
+        report.refused = refused.len();
+        self.dirty.extend(refused);
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.endpoint_changes_pending.set(0);
+        let now = SystemTime::now();
+        // A trigger whose slice changed nothing the datapath holds is dropped, not carried
+        // into a later, unrelated sync.
+        for (name, triggers) in std::mem::take(&mut self.triggers) {
+            if planned.contains(&name) {
+                for trigger in triggers {
+                    let latency = now.duration_since(trigger).unwrap_or_default();
+                    self.metrics.network_programming_duration.observe(latency.as_secs_f64());
+                }
+            }
+        }
+        if report.failed.is_empty() && report.refused == 0 {
+            self.metrics.health.updated(now);
+        }
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.sync_duration.observe(elapsed);
         if full {
@@ -262,6 +365,33 @@ impl<S: PlanSink> Proxier<S> {
             self.metrics.sync_partial_duration.observe(elapsed);
         }
         report
+    }
+
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}`:
+    /// service ports with internalTrafficPolicy Local and no endpoint on this node.
+    fn count_no_local(&mut self, name: &ServiceName, desired: Option<&ServiceEntry>) {
+        let local_policy = self
+            .inventory
+            .service(name)
+            .is_some_and(|s| s.internal_policy == TrafficPolicy::Local);
+        let empty = desired.filter(|_| local_policy).map_or(0, |d| {
+            d.frontends
+                .iter()
+                .filter(|f| f.kind == FrontendKind::ClusterIp && f.key.protocol != Protocol::Any)
+                .filter(|f| f.backends.is_empty())
+                .count()
+        });
+        if empty == 0 {
+            self.no_local.remove(name);
+        } else {
+            self.no_local.insert(name.clone(), empty);
+        }
+        self.metrics
+            .no_local_endpoints
+            .get_or_create(&PolicyLabel {
+                traffic_policy: "internal",
+            })
+            .set(self.no_local.values().sum::<usize>() as i64);
     }
 
     /// After the first complete sync following a restart: drops datapath state that no
@@ -277,9 +407,11 @@ impl<S: PlanSink> Proxier<S> {
     fn finish(&mut self, plan: Plan, report: &mut SyncReport) {
         for issue in &report.issues {
             tracing::warn!("{issue}");
-            if matches!(issue, PlanIssue::FrontendConflict { .. }) {
-                self.metrics.frontend_conflicts.inc();
-            }
+            match issue {
+                PlanIssue::FrontendConflict { .. } => self.metrics.frontend_conflicts.inc(),
+                PlanIssue::MapFull { .. } => self.metrics.map_full.inc(),
+                PlanIssue::TooManyBackends { .. } => 0,
+            };
         }
         report.ops = plan.op_count();
         if !plan.is_empty() {
@@ -323,7 +455,7 @@ mod tests {
             TranslateOptions::default(),
             Planner::new(),
             Recorder::default(),
-            Metrics::new(),
+            Metrics::new(std::time::Duration::from_secs(60)),
         )
     }
 

@@ -29,6 +29,8 @@ use bpf_kube_proxy::{
 pub const HTTP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
 pub const NODE_NAME: &str = "test-node";
+/// The agent's log line once its programs serve.
+const READY: &str = "datapath ready";
 
 /// The `bpf-kube-proxy` binary next to the test executable (target/<profile>/), or `BKP_BIN`.
 pub fn binary() -> PathBuf {
@@ -210,8 +212,13 @@ impl World {
             .append(true)
             .open(&self.log_path)
             .expect("agent log");
+        let ready_before = self.agent_log().matches(READY).count();
         let mut cmd = Command::new(binary());
-        cmd.arg("run");
+        // Tests run side by side: each agent serves health and metrics on a port of its own,
+        // which `http_addr` reads back from the log.
+        cmd.arg("run")
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"]);
         if self.api.is_some() {
             cmd.arg("--kubeconfig").arg(self.kubeconfig_path());
         } else {
@@ -235,11 +242,47 @@ impl World {
         self.wait_until(
             "the agent to attach its programs",
             Duration::from_secs(30),
-            |_| {
+            |w| {
                 let dir = std::fs::read_dir(&links).ok()?.flatten().next()?.path();
-                (std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len()).then_some(())
+                let attached = std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len();
+                (attached && w.agent_log().matches(READY).count() > ready_before).then_some(())
             },
         );
+    }
+
+    /// The address the running agent's health (`"/healthz"`) or metrics (`"/metrics"`) server
+    /// listens on, from its log.
+    pub fn http_addr(&self, path: &str) -> SocketAddr {
+        let log = self.agent_log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(&format!("serving {path}")))
+            .unwrap_or_else(|| panic!("the agent did not log its {path} server:\n{log}"));
+        line.split("addr=")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// GET `path` from the agent's health or metrics server: status and body.
+    pub fn http_get(&self, server: &str, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(self.http_addr(server)).expect("connecting");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not HTTP: {response:?}"));
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        (status, body)
     }
 
     /// Sends `signal` to the agent and waits for it to exit.

@@ -8,10 +8,9 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError},
 };
 use proxy_common::{
-    counters::Counter,
     maps::{self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue},
 };
 
@@ -126,7 +125,6 @@ pub struct PinnedMaps {
     pub v4: FamilyMaps<AddrV4>,
     pub v6: FamilyMaps<AddrV6>,
     pub labels: HashMap<MapData, u32, ServiceLabel>,
-    pub counters: PerCpuArray<MapData, u64>,
 }
 
 impl PinnedMaps {
@@ -135,22 +133,6 @@ impl PinnedMaps {
             v4: FamilyMaps::open(dir)?,
             v6: FamilyMaps::open(dir)?,
             labels: typed(dir, names::SERVICE_LABELS)?,
-            counters: typed(dir, names::COUNTERS)?,
         })
-    }
-
-    /// Datapath counters summed over CPUs, in `Counter::ALL` order.
-    pub fn counters(&self) -> Vec<(Counter, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*c, total)
-            })
-            .collect()
     }
 }

@@ -4,6 +4,7 @@ pub mod host;
 pub mod loader;
 pub mod maps;
 pub mod reader;
+pub mod readings;
 pub mod sockets;
 pub mod sys;
 pub mod writer;

@@ -1,6 +1,6 @@
-//! The two bpf(2) commands aya does not wrap: opening a pinned object by path and swapping the
+//! The bpf(2) commands aya does not wrap: opening a pinned object by path, swapping the
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
-//! no instant where the hook is detached.
+//! no instant where the hook is detached, and walking any map's keys without knowing its types.
 
 use std::{
     ffi::CString,
@@ -12,6 +12,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -24,6 +25,16 @@ struct ObjGetAttr {
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
+}
+
+/// `union bpf_attr` member for BPF_MAP_GET_NEXT_KEY.
+#[repr(C)]
+#[derive(Default)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
 }
 
 /// `union bpf_attr` member for BPF_LINK_UPDATE.
@@ -75,4 +86,30 @@ pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Counts a hash map's entries by walking its keys (one syscall per entry). At most
+/// `max_entries` steps: a walk that races deletions may restart, and must still end.
+pub fn map_entries(map: impl AsFd, key_size: usize, max_entries: u32) -> io::Result<u64> {
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut count = 0u64;
+    let mut first = true;
+    while count < u64::from(max_entries) {
+        let mut attr = NextKeyAttr {
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        std::mem::swap(&mut key, &mut next);
+        first = false;
+        count += 1;
+    }
+    Ok(count)
 }

@@ -1,0 +1,162 @@
+//! kube-proxy's health model (pkg/proxy/healthcheck/proxy_health.go), kept free of I/O so the
+//! rules are unit-tested: the proxy is healthy unless a change has been waiting longer than the
+//! health timeout (2 × the sync period) for a successful sync. A periodic resync queues a change
+//! every period, so a proxy whose syncs keep failing, or whose loop is stuck, turns unhealthy
+//! within two periods. `/healthz` also reports unhealthy while this node is being deleted
+//! (deletionTimestamp, or the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint), so
+//! load balancers drain it; `/livez` ignores that.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+#[derive(Debug)]
+struct State {
+    last_updated: Option<SystemTime>,
+    oldest_pending: Option<SystemTime>,
+    node_eligible: bool,
+}
+
+#[derive(Debug)]
+pub struct Health {
+    timeout: Duration,
+    state: Mutex<State>,
+}
+
+/// The JSON body kube-proxy serves on `/healthz` and `/livez`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// RFC 3339; empty before the first successful sync, as kube-proxy's zero time would be
+    /// meaningless.
+    pub last_updated: String,
+    pub current_time: String,
+    pub node_eligible: bool,
+    #[serde(skip)]
+    pub healthy: bool,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl Health {
+    /// `timeout`: kube-proxy uses 2 × its sync period.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            state: Mutex::new(State {
+                last_updated: None,
+                oldest_pending: None,
+                node_eligible: true,
+            }),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        // A panic while holding this lock cannot leave the state inconsistent (plain fields).
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut state)
+    }
+
+    /// A change arrived that a sync must still apply.
+    pub fn queued(&self, now: SystemTime) {
+        self.with(|s| {
+            s.oldest_pending.get_or_insert(now);
+        });
+    }
+
+    /// A sync applied everything pending without error.
+    pub fn updated(&self, now: SystemTime) {
+        self.with(|s| {
+            s.last_updated = Some(now);
+            s.oldest_pending = None;
+        });
+    }
+
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.with(|s| s.node_eligible = eligible);
+    }
+
+    /// `/healthz` when `include_node` is true, `/livez` when false.
+    pub fn report(&self, now: SystemTime, include_node: bool) -> Report {
+        self.with(|s| {
+            let synced = s
+                .oldest_pending
+                .is_none_or(|since| now.duration_since(since).unwrap_or_default() < self.timeout);
+            Report {
+                last_updated: s.last_updated.map(rfc3339).unwrap_or_default(),
+                current_time: rfc3339(now),
+                node_eligible: s.node_eligible,
+                healthy: synced && (!include_node || s.node_eligible),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_secs(30);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn healthy_at_start_and_while_nothing_is_pending() {
+        let h = Health::new(2 * PERIOD);
+        assert!(h.report(at(0), true).healthy);
+        h.updated(at(1));
+        // Old syncs are fine when nothing waits: kube-proxy reports healthy too.
+        assert!(h.report(at(10_000), true).healthy);
+    }
+
+    #[test]
+    fn unhealthy_once_a_change_waits_longer_than_twice_the_sync_period() {
+        let h = Health::new(2 * PERIOD);
+        h.updated(at(0));
+        h.queued(at(10));
+        assert!(h.report(at(69), true).healthy);
+        let late = h.report(at(70), true);
+        assert!(!late.healthy);
+        assert!(!h.report(at(70), false).healthy, "livez too: the proxy itself is stuck");
+        h.updated(at(71));
+        assert!(h.report(at(72), true).healthy);
+    }
+
+    #[test]
+    fn the_oldest_pending_change_counts_not_the_newest() {
+        let h = Health::new(2 * PERIOD);
+        h.queued(at(0));
+        h.queued(at(50));
+        assert!(!h.report(at(61), true).healthy);
+    }
+
+    #[test]
+    fn a_node_being_deleted_fails_healthz_but_not_livez() {
+        let h = Health::new(2 * PERIOD);
+        h.set_node_eligible(false);
+        let healthz = h.report(at(0), true);
+        assert!(!healthz.healthy && !healthz.node_eligible);
+        assert!(h.report(at(0), false).healthy);
+    }
+
+    #[test]
+    fn report_serialises_like_kube_proxy() {
+        let h = Health::new(2 * PERIOD);
+        h.updated(at(0));
+        let json = serde_json::to_value(h.report(at(5), true)).unwrap();
+        assert_eq!(json["lastUpdated"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(json["currentTime"], "2023-11-14T22:13:25.000Z");
+        assert_eq!(json["nodeEligible"], true);
+        assert!(json.get("healthy").is_none());
+    }
+}

@@ -1,0 +1,270 @@
+//! Day-two behaviour an operator replacing kube-proxy relies on: restarts without disruption,
+//! kube-proxy's health and metrics endpoints, clean uninstall, full maps.
+
+use std::time::Duration;
+
+use bpf_kube_proxy::{model::Protocol, sandbox::probe::ProbeMode};
+use integration_tests::{
+    HTTP_PORT, UDP_PORT, World, addr, identity,
+    manifests::{Ep, docs, service, slice},
+    spread,
+};
+use nix::sys::signal::Signal;
+
+const VIP: &str = "10.96.0.10";
+const PORTS: [(&str, u16, &str); 2] = [("http", HTTP_PORT, "TCP"), ("dns", UDP_PORT, "UDP")];
+
+fn web(world: &World, extra_spec: &str, pods: &[&str], slice_annotations: &str) -> String {
+    let eps: Vec<Ep> = pods.iter().map(|p| Ep::ready(&world.ip(p))).collect();
+    let slice = slice("web-1", "web", false, &PORTS, &eps).replacen(
+        "metadata:\n",
+        &format!("metadata:\n  annotations: {{{slice_annotations}}}\n"),
+        1,
+    );
+    docs(&[
+        service("web", &[VIP], &[("http", 80, "TCP"), ("dns", 53, "UDP")], extra_spec),
+        slice,
+    ])
+}
+
+fn started(pods: &[&str], extra_spec: &str, agent_args: &[&str]) -> World {
+    let mut world = World::new(pods);
+    world.write("web.yaml", &web(&world, extra_spec, pods, ""));
+    world.agent_args(agent_args);
+    world.start_agent();
+    world.wait_for_backends(VIP, 80, Protocol::Tcp, pods.len());
+    world
+}
+
+/// The value of one sample line of the metrics text (`name{labels} value`).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn sigkill_and_restart_under_load_fail_no_connection_and_keep_affinity() {
+    let affinity = "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}";
+    let mut world = started(&["be1", "be2", "be3"], affinity, &[]);
+    let before = spread(&world.probe(&addr(VIP, 80), ProbeMode::Tcp, 5));
+    assert_eq!(before.len(), 1, "affinity holds: {before:?}");
+
+    // New TCP connections, connected UDP and unconnected UDP keep flowing all along.
+    let tcp = world.spawn_probe(&addr(VIP, 80), ProbeMode::Tcp, 500, 10);
+    let udp = world.spawn_probe(&addr(VIP, 53), ProbeMode::Udp, 500, 10);
+    let udp_connected = world.spawn_probe(&addr(VIP, 53), ProbeMode::UdpConnected, 500, 10);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        world.stop_agent(Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(200));
+        world.start_agent();
+    }
+    for (what, prober) in [("tcp", tcp), ("udp", udp), ("udp-connected", udp_connected)] {
+        let attempts = prober.results();
+        let failed: Vec<_> = attempts.iter().filter(|a| !a.ok).collect();
+        assert_eq!(attempts.len(), 500, "{what}");
+        assert!(failed.is_empty(), "{what}: {} of 500 failed: {failed:?}", failed.len());
+    }
+    let after = spread(&world.probe(&addr(VIP, 80), ProbeMode::Tcp, 5));
+    assert_eq!(after, before, "the client keeps its backend across restarts");
+    let log = world.agent_log();
+    assert!(log.contains("adopting datapath state from pinned maps"), "{log}");
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_serving_and_cleanup_removes_everything() {
+    let mut world = started(&["be1"], "", &[]);
+    world.stop_agent(Signal::SIGTERM);
+    assert!(
+        world.agent_log().contains("the datapath stays in place"),
+        "{}",
+        world.agent_log()
+    );
+    let attempts = world.probe(&addr(VIP, 80), ProbeMode::Tcp, 3);
+    assert!(attempts.iter().all(|a| a.ok), "no agent, still served: {attempts:?}");
+
+    let out = std::process::Command::new(integration_tests::binary())
+        .args(["cleanup", "--pin-dir"])
+        .arg(world.pin_dir())
+        .output()
+        .expect("running cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!world.pin_dir().exists(), "pins removed");
+    // The programs are gone: the VIP is an ordinary, unrouted address again.
+    let attempts = world.probe(&addr(VIP, 80), ProbeMode::Tcp, 1);
+    assert_eq!(attempts[0].errno, Some(libc::ENETUNREACH), "{attempts:?}");
+}
+
+#[test]
+fn health_and_metrics_are_served_like_kube_proxy() {
+    let world = started(&["be1", "be2"], "", &["--sync-period", "1s"]);
+    let (status, body) = world.http_get("/healthz", "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(health["nodeEligible"], true);
+    for field in ["lastUpdated", "currentTime"] {
+        let text = health[field].as_str().unwrap_or_default();
+        assert!(humantime::parse_rfc3339(text).is_ok(), "{field}: {text:?}");
+    }
+    assert_eq!(world.http_get("/healthz", "/livez").0, 200);
+    assert_eq!(world.http_get("/metrics", "/proxyMode"), (200, "ebpf".to_string()));
+
+    // Traffic shows up in the datapath's own counters.
+    assert!(world.probe(&addr(VIP, 80), ProbeMode::Tcp, 7).iter().all(|a| a.ok));
+    assert!(refused_once(&world));
+    let (status, metrics) = world.http_get("/metrics", "/metrics");
+    assert_eq!(status, 200);
+    for series in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "kubeproxy_proxy_healthz_total{code=\"200\"}",
+        "kubeproxy_proxy_livez_total{code=\"200\"}",
+        "bpf_kube_proxy_map_capacity{map=\"bkp_svc_v4\"}",
+    ] {
+        assert!(sample(&metrics, series).is_some(), "no {series} in\n{metrics}");
+    }
+    let forwarded = sample(&metrics, "bpf_kube_proxy_datapath_events_total{reason=\"sock_forward\"}");
+    assert!(forwarded.is_some_and(|n| n >= 7.0), "{forwarded:?}");
+    let unknown = sample(&metrics, "bpf_kube_proxy_datapath_events_total{reason=\"sock_reject_unknown_port\"}");
+    assert!(unknown.is_some_and(|n| n >= 1.0), "{unknown:?}");
+    // 2 ports + the ClusterIP guard, plus 2 slots each for the ports.
+    let entries = sample(&metrics, "bpf_kube_proxy_map_entries{map=\"bkp_svc_v4\"}");
+    assert_eq!(entries, Some(7.0));
+    assert_eq!(
+        sample(&metrics, "bpf_kube_proxy_map_entries{map=\"bkp_be_v4\"}"),
+        Some(4.0)
+    );
+    // The periodic sync runs every second.
+    let last = sample(&metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, later) = world.http_get("/metrics", "/metrics");
+    assert!(sample(&later, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > last);
+}
+
+/// One connect to a port the Service does not serve; true when it was refused.
+fn refused_once(world: &World) -> bool {
+    world.probe(&addr(VIP, 81), ProbeMode::Tcp, 1)[0].errno == Some(libc::ECONNREFUSED)
+}
+
+#[test]
+fn network_programming_latency_is_measured_from_the_slice_trigger_time() {
+    let mut world = started(&["be1", "be2"], "", &[]);
+    // Trigger times from before the agent started are not counted: let it be older than 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    let trigger = humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(2));
+    let annotation = format!("endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"");
+    world.write("web.yaml", &web(&world, "", &["be1"], &annotation));
+    world.wait_for_backends(VIP, 80, Protocol::Tcp, 1);
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    let count = sample(&metrics, "kubeproxy_network_programming_duration_seconds_count");
+    let sum = sample(&metrics, "kubeproxy_network_programming_duration_seconds_sum");
+    assert!(count.is_some_and(|c| c >= 1.0), "{metrics}");
+    // At least the two seconds between the trigger and the write, at most a few more.
+    assert!(sum.is_some_and(|s| (2.0..30.0).contains(&s)), "{sum:?}");
+}
+
+#[test]
+fn healthz_fails_but_livez_holds_while_the_node_is_being_deleted() {
+    let mut world = started(&["be1"], "", &[]);
+    let node = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}, deletionTimestamp: \"2026-01-01T00:00:00Z\"}}\n",
+        integration_tests::NODE_NAME
+    );
+    world.write("node.yaml", &node);
+    world.wait_until("/healthz to fail", Duration::from_secs(10), |w| {
+        (w.http_get("/healthz", "/healthz").0 == 503).then_some(())
+    });
+    let (_, body) = world.http_get("/healthz", "/healthz");
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    assert_eq!(world.http_get("/healthz", "/livez").0, 200);
+}
+
+#[test]
+fn a_full_map_leaves_no_half_programmed_service_is_counted_and_fails_healthz() {
+    // Room for web (2 ports × (1 + 1 slot) + its guard = 5 entries) and little more.
+    let mut world = started(&["be1"], "", &["--map-size-services", "6", "--sync-period", "1s"]);
+    let eps = [Ep::ready(&world.ip("be1"))];
+    world.write(
+        "api.yaml",
+        &docs(&[
+            service("api", &["10.96.0.11"], &[("http", 80, "TCP")], ""),
+            slice("api-1", "api", false, &PORTS[..1], &eps),
+        ]),
+    );
+    world.wait_until("the refusal to be logged", Duration::from_secs(10), |w| {
+        w.agent_log()
+            .contains("Service test/api could not be programmed: map bkp_svc_v4 would need")
+            .then_some(())
+    });
+    let snapshot = world.snapshot().expect("pinned maps");
+    assert!(
+        snapshot.frontends.iter().all(|f| f.service != "test/api"),
+        "nothing of api was written"
+    );
+    assert!(world.probe(&addr(VIP, 80), ProbeMode::Tcp, 3).iter().all(|a| a.ok), "web still served");
+    world.wait_until("/healthz to fail", Duration::from_secs(10), |w| {
+        (w.http_get("/healthz", "/healthz").0 == 503).then_some(())
+    });
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    assert!(sample(&metrics, "bpf_kube_proxy_map_full_total").is_some_and(|n| n >= 1.0));
+
+    // Room appears (web loses its dns port): api is programmed on a following sync.
+    world.write(
+        "web.yaml",
+        &docs(&[
+            service("web", &[VIP], &[("http", 80, "TCP")], ""),
+            slice("web-1", "web", false, &PORTS[..1], &eps),
+        ]),
+    );
+    world.wait_for_backends("10.96.0.11", 80, Protocol::Tcp, 1);
+    assert_eq!(identity(&world.probe(&addr("10.96.0.11", 80), ProbeMode::Tcp, 1)[0]).backend, "be1");
+    world.wait_until("/healthz to recover", Duration::from_secs(10), |w| {
+        (w.http_get("/healthz", "/healthz").0 == 200).then_some(())
+    });
+}
+
+#[test]
+fn config_file_is_read_as_kube_proxy_writes_it_and_an_invalid_one_stops_the_agent() {
+    let mut world = World::new(&["be1"]);
+    world.write("web.yaml", &web(&world, "", &["be1"], ""));
+    let config = world.manifest_dir().with_extension("kube-proxy.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: iptables\n\
+         syncPeriod: 1s\nconntrack: {udpTimeout: 30s}\n",
+    )
+    .unwrap();
+    world.agent_args(&["--config", config.to_str().unwrap()]);
+    world.start_agent();
+    let log = world.agent_log();
+    for expected in [
+        "mode is ignored: the mode is always ebpf",
+        "conntrack.udpTimeout is ignored",
+    ] {
+        assert_eq!(log.matches(expected).count(), 1, "{expected:?} once in\n{log}");
+    }
+    world.stop_agent(Signal::SIGTERM);
+
+    std::fs::write(&config, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriodd: 1s\n").unwrap();
+    let out = std::process::Command::new(integration_tests::binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .args(["--manifests", "/nonexistent"])
+        .output()
+        .expect("running the agent");
+    let _ = std::fs::remove_file(&config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid config file") && stderr.contains("unknown field \"syncPeriodd\""),
+        "{stderr}"
+    );
+}
