@@ -62,6 +62,7 @@ pub mod scope {
 /// Services map key. `slot == 0` addresses the frontend entry; `1..=count` its backend slots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceKey<A> {
     pub addr: A,
     pub port: u16,
@@ -99,6 +100,7 @@ pub mod svc_flags {
 /// self-describing in a dump).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceValue {
     pub backend_id: u32,
     /// Number of backend slots. Zero on a frontend entry means "reject": the service exists
@@ -121,6 +123,7 @@ pub mod backend_flags {
 /// Backends map value, keyed by a `u32` backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Backend<A> {
     pub addr: A,
     pub port: u16,
@@ -131,6 +134,7 @@ pub struct Backend<A> {
 /// Reverse-NAT map value, keyed by a `u32` rev-NAT id: the frontend a reply must appear from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct RevNat<A> {
     pub addr: A,
     pub port: u16,
@@ -149,6 +153,7 @@ pub const fn halves(value: u64) -> [u32; 2] {
 /// padding (a `u64` would align the 28-byte key to 32 with four uninitialised bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct SockRevKey<A> {
     pub cookie: [u32; 2],
     pub addr: A,
@@ -174,6 +179,7 @@ impl<A> SockRevKey<A> {
 /// Socket reverse map value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct SockRevValue<A> {
     pub addr: A,
     pub port: u16,
@@ -189,6 +195,7 @@ pub struct SockRevValue<A> {
 /// node's identity as they would share its IP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct AffinityKey {
     pub netns_cookie: [u32; 2],
     pub rev_nat_id: u32,
@@ -208,6 +215,7 @@ impl AffinityKey {
 /// frontend (a removed backend must not keep its clients).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct AffinityValue {
     pub last_used_ns: u64,
     pub backend_id: u32,
@@ -220,11 +228,25 @@ pub struct AffinityValue {
 /// Both fields are UTF-8, NUL-padded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceLabel {
     /// `namespace/name` (each at most 63 bytes in Kubernetes).
+    #[cfg_attr(feature = "user", serde(serialize_with = "nul_padded"))]
     pub service: [u8; 128],
     /// Service port name (at most 15 bytes in Kubernetes).
+    #[cfg_attr(feature = "user", serde(serialize_with = "nul_padded"))]
     pub port: [u8; 16],
+}
+
+/// The text of a NUL-padded UTF-8 field.
+pub fn nul_padded_text(bytes: &[u8]) -> &str {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    core::str::from_utf8(&bytes[..end]).unwrap_or("")
+}
+
+#[cfg(feature = "user")]
+fn nul_padded<const N: usize, S: serde::Serializer>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(nul_padded_text(bytes))
 }
 
 impl Default for ServiceLabel {

@@ -58,14 +58,26 @@ const IGNORED: &[(&str, &str)] = &[
     ("ipvs", "IPVS mode only"),
     ("winkernel", "Windows only"),
     ("windows", "Windows only"),
-    ("detectLocalMode", "socket-level balancing never masquerades pod traffic"),
-    ("detectLocal", "socket-level balancing never masquerades pod traffic"),
+    (
+        "detectLocalMode",
+        "socket-level balancing never masquerades pod traffic",
+    ),
+    (
+        "detectLocal",
+        "socket-level balancing never masquerades pod traffic",
+    ),
     ("oomScoreAdj", "set it in the DaemonSet"),
     ("portRange", "userspace proxy only"),
     ("logging", "use RUST_LOG"),
     ("bindAddress", "the datapath is always dual-stack"),
-    ("clusterCIDR", "used for masquerading by the tc datapath, which is not built yet"),
-    ("nodePortAddresses", "NodePort is served by the tc datapath, which is not built yet"),
+    (
+        "clusterCIDR",
+        "used for masquerading by the tc datapath, which is not built yet",
+    ),
+    (
+        "nodePortAddresses",
+        "NodePort is served by the tc datapath, which is not built yet",
+    ),
     ("conntrack", "the socket datapath keeps no conntrack state"),
     ("minSyncPeriod", "every change is synced at once"),
 ];
@@ -146,7 +158,13 @@ pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
     let fields = doc
         .as_object()
         .ok_or_else(|| ConfigError::Syntax("the document is not a mapping".into()))?;
-    let text_of = |key: &str| fields.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
+    let text_of = |key: &str| {
+        fields
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     if text_of("apiVersion") != API_VERSION {
         return Err(ConfigError::ApiVersion(text_of("apiVersion")));
     }
@@ -169,7 +187,12 @@ pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
                     if inner == "kubeconfig" {
                         config.kubeconfig = string(&path, v)?.map(PathBuf::from);
                     } else {
-                        ignore(&path, v, "the agent talks to the API server with kube-rs defaults", &mut config.ignored);
+                        ignore(
+                            &path,
+                            v,
+                            "the agent talks to the API server with kube-rs defaults",
+                            &mut config.ignored,
+                        );
                     }
                 }
             }
@@ -296,19 +319,31 @@ nodePortAddresses: null
     #[test]
     fn kubeadm_defaults_parse_with_nothing_set_and_nothing_reported() {
         let c = parse(KUBEADM_DEFAULTS).unwrap();
-        assert_eq!(c.kubeconfig, Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf")));
+        assert_eq!(
+            c.kubeconfig,
+            Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
         // "" means "use the default" for these in kube-proxy's defaulting; here, server off.
         assert_eq!(c.healthz_bind_address, Some(None));
         assert_eq!(c.sync_period, None, "0s in a mode section means unset");
         // bindAddress 0.0.0.0 is kube-proxy's default, but it is a non-zero string.
-        assert_eq!(c.ignored, ["bindAddress is ignored: the datapath is always dual-stack"]);
+        assert_eq!(
+            c.ignored,
+            ["bindAddress is ignored: the datapath is always dual-stack"]
+        );
     }
 
     #[test]
     fn kind_cluster_config_honours_addresses_and_periods_and_reports_the_rest_once_each() {
         let c = parse(KIND_CLUSTER).unwrap();
-        assert_eq!(c.healthz_bind_address, Some(Some("0.0.0.0:10256".parse().unwrap())));
-        assert_eq!(c.metrics_bind_address, Some(Some("0.0.0.0:10249".parse().unwrap())));
+        assert_eq!(
+            c.healthz_bind_address,
+            Some(Some("0.0.0.0:10256".parse().unwrap()))
+        );
+        assert_eq!(
+            c.metrics_bind_address,
+            Some(Some("0.0.0.0:10249".parse().unwrap()))
+        );
         assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
         assert_eq!(c.config_sync_period, Some(Duration::from_secs(900)));
         let ignored: Vec<&str> = c.ignored.iter().map(|l| l.split(' ').next().unwrap()).collect();
@@ -330,22 +365,38 @@ nodePortAddresses: null
         let c = parse(&format!("{KIND_CLUSTER}syncPeriod: 10s\n")).unwrap();
         assert_eq!(c.sync_period, Some(Duration::from_secs(10)));
         let c = parse(&format!("{KIND_CLUSTER}syncPeriod: 0s\n")).unwrap();
-        assert_eq!(c.sync_period, Some(Duration::from_secs(30)), "falls back to iptables.syncPeriod");
+        assert_eq!(
+            c.sync_period,
+            Some(Duration::from_secs(30)),
+            "falls back to iptables.syncPeriod"
+        );
     }
 
     #[test]
     fn invalid_files_are_rejected_with_the_field_named() {
         let cases = [
             ("kind: Pod\napiVersion: v1\n", "apiVersion must be"),
-            ("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: Pod\n", "kind must be"),
+            (
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: Pod\n",
+                "kind must be",
+            ),
             (
                 &KIND_CLUSTER.replace("0.0.0.0:10256", "0.0.0.0")[..],
                 "healthzBindAddress: \"0.0.0.0\" is not IP:port",
             ),
-            (&format!("{KIND_CLUSTER}syncPeriod: soon\n")[..], "syncPeriod: \"soon\""),
-            (&format!("{KIND_CLUSTER}hostnameOveride: x\n")[..], "unknown field \"hostnameOveride\""),
             (
-                &KIND_CLUSTER.replace("clientConnection:\n  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf", "clientConnection: 3")[..],
+                &format!("{KIND_CLUSTER}syncPeriod: soon\n")[..],
+                "syncPeriod: \"soon\"",
+            ),
+            (
+                &format!("{KIND_CLUSTER}hostnameOveride: x\n")[..],
+                "unknown field \"hostnameOveride\"",
+            ),
+            (
+                &KIND_CLUSTER.replace(
+                    "clientConnection:\n  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf",
+                    "clientConnection: 3",
+                )[..],
                 "clientConnection: expected an object",
             ),
             ("apiVersion: [unclosed\n", "not YAML or JSON"),

@@ -127,7 +127,10 @@ mod tests {
         assert!(h.report(at(69), true).healthy);
         let late = h.report(at(70), true);
         assert!(!late.healthy);
-        assert!(!h.report(at(70), false).healthy, "livez too: the proxy itself is stuck");
+        assert!(
+            !h.report(at(70), false).healthy,
+            "livez too: the proxy itself is stuck"
+        );
         h.updated(at(71));
         assert!(h.report(at(72), true).healthy);
     }

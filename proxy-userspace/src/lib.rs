@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod drift;
 pub mod health;
 pub mod inventory;
 pub mod metrics;
@@ -14,7 +15,7 @@ pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod proxier;
-pub mod serve;
 pub mod sandbox;
+pub mod serve;
 pub mod source;
 pub mod translate;

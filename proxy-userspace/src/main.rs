@@ -42,6 +42,35 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: cli::list::Format,
     },
+    /// Show one Service's frontends and backends as the pinned maps hold them.
+    Get {
+        /// NAMESPACE/NAME
+        service: String,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::list::Format,
+    },
+    /// Show a Service's desired state (from manifests or the API server) beside what the maps
+    /// hold, naming every difference.
+    Explain {
+        /// NAMESPACE/NAME
+        service: String,
+        #[command(flatten)]
+        source: cli::inspect::ExplainSource,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::list::Format,
+    },
+    /// Decode every entry of one pinned map (bkp_svc_v4, bkp_be_v4, bkp_affinity, ...).
+    Dump {
+        map: String,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::list::Format,
+    },
     /// Remove the datapath (detach the programs, delete the pinned maps); for uninstalling.
     Cleanup {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -185,7 +214,10 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => path,
         None => host::cgroup2_root()?,
     };
-    let sync_period = args.sync_period.or(file.sync_period).unwrap_or(DEFAULT_SYNC_PERIOD);
+    let sync_period = args
+        .sync_period
+        .or(file.sync_period)
+        .unwrap_or(DEFAULT_SYNC_PERIOD);
     let opts = AgentOptions {
         pin_dir: args.pin_dir,
         cgroup,
@@ -250,6 +282,21 @@ fn main() -> anyhow::Result<()> {
             run_agent(args)?;
         }
         Command::List { pin_dir, output } => cli::list::run(&pin_dir, output)?,
+        Command::Get {
+            service,
+            pin_dir,
+            output,
+        } => cli::inspect::get(&pin_dir, &service, output)?,
+        Command::Explain {
+            service,
+            source,
+            pin_dir,
+            output,
+        } => {
+            init_logging();
+            runtime()?.block_on(cli::inspect::explain(&pin_dir, &service, &source, output))?;
+        }
+        Command::Dump { map, pin_dir, output } => cli::inspect::dump(&pin_dir, &map, output)?,
         Command::Cleanup { pin_dir } => {
             if loader::cleanup(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))? {
                 println!("removed {} (programs detached, maps deleted)", pin_dir.display());

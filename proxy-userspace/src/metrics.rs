@@ -96,7 +96,11 @@ impl Collector for DatapathCollector {
                 "Entries in each pinned map",
                 (|f: &MapFill| f.entries) as fn(&MapFill) -> u64,
             ),
-            ("bpf_kube_proxy_map_capacity", "max_entries of each pinned map", |f| f.capacity),
+            (
+                "bpf_kube_proxy_map_capacity",
+                "max_entries of each pinned map",
+                |f| f.capacity,
+            ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for f in &fill {

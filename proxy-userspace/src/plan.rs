@@ -1062,7 +1062,15 @@ mod tests {
         let out = p.plan_service(&svc("api"), Some(&api));
         assert!(out.plan.is_empty(), "no half-programmed Service: {:?}", out.plan);
         assert!(
-            matches!(&out.issues[..], [PlanIssue::MapFull { map: "bkp_svc_v4", needed: 7, capacity: 6, .. }]),
+            matches!(
+                &out.issues[..],
+                [PlanIssue::MapFull {
+                    map: "bkp_svc_v4",
+                    needed: 7,
+                    capacity: 6,
+                    ..
+                }]
+            ),
             "{:?}",
             out.issues
         );

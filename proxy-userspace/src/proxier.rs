@@ -66,7 +66,11 @@ pub struct Proxier<S> {
 pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
-    let value = slice.metadata.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    let value = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TRIGGER_TIME)?;
     humantime::parse_rfc3339_weak(value).ok()
 }
 
@@ -222,7 +226,10 @@ impl<S: PlanSink> Proxier<S> {
         // Changes from before this agent started were programmed by someone else (or by the
         // pinned state); counting them would report the downtime as programming latency.
         if self.seen_triggers.insert(key, trigger) != Some(trigger) && trigger >= self.started {
-            self.triggers.entry(slice.service.clone()).or_default().push(trigger);
+            self.triggers
+                .entry(slice.service.clone())
+                .or_default()
+                .push(trigger);
         }
     }
 
@@ -250,13 +257,16 @@ impl<S: PlanSink> Proxier<S> {
 
     pub fn remove_slice(&mut self, namespace: &str, name: &str) {
         let owner = self.inventory.remove_slice(namespace, name);
-        self.seen_triggers.remove(&(namespace.to_string(), name.to_string()));
+        self.seen_triggers
+            .remove(&(namespace.to_string(), name.to_string()));
         self.record_endpoint_changes(owner);
     }
 
     pub fn set_node(&mut self, node: Option<&Node>) {
         let info = node_info(&self.inventory.node().name, node);
-        self.metrics.health.set_node_eligible(node.is_none_or(node_eligible));
+        self.metrics
+            .health
+            .set_node_eligible(node.is_none_or(node_eligible));
         let touched = self.inventory.set_node(info);
         self.record_service_changes(touched);
     }
@@ -350,7 +360,9 @@ impl<S: PlanSink> Proxier<S> {
             if planned.contains(&name) {
                 for trigger in triggers {
                     let latency = now.duration_since(trigger).unwrap_or_default();
-                    self.metrics.network_programming_duration.observe(latency.as_secs_f64());
+                    self.metrics
+                        .network_programming_duration
+                        .observe(latency.as_secs_f64());
                 }
             }
         }

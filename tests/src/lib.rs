@@ -239,15 +239,11 @@ impl World {
             .expect("starting the agent");
         self.agent = Some(AgentProcess(child));
         let links = self.pin_dir().join("links");
-        self.wait_until(
-            "the agent to attach its programs",
-            Duration::from_secs(30),
-            |w| {
-                let dir = std::fs::read_dir(&links).ok()?.flatten().next()?.path();
-                let attached = std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len();
-                (attached && w.agent_log().matches(READY).count() > ready_before).then_some(())
-            },
-        );
+        self.wait_until("the agent to attach its programs", Duration::from_secs(30), |w| {
+            let dir = std::fs::read_dir(&links).ok()?.flatten().next()?.path();
+            let attached = std::fs::read_dir(dir).ok()?.count() == loader::SOCKET_PROGRAMS.len();
+            (attached && w.agent_log().matches(READY).count() > ready_before).then_some(())
+        });
     }
 
     /// The address the running agent's health (`"/healthz"`) or metrics (`"/metrics"`) server

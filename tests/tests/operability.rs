@@ -22,7 +22,12 @@ fn web(world: &World, extra_spec: &str, pods: &[&str], slice_annotations: &str) 
         1,
     );
     docs(&[
-        service("web", &[VIP], &[("http", 80, "TCP"), ("dns", 53, "UDP")], extra_spec),
+        service(
+            "web",
+            &[VIP],
+            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+            extra_spec,
+        ),
         slice,
     ])
 }
@@ -65,7 +70,11 @@ fn sigkill_and_restart_under_load_fail_no_connection_and_keep_affinity() {
         let attempts = prober.results();
         let failed: Vec<_> = attempts.iter().filter(|a| !a.ok).collect();
         assert_eq!(attempts.len(), 500, "{what}");
-        assert!(failed.is_empty(), "{what}: {} of 500 failed: {failed:?}", failed.len());
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of 500 failed: {failed:?}",
+            failed.len()
+        );
     }
     let after = spread(&world.probe(&addr(VIP, 80), ProbeMode::Tcp, 5));
     assert_eq!(after, before, "the client keeps its backend across restarts");
@@ -83,7 +92,10 @@ fn sigterm_leaves_the_datapath_serving_and_cleanup_removes_everything() {
         world.agent_log()
     );
     let attempts = world.probe(&addr(VIP, 80), ProbeMode::Tcp, 3);
-    assert!(attempts.iter().all(|a| a.ok), "no agent, still served: {attempts:?}");
+    assert!(
+        attempts.iter().all(|a| a.ok),
+        "no agent, still served: {attempts:?}"
+    );
 
     let out = std::process::Command::new(integration_tests::binary())
         .args(["cleanup", "--pin-dir"])
@@ -109,10 +121,18 @@ fn health_and_metrics_are_served_like_kube_proxy() {
         assert!(humantime::parse_rfc3339(text).is_ok(), "{field}: {text:?}");
     }
     assert_eq!(world.http_get("/healthz", "/livez").0, 200);
-    assert_eq!(world.http_get("/metrics", "/proxyMode"), (200, "ebpf".to_string()));
+    assert_eq!(
+        world.http_get("/metrics", "/proxyMode"),
+        (200, "ebpf".to_string())
+    );
 
     // Traffic shows up in the datapath's own counters.
-    assert!(world.probe(&addr(VIP, 80), ProbeMode::Tcp, 7).iter().all(|a| a.ok));
+    assert!(
+        world
+            .probe(&addr(VIP, 80), ProbeMode::Tcp, 7)
+            .iter()
+            .all(|a| a.ok)
+    );
     assert!(refused_once(&world));
     let (status, metrics) = world.http_get("/metrics", "/metrics");
     assert_eq!(status, 200);
@@ -130,9 +150,15 @@ fn health_and_metrics_are_served_like_kube_proxy() {
     ] {
         assert!(sample(&metrics, series).is_some(), "no {series} in\n{metrics}");
     }
-    let forwarded = sample(&metrics, "bpf_kube_proxy_datapath_events_total{reason=\"sock_forward\"}");
+    let forwarded = sample(
+        &metrics,
+        "bpf_kube_proxy_datapath_events_total{reason=\"sock_forward\"}",
+    );
     assert!(forwarded.is_some_and(|n| n >= 7.0), "{forwarded:?}");
-    let unknown = sample(&metrics, "bpf_kube_proxy_datapath_events_total{reason=\"sock_reject_unknown_port\"}");
+    let unknown = sample(
+        &metrics,
+        "bpf_kube_proxy_datapath_events_total{reason=\"sock_reject_unknown_port\"}",
+    );
     assert!(unknown.is_some_and(|n| n >= 1.0), "{unknown:?}");
     // 2 ports + the ClusterIP guard, plus 2 slots each for the ports.
     let entries = sample(&metrics, "bpf_kube_proxy_map_entries{map=\"bkp_svc_v4\"}");
@@ -208,7 +234,13 @@ fn a_full_map_leaves_no_half_programmed_service_is_counted_and_fails_healthz() {
         snapshot.frontends.iter().all(|f| f.service != "test/api"),
         "nothing of api was written"
     );
-    assert!(world.probe(&addr(VIP, 80), ProbeMode::Tcp, 3).iter().all(|a| a.ok), "web still served");
+    assert!(
+        world
+            .probe(&addr(VIP, 80), ProbeMode::Tcp, 3)
+            .iter()
+            .all(|a| a.ok),
+        "web still served"
+    );
     world.wait_until("/healthz to fail", Duration::from_secs(10), |w| {
         (w.http_get("/healthz", "/healthz").0 == 503).then_some(())
     });
@@ -224,7 +256,10 @@ fn a_full_map_leaves_no_half_programmed_service_is_counted_and_fails_healthz() {
         ]),
     );
     world.wait_for_backends("10.96.0.11", 80, Protocol::Tcp, 1);
-    assert_eq!(identity(&world.probe(&addr("10.96.0.11", 80), ProbeMode::Tcp, 1)[0]).backend, "be1");
+    assert_eq!(
+        identity(&world.probe(&addr("10.96.0.11", 80), ProbeMode::Tcp, 1)[0]).backend,
+        "be1"
+    );
     world.wait_until("/healthz to recover", Duration::from_secs(10), |w| {
         (w.http_get("/healthz", "/healthz").0 == 200).then_some(())
     });
@@ -252,7 +287,11 @@ fn config_file_is_read_as_kube_proxy_writes_it_and_an_invalid_one_stops_the_agen
     }
     world.stop_agent(Signal::SIGTERM);
 
-    std::fs::write(&config, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriodd: 1s\n").unwrap();
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriodd: 1s\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(integration_tests::binary())
         .arg("run")
         .arg("--config")
@@ -267,4 +306,85 @@ fn config_file_is_read_as_kube_proxy_writes_it_and_an_invalid_one_stops_the_agen
         stderr.contains("invalid config file") && stderr.contains("unknown field \"syncPeriodd\""),
         "{stderr}"
     );
+}
+
+fn cli(world: &World, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(integration_tests::binary())
+        .args(args)
+        .arg("--pin-dir")
+        .arg(world.pin_dir())
+        .output()
+        .expect("running the CLI");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn get_explain_and_dump_show_the_maps_and_name_any_drift() {
+    let mut world = started(&["be1", "be2"], "", &[]);
+    let (ok, text) = cli(&world, &["get", "test/web", "-o", "json"]);
+    assert!(ok, "{text}");
+    let got: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let frontends: Vec<&str> = got["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["port_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        frontends,
+        ["*", "dns", "http"],
+        "two ports and the ClusterIP guard"
+    );
+
+    let manifests = world.manifest_dir().to_str().unwrap().to_string();
+    let explain = [
+        "explain",
+        "test/web",
+        "--manifests",
+        &manifests,
+        "--hostname-override",
+    ];
+    let explain: Vec<&str> = explain
+        .into_iter()
+        .chain([integration_tests::NODE_NAME])
+        .collect();
+    let (ok, text) = cli(&world, &explain);
+    assert!(ok && text.contains("in sync"), "{text}");
+
+    // The source changes while no agent runs: explain names the difference.
+    world.stop_agent(Signal::SIGTERM);
+    world.write("web.yaml", &web(&world, "", &["be1"], ""));
+    let (ok, text) = cli(&world, &explain);
+    let gone = addr(&world.ip("be2"), HTTP_PORT);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "10.96.0.10:80/TCP: backend {gone}/TCP in the maps, not wanted"
+        )),
+        "{text}"
+    );
+
+    let (ok, text) = cli(&world, &["dump", "bkp_svc_v4", "-o", "json"]);
+    assert!(ok, "{text}");
+    let rows: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["key"]["addr"] == serde_json::json!([10, 96, 0, 10])
+                && r["key"]["port"] == 80
+                && r["value"]["count"] == 2),
+        "{rows}"
+    );
+    let (ok, text) = cli(&world, &["dump", "bkp_svc_names"]);
+    assert!(ok && text.contains("\"service\":\"test/web\""), "{text}");
+    let (ok, text) = cli(&world, &["dump", "bkp_counters"]);
+    assert!(ok && text.contains("\"sock_forward\""), "{text}");
+    let (ok, text) = cli(&world, &["dump", "bkp_nope"]);
+    assert!(!ok && text.contains("the maps are: bkp_svc_v4"), "{text}");
 }

@@ -254,7 +254,12 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
         .arg(&pin_dir)
         .args(["--hostname-override", NODE_NAME])
         // Never clash with a kube-proxy (or another demo) on this machine.
-        .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

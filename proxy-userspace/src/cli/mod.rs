@@ -1,4 +1,5 @@
 //! Subcommands other than `run`.
 
 pub mod demo;
+pub mod inspect;
 pub mod list;

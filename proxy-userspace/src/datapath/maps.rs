@@ -10,8 +10,8 @@ use aya::{
     Pod,
     maps::{HashMap, Map, MapData, MapError},
 };
-use proxy_common::{
-    maps::{self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue},
+use proxy_common::maps::{
+    self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -129,11 +129,6 @@ fn read_all<K: Pod + Eq + std::hash::Hash, V: Pod>(
         .map_err(|source| ReadError { map: name, source })
 }
 
-fn text(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
 fn read_family<A: FamilyAddr + Eq + std::hash::Hash>(
     maps: &FamilyMaps<A>,
     labels: &HashMap<u32, ServiceLabel>,
@@ -193,8 +188,12 @@ where
                 port: key.port,
                 protocol,
             },
-            service: label.map(|l| text(&l.service)).unwrap_or_default(),
-            port_name: label.map(|l| text(&l.port)).unwrap_or_default(),
+            service: label
+                .map(|l| proxy_common::maps::nul_padded_text(&l.service).to_string())
+                .unwrap_or_default(),
+            port_name: label
+                .map(|l| proxy_common::maps::nul_padded_text(&l.port).to_string())
+                .unwrap_or_default(),
             rev_nat_id: value.rev_nat_id,
             affinity_timeout: (value.flags & svc_flags::AFFINITY != 0).then_some(value.affinity_timeout_s),
             backends: views,

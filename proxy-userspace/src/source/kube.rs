@@ -19,7 +19,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use super::ObjectKind;
+use super::{ObjectKind, Snapshot};
 use crate::translate::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +123,24 @@ pub fn events(
         KubeEvent::Node,
     );
     futures::stream::select_all([services, slices, node])
+}
+
+/// One read of everything [`events`] watches (for `explain`, which needs no watch).
+pub async fn list_once(
+    client: Client,
+    node_name: &str,
+    service_proxy_name: Option<&str>,
+) -> Result<Snapshot, kube::Error> {
+    let selector = kube::api::ListParams::default().labels(&label_selector(service_proxy_name));
+    let node = kube::api::ListParams::default().fields(&format!("metadata.name={node_name}"));
+    Ok(Snapshot {
+        services: Api::<Service>::all(client.clone()).list(&selector).await?.items,
+        slices: Api::<EndpointSlice>::all(client.clone())
+            .list(&selector)
+            .await?
+            .items,
+        nodes: Api::<Node>::all(client).list(&node).await?.items,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,262 @@
+//! `get`, `explain` and `dump`: one Service from the maps, one Service's desired state beside
+//! the maps, and any pinned map decoded entry by entry.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, PerCpuArray},
+};
+use bpf_kube_proxy::{
+    datapath::{
+        maps::{PinnedMaps, typed},
+        reader::{FrontendView, Snapshot},
+    },
+    drift::{Drift, drift},
+    metrics::Metrics,
+    model::{ServiceEntry, ServiceName},
+    plan::{Plan, Planner},
+    proxier::{PlanSink, Proxier},
+    source::{self, manifests::ManifestSet},
+    translate::TranslateOptions,
+};
+use proxy_common::{
+    counters::Counter,
+    maps::{self as names},
+};
+use serde::Serialize;
+
+use super::list::{Format, table};
+
+fn parse_name(text: &str) -> anyhow::Result<ServiceName> {
+    let (ns, name) = text
+        .split_once('/')
+        .with_context(|| format!("{text:?}: expected NAMESPACE/NAME"))?;
+    Ok(ServiceName::new(ns, name))
+}
+
+fn frontends_of(snapshot: Snapshot, service: &ServiceName) -> Snapshot {
+    let label = service.to_string();
+    Snapshot {
+        frontends: snapshot
+            .frontends
+            .into_iter()
+            .filter(|f| f.service == label)
+            .collect(),
+        orphan_backends: Vec::new(),
+    }
+}
+
+pub fn get(pin_dir: &Path, service: &str, format: Format) -> anyhow::Result<()> {
+    let service = parse_name(service)?;
+    let snapshot = frontends_of(Snapshot::read(&PinnedMaps::open(pin_dir)?)?, &service);
+    anyhow::ensure!(
+        !snapshot.frontends.is_empty(),
+        "the maps under {} hold no frontend of {service}",
+        pin_dir.display()
+    );
+    match format {
+        Format::Table => print!("{}", table(&snapshot)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&snapshot)?),
+    }
+    Ok(())
+}
+
+/// Where `explain` reads the desired state from.
+#[derive(Debug, clap::Args)]
+pub struct ExplainSource {
+    /// Manifests, as given to `run --manifests`.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig (default: in-cluster, KUBECONFIG, ~/.kube/config), when not --manifests.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as given to `run`.
+    #[arg(long, env = "NODE_NAME")]
+    pub hostname_override: Option<String>,
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+}
+
+/// Plans are never applied here: `explain` only asks the proxier what it would program.
+struct Discard;
+
+impl PlanSink for Discard {
+    fn apply(&mut self, _plan: &Plan) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+async fn desired(source: &ExplainSource, service: &ServiceName) -> anyhow::Result<Option<ServiceEntry>> {
+    let node = match &source.hostname_override {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let snapshot = match &source.manifests {
+        Some(path) => {
+            let mut set = ManifestSet::new(path);
+            for e in set.reload().1 {
+                tracing::warn!("{e}");
+            }
+            set.snapshot()
+        }
+        None => {
+            let client = source::kube::client(source.kubeconfig.as_deref()).await?;
+            source::kube::list_once(client, &node, source.service_proxy_name.as_deref())
+                .await
+                .context("listing from the API server")?
+        }
+    };
+    let opts = TranslateOptions {
+        service_proxy_name: source.service_proxy_name.clone(),
+    };
+    let metrics = Metrics::new(Duration::from_secs(60));
+    let mut proxier = Proxier::new(&node, opts, Planner::new(), Discard, Arc::clone(&metrics));
+    proxier.replace_all(&snapshot);
+    Ok(proxier.inventory().desired(service))
+}
+
+#[derive(Serialize)]
+struct Explanation<'a> {
+    service: String,
+    desired: Option<Vec<DesiredFrontend>>,
+    programmed: &'a [FrontendView],
+    drift: Vec<Drift>,
+}
+
+#[derive(Serialize)]
+struct DesiredFrontend {
+    frontend: String,
+    backends: Vec<String>,
+    affinity_timeout: Option<u32>,
+}
+
+pub async fn explain(
+    pin_dir: &Path,
+    service: &str,
+    source: &ExplainSource,
+    format: Format,
+) -> anyhow::Result<()> {
+    let name = parse_name(service)?;
+    let wanted = desired(source, &name).await?;
+    let programmed = frontends_of(Snapshot::read(&PinnedMaps::open(pin_dir)?)?, &name);
+    let views: Vec<&FrontendView> = programmed.frontends.iter().collect();
+    let explanation = Explanation {
+        service: name.to_string(),
+        desired: wanted.as_ref().map(|e| {
+            e.frontends
+                .iter()
+                .map(|f| DesiredFrontend {
+                    frontend: f.key.to_string(),
+                    backends: f.backends.iter().map(|b| b.key.to_string()).collect(),
+                    affinity_timeout: f.affinity_timeout,
+                })
+                .collect()
+        }),
+        programmed: &programmed.frontends,
+        drift: drift(wanted.as_ref(), &views),
+    };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+        Format::Table => {
+            println!("Service {}", explanation.service);
+            match &explanation.desired {
+                None => println!("\ndesired: not proxied (absent, skipped, or invalid in the source)"),
+                Some(frontends) => {
+                    println!("\ndesired (from the source):");
+                    for f in frontends {
+                        let backends = if f.backends.is_empty() {
+                            "(none: rejected)".to_string()
+                        } else {
+                            f.backends.join(", ")
+                        };
+                        println!("  {}  {backends}", f.frontend);
+                    }
+                }
+            }
+            println!("\nprogrammed (from the maps):");
+            print!("{}", table(&programmed));
+            if explanation.drift.is_empty() {
+                println!("\nin sync: the maps hold exactly the desired state");
+            } else {
+                println!("\ndrift:");
+                for d in &explanation.drift {
+                    println!("  {d}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Entry<K, V> {
+    key: K,
+    value: V,
+}
+
+fn entries<K, V>(dir: &Path, name: &'static str) -> anyhow::Result<Vec<serde_json::Value>>
+where
+    K: Pod + Serialize,
+    V: Pod + Serialize,
+{
+    let map: HashMap<MapData, K, V> = typed(dir, name)?;
+    map.iter()
+        .map(|item| {
+            let (key, value) = item.with_context(|| format!("reading {name}"))?;
+            Ok(serde_json::to_value(Entry { key, value })?)
+        })
+        .collect()
+}
+
+fn counter_entries(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let map: PerCpuArray<MapData, u64> = typed(dir, names::COUNTERS)?;
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let per_cpu: Vec<u64> = map.get(&(*c as u32), 0)?.iter().copied().collect();
+            Ok(serde_json::json!({"key": c.name(), "value": per_cpu}))
+        })
+        .collect()
+}
+
+/// Every pinned map decoded with its key and value types: `bpftool map dump` without BTF.
+pub fn dump(pin_dir: &Path, map: &str, format: Format) -> anyhow::Result<()> {
+    use proxy_common::maps::{
+        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
+        SockRevKey, SockRevValue,
+    };
+    let rows = match map {
+        names::SERVICES_V4 => entries::<ServiceKey<AddrV4>, ServiceValue>(pin_dir, names::SERVICES_V4)?,
+        names::SERVICES_V6 => entries::<ServiceKey<AddrV6>, ServiceValue>(pin_dir, names::SERVICES_V6)?,
+        names::BACKENDS_V4 => entries::<u32, Backend<AddrV4>>(pin_dir, names::BACKENDS_V4)?,
+        names::BACKENDS_V6 => entries::<u32, Backend<AddrV6>>(pin_dir, names::BACKENDS_V6)?,
+        names::REV_NAT_V4 => entries::<u32, RevNat<AddrV4>>(pin_dir, names::REV_NAT_V4)?,
+        names::REV_NAT_V6 => entries::<u32, RevNat<AddrV6>>(pin_dir, names::REV_NAT_V6)?,
+        names::SOCK_REV_V4 => {
+            entries::<SockRevKey<AddrV4>, SockRevValue<AddrV4>>(pin_dir, names::SOCK_REV_V4)?
+        }
+        names::SOCK_REV_V6 => {
+            entries::<SockRevKey<AddrV6>, SockRevValue<AddrV6>>(pin_dir, names::SOCK_REV_V6)?
+        }
+        names::AFFINITY => entries::<AffinityKey, AffinityValue>(pin_dir, names::AFFINITY)?,
+        names::SERVICE_LABELS => entries::<u32, ServiceLabel>(pin_dir, names::SERVICE_LABELS)?,
+        names::COUNTERS => counter_entries(pin_dir)?,
+        other => anyhow::bail!("unknown map {other:?}; the maps are: {}", names::ALL.join(", ")),
+    };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Table => {
+            for row in &rows {
+                println!("{} => {}", row["key"], row["value"]);
+            }
+            println!("{} entries", rows.len());
+        }
+    }
+    Ok(())
+}
