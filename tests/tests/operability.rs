@@ -183,8 +183,8 @@ fn refused_once(world: &World) -> bool {
 fn network_programming_latency_is_measured_from_the_slice_trigger_time() {
     let mut world = started(&["be1", "be2"], "", &[]);
     // Trigger times from before the agent started are not counted: let it be older than 2 s.
-    std::thread::sleep(Duration::from_millis(2500));
-    let trigger = humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(3000));
+    let trigger = humantime::format_rfc3339_millis(std::time::SystemTime::now() - Duration::from_secs(2));
     let annotation = format!("endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"");
     world.write("web.yaml", &web(&world, "", &["be1"], &annotation));
     world.wait_for_backends(VIP, 80, Protocol::Tcp, 1);
