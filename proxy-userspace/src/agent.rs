@@ -96,12 +96,7 @@ struct DatapathSink {
 
 impl PlanSink for DatapathSink {
     fn apply(&mut self, plan: &Plan) -> Vec<String> {
-        let failed: Vec<String> = self
-            .writer
-            .apply(plan)
-            .into_iter()
-            .map(|e| e.to_string())
-            .collect();
+        let failed = PlanSink::apply(&mut self.writer, plan);
         if !plan.departed.is_empty() {
             let done = self.stale.terminate(&plan.departed);
             self.metrics

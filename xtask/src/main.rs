@@ -47,6 +47,13 @@ enum Task {
     },
     /// Build and run the self-contained demo (root).
     Demo,
+    /// Benchmarks beside kube-proxy's iptables and nftables rulesets (root): figures in
+    /// bench/results/, summary in BENCHMARKS.md.
+    Bench {
+        /// Small N and one repeat, for CI; writes bench/results/BENCHMARKS.quick.md instead.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -148,6 +155,29 @@ fn main() -> anyhow::Result<()> {
                     "--no-fail-fast",
                 ])
                 .args(&args))
+        }
+        Task::Bench { quick } => {
+            require_root("the benchmark")?;
+            setup::all()?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "proxy-userspace",
+                "--package",
+                "integration-tests",
+                "--bin",
+                "bpf-kube-proxy",
+                "--bin",
+                "bench",
+            ]))?;
+            let target = workspace_root().join("target/release");
+            let mut bench = Command::new(target.join("bench"));
+            bench.env("BKP_BIN", target.join("bpf-kube-proxy"));
+            if quick {
+                bench.args(["--quick", "--out", "bench/results/quick"]);
+            }
+            run(&mut bench)
         }
         Task::Demo => {
             require_root("the demo")?;

@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{is_root, run};
 
-/// Debian packages, each with a command that shows it is installed.
+/// Debian packages, each with a command (or an absolute path) that shows it is installed.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
+    // The benchmark's plots draw their text with this font.
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 ];
 
 fn has_command(name: &str) -> bool {
@@ -46,7 +48,13 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, cmd)| !has_command(cmd))
+        .filter(|(_, probe)| {
+            if probe.starts_with('/') {
+                !std::path::Path::new(probe).is_file()
+            } else {
+                !has_command(probe)
+            }
+        })
         .map(|(p, _)| *p)
         .collect();
     if missing.is_empty() {

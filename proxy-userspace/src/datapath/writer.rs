@@ -12,6 +12,7 @@ use crate::{
     datapath::maps::{FamilyAddr, FamilyMaps, PinnedMaps},
     model::{BackendState, FrontendKey},
     plan::{Label, Plan},
+    proxier::PlanSink,
 };
 
 /// One map operation that failed; the rest of the plan is still applied.
@@ -41,6 +42,12 @@ impl Writer {
         apply_family(v4, labels, plan, &mut errors);
         apply_family(v6, labels, plan, &mut errors);
         errors
+    }
+}
+
+impl PlanSink for Writer {
+    fn apply(&mut self, plan: &Plan) -> Vec<String> {
+        Writer::apply(self, plan).into_iter().map(|e| e.to_string()).collect()
     }
 }
 

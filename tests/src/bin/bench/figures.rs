@@ -1,0 +1,390 @@
+//! Each figure, measured for bpf-kube-proxy ("ours"), kube-proxy's iptables and nftables
+//! rulesets, and no proxy ("direct") where that makes sense, at each N.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bpf_kube_proxy::sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
+use serde::Serialize;
+
+use crate::{
+    Opts,
+    rulesets,
+    world::{self, BACKEND_PORT, ENDPOINTS, Ours, median, percentile, scratch_netns, timed_in},
+};
+
+/// One measured value: figure, implementation, N, metric.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    pub figure: &'static str,
+    pub implementation: &'static str,
+    pub n: usize,
+    pub metric: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub points: Vec<Point>,
+    /// Facts about the run: tool versions, kernel, what was skipped and why.
+    pub notes: Vec<String>,
+}
+
+impl Results {
+    fn add(&mut self, figure: &'static str, implementation: &'static str, n: usize, metric: &'static str, value: f64, unit: &'static str) {
+        println!("{figure:<14} {implementation:<9} N={n:<6} {metric:<18} {value:>12.3} {unit}");
+        self.points.push(Point {
+            figure,
+            implementation,
+            n,
+            metric,
+            value,
+            unit,
+        });
+    }
+
+    pub fn get(&self, figure: &str, implementation: &str, n: usize, metric: &str) -> Option<f64> {
+        self.points
+            .iter()
+            .find(|p| p.figure == figure && p.implementation == implementation && p.n == n && p.metric == metric)
+            .map(|p| p.value)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn version(program: &str, arg: &str) -> String {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("{program}: {e}"))
+}
+
+pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
+    let mut results = Results::default();
+    results.notes.push(format!("kernel {}", version("uname", "-r")));
+    results.notes.push(version("iptables", "-V"));
+    results.notes.push(version("nft", "-v"));
+    results.notes.push(format!(
+        "{} CPUs; every figure at N = {:?} Services x {ENDPOINTS} endpoints; medians of {} runs",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        opts.sizes,
+        opts.repeats
+    ));
+    for &n in &opts.sizes {
+        sync_figures(opts, n, &mut results)?;
+        memory_figure(n, &mut results)?;
+    }
+    connect_figure(opts, &mut results)?;
+    results.notes.push(
+        "nodeport: not measured: the tc NodePort datapath does not exist yet (issue 5), so there is \
+         nothing of ours to put beside the iptables DNAT path"
+            .into(),
+    );
+    Ok(results)
+}
+
+/// Figures 1 and 2: full sync, then single endpoint changes.
+fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<()> {
+    let svcs = world::services(n, world::unique_endpoint);
+    let services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
+    let slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+
+    let mut ours = Vec::new();
+    let mut ipt = Vec::new();
+    let mut nft = Vec::new();
+    let ipt_text = rulesets::iptables_full(&svcs);
+    let nft_text = rulesets::nft_full(&svcs);
+    for _ in 0..opts.repeats {
+        let mut datapath = Ours::load()?;
+        ours.push(ms(datapath.full_sync(&services, &slices)?));
+        let ns = scratch_netns("ipt")?;
+        ipt.push(ms(timed_in(&ns, "iptables-restore", &[], &ipt_text)?));
+        let ns = scratch_netns("nft")?;
+        nft.push(ms(timed_in(&ns, "nft", &["-f", "-"], &nft_text)?));
+    }
+    results.add("full_sync", "ours", n, "median", median(ours), "ms");
+    results.add("full_sync", "iptables", n, "median", median(ipt), "ms");
+    results.add("full_sync", "nftables", n, "median", median(nft), "ms");
+
+    // One endpoint of one Service replaced, again and again, on top of the full state.
+    let mut datapath = Ours::load()?;
+    datapath.full_sync(&services, &slices)?;
+    let ipt_ns = scratch_netns("ipt")?;
+    timed_in(&ipt_ns, "iptables-restore", &[], &ipt_text)?;
+    let nft_ns = scratch_netns("nft")?;
+    timed_in(&nft_ns, "nft", &["-f", "-"], &nft_text)?;
+    let mut current = svcs.clone();
+    let (mut ours, mut ipt, mut nft) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..opts.changes {
+        let i = (k * 7919) % n;
+        let before = current[i].clone();
+        let mut after = before.clone();
+        after.endpoints[k % ENDPOINTS].0 = Ipv4Addr::from(0x0b00_0000 + k as u32 + 1);
+        let slice = world::k8s_slice(&after);
+        let started = Instant::now();
+        datapath.proxier.upsert_slice(&slice);
+        let report = datapath.proxier.sync();
+        ours.push(ms(started.elapsed()));
+        anyhow::ensure!(report.failed.is_empty() && report.ops > 0, "endpoint change not programmed");
+        // kube-proxy's subprocesses are part of its cost, as they are in production.
+        if k < opts.changes.min(50) {
+            ipt.push(ms(timed_in(&ipt_ns, "iptables-restore", &["--noflush"], &rulesets::iptables_partial(&before, &after))?));
+            nft.push(ms(timed_in(&nft_ns, "nft", &["-f", "-"], &rulesets::nft_partial(&before, &after))?));
+        }
+        current[i] = after;
+    }
+    for (name, mut values) in [("ours", ours), ("iptables", ipt), ("nftables", nft)] {
+        results.add("endpoint_change", name, n, "p50", percentile(&mut values, 50.0), "ms");
+        results.add("endpoint_change", name, n, "p99", percentile(&mut values, 99.0), "ms");
+    }
+    Ok(())
+}
+
+/// Figure 5: the real agent's RSS with N Services programmed, and the kernel memory of its maps.
+fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
+    let svcs = world::services(n, world::unique_endpoint);
+    let dir = tempfile::Builder::new().prefix("bkp-bench-manifests-").tempdir()?;
+    let mut yaml = String::new();
+    for s in &svcs {
+        yaml.push_str(&serde_json::to_string(&world::k8s_service(s))?);
+        yaml.push_str("\n---\n");
+        yaml.push_str(&serde_json::to_string(&world::k8s_slice(s))?);
+        yaml.push_str("\n---\n");
+    }
+    std::fs::write(dir.path().join("services.yaml"), yaml)?;
+    let id = unique_suffix();
+    let cg = cgroup::ChildCgroup::create(&bpf_kube_proxy::datapath::host::cgroup2_root()?, &format!("bkp-bench-{id}"))?;
+    let pin_dir = format!("/sys/fs/bpf/bkp-bench-agent-{id}");
+    let log = dir.path().join("agent.log");
+    let mut agent = Command::new(integration_tests::binary())
+        .args(["run", "--manifests"])
+        .arg(dir.path().join("services.yaml"))
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args(["--pin-dir", &pin_dir, "--hostname-override", "bench-node"])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting the agent")?;
+    let started = Instant::now();
+    let ready = loop {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("datapath ready") {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(120) || agent.try_wait()?.is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let the allocator settle after the first sync before reading RSS.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap_or_default();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let map_bytes = map_memlock(std::path::Path::new(&pin_dir));
+    let _ = bpf_kube_proxy::datapath::loader::cleanup(std::path::Path::new(&pin_dir));
+    anyhow::ensure!(ready, "the agent never became ready: {}", std::fs::read_to_string(&log)?);
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    results.add("memory", "ours", n, "agent_rss", rss_kib / 1024.0, "MiB");
+    results.add("memory", "ours", n, "map_memlock", map_bytes? / (1024.0 * 1024.0), "MiB");
+    Ok(())
+}
+
+/// Sum of the kernel's `memlock` accounting over the pinned maps (what they really take).
+fn map_memlock(pin_dir: &std::path::Path) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for name in proxy_common::maps::ALL {
+        let fd = bpf_kube_proxy::datapath::sys::obj_get(&pin_dir.join(name))?;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// Figure 3 (and 6): connect() latency and rate from a client pod to each of N ClusterIPs,
+/// through our socket programs, kube-proxy's iptables and nftables rules, and to pod IPs
+/// directly. All N Services share the same ten real backend pods, so every connect succeeds.
+fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let backends: Vec<String> = (0..ENDPOINTS).map(|e| format!("be{e}")).collect();
+    let mut pods: Vec<&str> = backends.iter().map(String::as_str).collect();
+    pods.push("client");
+    let id = unique_suffix();
+    let topology = Topology::create(&format!("bkb-{id}"), &pods)?;
+    let mut servers = Servers::default();
+    {
+        let _guard = runtime.enter();
+        for b in &backends {
+            servers.http(&topology.pod(b).expect("pod").netns, BACKEND_PORT, b)?;
+        }
+    }
+    let client = topology.pod("client").expect("client pod");
+    let pod_ips: Vec<Ipv4Addr> = backends.iter().map(|b| topology.pod(b).expect("pod").ipv4).collect();
+    // kube-proxy's DNAT happens after a route lookup for the VIP: pods route it to the node.
+    client.netns.ip(&["route", "add", "10.96.0.0/12", "via", "10.244.0.1"])?;
+    let cg = cgroup::ChildCgroup::create(&bpf_kube_proxy::datapath::host::cgroup2_root()?, &format!("bkb-{id}"))?;
+
+    let direct: Vec<SocketAddr> = pod_ips.iter().map(|ip| SocketAddr::from((*ip, BACKEND_PORT))).collect();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    for &n in &opts.sizes {
+        let svcs = world::services(n, |_, e| pod_ips[e]);
+        let vips: Vec<SocketAddr> = svcs.iter().map(|s| SocketAddr::from((s.vip, s.port))).collect();
+        // Each proxy's runs alternate with runs straight to the pods, so that drift in the
+        // machine's speed hits both sides of every ratio alike.
+        let mut direct_runs = Vec::new();
+        let mut measure = |name: &'static str, cgroup: Option<&std::path::Path>, results: &mut Results| -> anyhow::Result<()> {
+            let mut runs = Vec::new();
+            for _ in 0..opts.repeats {
+                direct_runs.push(connect_run(&client.netns, None, &direct, opts.connects)?);
+                runs.push(connect_run(&client.netns, cgroup, &vips, opts.connects)?);
+            }
+            add_connect(results, name, n, &runs);
+            Ok(())
+        };
+
+        timed_in(&client.netns, "iptables-restore", &[], &rulesets::iptables_full(&svcs))?;
+        timed_in(&client.netns, "iptables-restore", &["--noflush"], rulesets::iptables_jumps())?;
+        measure("iptables", None, results)?;
+        timed_in(&client.netns, "iptables-restore", &[], "*nat\nCOMMIT\n*filter\nCOMMIT\n")?;
+
+        timed_in(&client.netns, "nft", &["-f", "-"], &rulesets::nft_full(&svcs))?;
+        measure("nftables", None, results)?;
+        timed_in(&client.netns, "nft", &["delete", "table", "ip", "kube-proxy"], "")?;
+
+        let mut ours = Ours::load()?;
+        let services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
+        let slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+        ours.full_sync(&services, &slices)?;
+        ours.datapath.attach(cg.path())?;
+        let before = prog_stats(ours.pin_dir())?;
+        measure("ours", Some(cg.path()), results)?;
+        let after = prog_stats(ours.pin_dir())?;
+        if let (Some((cnt0, ns0)), Some((cnt1, ns1))) = (before, after)
+            && cnt1 > cnt0
+        {
+            results.add("prog_cost", "ours", n, "connect4", (ns1 - ns0) as f64 / (cnt1 - cnt0) as f64, "ns/run");
+        }
+        drop(ours);
+        add_connect(results, "direct", n, &direct_runs);
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    drop(servers);
+    Ok(())
+}
+
+/// Medians over runs of (p50, p99, rate).
+fn add_connect(results: &mut Results, name: &'static str, n: usize, runs: &[(f64, f64, f64)]) {
+    results.add("connect", name, n, "p50", median(runs.iter().map(|r| r.0).collect()), "us");
+    results.add("connect", name, n, "p99", median(runs.iter().map(|r| r.1).collect()), "us");
+    results.add("connect", name, n, "rate", median(runs.iter().map(|r| r.2).collect()), "conn/s");
+}
+
+/// run_cnt and run_time_ns of the connect4 program behind the pinned link, from bpftool.
+fn prog_stats(pin_dir: &std::path::Path) -> anyhow::Result<Option<(u64, u64)>> {
+    let links = std::fs::read_dir(pin_dir.join("links"))?
+        .flatten()
+        .next()
+        .map(|d| d.path().join("bkp_connect4"));
+    let Some(link) = links else {
+        return Ok(None);
+    };
+    let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&link).output()?;
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let Some(prog_id) = link["prog_id"].as_u64() else {
+        return Ok(None);
+    };
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &prog_id.to_string()])
+        .output()?;
+    let prog: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // bpftool leaves both out while they are zero.
+    Ok(Some((
+        prog["run_cnt"].as_u64().unwrap_or(0),
+        prog["run_time_ns"].as_u64().unwrap_or(0),
+    )))
+}
+
+/// Runs `connect-loop` in `netns` (and `cgroup`) over `targets`; (p50 µs, p99 µs, conn/s).
+fn connect_run(
+    netns: &netns::Netns,
+    cgroup: Option<&std::path::Path>,
+    targets: &[SocketAddr],
+    count: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("connect-loop").arg(netns.path()).arg(count.to_string());
+    cmd.arg(cgroup.map_or_else(|| "-".into(), |c| c.display().to_string()));
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        for t in targets {
+            writeln!(stdin, "{t}")?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "connect-loop failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok((get("p50_us"), get("p99_us"), get("rate")))
+}
+
+/// The client: joins the cgroup (if any) and the network namespace, then connects to the
+/// targets read from stdin round robin, closing each connection with RST (SO_LINGER 0) so no
+/// TIME_WAIT piles up; prints latency percentiles and the rate as JSON.
+pub fn connect_loop() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let [ns, count, cg] = &args[..] else {
+        anyhow::bail!("connect-loop NETNS COUNT CGROUP|-");
+    };
+    if cg != "-" {
+        cgroup::join(std::path::Path::new(cg))?;
+    }
+    netns::enter(std::path::Path::new(ns))?;
+    let count: usize = count.parse()?;
+    let targets: Vec<SocketAddr> = std::io::stdin()
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    anyhow::ensure!(!targets.is_empty(), "no targets");
+    // Warm-up: caches, neighbour entries, conntrack and the programs' first runs.
+    for t in targets.iter().take(200) {
+        let _ = TcpStream::connect_timeout(t, Duration::from_secs(1));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let started = Instant::now();
+    for k in 0..count {
+        let target = targets[(k * 104_729) % targets.len()];
+        let t0 = Instant::now();
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .with_context(|| format!("connect to {target}"))?;
+        latencies.push(t0.elapsed().as_secs_f64() * 1e6);
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)?;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    let p50 = percentile(&mut latencies, 50.0);
+    let p99 = percentile(&mut latencies, 99.0);
+    println!("{}", serde_json::json!({"p50_us": p50, "p99_us": p99, "rate": rate}));
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Results as JSON, one PNG per figure, and BENCHMARKS.md with the ratios and the targets.
+
+use std::{fmt::Write as _, path::Path};
+
+use plotters::prelude::*;
+
+use crate::{Opts, figures::Results};
+
+const IMPLEMENTATIONS: [(&str, RGBColor); 4] = [
+    ("ours", RGBColor(0x1f, 0x77, 0xb4)),
+    ("iptables", RGBColor(0xd6, 0x27, 0x28)),
+    ("nftables", RGBColor(0xff, 0x7f, 0x0e)),
+    ("direct", RGBColor(0x2c, 0xa0, 0x2c)),
+];
+
+/// (figure, metric, title, y label, log scale)
+const PLOTS: [(&str, &str, &str, &str, bool); 6] = [
+    ("full_sync", "median", "Full sync of N Services x 10 endpoints", "ms", true),
+    ("endpoint_change", "p99", "One endpoint change programmed (p99)", "ms", true),
+    ("connect", "p50", "connect() to a ClusterIP (p50)", "us", false),
+    ("connect", "rate", "connects per second, one client", "conn/s", false),
+    ("memory", "agent_rss", "Agent RSS with N Services programmed", "MiB", false),
+    ("memory", "map_memlock", "Kernel memory of the maps", "MiB", false),
+];
+
+fn font() -> anyhow::Result<()> {
+    // plotters draws text with ab_glyph from a TTF (Debian's fonts-dejavu-core).
+    let bytes = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+        .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
+    Ok(())
+}
+
+fn plot(results: &Results, out: &Path, figure: &str, metric: &str, title: &str, unit: &str, log: bool) -> anyhow::Result<()> {
+    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = IMPLEMENTATIONS
+        .iter()
+        .map(|(name, color)| {
+            let points = results
+                .points
+                .iter()
+                .filter(|p| p.figure == figure && p.metric == metric && p.implementation == *name && p.value.is_finite())
+                .map(|p| (p.n as f64, p.value))
+                .collect();
+            (*name, *color, points)
+        })
+        .filter(|(_, _, p): &(&str, RGBColor, Vec<(f64, f64)>)| !p.is_empty())
+        .collect();
+    if series.is_empty() {
+        return Ok(());
+    }
+    let xs = series.iter().flat_map(|s| s.2.iter().map(|p| p.0));
+    let (xmin, xmax) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    let ys = series.iter().flat_map(|s| s.2.iter().map(|p| p.1));
+    let (ymin, ymax) = ys.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    let path = out.join(format!("{figure}_{metric}.png"));
+    let root = BitMapBackend::new(&path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_range = (xmin * 0.8)..(xmax * 1.25);
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(title, ("sans-serif", 22)).margin(15).x_label_area_size(45).y_label_area_size(70);
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart.configure_mesh().x_desc("Services (N)").y_desc(unit).draw()?;
+            for (name, color, points) in &series {
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+            }
+            chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+        }};
+    }
+    if log {
+        draw!(builder.build_cartesian_2d(x_range.log_scale(), ((ymin * 0.5).max(1e-3)..ymax * 2.0).log_scale())?);
+    } else {
+        draw!(builder.build_cartesian_2d(x_range.log_scale(), 0.0..ymax * 1.2)?);
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn cell(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.3}"),
+        None => "n/a".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "n/a".into(),
+    }
+}
+
+/// One target: description, measured text, pass.
+type Target = (String, String, Option<bool>);
+
+fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
+    let big = *opts.sizes.last().expect("sizes");
+    let small = opts.sizes[0];
+    let mut out = Vec::new();
+    let ours_p50 = r.get("connect", "ours", big, "p50");
+    let direct_p50 = r.get("connect", "direct", big, "p50");
+    let flat = r.get("connect", "ours", small, "p50");
+    out.push((
+        format!("connect() p50 at N={big} <= 1.05x direct, flat from N={small}"),
+        format!("{} of direct; N={small}: {} us, N={big}: {} us", ratio(ours_p50, direct_p50), cell(flat), cell(ours_p50)),
+        ours_p50.zip(direct_p50).zip(flat).map(|((o, d), f)| o <= 1.05 * d && o <= 1.10 * f),
+    ));
+    let sync = r.get("full_sync", "ours", big, "median");
+    let ipt = r.get("full_sync", "iptables", big, "median");
+    out.push((
+        format!("full sync of {big} x 10 <= 200 ms and >= 20x faster than iptables-restore"),
+        format!("{} ms; iptables {} ms ({} faster)", cell(sync), cell(ipt), ratio(ipt, sync)),
+        sync.zip(ipt).map(|(s, i)| s <= 200.0 && i / s >= 20.0),
+    ));
+    let change = r.get("endpoint_change", "ours", big, "p99");
+    out.push((
+        format!("one endpoint change programmed p99 <= 2 ms at N={big}"),
+        format!("{} ms", cell(change)),
+        change.map(|c| c <= 2.0),
+    ));
+    let cost = r.get("prog_cost", "ours", big, "connect4");
+    out.push((
+        "each socket hook <= 100 ns per run".into(),
+        format!("connect4: {} ns/run", cell(cost)),
+        cost.map(|c| c <= 100.0),
+    ));
+    let rss = r.get("memory", "ours", big, "agent_rss");
+    out.push((
+        format!("agent RSS <= 64 MiB at {big} Services / {} endpoints", big * 10),
+        format!("{} MiB", cell(rss)),
+        rss.map(|m| m <= 64.0),
+    ));
+    out.push((
+        "NodePort requests/s >= 1.5x iptables DNAT, >= 0.9x direct".into(),
+        "not measured: no tc datapath yet (issue 5)".into(),
+        None,
+    ));
+    out
+}
+
+pub fn write(opts: &Opts, results: &Results) -> anyhow::Result<()> {
+    std::fs::write(opts.out.join("results.json"), serde_json::to_string_pretty(results)?)?;
+    font()?;
+    for (figure, metric, title, unit, log) in PLOTS {
+        plot(results, &opts.out, figure, metric, title, unit, log)?;
+    }
+    let mut md = String::from("# Benchmarks\n\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask bench{}` ({}). Every row is measured side by side in one run on one \
+         machine; compare the ratios, not the absolute figures, with other machines.\n",
+        if opts.quick { " --quick" } else { "" },
+        if opts.quick { "quick: small N, one repeat" } else { "full run" }
+    );
+    md.push_str("## Run\n\n");
+    for note in &results.notes {
+        let _ = writeln!(md, "- {note}");
+    }
+    md.push_str("\n## Targets\n\n| Target | Measured | Result |\n| --- | --- | --- |\n");
+    for (what, measured, pass) in targets(opts, results) {
+        let verdict = match pass {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "not measured",
+        };
+        println!("{verdict:<12} {what}: {measured}");
+        let _ = writeln!(md, "| {what} | {measured} | {verdict} |");
+    }
+    for (figure, metric, title, unit, _) in PLOTS {
+        let _ = writeln!(md, "\n## {title} ({metric}, {unit})\n");
+        let _ = writeln!(md, "![{title}](bench/results/{figure}_{metric}.png)\n");
+        md.push_str("| N | ours | iptables | nftables | direct | iptables / ours | nftables / ours |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+        for &n in &opts.sizes {
+            let v = |i: &str| results.get(figure, i, n, metric);
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} | {} | {} | {} |",
+                cell(v("ours")),
+                cell(v("iptables")),
+                cell(v("nftables")),
+                cell(v("direct")),
+                ratio(v("iptables"), v("ours")),
+                ratio(v("nftables"), v("ours")),
+            );
+        }
+    }
+    md.push_str("\n## Per-invocation program cost (kernel.bpf_stats_enabled)\n\n| N | connect4 ns/run |\n| --- | --- |\n");
+    for &n in &opts.sizes {
+        let _ = writeln!(md, "| {n} | {} |", cell(results.get("prog_cost", "ours", n, "connect4")));
+    }
+    let target = if opts.quick {
+        opts.out.join("BENCHMARKS.quick.md")
+    } else {
+        std::path::PathBuf::from("BENCHMARKS.md")
+    };
+    std::fs::write(&target, md)?;
+    println!("wrote {} and {}", target.display(), opts.out.display());
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! What every figure needs: the same N Services as Kubernetes objects and as kube-proxy input,
+//! throw-away network namespaces, and a loaded datapath in a pin directory of its own.
+
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bpf_kube_proxy::{
+    datapath::{
+        loader::{self, Datapath, MapSizes},
+        maps::PinnedMaps,
+        writer::Writer,
+    },
+    metrics::Metrics,
+    plan::Planner,
+    proxier::Proxier,
+    sandbox::{netns::Netns, unique_suffix},
+    translate::TranslateOptions,
+};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::rulesets::Svc;
+
+pub const ENDPOINTS: usize = 10;
+pub const BACKEND_PORT: u16 = 8080;
+
+/// Service `i`: VIP 10.96.0.0/12 + i, endpoints from `endpoint(i, e)`.
+pub fn services(n: usize, endpoint: impl Fn(usize, usize) -> Ipv4Addr) -> Vec<Svc> {
+    (0..n)
+        .map(|i| Svc {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            vip: Ipv4Addr::from(0x0a60_0000 + 1 + i as u32),
+            port: 80,
+            node_port: 30000 + (i % 2768) as u16,
+            endpoints: (0..ENDPOINTS).map(|e| (endpoint(i, e), BACKEND_PORT)).collect(),
+        })
+        .collect()
+}
+
+/// Unique endpoint addresses (10.128.0.0/9): the realistic case for maps and rulesets.
+pub fn unique_endpoint(i: usize, e: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a80_0000 + (i * ENDPOINTS + e) as u32 + 1)
+}
+
+pub fn k8s_service(s: &Svc) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": s.name, "namespace": s.namespace},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": s.vip.to_string(),
+            "clusterIPs": [s.vip.to_string()],
+            "ports": [{"name": "http", "port": s.port, "protocol": "TCP"}],
+        }
+    }))
+    .expect("a valid Service")
+}
+
+pub fn k8s_slice(s: &Svc) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = s
+        .endpoints
+        .iter()
+        .map(|(ip, _)| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("{}-1", s.name),
+            "namespace": s.namespace,
+            "labels": {"kubernetes.io/service-name": s.name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+/// A loaded (not attached) datapath in its own pin directory, removed on drop.
+pub struct Ours {
+    pub datapath: Datapath,
+    pub proxier: Proxier<Writer>,
+    pin_dir: PathBuf,
+}
+
+impl Ours {
+    pub fn load() -> anyhow::Result<Self> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bkp-bench-{}", unique_suffix()));
+        let datapath = Datapath::load(&pin_dir, MapSizes::default())?;
+        let writer = Writer::new(PinnedMaps::open(&pin_dir)?);
+        let proxier = Proxier::new(
+            "bench-node",
+            TranslateOptions::default(),
+            Planner::new(),
+            writer,
+            Metrics::new(Duration::from_secs(60)),
+        );
+        Ok(Self {
+            datapath,
+            proxier,
+            pin_dir,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Everything from Kubernetes objects to map writes, as the agent's first sync does it.
+    pub fn full_sync(&mut self, services: &[Service], slices: &[EndpointSlice]) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.proxier.replace_services(services);
+        self.proxier.replace_slices(slices);
+        let report = self.proxier.sync();
+        let elapsed = started.elapsed();
+        anyhow::ensure!(report.failed.is_empty(), "map writes failed: {:?}", &report.failed[..1]);
+        Ok(elapsed)
+    }
+}
+
+impl Drop for Ours {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.pin_dir);
+    }
+}
+
+/// A fresh network namespace for loading rulesets, deleted on drop.
+pub fn scratch_netns(what: &str) -> anyhow::Result<Netns> {
+    Ok(Netns::create(&format!("bkp-bench-{what}-{}", unique_suffix()))?)
+}
+
+/// Runs `program args` inside `netns` with `input` on stdin; returns how long it took.
+pub fn timed_in(netns: &Netns, program: &str, args: &[&str], input: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.path().display()))
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).lines().take(3).collect::<Vec<_>>().join(" | ")
+    );
+    Ok(elapsed)
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values[values.len() / 2]
+}
+
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank]
+}
