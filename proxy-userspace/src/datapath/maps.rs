@@ -91,6 +91,22 @@ pub fn typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) 
     })
 }
 
+/// A second handle on a pinned map, for the commands aya does not wrap (batched updates).
+pub fn raw(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
+    MapData::from_pin(dir.join(name)).map_err(|source| OpenError {
+        name,
+        dir: dir.display().to_string(),
+        source,
+    })
+}
+
+/// Raw handles on one family's maps, for batched writes.
+pub struct FamilyRaw {
+    pub services: MapData,
+    pub backends: MapData,
+    pub rev_nat: MapData,
+}
+
 /// One family's service, backend and reverse-NAT maps.
 pub struct FamilyMaps<A>
 where
@@ -102,6 +118,7 @@ where
     pub services: HashMap<MapData, ServiceKey<A>, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend<A>>,
     pub rev_nat: HashMap<MapData, u32, RevNat<A>>,
+    pub raw: FamilyRaw,
 }
 
 impl<A> FamilyMaps<A>
@@ -116,6 +133,11 @@ where
             services: typed(dir, A::SERVICES)?,
             backends: typed(dir, A::BACKENDS)?,
             rev_nat: typed(dir, A::REV_NAT)?,
+            raw: FamilyRaw {
+                services: raw(dir, A::SERVICES)?,
+                backends: raw(dir, A::BACKENDS)?,
+                rev_nat: raw(dir, A::REV_NAT)?,
+            },
         })
     }
 }
@@ -125,6 +147,7 @@ pub struct PinnedMaps {
     pub v4: FamilyMaps<AddrV4>,
     pub v6: FamilyMaps<AddrV6>,
     pub labels: HashMap<MapData, u32, ServiceLabel>,
+    pub labels_raw: MapData,
 }
 
 impl PinnedMaps {
@@ -133,6 +156,7 @@ impl PinnedMaps {
             v4: FamilyMaps::open(dir)?,
             v6: FamilyMaps::open(dir)?,
             labels: typed(dir, names::SERVICE_LABELS)?,
+            labels_raw: raw(dir, names::SERVICE_LABELS)?,
         })
     }
 }

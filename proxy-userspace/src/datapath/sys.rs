@@ -1,6 +1,7 @@
 //! The bpf(2) commands aya does not wrap: opening a pinned object by path, swapping the
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
-//! no instant where the hook is detached, and walking any map's keys without knowing its types.
+//! no instant where the hook is detached, walking any map's keys without knowing its types,
+//! and batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries).
 
 use std::{
     ffi::CString,
@@ -14,6 +15,7 @@ use std::{
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `union bpf_attr` member for BPF_OBJ_GET.
@@ -35,6 +37,20 @@ struct NextKeyAttr {
     _pad: u32,
     key: u64,
     next_key: u64,
+}
+
+/// `union bpf_attr` member for the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }
 
 /// `union bpf_attr` member for BPF_LINK_UPDATE.
@@ -112,4 +128,27 @@ pub fn map_entries(map: impl AsFd, key_size: usize, max_entries: u32) -> io::Res
         count += 1;
     }
     Ok(count)
+}
+
+/// Writes `keys[i] → values[i]` into a hash map in one syscall (Linux ≥ 5.6). On failure,
+/// returns how many leading entries were written and the error, so the caller can retry the
+/// rest one by one and name the entry that fails.
+pub fn map_update_batch<K: Copy, V: Copy>(
+    map: impl AsFd,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        // The kernel reports in `count` how many elements it processed before failing.
+        Err(e) => Err(((attr.count as usize).min(keys.len()), e)),
+    }
 }

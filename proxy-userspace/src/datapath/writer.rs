@@ -9,9 +9,12 @@ use proxy_common::maps::{
 };
 
 use crate::{
-    datapath::maps::{FamilyAddr, FamilyMaps, PinnedMaps},
-    model::{BackendState, FrontendKey},
-    plan::{Label, Plan},
+    datapath::{
+        maps::{FamilyAddr, FamilyMaps, PinnedMaps},
+        sys,
+    },
+    model::{BackendKey, BackendState, FrontendKey},
+    plan::{FrontendWrite, Label, Plan, RevNatWrite, SlotWrite},
     proxier::PlanSink,
 };
 
@@ -38,16 +41,24 @@ impl Writer {
 
     pub fn apply(&mut self, plan: &Plan) -> Vec<WriteError> {
         let mut errors = Vec::new();
-        let PinnedMaps { v4, v6, labels, .. } = &mut self.maps;
-        apply_family(v4, labels, plan, &mut errors);
-        apply_family(v6, labels, plan, &mut errors);
+        let PinnedMaps {
+            v4,
+            v6,
+            labels,
+            labels_raw,
+        } = &mut self.maps;
+        apply_family(v4, labels, labels_raw, plan, &mut errors);
+        apply_family(v6, labels, labels_raw, plan, &mut errors);
         errors
     }
 }
 
 impl PlanSink for Writer {
     fn apply(&mut self, plan: &Plan) -> Vec<String> {
-        Writer::apply(self, plan).into_iter().map(|e| e.to_string()).collect()
+        Writer::apply(self, plan)
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect()
     }
 }
 
@@ -103,9 +114,37 @@ fn record(errors: &mut Vec<WriteError>, what: impl FnOnce() -> String, result: R
     }
 }
 
+/// Below this many entries one syscall per entry is as cheap as a batch.
+const BATCH_MIN: usize = 8;
+
+/// Writes `entries` (key, value, the plan item it comes from) into `map`: in one batch when
+/// there are many, entry by entry otherwise and for whatever a failed batch left unwritten, so
+/// a failure is reported against the item that caused it (`describe` names it).
+fn upsert_all<K: Pod, V: Pod, T>(
+    map: &mut HashMap<MapData, K, V>,
+    raw: &MapData,
+    entries: Vec<(K, V, &T)>,
+    describe: impl Fn(&T) -> String,
+    errors: &mut Vec<WriteError>,
+) {
+    let mut start = 0;
+    if entries.len() >= BATCH_MIN {
+        let keys: Vec<K> = entries.iter().map(|e| e.0).collect();
+        let values: Vec<V> = entries.iter().map(|e| e.1).collect();
+        match sys::map_update_batch(raw.fd(), &keys, &values) {
+            Ok(()) => return,
+            Err((done, _)) => start = done,
+        }
+    }
+    for (key, value, item) in entries.into_iter().skip(start) {
+        record(errors, || describe(item), map.insert(key, value, 0));
+    }
+}
+
 fn apply_family<A: FamilyAddr>(
     maps: &mut FamilyMaps<A>,
     labels: &mut HashMap<MapData, u32, ServiceLabel>,
+    labels_raw: &MapData,
     plan: &Plan,
     errors: &mut Vec<WriteError>,
 ) where
@@ -113,72 +152,86 @@ fn apply_family<A: FamilyAddr>(
     Backend<A>: Pod,
     RevNat<A>: Pod,
 {
-    for (id, key, state) in &plan.upsert_backends {
-        let Some(addr) = A::from_ip(key.addr) else {
-            continue;
-        };
-        let value = Backend {
-            addr,
-            port: key.port,
-            proto: key.protocol.number(),
-            flags: backend_flags_of(*state),
-        };
-        record(
-            errors,
-            || format!("backend {id} ({key})"),
-            maps.backends.insert(id, value, 0),
-        );
-    }
-    for write in &plan.upsert_rev_nats {
-        let Some(addr) = A::from_ip(write.frontend.addr) else {
-            continue;
-        };
-        let value = RevNat {
-            addr,
-            port: write.frontend.port,
-            _pad: 0,
-        };
-        let what = || format!("rev-NAT {} ({})", write.id, write.frontend);
-        record(errors, what, maps.rev_nat.insert(write.id, value, 0));
-        record(
-            errors,
-            what,
-            labels.insert(write.id, service_label(&write.label), 0),
-        );
-    }
-    for write in &plan.upsert_slots {
-        let Some(key) = frontend_key::<A>(&write.frontend, write.slot) else {
-            continue;
-        };
-        let value = ServiceValue {
-            backend_id: write.backend_id,
-            rev_nat_id: write.rev_nat_id,
-            ..Default::default()
-        };
-        let what = || format!("frontend {} slot {}", write.frontend, write.slot);
-        record(errors, what, maps.services.insert(key, value, 0));
-    }
-    for write in &plan.upsert_frontends {
-        let Some(key) = frontend_key::<A>(&write.frontend, 0) else {
-            continue;
-        };
-        let value = ServiceValue {
-            count: u32::from(write.count),
-            rev_nat_id: write.rev_nat_id,
-            flags: if write.affinity_timeout.is_some() {
-                svc_flags::AFFINITY
-            } else {
-                0
-            },
-            affinity_timeout_s: write.affinity_timeout.unwrap_or(0),
-            ..Default::default()
-        };
-        record(
-            errors,
-            || format!("frontend {}", write.frontend),
-            maps.services.insert(key, value, 0),
-        );
-    }
+    let backends = plan
+        .upsert_backends
+        .iter()
+        .filter_map(|item| {
+            let (id, key, state) = item;
+            let value = Backend {
+                addr: A::from_ip(key.addr)?,
+                port: key.port,
+                proto: key.protocol.number(),
+                flags: backend_flags_of(*state),
+            };
+            Some((*id, value, item))
+        })
+        .collect();
+    let describe = |(id, key, _): &(u32, BackendKey, BackendState)| format!("backend {id} ({key})");
+    upsert_all(&mut maps.backends, &maps.raw.backends, backends, describe, errors);
+
+    let rev_nats: Vec<_> = plan
+        .upsert_rev_nats
+        .iter()
+        .filter_map(|w| {
+            let value = RevNat {
+                addr: A::from_ip(w.frontend.addr)?,
+                port: w.frontend.port,
+                _pad: 0,
+            };
+            Some((w.id, value, w))
+        })
+        .collect();
+    let service_labels = rev_nats
+        .iter()
+        .map(|(id, _, w)| (*id, service_label(&w.label), *w))
+        .collect();
+    let describe = |w: &RevNatWrite| format!("rev-NAT {} ({})", w.id, w.frontend);
+    upsert_all(&mut maps.rev_nat, &maps.raw.rev_nat, rev_nats, describe, errors);
+    upsert_all(labels, labels_raw, service_labels, describe, errors);
+
+    let slots = plan
+        .upsert_slots
+        .iter()
+        .filter_map(|w| {
+            let value = ServiceValue {
+                backend_id: w.backend_id,
+                rev_nat_id: w.rev_nat_id,
+                ..Default::default()
+            };
+            Some((frontend_key::<A>(&w.frontend, w.slot)?, value, w))
+        })
+        .collect();
+    let describe = |w: &SlotWrite| format!("frontend {} slot {}", w.frontend, w.slot);
+    upsert_all(&mut maps.services, &maps.raw.services, slots, describe, errors);
+
+    // Frontend entries last among the upserts: a count only grows once its slots exist.
+    let frontends = plan
+        .upsert_frontends
+        .iter()
+        .filter_map(|w| {
+            let value = ServiceValue {
+                count: u32::from(w.count),
+                rev_nat_id: w.rev_nat_id,
+                flags: if w.affinity_timeout.is_some() {
+                    svc_flags::AFFINITY
+                } else {
+                    0
+                },
+                affinity_timeout_s: w.affinity_timeout.unwrap_or(0),
+                ..Default::default()
+            };
+            Some((frontend_key::<A>(&w.frontend, 0)?, value, w))
+        })
+        .collect();
+    let describe = |w: &FrontendWrite| format!("frontend {}", w.frontend);
+    upsert_all(
+        &mut maps.services,
+        &maps.raw.services,
+        frontends,
+        describe,
+        errors,
+    );
+
     for frontend in &plan.delete_frontends {
         let Some(key) = frontend_key::<A>(frontend, 0) else {
             continue;

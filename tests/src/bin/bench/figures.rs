@@ -14,8 +14,7 @@ use bpf_kube_proxy::sandbox::{cgroup, netns, servers::Servers, topology::Topolog
 use serde::Serialize;
 
 use crate::{
-    Opts,
-    rulesets,
+    Opts, rulesets,
     world::{self, BACKEND_PORT, ENDPOINTS, Ours, median, percentile, scratch_netns, timed_in},
 };
 
@@ -38,7 +37,15 @@ pub struct Results {
 }
 
 impl Results {
-    fn add(&mut self, figure: &'static str, implementation: &'static str, n: usize, metric: &'static str, value: f64, unit: &'static str) {
+    fn add(
+        &mut self,
+        figure: &'static str,
+        implementation: &'static str,
+        n: usize,
+        metric: &'static str,
+        value: f64,
+        unit: &'static str,
+    ) {
         println!("{figure:<14} {implementation:<9} N={n:<6} {metric:<18} {value:>12.3} {unit}");
         self.points.push(Point {
             figure,
@@ -53,7 +60,9 @@ impl Results {
     pub fn get(&self, figure: &str, implementation: &str, n: usize, metric: &str) -> Option<f64> {
         self.points
             .iter()
-            .find(|p| p.figure == figure && p.implementation == implementation && p.n == n && p.metric == metric)
+            .find(|p| {
+                p.figure == figure && p.implementation == implementation && p.n == n && p.metric == metric
+            })
             .map(|p| p.value)
     }
 }
@@ -136,17 +145,44 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
         datapath.proxier.upsert_slice(&slice);
         let report = datapath.proxier.sync();
         ours.push(ms(started.elapsed()));
-        anyhow::ensure!(report.failed.is_empty() && report.ops > 0, "endpoint change not programmed");
+        anyhow::ensure!(
+            report.failed.is_empty() && report.ops > 0,
+            "endpoint change not programmed"
+        );
         // kube-proxy's subprocesses are part of its cost, as they are in production.
         if k < opts.changes.min(50) {
-            ipt.push(ms(timed_in(&ipt_ns, "iptables-restore", &["--noflush"], &rulesets::iptables_partial(&before, &after))?));
-            nft.push(ms(timed_in(&nft_ns, "nft", &["-f", "-"], &rulesets::nft_partial(&before, &after))?));
+            ipt.push(ms(timed_in(
+                &ipt_ns,
+                "iptables-restore",
+                &["--noflush"],
+                &rulesets::iptables_partial(&before, &after),
+            )?));
+            nft.push(ms(timed_in(
+                &nft_ns,
+                "nft",
+                &["-f", "-"],
+                &rulesets::nft_partial(&before, &after),
+            )?));
         }
         current[i] = after;
     }
     for (name, mut values) in [("ours", ours), ("iptables", ipt), ("nftables", nft)] {
-        results.add("endpoint_change", name, n, "p50", percentile(&mut values, 50.0), "ms");
-        results.add("endpoint_change", name, n, "p99", percentile(&mut values, 99.0), "ms");
+        results.add(
+            "endpoint_change",
+            name,
+            n,
+            "p50",
+            percentile(&mut values, 50.0),
+            "ms",
+        );
+        results.add(
+            "endpoint_change",
+            name,
+            n,
+            "p99",
+            percentile(&mut values, 99.0),
+            "ms",
+        );
     }
     Ok(())
 }
@@ -154,7 +190,9 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
 /// Figure 5: the real agent's RSS with N Services programmed, and the kernel memory of its maps.
 fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
     let svcs = world::services(n, world::unique_endpoint);
-    let dir = tempfile::Builder::new().prefix("bkp-bench-manifests-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("bkp-bench-manifests-")
+        .tempdir()?;
     let mut yaml = String::new();
     for s in &svcs {
         yaml.push_str(&serde_json::to_string(&world::k8s_service(s))?);
@@ -164,7 +202,10 @@ fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
     }
     std::fs::write(dir.path().join("services.yaml"), yaml)?;
     let id = unique_suffix();
-    let cg = cgroup::ChildCgroup::create(&bpf_kube_proxy::datapath::host::cgroup2_root()?, &format!("bkp-bench-{id}"))?;
+    let cg = cgroup::ChildCgroup::create(
+        &bpf_kube_proxy::datapath::host::cgroup2_root()?,
+        &format!("bkp-bench-{id}"),
+    )?;
     let pin_dir = format!("/sys/fs/bpf/bkp-bench-agent-{id}");
     let log = dir.path().join("agent.log");
     let mut agent = Command::new(integration_tests::binary())
@@ -180,7 +221,10 @@ fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
         .context("starting the agent")?;
     let started = Instant::now();
     let ready = loop {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains("datapath ready") {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("datapath ready")
+        {
             break true;
         }
         if started.elapsed() > Duration::from_secs(120) || agent.try_wait()?.is_some() {
@@ -195,14 +239,25 @@ fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
     let _ = agent.wait();
     let map_bytes = map_memlock(std::path::Path::new(&pin_dir));
     let _ = bpf_kube_proxy::datapath::loader::cleanup(std::path::Path::new(&pin_dir));
-    anyhow::ensure!(ready, "the agent never became ready: {}", std::fs::read_to_string(&log)?);
+    anyhow::ensure!(
+        ready,
+        "the agent never became ready: {}",
+        std::fs::read_to_string(&log)?
+    );
     let rss_kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("VmRSS")?;
     results.add("memory", "ours", n, "agent_rss", rss_kib / 1024.0, "MiB");
-    results.add("memory", "ours", n, "map_memlock", map_bytes? / (1024.0 * 1024.0), "MiB");
+    results.add(
+        "memory",
+        "ours",
+        n,
+        "map_memlock",
+        map_bytes? / (1024.0 * 1024.0),
+        "MiB",
+    );
     Ok(())
 }
 
@@ -225,7 +280,10 @@ fn map_memlock(pin_dir: &std::path::Path) -> anyhow::Result<f64> {
 /// through our socket programs, kube-proxy's iptables and nftables rules, and to pod IPs
 /// directly. All N Services share the same ten real backend pods, so every connect succeeds.
 fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let backends: Vec<String> = (0..ENDPOINTS).map(|e| format!("be{e}")).collect();
     let mut pods: Vec<&str> = backends.iter().map(String::as_str).collect();
     pods.push("client");
@@ -239,12 +297,23 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         }
     }
     let client = topology.pod("client").expect("client pod");
-    let pod_ips: Vec<Ipv4Addr> = backends.iter().map(|b| topology.pod(b).expect("pod").ipv4).collect();
+    let pod_ips: Vec<Ipv4Addr> = backends
+        .iter()
+        .map(|b| topology.pod(b).expect("pod").ipv4)
+        .collect();
     // kube-proxy's DNAT happens after a route lookup for the VIP: pods route it to the node.
-    client.netns.ip(&["route", "add", "10.96.0.0/12", "via", "10.244.0.1"])?;
-    let cg = cgroup::ChildCgroup::create(&bpf_kube_proxy::datapath::host::cgroup2_root()?, &format!("bkb-{id}"))?;
+    client
+        .netns
+        .ip(&["route", "add", "10.96.0.0/12", "via", "10.244.0.1"])?;
+    let cg = cgroup::ChildCgroup::create(
+        &bpf_kube_proxy::datapath::host::cgroup2_root()?,
+        &format!("bkb-{id}"),
+    )?;
 
-    let direct: Vec<SocketAddr> = pod_ips.iter().map(|ip| SocketAddr::from((*ip, BACKEND_PORT))).collect();
+    let direct: Vec<SocketAddr> = pod_ips
+        .iter()
+        .map(|ip| SocketAddr::from((*ip, BACKEND_PORT)))
+        .collect();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     for &n in &opts.sizes {
         let svcs = world::services(n, |_, e| pod_ips[e]);
@@ -252,7 +321,10 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         // Each proxy's runs alternate with runs straight to the pods, so that drift in the
         // machine's speed hits both sides of every ratio alike.
         let mut direct_runs = Vec::new();
-        let mut measure = |name: &'static str, cgroup: Option<&std::path::Path>, results: &mut Results| -> anyhow::Result<()> {
+        let mut measure = |name: &'static str,
+                           cgroup: Option<&std::path::Path>,
+                           results: &mut Results|
+         -> anyhow::Result<()> {
             let mut runs = Vec::new();
             for _ in 0..opts.repeats {
                 direct_runs.push(connect_run(&client.netns, None, &direct, opts.connects)?);
@@ -262,10 +334,25 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
             Ok(())
         };
 
-        timed_in(&client.netns, "iptables-restore", &[], &rulesets::iptables_full(&svcs))?;
-        timed_in(&client.netns, "iptables-restore", &["--noflush"], rulesets::iptables_jumps())?;
+        timed_in(
+            &client.netns,
+            "iptables-restore",
+            &[],
+            &rulesets::iptables_full(&svcs),
+        )?;
+        timed_in(
+            &client.netns,
+            "iptables-restore",
+            &["--noflush"],
+            rulesets::iptables_jumps(),
+        )?;
         measure("iptables", None, results)?;
-        timed_in(&client.netns, "iptables-restore", &[], "*nat\nCOMMIT\n*filter\nCOMMIT\n")?;
+        timed_in(
+            &client.netns,
+            "iptables-restore",
+            &[],
+            "*nat\nCOMMIT\n*filter\nCOMMIT\n",
+        )?;
 
         timed_in(&client.netns, "nft", &["-f", "-"], &rulesets::nft_full(&svcs))?;
         measure("nftables", None, results)?;
@@ -282,7 +369,14 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         if let (Some((cnt0, ns0)), Some((cnt1, ns1))) = (before, after)
             && cnt1 > cnt0
         {
-            results.add("prog_cost", "ours", n, "connect4", (ns1 - ns0) as f64 / (cnt1 - cnt0) as f64, "ns/run");
+            results.add(
+                "prog_cost",
+                "ours",
+                n,
+                "connect4",
+                (ns1 - ns0) as f64 / (cnt1 - cnt0) as f64,
+                "ns/run",
+            );
         }
         drop(ours);
         add_connect(results, "direct", n, &direct_runs);
@@ -294,9 +388,30 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
 
 /// Medians over runs of (p50, p99, rate).
 fn add_connect(results: &mut Results, name: &'static str, n: usize, runs: &[(f64, f64, f64)]) {
-    results.add("connect", name, n, "p50", median(runs.iter().map(|r| r.0).collect()), "us");
-    results.add("connect", name, n, "p99", median(runs.iter().map(|r| r.1).collect()), "us");
-    results.add("connect", name, n, "rate", median(runs.iter().map(|r| r.2).collect()), "conn/s");
+    results.add(
+        "connect",
+        name,
+        n,
+        "p50",
+        median(runs.iter().map(|r| r.0).collect()),
+        "us",
+    );
+    results.add(
+        "connect",
+        name,
+        n,
+        "p99",
+        median(runs.iter().map(|r| r.1).collect()),
+        "us",
+    );
+    results.add(
+        "connect",
+        name,
+        n,
+        "rate",
+        median(runs.iter().map(|r| r.2).collect()),
+        "conn/s",
+    );
 }
 
 /// run_cnt and run_time_ns of the connect4 program behind the pinned link, from bpftool.
@@ -308,7 +423,10 @@ fn prog_stats(pin_dir: &std::path::Path) -> anyhow::Result<Option<(u64, u64)>> {
     let Some(link) = links else {
         return Ok(None);
     };
-    let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&link).output()?;
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&link)
+        .output()?;
     let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let Some(prog_id) = link["prog_id"].as_u64() else {
         return Ok(None);
@@ -379,12 +497,18 @@ pub fn connect_loop() -> anyhow::Result<()> {
         let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
             .with_context(|| format!("connect to {target}"))?;
         latencies.push(t0.elapsed().as_secs_f64() * 1e6);
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)?;
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
     let p50 = percentile(&mut latencies, 50.0);
     let p99 = percentile(&mut latencies, 99.0);
-    println!("{}", serde_json::json!({"p50_us": p50, "p99_us": p99, "rate": rate}));
+    println!(
+        "{}",
+        serde_json::json!({"p50_us": p50, "p99_us": p99, "rate": rate})
+    );
     Ok(())
 }

@@ -28,7 +28,12 @@ fn parse_opts() -> anyhow::Result<Opts> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
-            "--out" => out = args.next().map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("--out DIR"))?,
+            "--out" => {
+                out = args
+                    .next()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| anyhow::anyhow!("--out DIR"))?
+            }
             other => anyhow::bail!("unknown argument {other:?} (expected --quick, --out DIR)"),
         }
     }

@@ -15,30 +15,71 @@ const IMPLEMENTATIONS: [(&str, RGBColor); 4] = [
 
 /// (figure, metric, title, y label, log scale)
 const PLOTS: [(&str, &str, &str, &str, bool); 6] = [
-    ("full_sync", "median", "Full sync of N Services x 10 endpoints", "ms", true),
-    ("endpoint_change", "p99", "One endpoint change programmed (p99)", "ms", true),
+    (
+        "full_sync",
+        "median",
+        "Full sync of N Services x 10 endpoints",
+        "ms",
+        true,
+    ),
+    (
+        "endpoint_change",
+        "p99",
+        "One endpoint change programmed (p99)",
+        "ms",
+        true,
+    ),
     ("connect", "p50", "connect() to a ClusterIP (p50)", "us", false),
-    ("connect", "rate", "connects per second, one client", "conn/s", false),
-    ("memory", "agent_rss", "Agent RSS with N Services programmed", "MiB", false),
+    (
+        "connect",
+        "rate",
+        "connects per second, one client",
+        "conn/s",
+        false,
+    ),
+    (
+        "memory",
+        "agent_rss",
+        "Agent RSS with N Services programmed",
+        "MiB",
+        false,
+    ),
     ("memory", "map_memlock", "Kernel memory of the maps", "MiB", false),
 ];
 
 fn font() -> anyhow::Result<()> {
     // plotters draws text with ab_glyph from a TTF (Debian's fonts-dejavu-core).
     let bytes = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
     Ok(())
 }
 
-fn plot(results: &Results, out: &Path, figure: &str, metric: &str, title: &str, unit: &str, log: bool) -> anyhow::Result<()> {
+fn plot(
+    results: &Results,
+    out: &Path,
+    figure: &str,
+    metric: &str,
+    title: &str,
+    unit: &str,
+    log: bool,
+) -> anyhow::Result<()> {
     let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = IMPLEMENTATIONS
         .iter()
         .map(|(name, color)| {
             let points = results
                 .points
                 .iter()
-                .filter(|p| p.figure == figure && p.metric == metric && p.implementation == *name && p.value.is_finite())
+                .filter(|p| {
+                    p.figure == figure
+                        && p.metric == metric
+                        && p.implementation == *name
+                        && p.value.is_finite()
+                })
                 .map(|p| (p.n as f64, p.value))
                 .collect();
             (*name, *color, points)
@@ -57,11 +98,19 @@ fn plot(results: &Results, out: &Path, figure: &str, metric: &str, title: &str, 
     root.fill(&WHITE)?;
     let x_range = (xmin * 0.8)..(xmax * 1.25);
     let mut builder = ChartBuilder::on(&root);
-    builder.caption(title, ("sans-serif", 22)).margin(15).x_label_area_size(45).y_label_area_size(70);
+    builder
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70);
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;
-            chart.configure_mesh().x_desc("Services (N)").y_desc(unit).draw()?;
+            chart
+                .configure_mesh()
+                .x_desc("Services (N)")
+                .y_desc(unit)
+                .draw()?;
             for (name, color, points) in &series {
                 chart
                     .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
@@ -69,11 +118,18 @@ fn plot(results: &Results, out: &Path, figure: &str, metric: &str, title: &str, 
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
                 chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
             }
-            chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+            chart
+                .configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE.mix(0.9))
+                .draw()?;
         }};
     }
     if log {
-        draw!(builder.build_cartesian_2d(x_range.log_scale(), ((ymin * 0.5).max(1e-3)..ymax * 2.0).log_scale())?);
+        draw!(builder.build_cartesian_2d(
+            x_range.log_scale(),
+            ((ymin * 0.5).max(1e-3)..ymax * 2.0).log_scale()
+        )?);
     } else {
         draw!(builder.build_cartesian_2d(x_range.log_scale(), 0.0..ymax * 1.2)?);
     }
@@ -108,14 +164,27 @@ fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
     let flat = r.get("connect", "ours", small, "p50");
     out.push((
         format!("connect() p50 at N={big} <= 1.05x direct, flat from N={small}"),
-        format!("{} of direct; N={small}: {} us, N={big}: {} us", ratio(ours_p50, direct_p50), cell(flat), cell(ours_p50)),
-        ours_p50.zip(direct_p50).zip(flat).map(|((o, d), f)| o <= 1.05 * d && o <= 1.10 * f),
+        format!(
+            "{} of direct; N={small}: {} us, N={big}: {} us",
+            ratio(ours_p50, direct_p50),
+            cell(flat),
+            cell(ours_p50)
+        ),
+        ours_p50
+            .zip(direct_p50)
+            .zip(flat)
+            .map(|((o, d), f)| o <= 1.05 * d && o <= 1.10 * f),
     ));
     let sync = r.get("full_sync", "ours", big, "median");
     let ipt = r.get("full_sync", "iptables", big, "median");
     out.push((
         format!("full sync of {big} x 10 <= 200 ms and >= 20x faster than iptables-restore"),
-        format!("{} ms; iptables {} ms ({} faster)", cell(sync), cell(ipt), ratio(ipt, sync)),
+        format!(
+            "{} ms; iptables {} ms ({} faster)",
+            cell(sync),
+            cell(ipt),
+            ratio(ipt, sync)
+        ),
         sync.zip(ipt).map(|(s, i)| s <= 200.0 && i / s >= 20.0),
     ));
     let change = r.get("endpoint_change", "ours", big, "p99");
@@ -145,7 +214,10 @@ fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
 }
 
 pub fn write(opts: &Opts, results: &Results) -> anyhow::Result<()> {
-    std::fs::write(opts.out.join("results.json"), serde_json::to_string_pretty(results)?)?;
+    std::fs::write(
+        opts.out.join("results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
     font()?;
     for (figure, metric, title, unit, log) in PLOTS {
         plot(results, &opts.out, figure, metric, title, unit, log)?;
@@ -156,7 +228,11 @@ pub fn write(opts: &Opts, results: &Results) -> anyhow::Result<()> {
         "Written by `cargo xtask bench{}` ({}). Every row is measured side by side in one run on one \
          machine; compare the ratios, not the absolute figures, with other machines.\n",
         if opts.quick { " --quick" } else { "" },
-        if opts.quick { "quick: small N, one repeat" } else { "full run" }
+        if opts.quick {
+            "quick: small N, one repeat"
+        } else {
+            "full run"
+        }
     );
     md.push_str("## Run\n\n");
     for note in &results.notes {
@@ -192,7 +268,11 @@ pub fn write(opts: &Opts, results: &Results) -> anyhow::Result<()> {
     }
     md.push_str("\n## Per-invocation program cost (kernel.bpf_stats_enabled)\n\n| N | connect4 ns/run |\n| --- | --- |\n");
     for &n in &opts.sizes {
-        let _ = writeln!(md, "| {n} | {} |", cell(results.get("prog_cost", "ours", n, "connect4")));
+        let _ = writeln!(
+            md,
+            "| {n} | {} |",
+            cell(results.get("prog_cost", "ours", n, "connect4"))
+        );
     }
     let target = if opts.quick {
         opts.out.join("BENCHMARKS.quick.md")

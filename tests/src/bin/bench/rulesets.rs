@@ -54,7 +54,10 @@ fn ext_chain(s: &Svc) -> String {
 }
 
 pub fn sep_chain(s: &Svc, ep: (std::net::Ipv4Addr, u16)) -> String {
-    format!("KUBE-SEP-{}", hash16(&format!("{}tcp{}:{}", s.port_name(), ep.0, ep.1)))
+    format!(
+        "KUBE-SEP-{}",
+        hash16(&format!("{}tcp{}:{}", s.port_name(), ep.0, ep.1))
+    )
 }
 
 /// The rules of one Service's KUBE-SVC chain and its KUBE-SEP chains (what a partial sync
@@ -78,12 +81,20 @@ fn iptables_service_rules(s: &Svc, out: &mut String) {
                 ep.0, ep.1
             );
         } else {
-            let _ = writeln!(out, "-A {svc} -m comment --comment \"{pn} -> {}:{}\" -j {sep}", ep.0, ep.1);
+            let _ = writeln!(
+                out,
+                "-A {svc} -m comment --comment \"{pn} -> {}:{}\" -j {sep}",
+                ep.0, ep.1
+            );
         }
     }
     for ep in &s.endpoints {
         let sep = sep_chain(s, *ep);
-        let _ = writeln!(out, "-A {sep} -m comment --comment {pn} -s {}/32 -j KUBE-MARK-MASQ", ep.0);
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {pn} -s {}/32 -j KUBE-MARK-MASQ",
+            ep.0
+        );
         let _ = writeln!(
             out,
             "-A {sep} -m comment --comment {pn} -m tcp -p tcp -j DNAT --to-destination {}:{}",
@@ -179,7 +190,12 @@ pub fn iptables_partial(before: &Svc, after: &Svc) -> String {
 }
 
 pub fn nft_service_chain(s: &Svc) -> String {
-    format!("service-{}-{}/{}/tcp/http", &hash16(&s.port_name())[..8], s.namespace, s.name)
+    format!(
+        "service-{}-{}/{}/tcp/http",
+        &hash16(&s.port_name())[..8],
+        s.namespace,
+        s.name
+    )
 }
 
 fn nft_endpoint_chain(s: &Svc, ep: (std::net::Ipv4Addr, u16)) -> String {
@@ -196,7 +212,10 @@ fn nft_endpoint_chain(s: &Svc, ep: (std::net::Ipv4Addr, u16)) -> String {
 /// One Service's chains, as `add chain` / `flush chain` / `add rule` commands.
 fn nft_service(s: &Svc, out: &mut String) {
     let chain = nft_service_chain(s);
-    let _ = writeln!(out, "add chain ip kube-proxy {chain}\nflush chain ip kube-proxy {chain}");
+    let _ = writeln!(
+        out,
+        "add chain ip kube-proxy {chain}\nflush chain ip kube-proxy {chain}"
+    );
     let _ = writeln!(
         out,
         "add rule ip kube-proxy {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
@@ -210,9 +229,20 @@ fn nft_service(s: &Svc, out: &mut String) {
         .collect();
     for ep in &s.endpoints {
         let ec = nft_endpoint_chain(s, *ep);
-        let _ = writeln!(out, "add chain ip kube-proxy {ec}\nflush chain ip kube-proxy {ec}");
-        let _ = writeln!(out, "add rule ip kube-proxy {ec} ip saddr {} jump mark-for-masquerade", ep.0);
-        let _ = writeln!(out, "add rule ip kube-proxy {ec} meta l4proto tcp dnat to {}:{}", ep.0, ep.1);
+        let _ = writeln!(
+            out,
+            "add chain ip kube-proxy {ec}\nflush chain ip kube-proxy {ec}"
+        );
+        let _ = writeln!(
+            out,
+            "add rule ip kube-proxy {ec} ip saddr {} jump mark-for-masquerade",
+            ep.0
+        );
+        let _ = writeln!(
+            out,
+            "add rule ip kube-proxy {ec} meta l4proto tcp dnat to {}:{}",
+            ep.0, ep.1
+        );
     }
     let _ = writeln!(
         out,
@@ -269,7 +299,11 @@ pub fn nft_partial(before: &Svc, after: &Svc) -> String {
     let mut out = String::new();
     nft_service(after, &mut out);
     for ep in before.endpoints.iter().filter(|ep| !after.endpoints.contains(ep)) {
-        let _ = writeln!(out, "delete chain ip kube-proxy {}", nft_endpoint_chain(before, *ep));
+        let _ = writeln!(
+            out,
+            "delete chain ip kube-proxy {}",
+            nft_endpoint_chain(before, *ep)
+        );
     }
     out
 }

@@ -117,7 +117,11 @@ impl Ours {
         self.proxier.replace_slices(slices);
         let report = self.proxier.sync();
         let elapsed = started.elapsed();
-        anyhow::ensure!(report.failed.is_empty(), "map writes failed: {:?}", &report.failed[..1]);
+        anyhow::ensure!(
+            report.failed.is_empty(),
+            "map writes failed: {:?}",
+            &report.failed[..1]
+        );
         Ok(elapsed)
     }
 }
@@ -155,7 +159,11 @@ pub fn timed_in(netns: &Netns, program: &str, args: &[&str], input: &str) -> any
     anyhow::ensure!(
         out.status.success(),
         "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr).lines().take(3).collect::<Vec<_>>().join(" | ")
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     Ok(elapsed)
 }
