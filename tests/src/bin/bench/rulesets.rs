@@ -13,7 +13,8 @@ pub struct Svc {
     pub name: String,
     pub vip: std::net::Ipv4Addr,
     pub port: u16,
-    pub node_port: u16,
+    /// The NodePort range holds 2 768 ports, so only that many Services can have one.
+    pub node_port: Option<u16>,
     pub endpoints: Vec<(std::net::Ipv4Addr, u16)>,
 }
 
@@ -105,7 +106,9 @@ fn iptables_service_rules(s: &Svc, out: &mut String) {
 
 fn iptables_declare_service(s: &Svc, out: &mut String) {
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(s));
-    let _ = writeln!(out, ":{} - [0:0]", ext_chain(s));
+    if s.node_port.is_some() {
+        let _ = writeln!(out, ":{} - [0:0]", ext_chain(s));
+    }
     for ep in &s.endpoints {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(s, *ep));
     }
@@ -138,16 +141,17 @@ pub fn iptables_full(services: &[Svc]) -> String {
     }
     for s in services {
         let (ext, pn) = (ext_chain(s), s.port_name());
-        let _ = writeln!(
-            out,
-            "-A KUBE-NODEPORTS -m comment --comment {pn} -m tcp -p tcp --dport {} -j {ext}",
-            s.node_port
-        );
-        let _ = writeln!(
-            out,
-            "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ"
-        );
-        let _ = writeln!(out, "-A {ext} -j {}", svc_chain(s));
+        if let Some(node_port) = s.node_port {
+            let _ = writeln!(
+                out,
+                "-A KUBE-NODEPORTS -m comment --comment {pn} -m tcp -p tcp --dport {node_port} -j {ext}"
+            );
+            let _ = writeln!(
+                out,
+                "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ"
+            );
+            let _ = writeln!(out, "-A {ext} -j {}", svc_chain(s));
+        }
         iptables_service_rules(s, &mut out);
     }
     out.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
@@ -284,11 +288,12 @@ pub fn nft_full(services: &[Svc]) -> String {
             "add element ip kube-proxy service-ips {{ {} . tcp . {} : goto {chain} }}",
             s.vip, s.port
         );
-        let _ = writeln!(
-            out,
-            "add element ip kube-proxy service-nodeports {{ tcp . {} : goto {chain} }}",
-            s.node_port
-        );
+        if let Some(node_port) = s.node_port {
+            let _ = writeln!(
+                out,
+                "add element ip kube-proxy service-nodeports {{ tcp . {node_port} : goto {chain} }}"
+            );
+        }
     }
     out
 }
@@ -318,7 +323,7 @@ mod tests {
             name: format!("svc-{i}"),
             vip: std::net::Ipv4Addr::from(0x0a60_0000 + i),
             port: 80,
-            node_port: 30000 + i as u16,
+            node_port: Some(30000 + i as u16),
             endpoints: (0..eps)
                 .map(|e| (std::net::Ipv4Addr::from(0x0a80_0000 + i * 16 + e as u32), 8080))
                 .collect(),

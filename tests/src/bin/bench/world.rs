@@ -37,7 +37,7 @@ pub fn services(n: usize, endpoint: impl Fn(usize, usize) -> Ipv4Addr) -> Vec<Sv
             name: format!("svc-{i}"),
             vip: Ipv4Addr::from(0x0a60_0000 + 1 + i as u32),
             port: 80,
-            node_port: 30000 + (i % 2768) as u16,
+            node_port: (i < 2768).then(|| 30000 + i as u16),
             endpoints: (0..ENDPOINTS).map(|e| (endpoint(i, e), BACKEND_PORT)).collect(),
         })
         .collect()
