@@ -50,9 +50,13 @@ enum Task {
     /// Benchmarks beside kube-proxy's iptables and nftables rulesets (root): figures in
     /// bench/results/, summary in BENCHMARKS.md.
     Bench {
-        /// Small N and one repeat, for CI; writes bench/results/BENCHMARKS.quick.md instead.
+        /// Small N and one repeat, for CI; writes bench/results/quick/ instead.
         #[arg(long)]
         quick: bool,
+        /// Further arguments for the bench binary after `--` (e.g. `--sizes 10000 --only sync`,
+        /// which write to bench/results/partial/).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
 }
 
@@ -156,7 +160,7 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .args(&args))
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, args } => {
             require_root("the benchmark")?;
             setup::all()?;
             run(cargo().args([
@@ -175,9 +179,9 @@ fn main() -> anyhow::Result<()> {
             let mut bench = Command::new(target.join("bench"));
             bench.env("BKP_BIN", target.join("bpf-kube-proxy"));
             if quick {
-                bench.args(["--quick", "--out", "bench/results/quick"]);
+                bench.arg("--quick");
             }
-            run(&mut bench)
+            run(bench.args(args))
         }
         Task::Demo => {
             require_root("the demo")?;

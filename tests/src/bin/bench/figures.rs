@@ -91,10 +91,16 @@ pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
         opts.repeats
     ));
     for &n in &opts.sizes {
-        sync_figures(opts, n, &mut results)?;
-        memory_figure(n, &mut results)?;
+        if opts.wants("sync") {
+            sync_figures(opts, n, &mut results)?;
+        }
+        if opts.wants("memory") {
+            memory_figure(n, &mut results)?;
+        }
     }
-    connect_figure(opts, &mut results)?;
+    if opts.wants("connect") {
+        connect_figure(opts, &mut results)?;
+    }
     results.notes.push(
         "nodeport: not measured: the tc NodePort datapath does not exist yet (issue 5), so there is \
          nothing of ours to put beside the iptables DNAT path"

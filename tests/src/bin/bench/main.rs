@@ -14,48 +14,70 @@ use std::path::PathBuf;
 pub struct Opts {
     pub quick: bool,
     pub out: PathBuf,
+    /// Where the Markdown summary goes: the committed BENCHMARKS.md only for a full run, so that
+    /// a quick or partial run never overwrites the published figures.
+    pub summary: PathBuf,
     pub sizes: Vec<usize>,
     /// Repeats per measurement (the median is reported).
     pub repeats: usize,
     pub connects: usize,
     pub changes: usize,
+    /// Only these figure groups (`sync`, `memory`, `connect`); all when empty. For profiling.
+    pub only: Vec<String>,
 }
 
-fn parse_opts() -> anyhow::Result<Opts> {
-    let mut quick = false;
-    let mut out = PathBuf::from("bench/results");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--quick" => quick = true,
-            "--out" => {
-                out = args
-                    .next()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| anyhow::anyhow!("--out DIR"))?
-            }
-            other => anyhow::bail!("unknown argument {other:?} (expected --quick, --out DIR)"),
-        }
+impl Opts {
+    pub fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == group)
     }
-    Ok(if quick {
-        Opts {
-            quick,
-            out,
-            sizes: vec![100, 1000],
-            repeats: 1,
-            connects: 1000,
-            changes: 30,
-        }
+}
+
+#[derive(clap::Parser)]
+#[command(about = "bpf-kube-proxy beside kube-proxy's iptables and nftables rulesets")]
+struct Args {
+    /// N = 100 and 1 000, one repeat: minutes, for CI.
+    #[arg(long)]
+    quick: bool,
+    /// Results folder; by default bench/results for a full run, bench/results/quick or
+    /// bench/results/partial (both ignored by git) otherwise.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override the Service counts (e.g. 10000), for profiling one size.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// Only these figure groups: sync, memory, connect (all by default).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+fn parse_opts() -> Opts {
+    let args = <Args as clap::Parser>::parse();
+    let (sizes, repeats, connects, changes) = if args.quick {
+        (vec![100, 1000], 1, 1000, 30)
     } else {
-        Opts {
-            quick,
-            out,
-            sizes: vec![100, 1000, 10_000],
-            repeats: 3,
-            connects: 4000,
-            changes: 200,
-        }
-    })
+        (vec![100, 1000, 10_000], 3, 4000, 200)
+    };
+    let full = !args.quick && args.sizes.is_none() && args.only.is_empty();
+    let out = args.out.unwrap_or_else(|| match (full, args.quick) {
+        (true, _) => "bench/results".into(),
+        (false, true) => "bench/results/quick".into(),
+        (false, false) => "bench/results/partial".into(),
+    });
+    let summary = if full {
+        "BENCHMARKS.md".into()
+    } else {
+        out.join("BENCHMARKS.md")
+    };
+    Opts {
+        quick: args.quick,
+        out,
+        summary,
+        sizes: args.sizes.unwrap_or(sizes),
+        repeats,
+        connects,
+        changes,
+        only: args.only,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("connect-loop") {
         return figures::connect_loop();
     }
-    let opts = parse_opts()?;
+    let opts = parse_opts();
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
         "the benchmark loads eBPF programs and iptables rules in namespaces it creates: run it as root"

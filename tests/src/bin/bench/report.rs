@@ -59,6 +59,9 @@ fn font() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One implementation's line: its name, colour and (N, value) points.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 fn plot(
     results: &Results,
     out: &Path,
@@ -68,7 +71,7 @@ fn plot(
     unit: &str,
     log: bool,
 ) -> anyhow::Result<()> {
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = IMPLEMENTATIONS
+    let series: Vec<Series> = IMPLEMENTATIONS
         .iter()
         .map(|(name, color)| {
             let points = results
@@ -84,7 +87,7 @@ fn plot(
                 .collect();
             (*name, *color, points)
         })
-        .filter(|(_, _, p): &(&str, RGBColor, Vec<(f64, f64)>)| !p.is_empty())
+        .filter(|(_, _, p): &Series| !p.is_empty())
         .collect();
     if series.is_empty() {
         return Ok(());
@@ -274,12 +277,7 @@ pub fn write(opts: &Opts, results: &Results) -> anyhow::Result<()> {
             cell(results.get("prog_cost", "ours", n, "connect4"))
         );
     }
-    let target = if opts.quick {
-        opts.out.join("BENCHMARKS.quick.md")
-    } else {
-        std::path::PathBuf::from("BENCHMARKS.md")
-    };
-    std::fs::write(&target, md)?;
-    println!("wrote {} and {}", target.display(), opts.out.display());
+    std::fs::write(&opts.summary, md)?;
+    println!("wrote {} and {}", opts.summary.display(), opts.out.display());
     Ok(())
 }
