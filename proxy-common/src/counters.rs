@@ -17,22 +17,46 @@ pub enum Counter {
     SockRevUpdateFailed,
     /// A ClusterIP was asked for a port or protocol its Service does not serve: refused.
     SockRejectUnknownPort,
-    /// ClientIP session affinity sent a connection to the client's previous backend.
-    SockAffinityHit,
+    /// ClientIP session affinity (either path) sent a connection or flow to the client's previous backend.
+    AffinityHit,
     /// The affinity map refused an entry: the next connection may pick another backend.
-    SockAffinityUpdateFailed,
+    AffinityUpdateFailed,
+    /// tc: a packet to a NodePort, LoadBalancer IP or externalIP started a translated flow.
+    TcNewFlow,
+    /// tc: a packet was translated by an existing conntrack entry (either direction).
+    TcTracked,
+    /// tc: the frontend has no usable endpoint: the packet was rejected (TCP RST) or dropped.
+    TcRejectNoBackend,
+    /// tc: loadBalancerSourceRanges do not admit the client: dropped.
+    TcDropSourceRange,
+    /// tc: a slot or backend entry was missing: the packet was dropped.
+    TcBackendMissing,
+    /// tc: the conntrack map refused an entry: the packet was dropped.
+    TcCtUpdateFailed,
+    /// tc: no SNAT address is configured or no SNAT port was free: dropped.
+    TcSnatFailed,
+    /// tc: a non-first IP fragment (no ports) was passed untranslated.
+    TcFragment,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 16] = [
         Counter::SockForward,
         Counter::SockReverse,
         Counter::SockRejectNoBackend,
         Counter::SockBackendMissing,
         Counter::SockRevUpdateFailed,
         Counter::SockRejectUnknownPort,
-        Counter::SockAffinityHit,
-        Counter::SockAffinityUpdateFailed,
+        Counter::AffinityHit,
+        Counter::AffinityUpdateFailed,
+        Counter::TcNewFlow,
+        Counter::TcTracked,
+        Counter::TcRejectNoBackend,
+        Counter::TcDropSourceRange,
+        Counter::TcBackendMissing,
+        Counter::TcCtUpdateFailed,
+        Counter::TcSnatFailed,
+        Counter::TcFragment,
     ];
 
     /// Size of the counters map.
@@ -47,8 +71,16 @@ impl Counter {
             Counter::SockBackendMissing => "sock_backend_missing",
             Counter::SockRevUpdateFailed => "sock_rev_update_failed",
             Counter::SockRejectUnknownPort => "sock_reject_unknown_port",
-            Counter::SockAffinityHit => "sock_affinity_hit",
-            Counter::SockAffinityUpdateFailed => "sock_affinity_update_failed",
+            Counter::AffinityHit => "affinity_hit",
+            Counter::AffinityUpdateFailed => "affinity_update_failed",
+            Counter::TcNewFlow => "tc_new_flow",
+            Counter::TcTracked => "tc_tracked",
+            Counter::TcRejectNoBackend => "tc_reject_no_backend",
+            Counter::TcDropSourceRange => "tc_drop_source_range",
+            Counter::TcBackendMissing => "tc_backend_missing",
+            Counter::TcCtUpdateFailed => "tc_ct_update_failed",
+            Counter::TcSnatFailed => "tc_snat_failed",
+            Counter::TcFragment => "tc_fragment",
         }
     }
 }

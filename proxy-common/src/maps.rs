@@ -23,9 +23,12 @@ pub const SOCK_REV_V6: &str = "bkp_sockrev_v6";
 pub const COUNTERS: &str = "bkp_counters";
 pub const SERVICE_LABELS: &str = "bkp_svc_names";
 pub const AFFINITY: &str = "bkp_affinity";
+pub const CONNTRACK_V4: &str = "bkp_ct_v4";
+pub const SOURCE_RANGES_V4: &str = "bkp_srcrng_v4";
+pub const NODE: &str = "bkp_node";
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 14] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -35,6 +38,9 @@ pub const ALL: [&str; 11] = [
     SOCK_REV_V4,
     SOCK_REV_V6,
     AFFINITY,
+    CONNTRACK_V4,
+    SOURCE_RANGES_V4,
+    NODE,
     COUNTERS,
     SERVICE_LABELS,
 ];
@@ -49,14 +55,20 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// One label per frontend, like rev-NAT ids.
     pub const SERVICE_LABELS: u32 = REV_NAT;
+    /// Two entries (original and reply direction) per flow through the tc path.
+    pub const CONNTRACK: u32 = 262_144;
+    /// One entry per (frontend, loadBalancerSourceRanges CIDR).
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
-/// Which traffic a frontend entry serves. Cilium's "two scopes" idea: an external frontend
-/// (NodePort, LoadBalancer, externalIP) whose externalTrafficPolicy narrows its backends keeps a
-/// second, internal view with the cluster-wide backends for traffic that starts on this node.
+/// Which traffic a frontend entry serves (Cilium's "two scopes" idea). Every frontend has a
+/// scope-`ALL` entry, which the socket hooks use for traffic that starts on this node. An
+/// external frontend (NodePort, LoadBalancer, externalIP) with externalTrafficPolicy Local also
+/// has a scope-`EXTERNAL_LOCAL` entry with only this node's endpoints, which the tc path uses for
+/// traffic from outside: so a socket connect() costs one lookup whatever the policy.
 pub mod scope {
-    pub const EXTERNAL: u8 = 0;
-    pub const INTERNAL: u8 = 1;
+    pub const ALL: u8 = 0;
+    pub const EXTERNAL_LOCAL: u8 = 1;
 }
 
 /// Services map key. `slot == 0` addresses the frontend entry; `1..=count` its backend slots.
@@ -93,6 +105,18 @@ impl<A: Copy> ServiceKey<A> {
 pub mod svc_flags {
     /// ClientIP session affinity: `affinity_timeout_s` holds the timeout.
     pub const AFFINITY: u32 = 1 << 0;
+    /// A NodePort on one of the node's addresses.
+    pub const NODE_PORT: u32 = 1 << 1;
+    /// A LoadBalancer status ingress IP.
+    pub const LOAD_BALANCER: u32 = 1 << 2;
+    /// A spec.externalIPs address.
+    pub const EXTERNAL_IP: u32 = 1 << 3;
+    /// externalTrafficPolicy Local: traffic from outside uses the scope-EXTERNAL_LOCAL entry.
+    pub const EXT_LOCAL: u32 = 1 << 4;
+    /// loadBalancerSourceRanges apply: clients must match the source ranges map.
+    pub const SOURCE_RANGES: u32 = 1 << 5;
+    /// Frontends the tc path serves; the others (ClusterIPs) only the socket hooks.
+    pub const EXTERNAL: u32 = NODE_PORT | LOAD_BALANCER | EXTERNAL_IP;
 }
 
 /// Services map value. The frontend entry (slot 0) uses `count`, `rev_nat_id`, `flags` and
@@ -187,25 +211,39 @@ pub struct SockRevValue<A> {
     pub rev_nat_id: u32,
 }
 
-/// Session affinity map key (LRU, both families): a client and a frontend.
-///
-/// The socket hooks run before the kernel picks a source address, so the client is identified
-/// by its network namespace cookie (Cilium's choice): a pod is one namespace with one IP, so
-/// this is kube-proxy's "ClientIP" for pods, and processes in the node's namespace share the
-/// node's identity as they would share its IP.
+/// How an affinity key names its client.
+pub mod affinity_client {
+    /// The socket hooks run before the kernel picks a source address, so they name the client
+    /// by its network namespace cookie (Cilium's choice): a pod is one namespace with one IP,
+    /// so this is kube-proxy's "ClientIP" for pods, and processes in the node's namespace share
+    /// the node's identity as they would share its IP.
+    pub const NETNS: u8 = 0;
+    /// The tc path names the client by its IPv4 source address.
+    pub const IPV4: u8 = 4;
+    /// The tc path names the client by its IPv6 source address.
+    pub const IPV6: u8 = 6;
+}
+
+/// Session affinity map key (LRU, both paths, both families): a client and a frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct AffinityKey {
-    pub netns_cookie: [u32; 2],
+    /// A netns cookie (two halves, low first), an IPv4 address (first word) or an IPv6
+    /// address, as `kind` says; unused words are zero.
+    pub client: [u32; 4],
     pub rev_nat_id: u32,
+    pub kind: u8,
+    pub _pad: [u8; 3],
 }
 
 impl AffinityKey {
-    pub const fn new(netns_cookie: u64, rev_nat_id: u32) -> Self {
+    pub const fn new(client: [u32; 4], kind: u8, rev_nat_id: u32) -> Self {
         Self {
-            netns_cookie: halves(netns_cookie),
+            client,
             rev_nat_id,
+            kind,
+            _pad: [0; 3],
         }
     }
 }
@@ -222,6 +260,96 @@ pub struct AffinityValue {
     pub slot: u16,
     pub _pad: u16,
 }
+
+/// Conntrack map key (LRU, tc path): a packet's 5-tuple as it arrives at the hook that
+/// translates it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct CtKey<A> {
+    pub saddr: A,
+    pub daddr: A,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Conntrack entry flags.
+pub mod ct_flags {
+    /// The entry translates replies (backend → client) back to the frontend; without it, the
+    /// entry translates the client's packets to the backend.
+    pub const REPLY: u8 = 1 << 0;
+    /// A FIN or RST was seen: the entry expires after the short closing timeout.
+    pub const CLOSING: u8 = 1 << 1;
+    /// The original direction is source-NATed to the node address (eTP Cluster, remote backend).
+    pub const SNAT: u8 = 1 << 2;
+}
+
+/// Conntrack map value: the tuple a matching packet is rewritten to, and when the flow was
+/// last seen (CLOCK_MONOTONIC ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct CtValue<A> {
+    pub last_seen_ns: u64,
+    pub saddr: A,
+    pub daddr: A,
+    pub sport: u16,
+    pub dport: u16,
+    pub rev_nat_id: u32,
+    /// The backend of the flow, so a packet of a flow whose backend was removed re-selects.
+    pub backend_id: u32,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Source ranges map key data (LPM trie; the trie key is this behind a `u32` prefix length):
+/// a frontend's rev-NAT id, then a CIDR. The prefix length counts the 32 bits of the id plus the
+/// CIDR's own (`SourceRange::prefix_len`), so a lookup with the client's full address matches
+/// only ranges of that frontend. The value is unused (1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct SourceRange<A> {
+    /// Big-endian, so the trie compares it byte by byte like the address.
+    pub rev_nat_id_be: u32,
+    pub addr: A,
+}
+
+impl<A> SourceRange<A> {
+    pub const fn new(rev_nat_id: u32, addr: A) -> Self {
+        Self {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr,
+        }
+    }
+
+    /// The trie prefix length for a CIDR of `cidr_prefix` bits.
+    pub const fn prefix_len(cidr_prefix: u8) -> u32 {
+        32 + cidr_prefix as u32
+    }
+}
+
+/// The node's settings for the tc path: one entry (key 0) in an array written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct NodeConfig {
+    /// Source address for NodePort/LB/externalIP traffic sent to a backend on another node
+    /// (externalTrafficPolicy Cluster); all zero: no IPv4 SNAT (such traffic is dropped).
+    pub snat_v4: AddrV4,
+    pub snat_v6: AddrV6,
+    /// Conntrack timeouts in seconds: established TCP, TCP after FIN/RST, UDP.
+    pub ct_tcp_timeout_s: u32,
+    pub ct_tcp_closing_timeout_s: u32,
+    pub ct_udp_timeout_s: u32,
+}
+
+/// Source ports the tc path picks from when a client's own port is taken on the SNAT address
+/// (the top of Linux's default ephemeral range is left to the node's own sockets).
+pub const SNAT_PORT_MIN: u16 = 40_000;
+pub const SNAT_PORT_MAX: u16 = 60_999;
 
 /// Service labels map value, keyed by rev-NAT id: which Service port a frontend belongs to.
 /// Only tools read it (the programs never do), so `list` can name Services from the pins alone.
@@ -278,8 +406,15 @@ assert_size!(
     SockRevValue<AddrV4> => 12,
     SockRevValue<AddrV6> => 24,
     ServiceLabel => 144,
-    AffinityKey => 12,
+    AffinityKey => 24,
     AffinityValue => 16,
+    CtKey<AddrV4> => 16,
+    CtKey<AddrV6> => 40,
+    CtValue<AddrV4> => 32,
+    CtValue<AddrV6> => 56,
+    SourceRange<AddrV4> => 8,
+    SourceRange<AddrV6> => 20,
+    NodeConfig => 32,
 );
 
 #[cfg(feature = "user")]
@@ -309,6 +444,13 @@ mod pod {
         ServiceLabel,
         AffinityKey,
         AffinityValue,
+        CtKey<AddrV4>,
+        CtKey<AddrV6>,
+        CtValue<AddrV4>,
+        CtValue<AddrV6>,
+        SourceRange<AddrV4>,
+        SourceRange<AddrV6>,
+        NodeConfig,
     );
 }
 

@@ -24,7 +24,14 @@ pub enum Reason {
 /// The chosen backend and the frontend's reverse-NAT id.
 pub struct Selected<A> {
     pub backend: Backend<A>,
+    pub backend_id: u32,
     pub rev_nat_id: u32,
+}
+
+/// Who a client is for ClientIP affinity: an `AffinityKey` without its frontend.
+pub struct Client {
+    pub id: [u32; 4],
+    pub kind: u8,
 }
 
 /// A backend as found through one slot of a frontend.
@@ -49,23 +56,34 @@ pub fn copy_of<V: Copy>(map_get: Option<*const V>) -> Option<V> {
 #[inline(always)]
 pub fn select<F: Family>(
     key: &ServiceKey<F::Addr>,
-    client: impl FnOnce() -> u64,
+    client: impl FnOnce() -> Client,
 ) -> Result<Option<Selected<F::Addr>>, Reason> {
     let Some(frontend) = copy_of(F::services().get_ptr(key)) else {
         return Ok(None);
     };
+    choose::<F>(key, &frontend, client).map(Some)
+}
+
+/// Picks a backend of the frontend entry `frontend`, found at `key`.
+#[inline(always)]
+pub fn choose<F: Family>(
+    key: &ServiceKey<F::Addr>,
+    frontend: &ServiceValue,
+    client: impl FnOnce() -> Client,
+) -> Result<Selected<F::Addr>, Reason> {
     if frontend.count == 0 {
         return Err(Reason::NoBackend);
     }
     let choice = if frontend.flags & svc_flags::AFFINITY != 0 {
-        affine::<F>(key, &frontend, client())?
+        affine::<F>(key, frontend, client())?
     } else {
         at_random::<F>(key, frontend.count)?
     };
-    Ok(Some(Selected {
+    Ok(Selected {
         backend: choice.backend,
+        backend_id: choice.backend_id,
         rev_nat_id: frontend.rev_nat_id,
-    }))
+    })
 }
 
 #[inline(always)]
@@ -93,14 +111,14 @@ fn through_slot<F: Family>(key: &ServiceKey<F::Addr>, slot: u16) -> Result<Choic
 fn affine<F: Family>(
     key: &ServiceKey<F::Addr>,
     frontend: &ServiceValue,
-    client: u64,
+    client: Client,
 ) -> Result<Choice<F::Addr>, Reason> {
     // SAFETY: bpf_ktime_get_ns takes no arguments and has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let affinity_key = AffinityKey::new(client, frontend.rev_nat_id);
+    let affinity_key = AffinityKey::new(client.id, client.kind, frontend.rev_nat_id);
     let timeout = frontend.affinity_timeout_s as u64 * NANOS_PER_SECOND;
     let previous = copy_of(AFFINITY.get_ptr(affinity_key))
-        .filter(|p| now.wrapping_sub(p.last_used_ns) <= timeout)
+        .filter(|p| now.saturating_sub(p.last_used_ns) <= timeout)
         .filter(|p| p.slot >= 1 && u32::from(p.slot) <= frontend.count)
         .and_then(|p| {
             through_slot::<F>(key, p.slot)
@@ -109,7 +127,7 @@ fn affine<F: Family>(
         });
     let choice = match previous {
         Some(choice) => {
-            bump(Counter::SockAffinityHit);
+            bump(Counter::AffinityHit);
             choice
         }
         None => at_random::<F>(key, frontend.count)?,
@@ -121,7 +139,7 @@ fn affine<F: Family>(
         _pad: 0,
     };
     if AFFINITY.insert(affinity_key, value, 0).is_err() {
-        bump(Counter::SockAffinityUpdateFailed);
+        bump(Counter::AffinityUpdateFailed);
     }
     Ok(choice)
 }

@@ -6,19 +6,22 @@
 mod counters;
 mod family;
 mod lb;
+mod reject;
+mod route;
 mod sock;
+mod tc;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::{btf_map, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
 };
 use proxy_common::{
     counters::Counter,
     maps::{
-        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
-        SockRevKey, SockRevValue, capacity,
+        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat, ServiceKey,
+        ServiceLabel, ServiceValue, SockRevKey, SockRevValue, SourceRange, capacity,
     },
 };
 
@@ -52,6 +55,17 @@ static SOCK_REV_V6: LruHashMap<SockRevKey<AddrV6>, SockRevValue<AddrV6>, { capac
 
 #[btf_map(name = "bkp_affinity")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
+
+#[btf_map(name = "bkp_ct_v4")]
+static CONNTRACK_V4: LruHashMap<CtKey<AddrV4>, CtValue<AddrV4>, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "bkp_srcrng_v4")]
+static SOURCE_RANGES_V4: LpmTrie<SourceRange<AddrV4>, u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+#[btf_map(name = "bkp_node")]
+static NODE: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map(name = "bkp_counters")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -104,6 +118,16 @@ pub fn bkp_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn bkp_getpeer6(ctx: SockAddrContext) -> i32 {
     sock::reverse::<V6>(&ctx)
+}
+
+#[classifier]
+pub fn bkp_tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
+}
+
+#[classifier]
+pub fn bkp_tc_egress(ctx: TcContext) -> i32 {
+    tc::egress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -13,14 +13,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     counters::Counter,
-    maps::{AddrV4, AddrV6, ServiceKey, SockRevKey, SockRevValue, scope},
+    maps::{AddrV4, AddrV6, ServiceKey, SockRevKey, SockRevValue, affinity_client, halves, scope},
     proto,
 };
 
 use crate::{
     counters::bump,
     family::{Family, V4, V6},
-    lb::{self, Reason, Selected, copy_of},
+    lb::{self, Client, Reason, Selected, copy_of},
 };
 
 const ALLOW: i32 = 1;
@@ -102,9 +102,14 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
-fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+fn netns_client(ctx: &SockAddrContext) -> Client {
     // SAFETY: the helper only reads the network namespace of the program's own context.
-    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let [lo, hi] = halves(cookie);
+    Client {
+        id: [lo, hi, 0, 0],
+        kind: affinity_client::NETNS,
+    }
 }
 
 #[inline(always)]
@@ -154,9 +159,9 @@ fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
     // SAFETY: `sa` is this program's context pointer.
     let frontend_addr = unsafe { F::user_addr(sa) };
     let frontend_port = user_port(sa);
-    let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(sa), scope::EXTERNAL);
-    let Some(selected) = lb::select::<F>(&key, || netns_cookie(ctx))? else {
-        let guard = ServiceKey::frontend(frontend_addr, 0, proto::ANY, scope::EXTERNAL);
+    let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(sa), scope::ALL);
+    let Some(selected) = lb::select::<F>(&key, || netns_client(ctx))? else {
+        let guard = ServiceKey::frontend(frontend_addr, 0, proto::ANY, scope::ALL);
         if F::services().get_ptr(guard).is_some() {
             return Err(Refusal::UnknownPort);
         }

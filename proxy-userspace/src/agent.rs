@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -19,10 +19,13 @@ use k8s_openapi::{
 };
 use kube::runtime::watcher;
 use notify::{RecursiveMode, Watcher as _};
+use proxy_common::maps::NodeConfig;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     datapath::{
+        conntrack::Conntrack,
+        external::{self, Devices},
         loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
@@ -30,8 +33,10 @@ use crate::{
         sockets::StaleSockets,
         writer::Writer,
     },
+    healthcheck::HealthCheckServers,
     metrics::{KindLabel, Metrics},
     model::ServiceName,
+    nodeport::NodePortAddresses,
     plan::{Capacity, Plan, Planner},
     proxier::{PlanSink, Proxier, SyncReport},
     serve,
@@ -67,6 +72,107 @@ pub struct AgentOptions {
     pub sync_period: Duration,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    pub external: ExternalOptions,
+}
+
+/// NodePort, LoadBalancer and externalIP traffic from outside the node (the tc path).
+#[derive(Debug, Clone)]
+pub struct ExternalOptions {
+    pub devices: Devices,
+    pub node_port_addresses: NodePortAddresses,
+    /// `--node-ip`: the node's primary addresses (SNAT source), if not the devices' first.
+    pub node_ips: Vec<IpAddr>,
+    pub ct_tcp_timeout: Duration,
+    pub ct_udp_timeout: Duration,
+}
+
+impl Default for ExternalOptions {
+    fn default() -> Self {
+        Self {
+            devices: Devices::None,
+            node_port_addresses: NodePortAddresses::All,
+            node_ips: Vec::new(),
+            ct_tcp_timeout: DEFAULT_CT_TCP_TIMEOUT,
+            ct_udp_timeout: DEFAULT_CT_UDP_TIMEOUT,
+        }
+    }
+}
+
+/// kube-proxy's default for conntrack.tcpEstablishedTimeout.
+pub const DEFAULT_CT_TCP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The kernel's nf_conntrack_udp_timeout_stream, which kube-proxy leaves in place by default.
+pub const DEFAULT_CT_UDP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A TCP flow that saw FIN or RST lingers this long for the last segments (Cilium's default).
+const CT_TCP_CLOSING_TIMEOUT_S: u32 = 10;
+
+/// The node's external side, resolved from [`ExternalOptions`] at start.
+struct ExternalSide {
+    devices: Vec<String>,
+    node_port_addresses: Vec<IpAddr>,
+    config: NodeConfig,
+}
+
+impl ExternalSide {
+    fn resolve(opts: &ExternalOptions) -> Result<Self, AgentError> {
+        let interfaces = external::interface_addresses().map_err(AgentError::Interfaces)?;
+        let devices = opts.devices.resolve(&interfaces);
+        if let Some(missing) = devices.iter().find(|d| !interfaces.contains_key(*d)) {
+            return Err(AgentError::Device(missing.clone()));
+        }
+        let primary = external::primary_addresses(&opts.node_ips, &devices, &interfaces);
+        let all: Vec<IpAddr> = interfaces.values().flatten().copied().collect();
+        let node_port_addresses = opts.node_port_addresses.select(&all, &primary);
+        let seconds = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        let mut config = NodeConfig {
+            ct_tcp_timeout_s: seconds(opts.ct_tcp_timeout),
+            ct_tcp_closing_timeout_s: CT_TCP_CLOSING_TIMEOUT_S,
+            ct_udp_timeout_s: seconds(opts.ct_udp_timeout),
+            ..Default::default()
+        };
+        for ip in &primary {
+            match ip {
+                IpAddr::V4(a) => config.snat_v4 = a.octets(),
+                IpAddr::V6(a) => config.snat_v6 = a.octets(),
+            }
+        }
+        tracing::info!(
+            devices = ?devices,
+            node_port_addresses = ?node_port_addresses,
+            primary = ?primary,
+            "external traffic (NodePort, LoadBalancer, externalIP)"
+        );
+        if devices.is_empty() {
+            tracing::info!(
+                "no --devices: NodePorts are served to this node's own sockets only; \
+                 pass --devices auto (or a list) for traffic from outside"
+            );
+        }
+        Ok(Self {
+            devices,
+            node_port_addresses,
+            config,
+        })
+    }
+
+    /// How often dead conntrack entries are collected: often enough that a UDP flow is gone
+    /// soon after its timeout, rarely enough to cost nothing.
+    fn gc_period(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.ct_udp_timeout_s).clamp(1, 30))
+    }
+}
+
+/// Collects dead conntrack entries forever.
+async fn collect_conntrack(mut conntrack: Conntrack, period: Duration, metrics: Arc<Metrics>) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let collected = conntrack.collect();
+        metrics.conntrack_collected.inc_by(collected as u64);
+        if collected > 0 {
+            tracing::debug!(collected, "removed expired conntrack entries");
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +191,10 @@ pub enum AgentError {
     Serve(#[from] serve::BindError),
     #[error("watching {path}: {source}")]
     Watch { path: PathBuf, source: notify::Error },
+    #[error("listing the node's addresses: {0}")]
+    Interfaces(std::io::Error),
+    #[error("--devices names {0:?}, which this network namespace does not have")]
+    Device(String),
 }
 
 /// The real datapath behind the proxier: map writes, then the sockets they left stale.
@@ -133,12 +243,22 @@ fn log_sync(what: &str, report: &SyncReport) {
 struct Prepared {
     datapath: Datapath,
     proxier: Proxier<DatapathSink>,
+    external: ExternalSide,
+    health_checks: HealthCheckServers,
     live: bool,
 }
 
 impl Prepared {
     fn load(opts: &AgentOptions, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
+        let external = ExternalSide::resolve(&opts.external)?;
         let datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
+        external::write_node_config(&opts.pin_dir, &external.config)?;
+        let conntrack = Conntrack::open(&opts.pin_dir, external.config)?;
+        tokio::spawn(collect_conntrack(
+            conntrack,
+            external.gc_period(),
+            metrics.clone(),
+        ));
         let maps = PinnedMaps::open(&opts.pin_dir)?;
         let existing = Snapshot::read(&maps)?;
         if !existing.frontends.is_empty() {
@@ -153,8 +273,10 @@ impl Prepared {
             backends: sizes.backends,
             rev_nat: sizes.rev_nat,
         });
+        let metrics_for_checks = metrics.clone();
         let proxier = Proxier::new(
             &opts.node_name,
+            external.node_port_addresses.clone(),
             opts.translate.clone(),
             planner,
             DatapathSink {
@@ -167,6 +289,8 @@ impl Prepared {
         Ok(Self {
             datapath,
             proxier,
+            external,
+            health_checks: HealthCheckServers::new(metrics_for_checks),
             live: false,
         })
     }
@@ -182,21 +306,28 @@ impl Prepared {
             }
             if periodic || self.proxier.has_pending() {
                 log_sync("sync", &self.proxier.sync());
+                self.health_checks
+                    .update(self.proxier.inventory().health_checks());
             }
             return Ok(());
         }
         log_sync("initial sync", &self.proxier.sync());
+        self.health_checks
+            .update(self.proxier.inventory().health_checks());
         log_sync(
             "removed state no Service claims",
             &self.proxier.release_unclaimed(),
         );
         let attached = self.datapath.attach(cgroup)?;
+        let (tc_updated, tc_created) = self.datapath.attach_devices(&self.external.devices)?;
         let planner = self.proxier.planner();
         tracing::info!(
             cgroup = %cgroup.display(),
             pin_dir = %self.datapath.pin_dir().display(),
             links_updated = attached.updated,
             links_created = attached.created,
+            tc_links_updated = tc_updated,
+            tc_links_created = tc_created,
             services = planner.service_count(),
             frontends = planner.frontend_count(),
             backends = planner.backend_count(),

@@ -23,6 +23,12 @@ pub struct ProxyConfig {
     pub metrics_bind_address: Option<Option<SocketAddr>>,
     pub sync_period: Option<Duration>,
     pub config_sync_period: Option<Duration>,
+    /// `nodePortAddresses`: CIDRs or `primary`.
+    pub node_port_addresses: Option<Vec<String>>,
+    /// `conntrack.tcpEstablishedTimeout`: lifetime of an idle TCP flow in the tc path.
+    pub conntrack_tcp_timeout: Option<Duration>,
+    /// `conntrack.udpTimeout`: lifetime of an idle UDP flow in the tc path.
+    pub conntrack_udp_timeout: Option<Duration>,
     /// One line per ignored field, for the caller to log.
     pub ignored: Vec<String>,
 }
@@ -72,13 +78,8 @@ const IGNORED: &[(&str, &str)] = &[
     ("bindAddress", "the datapath is always dual-stack"),
     (
         "clusterCIDR",
-        "used for masquerading by the tc datapath, which is not built yet",
+        "the tc datapath masquerades by backend locality, not by pod CIDR",
     ),
-    (
-        "nodePortAddresses",
-        "NodePort is served by the tc datapath, which is not built yet",
-    ),
-    ("conntrack", "the socket datapath keeps no conntrack state"),
     ("minSyncPeriod", "every change is synced at once"),
 ];
 
@@ -137,6 +138,22 @@ pub fn parse_bind_address(field: &str, text: &str) -> Result<Option<SocketAddr>,
         .map_err(|_| field_error(field, format!("{text:?} is not IP:port")))
 }
 
+fn strings(field: &str, value: &Value) -> Result<Option<Vec<String>>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| field_error(field, format!("expected strings, got {v}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        other => Err(field_error(field, format!("expected a list, got {other}"))),
+    }
+}
+
 fn bind_address(field: &str, value: &Value) -> Result<Option<Option<SocketAddr>>, ConfigError> {
     match value {
         Value::Null => Ok(None),
@@ -181,6 +198,22 @@ pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
             "metricsBindAddress" => config.metrics_bind_address = bind_address(key, value)?,
             "syncPeriod" => config.sync_period = duration(key, value)?,
             "configSyncPeriod" => config.config_sync_period = duration(key, value)?,
+            "nodePortAddresses" => config.node_port_addresses = strings(key, value)?,
+            "conntrack" => {
+                for (inner, v) in object(key, value)?.into_iter().flatten() {
+                    let path = format!("{key}.{inner}");
+                    match inner.as_str() {
+                        "tcpEstablishedTimeout" => config.conntrack_tcp_timeout = duration(&path, v)?,
+                        "udpTimeout" => config.conntrack_udp_timeout = duration(&path, v)?,
+                        _ => ignore(
+                            &path,
+                            v,
+                            "the tc datapath's conntrack is its own, not the kernel's",
+                            &mut config.ignored,
+                        ),
+                    }
+                }
+            }
             "clientConnection" => {
                 for (inner, v) in object(key, value)?.into_iter().flatten() {
                     let path = format!("{key}.{inner}");
@@ -346,6 +379,7 @@ nodePortAddresses: null
         );
         assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
         assert_eq!(c.config_sync_period, Some(Duration::from_secs(900)));
+        assert_eq!(c.conntrack_tcp_timeout, Some(Duration::from_secs(86_400)));
         let ignored: Vec<&str> = c.ignored.iter().map(|l| l.split(' ').next().unwrap()).collect();
         assert_eq!(
             ignored,
@@ -353,7 +387,6 @@ nodePortAddresses: null
                 "bindAddress",
                 "clusterCIDR",
                 "conntrack.tcpCloseWaitTimeout",
-                "conntrack.tcpEstablishedTimeout",
                 "iptables.minSyncPeriod",
                 "mode",
             ]

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
@@ -32,6 +33,12 @@ pub enum Drift {
         backend: BackendKey,
         desired: (bool, bool),
         programmed: (bool, bool),
+    },
+    /// Datapath flags (kind, policy, source ranges) or the source ranges themselves differ.
+    Settings {
+        frontend: FrontendKey,
+        desired: (u32, Vec<IpNet>),
+        programmed: (u32, Vec<IpNet>),
     },
     Affinity {
         frontend: FrontendKey,
@@ -66,6 +73,14 @@ impl std::fmt::Display for Drift {
                 f,
                 "{frontend}: backend {backend} (terminating, local) wanted {desired:?}, programmed {programmed:?}"
             ),
+            Self::Settings {
+                frontend,
+                desired,
+                programmed,
+            } => write!(
+                f,
+                "{frontend}: flags and source ranges wanted {desired:?}, programmed {programmed:?}"
+            ),
             Self::Affinity {
                 frontend,
                 desired,
@@ -94,6 +109,17 @@ pub fn drift(desired: Option<&ServiceEntry>, programmed: &[&FrontendView]) -> Ve
             out.push(Drift::MissingFrontend { frontend: f.key });
             continue;
         };
+        let mut ranges = f.source_ranges.clone();
+        ranges.sort();
+        // Only the IPv4 tc path reads source ranges, so IPv6 ones are never written.
+        ranges.retain(|r| matches!(r, IpNet::V4(_)));
+        if (view.flags, &view.source_ranges) != (f.flags, &ranges) {
+            out.push(Drift::Settings {
+                frontend: f.key,
+                desired: (f.flags, ranges),
+                programmed: (view.flags, view.source_ranges.clone()),
+            });
+        }
         if view.affinity_timeout != f.affinity_timeout {
             out.push(Drift::Affinity {
                 frontend: f.key,
@@ -158,11 +184,7 @@ mod tests {
     };
 
     fn fkey(port: u16) -> FrontendKey {
-        FrontendKey {
-            addr: "10.96.0.10".parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        FrontendKey::new("10.96.0.10".parse().unwrap(), port, Protocol::Tcp)
     }
 
     fn bkey(addr: &str) -> BackendKey {
@@ -186,6 +208,8 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout: None,
+            flags: 0,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -196,6 +220,8 @@ mod tests {
             port_name: "http".into(),
             rev_nat_id: 1,
             affinity_timeout: None,
+            flags: 0,
+            source_ranges: Vec::new(),
             backends: backends
                 .iter()
                 .enumerate()

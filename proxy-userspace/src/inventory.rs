@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::{
     model::{
         BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind, NodeInfo,
-        Protocol, ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
+        Protocol, Scope, ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
     },
     policy,
 };
+use proxy_common::maps::svc_flags;
 
 #[derive(Debug, Default)]
 pub struct Inventory {
@@ -213,26 +214,49 @@ impl Inventory {
                     TrafficPolicy::Local => to_backends(&cat.local),
                 };
                 // Traffic that starts on this node and targets an external address is served
-                // by the cluster-wide endpoints, as kube-proxy's "short-circuit" rules do.
+                // by the cluster-wide endpoints, as kube-proxy's "short-circuit" rules do; only
+                // traffic from outside is narrowed by externalTrafficPolicy Local.
                 let cluster = to_backends(&cat.cluster);
+                let external_local = svc.external_policy == TrafficPolicy::Local;
+                let node_ports = port.node_port.into_iter().flat_map(|node_port| {
+                    self.node
+                        .node_port_addresses
+                        .iter()
+                        .map(move |a| (*a, node_port, FrontendKind::NodePort))
+                });
                 let addrs = svc
                     .cluster_ips
                     .iter()
-                    .map(|a| (*a, FrontendKind::ClusterIp))
-                    .chain(svc.external_ips.iter().map(|a| (*a, FrontendKind::ExternalIp)))
+                    .map(|a| (*a, port.port, FrontendKind::ClusterIp))
+                    .chain(
+                        svc.external_ips
+                            .iter()
+                            .map(|a| (*a, port.port, FrontendKind::ExternalIp)),
+                    )
                     .chain(
                         svc.load_balancer_ips
                             .iter()
-                            .map(|a| (*a, FrontendKind::LoadBalancer)),
+                            .map(|a| (*a, port.port, FrontendKind::LoadBalancer)),
                     )
-                    .filter(|(a, _)| a.is_ipv4() == family_v4);
-                for (addr, kind) in addrs {
+                    .chain(node_ports)
+                    .filter(|(a, _, _)| a.is_ipv4() == family_v4);
+                for (addr, frontend_port, kind) in addrs {
+                    let key = FrontendKey::new(addr, frontend_port, port.protocol);
+                    let source_ranges = if kind == FrontendKind::LoadBalancer {
+                        svc.load_balancer_source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    let mut flags = kind.flag();
+                    if !source_ranges.is_empty() {
+                        flags |= svc_flags::SOURCE_RANGES;
+                    }
+                    let local_view = kind.is_external() && external_local;
+                    if local_view {
+                        flags |= svc_flags::EXT_LOCAL;
+                    }
                     frontends.push(Frontend {
-                        key: FrontendKey {
-                            addr,
-                            port: port.port,
-                            protocol: port.protocol,
-                        },
+                        key,
                         kind,
                         port_name: port.name.clone(),
                         backends: if kind == FrontendKind::ClusterIp {
@@ -241,24 +265,76 @@ impl Inventory {
                             cluster.clone()
                         },
                         affinity_timeout: svc.session_affinity_timeout,
+                        flags,
+                        source_ranges,
                     });
+                    if local_view {
+                        frontends.push(Frontend {
+                            key: FrontendKey {
+                                scope: Scope::ExternalLocal,
+                                ..key
+                            },
+                            kind,
+                            port_name: port.name.clone(),
+                            backends: to_backends(&cat.local),
+                            affinity_timeout: svc.session_affinity_timeout,
+                            flags: kind.flag(),
+                            source_ranges: Vec::new(),
+                        });
+                    }
                 }
             }
         }
         // One guard per ClusterIP: ports and protocols the Service does not serve are refused
         // rather than sent to an address nobody answers (kube-proxy rejects them too).
         frontends.extend(svc.cluster_ips.iter().map(|addr| Frontend {
-            key: FrontendKey {
-                addr: *addr,
-                port: 0,
-                protocol: Protocol::Any,
-            },
+            key: FrontendKey::new(*addr, 0, Protocol::Any),
             kind: FrontendKind::ClusterIp,
             port_name: GUARD_PORT_NAME.to_string(),
             backends: Vec::new(),
             affinity_timeout: None,
+            flags: 0,
+            source_ranges: Vec::new(),
         }));
         Some(ServiceEntry { frontends })
+    }
+}
+
+/// A healthCheckNodePort this node must serve, and what it answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub service: ServiceName,
+    /// Ready endpoints on this node, counted as kube-proxy's LocalReadyEndpoints does: distinct
+    /// `address:port` pairs over all of the Service's ports.
+    pub local_endpoints: usize,
+}
+
+impl Inventory {
+    /// The healthCheckNodePorts of Services with externalTrafficPolicy Local, by port.
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        let mut out: Vec<HealthCheck> = self
+            .services
+            .values()
+            .filter(|svc| svc.external_policy == TrafficPolicy::Local && svc.externally_accessible())
+            .filter_map(|svc| {
+                let local_endpoints = svc
+                    .ports
+                    .iter()
+                    .flat_map(|port| self.endpoints_for(svc, port))
+                    .filter(|e| e.local && e.ready)
+                    .map(|e| (e.addr, e.port))
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                Some(HealthCheck {
+                    port: svc.health_check_node_port?,
+                    service: svc.name.clone(),
+                    local_endpoints,
+                })
+            })
+            .collect();
+        out.sort_by_key(|c| c.port);
+        out
     }
 }
 
@@ -268,6 +344,8 @@ pub const GUARD_PORT_NAME: &str = "*";
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
+
+    use ipnet::IpNet;
 
     use super::*;
     use crate::model::{SliceEndpoint, SlicePort};
@@ -342,6 +420,7 @@ mod tests {
         Inventory::new(NodeInfo {
             name: "n1".into(),
             zone: None,
+            node_port_addresses: vec!["192.168.1.10".parse().unwrap()],
         })
     }
 
@@ -458,6 +537,102 @@ mod tests {
         assert_eq!(
             backends(&e, "192.0.2.1", 80, TCP),
             ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+    }
+
+    fn external_service(policy: TrafficPolicy) -> ServiceInfo {
+        let mut svc = service("web", &["10.96.0.10"], &[("", 80, TCP)]);
+        svc.ports[0].node_port = Some(30080);
+        svc.load_balancer_ips = vec!["203.0.113.10".parse().unwrap()];
+        svc.load_balancer_source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        svc.external_policy = policy;
+        svc.health_check_node_port = Some(32000);
+        svc
+    }
+
+    fn local_and_remote() -> SliceInfo {
+        let mut s = slice("a", "web", &[("", 8080, TCP)], &["10.0.0.1", "10.0.0.2"]);
+        s.endpoints[1].node_name = Some("n2".into());
+        s
+    }
+
+    fn find<'a>(e: &'a ServiceEntry, addr: &str, port: u16, scope: Scope) -> &'a Frontend {
+        let addr: IpAddr = addr.parse().unwrap();
+        e.frontends
+            .iter()
+            .find(|f| f.key.addr == addr && f.key.port == port && f.key.scope == scope)
+            .unwrap_or_else(|| panic!("no frontend {addr}:{port} {scope:?}"))
+    }
+
+    #[test]
+    fn node_ports_are_served_on_every_node_port_address_with_kind_flags() {
+        let mut inv = inventory();
+        inv.upsert_service(external_service(TrafficPolicy::Cluster));
+        inv.upsert_slice(local_and_remote());
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        let node_port = find(&e, "192.168.1.10", 30080, Scope::All);
+        assert_eq!(node_port.kind, FrontendKind::NodePort);
+        assert_eq!(node_port.flags, svc_flags::NODE_PORT);
+        assert_eq!(node_port.backends.len(), 2);
+        let lb = find(&e, "203.0.113.10", 80, Scope::All);
+        assert_eq!(lb.flags, svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES);
+        assert_eq!(lb.source_ranges, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
+        assert!(
+            node_port.source_ranges.is_empty(),
+            "source ranges apply to LoadBalancer IPs only"
+        );
+        assert_eq!(
+            find(&e, "10.96.0.10", 80, Scope::All).flags,
+            0,
+            "ClusterIPs are socket-only"
+        );
+        assert!(
+            e.frontends.iter().all(|f| f.key.scope == Scope::All),
+            "no local view"
+        );
+    }
+
+    #[test]
+    fn external_policy_local_adds_a_local_view_and_keeps_the_cluster_view_for_the_node() {
+        let mut inv = inventory();
+        inv.upsert_service(external_service(TrafficPolicy::Local));
+        inv.upsert_slice(local_and_remote());
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        for (addr, port) in [("192.168.1.10", 30080), ("203.0.113.10", 80)] {
+            let all = find(&e, addr, port, Scope::All);
+            assert_ne!(all.flags & svc_flags::EXT_LOCAL, 0);
+            assert_eq!(all.backends.len(), 2, "the node's own clients use every endpoint");
+            let local = find(&e, addr, port, Scope::ExternalLocal);
+            let local_addrs: Vec<String> = local.backends.iter().map(|b| b.key.addr.to_string()).collect();
+            assert_eq!(
+                local_addrs,
+                ["10.0.0.1"],
+                "outside clients use this node's endpoint"
+            );
+        }
+        assert_eq!(
+            inv.health_checks(),
+            [HealthCheck {
+                port: 32000,
+                service: ServiceName::new("ns", "web"),
+                local_endpoints: 1,
+            }]
+        );
+    }
+
+    #[test]
+    fn only_ready_local_endpoints_count_for_the_health_check() {
+        let mut inv = inventory();
+        inv.upsert_service(external_service(TrafficPolicy::Local));
+        let mut s = local_and_remote();
+        s.endpoints[0].ready = false;
+        s.endpoints[0].terminating = true;
+        inv.upsert_slice(s);
+        assert_eq!(inv.health_checks()[0].local_endpoints, 0);
+        inv.upsert_service(external_service(TrafficPolicy::Cluster));
+        assert!(
+            inv.health_checks().is_empty(),
+            "no health check under policy Cluster"
         );
     }
 

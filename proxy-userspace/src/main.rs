@@ -6,10 +6,11 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use bpf_kube_proxy::{
-    agent::{self, AgentOptions},
+    agent::{self, AgentOptions, ExternalOptions},
     config::{self, ProxyConfig},
-    datapath::{host, loader},
+    datapath::{external::Devices, host, loader},
     metrics::Metrics,
+    nodeport::NodePortAddresses,
     sandbox::{
         self,
         probe::{self, ProbeArgs},
@@ -34,7 +35,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: keep the eBPF datapath in sync with Services and EndpointSlices.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what the pinned maps hold: frontends and their backends.
     List {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -150,6 +151,30 @@ struct RunArgs {
     /// Capacity of the session affinity LRU map (one entry per client and frontend in use).
     #[arg(long, default_value_t = proxy_common::maps::capacity::AFFINITY)]
     map_size_affinity: u32,
+    /// Capacity of the tc path's conntrack LRU map (two entries per flow).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::CONNTRACK)]
+    map_size_conntrack: u32,
+    /// Devices that carry NodePort, LoadBalancer and externalIP traffic from outside the node:
+    /// "auto" (devices with a global address, minus pod plumbing), a comma-separated list, or
+    /// "none" (the socket hooks alone: only this node's own clients are served).
+    #[arg(long, default_value = "none")]
+    devices: Devices,
+    /// kube-proxy's nodePortAddresses: CIDRs whose node addresses serve NodePorts, or
+    /// "primary" (default: every node address, and 127.0.0.1 for the node's own clients).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Option<Vec<String>>,
+    /// The node's primary address(es), one per family: SNAT source for traffic sent to
+    /// other nodes' backends (default: the first address of the first device).
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<std::net::IpAddr>,
+    /// Idle TCP flows in the tc path's conntrack expire after this [default: 24h, or the
+    /// config file's conntrack.tcpEstablishedTimeout].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_established: Option<Duration>,
+    /// Idle UDP flows in the tc path's conntrack expire after this [default: 120s, or the
+    /// config file's conntrack.udpTimeout].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout: Option<Duration>,
 }
 
 fn init_logging() {
@@ -234,6 +259,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             rev_nat: args.map_size_rev_nat,
             sock_rev: args.map_size_sock_rev,
             affinity: args.map_size_affinity,
+            conntrack: args.map_size_conntrack,
         },
         translate: TranslateOptions {
             service_proxy_name: args.service_proxy_name,
@@ -256,6 +282,25 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             file.metrics_bind_address,
             DEFAULT_METRICS_BIND_ADDRESS,
         )?,
+        external: ExternalOptions {
+            devices: args.devices,
+            node_port_addresses: NodePortAddresses::parse(
+                &args
+                    .nodeport_addresses
+                    .or(file.node_port_addresses)
+                    .unwrap_or_default(),
+            )
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
+            node_ips: args.node_ip,
+            ct_tcp_timeout: args
+                .conntrack_tcp_timeout_established
+                .or(file.conntrack_tcp_timeout)
+                .unwrap_or(agent::DEFAULT_CT_TCP_TIMEOUT),
+            ct_udp_timeout: args
+                .conntrack_udp_timeout
+                .or(file.conntrack_udp_timeout)
+                .unwrap_or(agent::DEFAULT_CT_UDP_TIMEOUT),
+        },
     };
     runtime()?.block_on(agent::run(opts, Metrics::new(2 * sync_period)))?;
     Ok(())
@@ -279,7 +324,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             init_logging();
-            run_agent(args)?;
+            run_agent(*args)?;
         }
         Command::List { pin_dir, output } => cli::list::run(&pin_dir, output)?,
         Command::Get {

@@ -140,6 +140,8 @@ pub struct Metrics {
     pub source_errors: Family<KindLabel, Counter>,
     pub stale_udp_sockets_destroyed: Counter,
     pub stale_udp_failures: Counter,
+    pub conntrack_collected: Counter,
+    pub health_check_bind_failures: Counter,
 }
 
 impl Metrics {
@@ -175,6 +177,8 @@ impl Metrics {
             source_errors: Family::default(),
             stale_udp_sockets_destroyed: Counter::default(),
             stale_udp_failures: Counter::default(),
+            conntrack_collected: Counter::default(),
+            health_check_bind_failures: Counter::default(),
             registry: Registry::default(),
         };
         {
@@ -276,6 +280,16 @@ impl Metrics {
                 "stale_udp_failures",
                 "Network namespaces or sockets where stale UDP sockets could not be destroyed",
                 m.stale_udp_failures.clone(),
+            );
+            own.register(
+                "conntrack_collected",
+                "Expired tc conntrack entries removed by the agent",
+                m.conntrack_collected.clone(),
+            );
+            own.register(
+                "health_check_bind_failures",
+                "healthCheckNodePort servers that could not bind their port",
+                m.health_check_bind_failures.clone(),
             );
             own.register(
                 "map_full",

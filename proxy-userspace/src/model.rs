@@ -4,6 +4,7 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use ipnet::IpNet;
+use proxy_common::maps::{scope, svc_flags};
 use serde::Serialize;
 
 /// `namespace/name` of a Service.
@@ -190,6 +191,8 @@ pub struct NodeInfo {
     pub name: String,
     /// `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// Addresses that serve NodePorts (kube-proxy's nodePortAddresses applied).
+    pub node_port_addresses: Vec<IpAddr>,
 }
 
 /// How a frontend address came to be.
@@ -198,22 +201,85 @@ pub enum FrontendKind {
     ClusterIp,
     ExternalIp,
     LoadBalancer,
+    /// A nodePort on one of the node's addresses.
+    NodePort,
 }
 
-/// The address, port and protocol clients use.
+impl FrontendKind {
+    /// Reachable from outside the node (served by the tc path as well as the socket hooks).
+    pub const fn is_external(self) -> bool {
+        !matches!(self, Self::ClusterIp)
+    }
+
+    /// The datapath flag that marks the kind.
+    pub const fn flag(self) -> u32 {
+        match self {
+            Self::ClusterIp => 0,
+            Self::ExternalIp => svc_flags::EXTERNAL_IP,
+            Self::LoadBalancer => svc_flags::LOAD_BALANCER,
+            Self::NodePort => svc_flags::NODE_PORT,
+        }
+    }
+}
+
+/// Which clients a frontend entry serves (see `proxy_common::maps::scope`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Scope {
+    /// Everyone; the only entry of most frontends.
+    #[default]
+    All,
+    /// Clients outside the node, under externalTrafficPolicy Local: this node's endpoints.
+    ExternalLocal,
+}
+
+impl Scope {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::All => scope::ALL,
+            Self::ExternalLocal => scope::EXTERNAL_LOCAL,
+        }
+    }
+
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            scope::ALL => Some(Self::All),
+            scope::EXTERNAL_LOCAL => Some(Self::ExternalLocal),
+            _ => None,
+        }
+    }
+}
+
+/// The address, port and protocol clients use, and which clients the entry is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct FrontendKey {
     pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl FrontendKey {
+    /// The scope-`All` key clients use.
+    pub const fn new(addr: IpAddr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            addr,
+            port,
+            protocol,
+            scope: Scope::All,
+        }
+    }
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.addr {
-            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
-            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol)?,
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol)?,
         }
+        if self.scope == Scope::ExternalLocal {
+            f.write_str(" (external, local)")?;
+        }
+        Ok(())
     }
 }
 
@@ -228,12 +294,7 @@ pub struct BackendKey {
 
 impl fmt::Display for BackendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        FrontendKey {
-            addr: self.addr,
-            port: self.port,
-            protocol: self.protocol,
-        }
-        .fmt(f)
+        FrontendKey::new(self.addr, self.port, self.protocol).fmt(f)
     }
 }
 
@@ -260,6 +321,11 @@ pub struct Frontend {
     /// The backends this frontend balances over; empty means reject.
     pub backends: Vec<FrontendBackend>,
     pub affinity_timeout: Option<u32>,
+    /// Datapath flags (`proxy_common::maps::svc_flags`) other than affinity: kind, policy,
+    /// source ranges.
+    pub flags: u32,
+    /// loadBalancerSourceRanges of a LoadBalancer frontend; empty: every client.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// The desired datapath state of one Service: all of its frontends.

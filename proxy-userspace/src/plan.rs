@@ -4,9 +4,10 @@
 //! The writer applies the phases of a [`Plan`] in field order:
 //! 1. new and changed backends;
 //! 2. reverse-NAT entries;
-//! 3. backend slots;
-//! 4. frontend entries (the slot count last, so a grown Service is complete before it shows);
-//! 5. frontend deletions;
+//! 3. backend slots and new source ranges;
+//! 4. frontend entries (the slot count last, so a grown Service is complete before it shows;
+//!    the source-ranges flag only once its ranges are there);
+//! 5. frontend deletions, then source ranges no longer wanted;
 //! 6. slot deletions beyond the new count;
 //! 7. reverse-NAT deletions;
 //! 8. backends no longer referenced.
@@ -14,6 +15,8 @@
 //! Ids only grow, so a freed id is never reused while a reader may still hold it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+
+use ipnet::IpNet;
 
 use crate::model::{BackendKey, BackendState, Frontend, FrontendKey, Protocol, ServiceEntry, ServiceName};
 
@@ -38,6 +41,10 @@ pub struct ProgrammedFrontend {
     /// `slots[i]` is the backend in slot `i + 1`.
     pub slots: Vec<BackendId>,
     pub affinity_timeout: Option<u32>,
+    /// `Frontend::flags` as written.
+    pub flags: u32,
+    /// Sorted.
+    pub source_ranges: Vec<IpNet>,
     pub label: Label,
 }
 
@@ -76,6 +83,7 @@ pub struct FrontendWrite {
     pub count: u16,
     pub rev_nat_id: RevNatId,
     pub affinity_timeout: Option<u32>,
+    pub flags: u32,
 }
 
 /// A UDP backend that stopped serving a frontend. Connected UDP sockets that a client opened
@@ -95,8 +103,10 @@ pub struct Plan {
     pub upsert_backends: Vec<(BackendId, BackendKey, BackendState)>,
     pub upsert_rev_nats: Vec<RevNatWrite>,
     pub upsert_slots: Vec<SlotWrite>,
+    pub upsert_source_ranges: Vec<(RevNatId, IpNet)>,
     pub upsert_frontends: Vec<FrontendWrite>,
     pub delete_frontends: Vec<FrontendKey>,
+    pub delete_source_ranges: Vec<(RevNatId, IpNet)>,
     pub delete_slots: Vec<(FrontendKey, u16)>,
     pub delete_rev_nats: Vec<(RevNatId, FrontendKey)>,
     pub delete_backends: Vec<(BackendId, BackendKey)>,
@@ -112,8 +122,10 @@ impl Plan {
         self.upsert_backends.len()
             + self.upsert_rev_nats.len()
             + self.upsert_slots.len()
+            + self.upsert_source_ranges.len()
             + self.upsert_frontends.len()
             + self.delete_frontends.len()
+            + self.delete_source_ranges.len()
             + self.delete_slots.len()
             + self.delete_rev_nats.len()
             + self.delete_backends.len()
@@ -123,8 +135,10 @@ impl Plan {
         self.upsert_backends.extend(other.upsert_backends);
         self.upsert_rev_nats.extend(other.upsert_rev_nats);
         self.upsert_slots.extend(other.upsert_slots);
+        self.upsert_source_ranges.extend(other.upsert_source_ranges);
         self.upsert_frontends.extend(other.upsert_frontends);
         self.delete_frontends.extend(other.delete_frontends);
+        self.delete_source_ranges.extend(other.delete_source_ranges);
         self.delete_slots.extend(other.delete_slots);
         self.delete_rev_nats.extend(other.delete_rev_nats);
         self.delete_backends.extend(other.delete_backends);
@@ -571,7 +585,7 @@ impl Planner {
             *deltas.entry(*key).or_default() += 1;
         }
 
-        let (rev_nat_id, old_slots, old_affinity) = match self.frontends.get(&frontend.key) {
+        let (rev_nat_id, old_slots, old_settings, old_ranges) = match self.frontends.get(&frontend.key) {
             Some(p) => {
                 if p.label != label {
                     plan.upsert_rev_nats.push(RevNatWrite {
@@ -580,7 +594,12 @@ impl Planner {
                         label: label.clone(),
                     });
                 }
-                (p.rev_nat_id, p.slots.clone(), Some(p.affinity_timeout))
+                (
+                    p.rev_nat_id,
+                    p.slots.clone(),
+                    Some((p.affinity_timeout, p.flags)),
+                    p.source_ranges.clone(),
+                )
             }
             None => {
                 let id = self.rev_nat_ids.take();
@@ -589,9 +608,24 @@ impl Planner {
                     frontend: frontend.key,
                     label: label.clone(),
                 });
-                (id, Vec::new(), None)
+                (id, Vec::new(), None, Vec::new())
             }
         };
+        let mut source_ranges = frontend.source_ranges.clone();
+        source_ranges.sort();
+        source_ranges.dedup();
+        plan.upsert_source_ranges.extend(
+            source_ranges
+                .iter()
+                .filter(|r| old_ranges.binary_search(r).is_err())
+                .map(|r| (rev_nat_id, *r)),
+        );
+        plan.delete_source_ranges.extend(
+            old_ranges
+                .iter()
+                .filter(|r| source_ranges.binary_search(r).is_err())
+                .map(|r| (rev_nat_id, *r)),
+        );
         self.unreference(&old_slots, deltas);
         let departed = old_slots.iter().filter(|id| !new_set.contains(id));
         self.record_departures(rev_nat_id, departed, plan);
@@ -619,12 +653,14 @@ impl Planner {
                 });
             }
         }
-        if old_slots.len() != slots.len() || old_affinity != Some(frontend.affinity_timeout) {
+        if old_slots.len() != slots.len() || old_settings != Some((frontend.affinity_timeout, frontend.flags))
+        {
             plan.upsert_frontends.push(FrontendWrite {
                 frontend: frontend.key,
                 count: slots.len() as u16,
                 rev_nat_id,
                 affinity_timeout: frontend.affinity_timeout,
+                flags: frontend.flags,
             });
         }
         for slot in slots.len()..old_slots.len() {
@@ -636,6 +672,8 @@ impl Planner {
                 rev_nat_id,
                 slots,
                 affinity_timeout: frontend.affinity_timeout,
+                flags: frontend.flags,
+                source_ranges,
                 label,
             },
         );
@@ -658,6 +696,8 @@ impl Planner {
         plan.delete_slots
             .extend((1..=old.slots.len()).map(|s| (*key, s as u16)));
         plan.delete_rev_nats.push((old.rev_nat_id, *key));
+        plan.delete_source_ranges
+            .extend(old.source_ranges.iter().map(|r| (old.rev_nat_id, *r)));
         self.rev_nat_ids.release(old.rev_nat_id);
         if let Some(waiting) = self.contenders.remove(key) {
             out.retry.extend(waiting);
@@ -714,11 +754,7 @@ mod tests {
     use crate::model::{FrontendBackend, FrontendKind};
 
     fn fkey(addr: &str, port: u16) -> FrontendKey {
-        FrontendKey {
-            addr: addr.parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        FrontendKey::new(addr.parse().unwrap(), port, Protocol::Tcp)
     }
 
     fn backend(addr: &str) -> FrontendBackend {
@@ -742,9 +778,59 @@ mod tests {
                     port_name: "http".into(),
                     backends: backends.iter().map(|b| backend(b)).collect(),
                     affinity_timeout: None,
+                    flags: 0,
+                    source_ranges: Vec::new(),
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_their_flag_and_diffed_on_change() {
+        let mut p = Planner::new();
+        let mut e = entry(&[("203.0.113.10", 80, &["10.0.0.1"])]);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        e.frontends[0].flags = proxy_common::maps::svc_flags::SOURCE_RANGES;
+        e.frontends[0].source_ranges = vec![net("192.0.2.0/24"), net("198.51.100.0/24")];
+        let first = p.plan_service(&svc("lb"), Some(&e)).plan;
+        let id = first.upsert_frontends[0].rev_nat_id;
+        assert_eq!(
+            first.upsert_frontends[0].flags,
+            proxy_common::maps::svc_flags::SOURCE_RANGES
+        );
+        assert_eq!(
+            first.upsert_source_ranges,
+            [(id, net("192.0.2.0/24")), (id, net("198.51.100.0/24"))]
+        );
+
+        e.frontends[0].source_ranges = vec![net("198.51.100.0/24"), net("10.0.0.0/8")];
+        let second = p.plan_service(&svc("lb"), Some(&e)).plan;
+        assert_eq!(second.upsert_source_ranges, [(id, net("10.0.0.0/8"))]);
+        assert_eq!(second.delete_source_ranges, [(id, net("192.0.2.0/24"))]);
+        assert!(
+            second.upsert_frontends.is_empty(),
+            "same flags: the entry is not rewritten"
+        );
+
+        let gone = p.plan_service(&svc("lb"), None).plan;
+        let mut deleted = gone.delete_source_ranges.clone();
+        deleted.sort();
+        assert_eq!(deleted, [(id, net("10.0.0.0/8")), (id, net("198.51.100.0/24"))]);
+    }
+
+    #[test]
+    fn a_flag_change_rewrites_the_frontend_entry() {
+        let mut p = Planner::new();
+        let mut e = entry(&[("192.168.1.10", 30080, &["10.0.0.1"])]);
+        p.plan_service(&svc("np"), Some(&e));
+        e.frontends[0].flags = proxy_common::maps::svc_flags::NODE_PORT;
+        let plan = p.plan_service(&svc("np"), Some(&e)).plan;
+        assert_eq!(plan.upsert_frontends.len(), 1);
+        assert_eq!(
+            plan.upsert_frontends[0].flags,
+            proxy_common::maps::svc_flags::NODE_PORT
+        );
+        assert!(plan.upsert_slots.is_empty());
     }
 
     fn svc(name: &str) -> ServiceName {

@@ -172,6 +172,7 @@ mod tests {
         NodeInfo {
             name: "n1".into(),
             zone: zone.map(String::from),
+            node_port_addresses: Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -86,26 +87,29 @@ fn node_eligible(node: &Node) -> bool {
     !deleting && !autoscaler
 }
 
-fn node_info(node_name: &str, node: Option<&Node>) -> NodeInfo {
+fn node_info(node_name: &str, node: Option<&Node>, node_port_addresses: Vec<IpAddr>) -> NodeInfo {
     NodeInfo {
         name: node_name.to_string(),
         zone: node
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|l| l.get(LABEL_ZONE))
             .cloned(),
+        node_port_addresses,
     }
 }
 
 impl<S: PlanSink> Proxier<S> {
+    /// `node_port_addresses`: the node's addresses that serve NodePorts.
     pub fn new(
         node_name: &str,
+        node_port_addresses: Vec<IpAddr>,
         opts: TranslateOptions,
         planner: Planner,
         sink: S,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            inventory: Inventory::new(node_info(node_name, None)),
+            inventory: Inventory::new(node_info(node_name, None, node_port_addresses)),
             planner,
             sink,
             opts,
@@ -263,7 +267,8 @@ impl<S: PlanSink> Proxier<S> {
     }
 
     pub fn set_node(&mut self, node: Option<&Node>) {
-        let info = node_info(&self.inventory.node().name, node);
+        let current = self.inventory.node();
+        let info = node_info(&current.name, node, current.node_port_addresses.clone());
         self.metrics
             .health
             .set_node_eligible(node.is_none_or(node_eligible));
@@ -464,6 +469,7 @@ mod tests {
     fn proxier() -> Proxier<Recorder> {
         Proxier::new(
             "n1",
+            vec!["192.168.1.10".parse().unwrap()],
             TranslateOptions::default(),
             Planner::new(),
             Recorder::default(),
@@ -492,11 +498,7 @@ mod tests {
     }
 
     fn backends_of(p: &Proxier<Recorder>, vip: &str) -> usize {
-        let key = crate::model::FrontendKey {
-            addr: vip.parse().unwrap(),
-            port: 80,
-            protocol: crate::model::Protocol::Tcp,
-        };
+        let key = crate::model::FrontendKey::new(vip.parse().unwrap(), 80, crate::model::Protocol::Tcp);
         p.planner().frontend(&key).map_or(0, |f| f.slots.len())
     }
 
@@ -579,11 +581,8 @@ mod tests {
         );
         p.remove_service(&ServiceName::new("ns", "a"));
         p.sync();
-        let key = crate::model::FrontendKey {
-            addr: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            protocol: crate::model::Protocol::Tcp,
-        };
+        let key =
+            crate::model::FrontendKey::new("10.96.0.10".parse().unwrap(), 80, crate::model::Protocol::Tcp);
         assert_eq!(p.planner().owner(&key).map(|n| n.name.as_str()), Some("b"));
     }
 

@@ -89,6 +89,8 @@ pub struct World {
     runtime: tokio::runtime::Runtime,
     log_path: PathBuf,
     extra_args: Vec<String>,
+    /// Run the agent in this network namespace (the node's) instead of the test's.
+    agent_netns: Option<PathBuf>,
 }
 
 impl World {
@@ -131,12 +133,20 @@ impl World {
             runtime,
             log_path,
             extra_args: Vec::new(),
+            agent_netns: None,
         }
     }
 
     /// Extra `run` flags for every agent start.
     pub fn agent_args(&mut self, args: &[&str]) -> &mut Self {
         self.extra_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Runs the agent inside the node namespace from now on (only the network namespace is
+    /// entered, so pins and cgroups stay the host's), as NodePort tests need for its devices.
+    pub fn agent_in_node(&mut self) -> &mut Self {
+        self.agent_netns = Some(self.topology.node.path());
         self
     }
 
@@ -213,7 +223,14 @@ impl World {
             .open(&self.log_path)
             .expect("agent log");
         let ready_before = self.agent_log().matches(READY).count();
-        let mut cmd = Command::new(binary());
+        let mut cmd = match &self.agent_netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display())).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
         // Tests run side by side: each agent serves health and metrics on a port of its own,
         // which `http_addr` reads back from the log.
         cmd.arg("run")
@@ -329,11 +346,7 @@ impl World {
 
     /// Backend addresses (`ip:port`) the maps hold for a frontend, `None` if it is absent.
     pub fn backends_of(&self, frontend: &str, port: u16, protocol: Protocol) -> Option<Vec<String>> {
-        let key = FrontendKey {
-            addr: frontend.parse().expect("frontend address"),
-            port,
-            protocol,
-        };
+        let key = FrontendKey::new(frontend.parse().expect("frontend address"), port, protocol);
         let snapshot = self.snapshot()?;
         let f = snapshot.frontends.iter().find(|f| f.frontend == key)?;
         Some(

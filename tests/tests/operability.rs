@@ -273,7 +273,7 @@ fn config_file_is_read_as_kube_proxy_writes_it_and_an_invalid_one_stops_the_agen
     std::fs::write(
         &config,
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: iptables\n\
-         syncPeriod: 1s\nconntrack: {udpTimeout: 30s}\n",
+         syncPeriod: 1s\nconntrack: {udpTimeout: 30s, maxPerCore: 32768}\n",
     )
     .unwrap();
     world.agent_args(&["--config", config.to_str().unwrap()]);
@@ -281,10 +281,14 @@ fn config_file_is_read_as_kube_proxy_writes_it_and_an_invalid_one_stops_the_agen
     let log = world.agent_log();
     for expected in [
         "mode is ignored: the mode is always ebpf",
-        "conntrack.udpTimeout is ignored",
+        "conntrack.maxPerCore is ignored",
     ] {
         assert_eq!(log.matches(expected).count(), 1, "{expected:?} once in\n{log}");
     }
+    assert!(
+        !log.contains("udpTimeout is ignored"),
+        "conntrack.udpTimeout is honoured\n{log}"
+    );
     world.stop_agent(Signal::SIGTERM);
 
     std::fs::write(

@@ -294,11 +294,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     );
     println!("          (log: {})", log_path.display());
 
-    let http_v4 = FrontendKey {
-        addr: VIP_V4.parse()?,
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
+    let http_v4 = FrontendKey::new(VIP_V4.parse()?, 80, Protocol::Tcp);
     let links = pin_dir.join("links");
     let ready = wait_for(
         &mut world.agent,

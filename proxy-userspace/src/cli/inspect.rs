@@ -2,6 +2,7 @@
 //! the maps, and any pinned map decoded entry by entry.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -10,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Pod,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
 };
 use bpf_kube_proxy::{
     datapath::{
@@ -27,7 +28,7 @@ use bpf_kube_proxy::{
 };
 use proxy_common::{
     counters::Counter,
-    maps::{self as names},
+    maps::{self as names, svc_flags},
 };
 use serde::Serialize;
 
@@ -92,7 +93,13 @@ impl PlanSink for Discard {
     }
 }
 
-async fn desired(source: &ExplainSource, service: &ServiceName) -> anyhow::Result<Option<ServiceEntry>> {
+/// `node_port_addresses`: the agent's, as the maps show them (the addresses of NodePort
+/// frontends), so that `explain` judges NodePorts by the agent's flags rather than its own.
+async fn desired(
+    source: &ExplainSource,
+    service: &ServiceName,
+    node_port_addresses: Vec<IpAddr>,
+) -> anyhow::Result<Option<ServiceEntry>> {
     let node = match &source.hostname_override {
         Some(n) => n.clone(),
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
@@ -116,7 +123,14 @@ async fn desired(source: &ExplainSource, service: &ServiceName) -> anyhow::Resul
         service_proxy_name: source.service_proxy_name.clone(),
     };
     let metrics = Metrics::new(Duration::from_secs(60));
-    let mut proxier = Proxier::new(&node, opts, Planner::new(), Discard, Arc::clone(&metrics));
+    let mut proxier = Proxier::new(
+        &node,
+        node_port_addresses,
+        opts,
+        Planner::new(),
+        Discard,
+        Arc::clone(&metrics),
+    );
     proxier.replace_all(&snapshot);
     Ok(proxier.inventory().desired(service))
 }
@@ -143,8 +157,17 @@ pub async fn explain(
     format: Format,
 ) -> anyhow::Result<()> {
     let name = parse_name(service)?;
-    let wanted = desired(source, &name).await?;
-    let programmed = frontends_of(Snapshot::read(&PinnedMaps::open(pin_dir)?)?, &name);
+    let everything = Snapshot::read(&PinnedMaps::open(pin_dir)?)?;
+    let mut node_port_addresses: Vec<IpAddr> = everything
+        .frontends
+        .iter()
+        .filter(|f| f.flags & svc_flags::NODE_PORT != 0)
+        .map(|f| f.frontend.addr)
+        .collect();
+    node_port_addresses.sort();
+    node_port_addresses.dedup();
+    let wanted = desired(source, &name, node_port_addresses).await?;
+    let programmed = frontends_of(everything, &name);
     let views: Vec<&FrontendView> = programmed.frontends.iter().collect();
     let explanation = Explanation {
         service: name.to_string(),
@@ -225,11 +248,31 @@ fn counter_entries(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
         .collect()
 }
 
+fn source_range_entries(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    use proxy_common::maps::{AddrV4, SourceRange};
+    let map: LpmTrie<MapData, SourceRange<AddrV4>, u32> = typed(dir, names::SOURCE_RANGES_V4)?;
+    map.iter()
+        .map(|item| {
+            let (key, value) = item.context("reading the source ranges")?;
+            let data = key.data();
+            Ok(serde_json::json!({
+                "key": {"prefix_len": key.prefix_len(), "data": data},
+                "value": value,
+            }))
+        })
+        .collect()
+}
+
+fn node_entries(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let map: Array<MapData, proxy_common::maps::NodeConfig> = typed(dir, names::NODE)?;
+    Ok(vec![serde_json::json!({"key": 0, "value": map.get(&0, 0)?})])
+}
+
 /// Every pinned map decoded with its key and value types: `bpftool map dump` without BTF.
 pub fn dump(pin_dir: &Path, map: &str, format: Format) -> anyhow::Result<()> {
     use proxy_common::maps::{
-        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
-        SockRevKey, SockRevValue,
+        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey,
+        ServiceLabel, ServiceValue, SockRevKey, SockRevValue,
     };
     let rows = match map {
         names::SERVICES_V4 => entries::<ServiceKey<AddrV4>, ServiceValue>(pin_dir, names::SERVICES_V4)?,
@@ -246,6 +289,9 @@ pub fn dump(pin_dir: &Path, map: &str, format: Format) -> anyhow::Result<()> {
         }
         names::AFFINITY => entries::<AffinityKey, AffinityValue>(pin_dir, names::AFFINITY)?,
         names::SERVICE_LABELS => entries::<u32, ServiceLabel>(pin_dir, names::SERVICE_LABELS)?,
+        names::CONNTRACK_V4 => entries::<CtKey<AddrV4>, CtValue<AddrV4>>(pin_dir, names::CONNTRACK_V4)?,
+        names::SOURCE_RANGES_V4 => source_range_entries(pin_dir)?,
+        names::NODE => node_entries(pin_dir)?,
         names::COUNTERS => counter_entries(pin_dir)?,
         other => anyhow::bail!("unknown map {other:?}; the maps are: {}", names::ALL.join(", ")),
     };

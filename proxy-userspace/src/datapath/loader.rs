@@ -19,7 +19,7 @@ use aya::{
 };
 use proxy_common::maps::{self as names, capacity};
 
-use crate::datapath::{host, sys};
+use crate::datapath::{external, host, sys};
 
 /// The datapath object, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -44,6 +44,7 @@ pub struct MapSizes {
     pub rev_nat: u32,
     pub sock_rev: u32,
     pub affinity: u32,
+    pub conntrack: u32,
 }
 
 impl Default for MapSizes {
@@ -54,6 +55,7 @@ impl Default for MapSizes {
             rev_nat: capacity::REV_NAT,
             sock_rev: capacity::SOCK_REV,
             affinity: capacity::AFFINITY,
+            conntrack: capacity::CONNTRACK,
         }
     }
 }
@@ -66,6 +68,7 @@ impl MapSizes {
             names::REV_NAT_V4 | names::REV_NAT_V6 | names::SERVICE_LABELS => Some(self.rev_nat),
             names::SOCK_REV_V4 | names::SOCK_REV_V6 => Some(self.sock_rev),
             names::AFFINITY => Some(self.affinity),
+            names::CONNTRACK_V4 => Some(self.conntrack),
             _ => None,
         }
     }
@@ -135,6 +138,7 @@ impl Datapath {
                 .load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
+        external::load_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -143,6 +147,11 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Attaches the tc programs to `devices` (see [`external::attach`]).
+    pub fn attach_devices(&mut self, devices: &[String]) -> Result<(usize, usize), LoadError> {
+        external::attach(&mut self.ebpf, &self.pin_dir, devices)
     }
 
     /// Attaches every socket program to `cgroup` (and its descendants) through links pinned

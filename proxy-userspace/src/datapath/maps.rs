@@ -8,10 +8,10 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{HashMap, LpmTrie, Map, MapData, MapError},
 };
 use proxy_common::maps::{
-    self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue,
+    self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SourceRange,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,8 @@ pub struct PinnedMaps {
     pub v6: FamilyMaps<AddrV6>,
     pub labels: HashMap<MapData, u32, ServiceLabel>,
     pub labels_raw: MapData,
+    /// loadBalancerSourceRanges for the (IPv4-only) tc path.
+    pub source_ranges: LpmTrie<MapData, SourceRange<AddrV4>, u32>,
 }
 
 impl PinnedMaps {
@@ -157,6 +159,7 @@ impl PinnedMaps {
             v6: FamilyMaps::open(dir)?,
             labels: typed(dir, names::SERVICE_LABELS)?,
             labels_raw: raw(dir, names::SERVICE_LABELS)?,
+            source_ranges: typed(dir, names::SOURCE_RANGES_V4)?,
         })
     }
 }

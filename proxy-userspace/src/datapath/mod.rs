@@ -1,5 +1,7 @@
 //! The only code that touches BPF: loading, attaching, writing and reading maps.
 
+pub mod conntrack;
+pub mod external;
 pub mod host;
 pub mod loader;
 pub mod maps;

@@ -7,12 +7,13 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, MapData, MapError},
 };
-use proxy_common::maps::{Backend, RevNat, ServiceKey, ServiceLabel, backend_flags, scope, svc_flags};
+use ipnet::{IpNet, Ipv4Net};
+use proxy_common::maps::{Backend, RevNat, ServiceKey, ServiceLabel, SourceRange, backend_flags, svc_flags};
 use serde::Serialize;
 
 use crate::{
     datapath::maps::{FamilyAddr, FamilyMaps, PinnedMaps},
-    model::{BackendKey, BackendState, FrontendKey, Protocol},
+    model::{BackendKey, BackendState, FrontendKey, Protocol, Scope},
     plan::{BackendId, Label, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId},
 };
 
@@ -39,6 +40,9 @@ pub struct FrontendView {
     pub port_name: String,
     pub rev_nat_id: RevNatId,
     pub affinity_timeout: Option<u32>,
+    /// Datapath flags other than affinity (kind, externalTrafficPolicy Local, source ranges).
+    pub flags: u32,
+    pub source_ranges: Vec<IpNet>,
     /// Backends in slot order (slot 1 first).
     pub backends: Vec<BackendView>,
     /// Slots the frontend's count promises but the map lacks.
@@ -56,9 +60,24 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn read(maps: &PinnedMaps) -> Result<Self, ReadError> {
         let labels = read_all(&maps.labels, proxy_common::maps::SERVICE_LABELS)?;
+        let mut ranges: HashMap<RevNatId, Vec<IpNet>> = HashMap::new();
+        for entry in maps.source_ranges.iter() {
+            let (key, _) = entry.map_err(|source| ReadError {
+                map: proxy_common::maps::SOURCE_RANGES_V4,
+                source,
+            })?;
+            let SourceRange { rev_nat_id_be, addr } = key.data();
+            let prefix = key.prefix_len().saturating_sub(32) as u8;
+            if let Ok(net) = Ipv4Net::new(addr.into(), prefix) {
+                ranges
+                    .entry(u32::from_be(rev_nat_id_be))
+                    .or_default()
+                    .push(IpNet::V4(net));
+            }
+        }
         let mut snapshot = Snapshot::default();
-        read_family(&maps.v4, &labels, &mut snapshot)?;
-        read_family(&maps.v6, &labels, &mut snapshot)?;
+        read_family(&maps.v4, &labels, &ranges, &mut snapshot)?;
+        read_family(&maps.v6, &labels, &ranges, &mut snapshot)?;
         snapshot
             .frontends
             .sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
@@ -95,6 +114,8 @@ impl Snapshot {
                         Vec::new()
                     },
                     affinity_timeout: fe.affinity_timeout,
+                    flags: fe.flags,
+                    source_ranges: fe.source_ranges.clone(),
                     label: Label {
                         service: fe.service.clone(),
                         port: fe.port_name.clone(),
@@ -132,6 +153,7 @@ fn read_all<K: Pod + Eq + std::hash::Hash, V: Pod>(
 fn read_family<A: FamilyAddr + Eq + std::hash::Hash>(
     maps: &FamilyMaps<A>,
     labels: &HashMap<u32, ServiceLabel>,
+    ranges: &HashMap<RevNatId, Vec<IpNet>>,
     out: &mut Snapshot,
 ) -> Result<(), ReadError>
 where
@@ -161,16 +183,17 @@ where
     let mut slots: HashMap<(ServiceKey<A>, u16), u32> = HashMap::new();
     let mut referenced = HashSet::new();
     for (key, value) in &services {
-        if key.slot != 0 && key.scope == scope::EXTERNAL {
+        if key.slot != 0 {
             slots.insert((key.with_slot(0), key.slot), value.backend_id);
             referenced.insert(value.backend_id);
         }
     }
     for (key, value) in &services {
-        if key.slot != 0 || key.scope != scope::EXTERNAL {
+        if key.slot != 0 {
             continue;
         }
-        let Some(protocol) = Protocol::from_number(key.proto) else {
+        let (Some(protocol), Some(scope)) = (Protocol::from_number(key.proto), Scope::from_number(key.scope))
+        else {
             continue;
         };
         let mut views = Vec::new();
@@ -187,6 +210,7 @@ where
                 addr: key.addr.to_ip(),
                 port: key.port,
                 protocol,
+                scope,
             },
             service: label
                 .map(|l| proxy_common::maps::nul_padded_text(&l.service).to_string())
@@ -196,6 +220,12 @@ where
                 .unwrap_or_default(),
             rev_nat_id: value.rev_nat_id,
             affinity_timeout: (value.flags & svc_flags::AFFINITY != 0).then_some(value.affinity_timeout_s),
+            flags: value.flags & !svc_flags::AFFINITY,
+            source_ranges: {
+                let mut r = ranges.get(&value.rev_nat_id).cloned().unwrap_or_default();
+                r.sort();
+                r
+            },
             backends: views,
             missing_slots: missing,
         });

@@ -2,10 +2,11 @@
 
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapError},
+    maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
+use ipnet::IpNet;
 use proxy_common::maps::{
-    Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, backend_flags, scope, svc_flags,
+    AddrV4, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SourceRange, backend_flags, svc_flags,
 };
 
 use crate::{
@@ -14,7 +15,7 @@ use crate::{
         sys,
     },
     model::{BackendKey, BackendState, FrontendKey},
-    plan::{FrontendWrite, Label, Plan, RevNatWrite, SlotWrite},
+    plan::{FrontendWrite, Label, Plan, RevNatId, RevNatWrite, SlotWrite},
     proxier::PlanSink,
 };
 
@@ -46,9 +47,15 @@ impl Writer {
             v6,
             labels,
             labels_raw,
+            source_ranges,
         } = &mut self.maps;
-        apply_family(v4, labels, labels_raw, plan, &mut errors);
-        apply_family(v6, labels, labels_raw, plan, &mut errors);
+        let ranges = Phased {
+            map: source_ranges,
+            upserts: &plan.upsert_source_ranges,
+            deletes: &plan.delete_source_ranges,
+        };
+        apply_family(v4, labels, labels_raw, plan, Some(ranges), &mut errors);
+        apply_family(v6, labels, labels_raw, plan, None, &mut errors);
         errors
     }
 }
@@ -70,8 +77,13 @@ where
 {
     let addr = A::from_ip(frontend.addr)?;
     Some(
-        ServiceKey::frontend(addr, frontend.port, frontend.protocol.number(), scope::EXTERNAL)
-            .with_slot(slot),
+        ServiceKey::frontend(
+            addr,
+            frontend.port,
+            frontend.protocol.number(),
+            frontend.scope.number(),
+        )
+        .with_slot(slot),
     )
 }
 
@@ -141,11 +153,47 @@ fn upsert_all<K: Pod, V: Pod, T>(
     }
 }
 
+/// The source ranges map and the plan's writes to it. Only the IPv4 tc path reads ranges, so
+/// IPv6 ranges are not written (IPv6 LoadBalancer traffic from outside is not translated).
+struct Phased<'a> {
+    map: &'a mut LpmTrie<MapData, SourceRange<AddrV4>, u32>,
+    upserts: &'a [(RevNatId, IpNet)],
+    deletes: &'a [(RevNatId, IpNet)],
+}
+
+impl Phased<'_> {
+    fn entries(items: &[(RevNatId, IpNet)]) -> impl Iterator<Item = (Key<SourceRange<AddrV4>>, String)> + '_ {
+        items.iter().filter_map(|(id, net)| match net {
+            IpNet::V4(v4) => Some((
+                Key::new(
+                    SourceRange::<AddrV4>::prefix_len(v4.prefix_len()),
+                    SourceRange::new(*id, v4.network().octets()),
+                ),
+                format!("source range {net} of rev-NAT {id}"),
+            )),
+            IpNet::V6(_) => None,
+        })
+    }
+
+    fn upsert(&mut self, errors: &mut Vec<WriteError>) {
+        for (key, what) in Self::entries(self.upserts) {
+            record(errors, || what, self.map.insert(&key, 1, 0));
+        }
+    }
+
+    fn delete(&mut self, errors: &mut Vec<WriteError>) {
+        for (key, what) in Self::entries(self.deletes) {
+            record(errors, || format!("delete {what}"), self.map.remove(&key));
+        }
+    }
+}
+
 fn apply_family<A: FamilyAddr>(
     maps: &mut FamilyMaps<A>,
     labels: &mut HashMap<MapData, u32, ServiceLabel>,
     labels_raw: &MapData,
     plan: &Plan,
+    mut ranges: Option<Phased<'_>>,
     errors: &mut Vec<WriteError>,
 ) where
     ServiceKey<A>: Pod,
@@ -203,6 +251,9 @@ fn apply_family<A: FamilyAddr>(
         .collect();
     let describe = |w: &SlotWrite| format!("frontend {} slot {}", w.frontend, w.slot);
     upsert_all(&mut maps.services, &maps.raw.services, slots, describe, errors);
+    if let Some(ranges) = ranges.as_mut() {
+        ranges.upsert(errors);
+    }
 
     // Frontend entries last among the upserts: a count only grows once its slots exist.
     let frontends = plan
@@ -212,11 +263,12 @@ fn apply_family<A: FamilyAddr>(
             let value = ServiceValue {
                 count: u32::from(w.count),
                 rev_nat_id: w.rev_nat_id,
-                flags: if w.affinity_timeout.is_some() {
-                    svc_flags::AFFINITY
-                } else {
-                    0
-                },
+                flags: w.flags
+                    | if w.affinity_timeout.is_some() {
+                        svc_flags::AFFINITY
+                    } else {
+                        0
+                    },
                 affinity_timeout_s: w.affinity_timeout.unwrap_or(0),
                 ..Default::default()
             };
@@ -241,6 +293,9 @@ fn apply_family<A: FamilyAddr>(
             || format!("delete frontend {frontend}"),
             maps.services.remove(&key),
         );
+    }
+    if let Some(ranges) = ranges.as_mut() {
+        ranges.delete(errors);
     }
     for (frontend, slot) in &plan.delete_slots {
         let Some(key) = frontend_key::<A>(frontend, *slot) else {

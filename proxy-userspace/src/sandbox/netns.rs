@@ -63,6 +63,22 @@ impl Netns {
         ip(&full)
     }
 
+    /// A veth pair: `port` here, `eth0` in `peer`.
+    pub fn veth_to(&self, port: &str, peer: &Netns) -> io::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            peer.name(),
+        ])
+    }
+
     /// Runs `f` on a fresh thread inside this namespace (sockets it creates stay in it).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
         host::in_netns(&File::open(self.path())?, f)

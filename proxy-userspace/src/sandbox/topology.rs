@@ -56,18 +56,7 @@ impl Topology {
     fn add_pod(&mut self, name: &str, host: u8) -> io::Result<()> {
         let netns = Netns::create(&format!("{}-{name}", self.prefix))?;
         let port = format!("v{host}");
-        self.node.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        self.node.veth_to(&port, &netns)?;
         self.node.ip(&["link", "set", &port, "master", "br0", "up"])?;
         let ipv4 = Ipv4Addr::new(10, 244, 0, host);
         let ipv6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, u16::from(host));

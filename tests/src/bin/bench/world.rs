@@ -94,6 +94,7 @@ impl Ours {
         let writer = Writer::new(PinnedMaps::open(&pin_dir)?);
         let proxier = Proxier::new(
             "bench-node",
+            Vec::new(),
             TranslateOptions::default(),
             Planner::new(),
             writer,

@@ -1,0 +1,417 @@
+//! NodePort, LoadBalancer IP and externalIP traffic from outside the node, through the tc
+//! programs on the node's devices. Topology (every namespace made by the test):
+//!
+//! ```text
+//!  ext (192.168.50.2) ──up0── node (192.168.50.1; 172.30.0.1) ──n2── node2 (172.30.0.2) ── remote (10.245.0.2)
+//!                               │ br0 10.244.0.1
+//!                               └─ local pods 10.244.0.10, ...
+//! ```
+//!
+//! The agent runs in the node namespace with `--devices up0,n2`. The remote backend's replies
+//! route back through node2's default route, so a flow to it works only if it was SNATed to
+//! the node and its replies are translated back on `n2`'s ingress.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use bpf_kube_proxy::{
+    model::Protocol,
+    sandbox::{netns::Netns, servers::Identity},
+};
+use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs};
+
+const NODE_IP: &str = "192.168.50.1";
+const CLIENT_IP: &str = "192.168.50.2";
+const REMOTE_IP: &str = "10.245.0.2";
+const NODE_PORT: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30053;
+const LB_IP: &str = "203.0.113.10";
+const EXTERNAL_IP: &str = "198.51.100.7";
+const HEALTH_PORT: u16 = 32100;
+
+/// Field order is drop order: the extra namespaces go before the world (and its node). The
+/// remote ones are only held so they live as long as the test.
+struct Outside {
+    ext: Netns,
+    _remote: Netns,
+    _node2: Netns,
+    world: World,
+}
+
+fn forwarding(netns: &Netns) {
+    netns
+        .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+        .expect("enabling forwarding");
+}
+
+/// Builds the topology around a world with `local` backend pods; the agent is not started.
+fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
+    let mut world = World::new(local);
+    let prefix = world.topology.prefix.clone();
+    let node = &world.topology.node;
+    forwarding(node);
+    for pod in local {
+        world
+            .pod(pod)
+            .netns
+            .ip(&["route", "add", "default", "via", "10.244.0.1"])
+            .expect("pod default route");
+    }
+    let link = |ns: &Netns, args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+
+    let ext = Netns::create(&format!("{prefix}-ext")).expect("client namespace");
+    node.veth_to("up0", &ext).expect("veth");
+    link(node, &["addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"]);
+    link(node, &["link", "set", "up0", "up"]);
+    link(&ext, &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
+    link(&ext, &["link", "set", "eth0", "up"]);
+    link(&ext, &["route", "add", "default", "via", NODE_IP]);
+
+    let node2 = Netns::create(&format!("{prefix}-n2")).expect("second node namespace");
+    forwarding(&node2);
+    node.veth_to("n2", &node2).expect("veth");
+    link(node, &["addr", "add", "172.30.0.1/24", "dev", "n2"]);
+    link(node, &["link", "set", "n2", "up"]);
+    link(node, &["route", "add", "10.245.0.0/24", "via", "172.30.0.2"]);
+    link(&node2, &["addr", "add", "172.30.0.2/24", "dev", "eth0"]);
+    link(&node2, &["link", "set", "eth0", "up"]);
+    link(&node2, &["route", "add", "default", "via", "172.30.0.1"]);
+
+    let remote = Netns::create(&format!("{prefix}-remote")).expect("remote pod namespace");
+    node2.veth_to("p0", &remote).expect("veth");
+    link(&node2, &["addr", "add", "10.245.0.1/24", "dev", "p0"]);
+    link(&node2, &["link", "set", "p0", "up"]);
+    link(
+        &remote,
+        &["addr", "add", &format!("{REMOTE_IP}/24"), "dev", "eth0"],
+    );
+    link(&remote, &["link", "set", "eth0", "up"]);
+    link(&remote, &["route", "add", "default", "via", "10.245.0.1"]);
+    world.with_runtime(|servers, _| {
+        servers
+            .http(&remote, HTTP_PORT, "remote")
+            .expect("remote http server");
+        servers
+            .udp(&remote, UDP_PORT, "remote")
+            .expect("remote udp server");
+    });
+
+    let mut args = vec!["--devices", "up0,n2"];
+    args.extend_from_slice(agent_args);
+    world.agent_in_node().agent_args(&args);
+    Outside {
+        ext,
+        _remote: remote,
+        _node2: node2,
+        world,
+    }
+}
+
+/// One HTTP/1.0 GET from the client namespace: (status, body), or the connect/read error.
+fn http_get(from: &Netns, target: SocketAddr) -> std::io::Result<(u16, String)> {
+    from.run(move || {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+}
+
+/// Who answered a GET, as the backend reports it (its name and the client it saw).
+fn who(from: &Netns, target: SocketAddr) -> Identity {
+    let (status, body) = http_get(from, target).unwrap_or_else(|e| panic!("GET {target}: {e}"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+}
+
+/// One UDP request from the client namespace: the answer and the address it came from.
+fn udp_ask(from: &Netns, target: SocketAddr) -> std::io::Result<(Identity, SocketAddr)> {
+    from.run(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send_to(b"who", target)?;
+        let mut buf = [0u8; 512];
+        let (n, peer) = socket.recv_from(&mut buf)?;
+        let identity = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
+        Ok((identity, peer))
+    })
+}
+
+fn target(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("IP"), port)
+}
+
+/// A NodePort Service `web` (80/TCP → 8080 on nodePort 30080, 53/UDP → 5353 on 30053) with
+/// `extra_spec` lines under `spec:` and its slice of `endpoints` ((address, node, ready)).
+fn web(extra_spec: &str, status: &str, endpoints: &[(&str, &str, bool)]) -> String {
+    let mut svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: test}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.20\n  clusterIPs: [10.96.0.20]\n  ports:\n  - {{name: http, port: 80, protocol: TCP, nodePort: {NODE_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, nodePort: {NODE_PORT_UDP}}}\n"
+    );
+    for line in extra_spec.lines().filter(|l| !l.trim().is_empty()) {
+        svc.push_str(&format!("  {line}\n"));
+    }
+    svc.push_str(status);
+    let mut slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: test, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {HTTP_PORT}, protocol: TCP}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for (addr, node, ready) in endpoints {
+        slice.push_str(&format!(
+            "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: {ready}, serving: true, terminating: {}}}\n",
+            !ready
+        ));
+    }
+    docs(&[svc, slice])
+}
+
+/// `web` as a LoadBalancer with ingress IP `LB_IP` and `extra_spec`.
+fn load_balancer(extra_spec: &str, endpoints: &[(&str, &str, bool)]) -> String {
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}\n");
+    web(extra_spec, &status, endpoints).replace("type: NodePort", "type: LoadBalancer")
+}
+
+/// Starts the agent on `manifest` and waits until the NodePort frontend holds `expected`
+/// backends.
+fn start(o: &mut Outside, manifest: &str, expected: usize) {
+    o.world.write("svc.yaml", manifest);
+    o.world.start_agent();
+    o.world
+        .wait_for_backends(NODE_IP, NODE_PORT, Protocol::Tcp, expected);
+}
+
+fn local_and_remote(o: &Outside) -> Vec<(String, &'static str, bool)> {
+    vec![
+        (o.world.ip("a"), NODE_NAME, true),
+        (REMOTE_IP.to_string(), "node2", true),
+    ]
+}
+
+fn endpoints<'a>(list: &'a [(String, &'static str, bool)]) -> Vec<(&'a str, &'a str, bool)> {
+    list.iter().map(|(a, n, r)| (a.as_str(), *n, *r)).collect()
+}
+
+/// upstream "should be able to create a functioning NodePort service" (TCP and UDP), with one
+/// backend on this node and one behind another node (SNAT and the reply path are real).
+#[test]
+fn nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    let mut o = outside(&["a"], &[]);
+    let eps = local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let id = who(&o.ext, target(NODE_IP, NODE_PORT));
+        let client_ip = id
+            .client
+            .rsplit_once(':')
+            .map(|(ip, _)| ip.to_string())
+            .unwrap_or_default();
+        seen.insert(id.backend, client_ip);
+    }
+    assert_eq!(seen.len(), 2, "both backends answer: {seen:?}");
+    assert_eq!(seen["a"], CLIENT_IP, "a local backend sees the client itself");
+    assert_eq!(seen["remote"], NODE_IP, "a remote backend sees the node (SNAT)");
+
+    let mut udp = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let (id, from) = udp_ask(&o.ext, target(NODE_IP, NODE_PORT_UDP)).expect("UDP through the NodePort");
+        assert_eq!(
+            from,
+            target(NODE_IP, NODE_PORT_UDP),
+            "replies come from the NodePort"
+        );
+        udp.insert(id.backend);
+    }
+    assert_eq!(udp.len(), 2, "both backends answer UDP: {udp:?}");
+}
+
+/// LoadBalancer status IPs and externalIPs are served as the NodePort is; an externalIP need
+/// not be assigned to any node (upstream "should be possible to connect to a service via
+/// ExternalIP when the external IP is not assigned to a node").
+#[test]
+fn load_balancer_ip_and_external_ip_not_on_any_node() {
+    let mut o = outside(&["a"], &[]);
+    let eps = local_and_remote(&o);
+    let manifest = load_balancer(&format!("externalIPs: [{EXTERNAL_IP}]"), &endpoints(&eps));
+    start(&mut o, &manifest, 2);
+    for ip in [LB_IP, EXTERNAL_IP] {
+        let backends: std::collections::BTreeSet<String> =
+            (0..30).map(|_| who(&o.ext, target(ip, 80)).backend).collect();
+        assert_eq!(backends.len(), 2, "{ip}:80 reaches both backends: {backends:?}");
+    }
+}
+
+/// upstream "should only allow access from service loadbalancer source ranges": a client
+/// inside the ranges gets through, one outside does not, and the NodePort is not filtered.
+#[test]
+fn load_balancer_source_ranges_allow_and_deny() {
+    let mut o = outside(&["a"], &[]);
+    let eps = local_and_remote(&o);
+    let manifest =
+        |ranges: &str| load_balancer(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps));
+    start(&mut o, &manifest("192.168.50.0/24"), 2);
+    who(&o.ext, target(LB_IP, 80));
+
+    o.world.write("svc.yaml", &manifest("10.0.0.0/8"));
+    o.world
+        .wait_until("the ranges to change", Duration::from_secs(10), |w| {
+            w.snapshot()?
+                .frontends
+                .iter()
+                .any(|f| f.source_ranges.iter().any(|r| r.to_string() == "10.0.0.0/8"))
+                .then_some(())
+        });
+    let denied = http_get(&o.ext, target(LB_IP, 80));
+    assert!(
+        denied.is_err(),
+        "a client outside the ranges is dropped: {denied:?}"
+    );
+    who(&o.ext, target(NODE_IP, NODE_PORT));
+}
+
+/// externalTrafficPolicy Local: only this node's endpoint, the client's own address at the
+/// backend, and a healthCheckNodePort that answers 200, then 503 once only a terminating
+/// endpoint is left (upstream "should preserve source IP with externalTrafficPolicy=Local"
+/// and "... health check node port with only terminating endpoints").
+#[test]
+fn external_traffic_policy_local_keeps_the_client_ip_and_health_check_follows() {
+    let mut o = outside(&["a"], &[]);
+    let eps = local_and_remote(&o);
+    let spec = format!("externalTrafficPolicy: Local\nhealthCheckNodePort: {HEALTH_PORT}");
+    start(&mut o, &web(&spec, "", &endpoints(&eps)), 2);
+
+    for _ in 0..20 {
+        let id = who(&o.ext, target(NODE_IP, NODE_PORT));
+        assert_eq!(id.backend, "a", "only the local endpoint serves outside clients");
+        assert!(
+            id.client.starts_with(&format!("{CLIENT_IP}:")),
+            "client IP kept: {}",
+            id.client
+        );
+    }
+    let health = o
+        .world
+        .wait_until("the health check to answer", Duration::from_secs(10), |w| {
+            let _ = w;
+            http_get(&o.ext, target(NODE_IP, HEALTH_PORT)).ok()
+        });
+    assert_eq!(health.0, 200, "{}", health.1);
+    let body: serde_json::Value = serde_json::from_str(&health.1).expect("JSON body");
+    // kube-proxy counts distinct address:port pairs: one pod serving two ports counts twice.
+    assert_eq!(body["localEndpoints"], 2);
+    assert_eq!(body["service"]["name"], "web");
+    assert_eq!(body["serviceProxyHealthy"], true);
+
+    // The local endpoint starts terminating: the node must drain.
+    let terminating = vec![(o.world.ip("a"), NODE_NAME, false), eps[1].clone()];
+    o.world
+        .write("svc.yaml", &web(&spec, "", &endpoints(&terminating)));
+    let drained = o
+        .world
+        .wait_until("the health check to fail", Duration::from_secs(10), |_| {
+            http_get(&o.ext, target(NODE_IP, HEALTH_PORT))
+                .ok()
+                .filter(|(status, _)| *status == 503)
+        });
+    let body: serde_json::Value = serde_json::from_str(&drained.1).expect("JSON body");
+    assert_eq!(body["localEndpoints"], 0);
+
+    // No local endpoint at all: outside clients are refused, not sent elsewhere.
+    let remote_only = vec![eps[1].clone()];
+    o.world
+        .write("svc.yaml", &web(&spec, "", &endpoints(&remote_only)));
+    let refused =
+        o.world.wait_until(
+            "outside clients to be refused",
+            Duration::from_secs(10),
+            |_| match http_get(&o.ext, target(NODE_IP, NODE_PORT)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(e),
+                _ => None,
+            },
+        );
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+/// upstream "should have session affinity work for NodePort service".
+#[test]
+fn session_affinity_works_for_nodeport() {
+    let mut o = outside(&["a", "b"], &[]);
+    let eps = vec![
+        (o.world.ip("a"), NODE_NAME, true),
+        (o.world.ip("b"), NODE_NAME, true),
+        (REMOTE_IP.to_string(), "node2", true),
+    ];
+    start(&mut o, &web("sessionAffinity: ClientIP", "", &endpoints(&eps)), 3);
+    let backends: std::collections::BTreeSet<String> = (0..20)
+        .map(|_| who(&o.ext, target(NODE_IP, NODE_PORT)).backend)
+        .collect();
+    assert_eq!(backends.len(), 1, "one client, one backend: {backends:?}");
+}
+
+/// upstream "should release NodePorts on delete", and "should be rejected when no endpoints
+/// exist" for NodePort traffic (TCP and UDP).
+#[test]
+fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
+    let mut o = outside(&["a"], &[]);
+    let eps = local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    who(&o.ext, target(NODE_IP, NODE_PORT));
+
+    o.world.write("svc.yaml", &web("", "", &[]));
+    o.world.wait_for_backends(NODE_IP, NODE_PORT, Protocol::Tcp, 0);
+    let err = http_get(&o.ext, target(NODE_IP, NODE_PORT)).expect_err("no endpoint");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "rejected with a RST: {err}"
+    );
+
+    o.world.remove("svc.yaml");
+    o.world
+        .wait_until("the NodePort to be released", Duration::from_secs(10), |w| {
+            let gone = !w
+                .snapshot()?
+                .frontends
+                .iter()
+                .any(|f| f.frontend.port == NODE_PORT);
+            gone.then_some(())
+        });
+    let err = http_get(&o.ext, target(NODE_IP, NODE_PORT)).expect_err("released");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+/// Conntrack entries of a finished UDP flow expire and the agent removes them.
+#[test]
+fn conntrack_entries_expire() {
+    let mut o = outside(&["a"], &["--conntrack-udp-timeout", "2s"]);
+    let eps = local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    udp_ask(&o.ext, target(NODE_IP, NODE_PORT_UDP)).expect("UDP through the NodePort");
+    let flows = |w: &World| -> usize {
+        let out = std::process::Command::new(integration_tests::binary())
+            .args(["dump", "bkp_ct_v4", "--output", "json", "--pin-dir"])
+            .arg(w.pin_dir())
+            .output()
+            .expect("dump");
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.iter().filter(|r| r["key"]["proto"] == 17).count()
+    };
+    assert_eq!(flows(&o.world), 2, "one UDP flow: an original and a reply entry");
+    o.world
+        .wait_until("the entries to expire", Duration::from_secs(15), |w| {
+            (flows(w) == 0).then_some(())
+        });
+}
