@@ -154,9 +154,11 @@ struct RunArgs {
     /// Capacity of the tc path's conntrack LRU map (two entries per flow).
     #[arg(long, default_value_t = proxy_common::maps::capacity::CONNTRACK)]
     map_size_conntrack: u32,
-    /// Devices that carry NodePort, LoadBalancer and externalIP traffic from outside the node:
-    /// "auto" (devices with a global address, minus pod plumbing), a comma-separated list, or
-    /// "none" (the socket hooks alone: only this node's own clients are served).
+    /// Devices that carry NodePort, LoadBalancer and externalIP traffic from outside the node,
+    /// and every device through which backends on other nodes are reached (their replies come
+    /// back there): "auto" (devices with a global address, tunnels included, minus per-pod
+    /// plumbing), a comma-separated list, or "none" (the socket hooks alone: only this node's
+    /// own clients are served).
     #[arg(long, default_value = "none")]
     devices: Devices,
     /// kube-proxy's nodePortAddresses: CIDRs whose node addresses serve NodePorts, or

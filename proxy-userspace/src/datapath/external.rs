@@ -63,9 +63,11 @@ impl FromStr for Devices {
     }
 }
 
-/// Name prefixes of devices that `auto` never picks: pod and bridge plumbing.
-const NOT_EXTERNAL: [&str; 10] = [
-    "veth", "lxc", "cni", "docker", "br-", "kube-", "cilium", "flannel", "cali", "virbr",
+/// Name prefixes of devices that `auto` never picks: per-pod veths, bridges and other
+/// proxies' devices. Tunnel devices (`flannel.1`, `vxlan.calico`) are picked: replies of
+/// SNATed flows from backends on other nodes arrive on them.
+const NOT_EXTERNAL: [&str; 9] = [
+    "veth", "lxc", "cni", "docker", "br-", "kube-", "cilium", "cali", "virbr",
 ];
 
 /// The node's interface addresses, by device, in this network namespace.
@@ -213,6 +215,7 @@ mod tests {
             ("eth1", vec!["fe80::2"]),
             ("veth12ab", vec!["10.244.0.1"]),
             ("cni0", vec!["10.244.0.1"]),
+            ("flannel.1", vec!["10.244.0.0"]),
             ("bond0", vec!["192.168.1.2", "fd00::2"]),
         ]
         .into_iter()
@@ -222,7 +225,10 @@ mod tests {
 
     #[test]
     fn auto_picks_devices_with_global_addresses_but_not_pod_plumbing() {
-        assert_eq!(Devices::Auto.resolve(&addresses()), ["bond0", "eth0"]);
+        assert_eq!(
+            Devices::Auto.resolve(&addresses()),
+            ["bond0", "eth0", "flannel.1"]
+        );
         assert!(Devices::None.resolve(&addresses()).is_empty());
     }
 

@@ -210,8 +210,22 @@ impl ManifestSet {
     }
 }
 
+/// The parser's resource limits, raised from its defaults (1 024 documents, 250 000 nodes),
+/// which guard against hostile input: one file may hold a whole cluster's Services and
+/// EndpointSlices (10 000 of each is about 20 000 documents and 2 million nodes).
+fn parse_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 50_000_000;
+    budget.max_events = 200_000_000;
+    budget.max_total_scalar_bytes = 4 << 30;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 fn parse_file(path: &Path, text: &str, state: &mut FileState, errors: &mut Vec<ManifestError>) {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple::<Value>(text) {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options::<Value>(text, parse_options()) {
         Ok(docs) => docs,
         Err(e) => {
             errors.push(ManifestError::Syntax {
@@ -333,6 +347,24 @@ endpoints: [{addresses: [10.0.0.1]}]
             ["node:n1", "slice:web-a", "svc:api", "svc:web"]
         );
         assert!(!set.reload().0, "nothing changed on disk");
+    }
+
+    #[test]
+    fn one_file_may_hold_a_whole_clusters_services_and_slices() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        for i in 0..3_000 {
+            text.push_str(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n",
+                i / 250,
+                i % 250 + 1
+            ));
+        }
+        fs::write(dir.path().join("all.yaml"), text).unwrap();
+        let mut set = ManifestSet::new(dir.path());
+        let (_, errors) = set.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(set.snapshot().services.len(), 3_000);
     }
 
     #[test]

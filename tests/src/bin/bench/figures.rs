@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     Opts, rulesets,
-    world::{self, BACKEND_PORT, ENDPOINTS, Ours, median, percentile, scratch_netns, timed_in},
+    world::{self, BACKEND_PORT, ENDPOINTS, Ours, RunningAgent, median, percentile, scratch_netns, timed_in},
 };
 
 /// One measured value: figure, implementation, N, metric.
@@ -101,11 +101,9 @@ pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
     if opts.wants("connect") {
         connect_figure(opts, &mut results)?;
     }
-    results.notes.push(
-        "nodeport: not measured: the tc NodePort datapath does not exist yet (issue 5), so there is \
-         nothing of ours to put beside the iptables DNAT path"
-            .into(),
-    );
+    if opts.wants("nodeport") {
+        nodeport_figure(opts, &mut results)?;
+    }
     Ok(results)
 }
 
@@ -196,60 +194,12 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
 /// Figure 5: the real agent's RSS with N Services programmed, and the kernel memory of its maps.
 fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
     let svcs = world::services(n, world::unique_endpoint);
-    let dir = tempfile::Builder::new()
-        .prefix("bkp-bench-manifests-")
-        .tempdir()?;
-    let mut yaml = String::new();
-    for s in &svcs {
-        yaml.push_str(&serde_json::to_string(&world::k8s_service(s))?);
-        yaml.push_str("\n---\n");
-        yaml.push_str(&serde_json::to_string(&world::k8s_slice(s))?);
-        yaml.push_str("\n---\n");
-    }
-    std::fs::write(dir.path().join("services.yaml"), yaml)?;
-    let id = unique_suffix();
-    let cg = cgroup::ChildCgroup::create(
-        &bpf_kube_proxy::datapath::host::cgroup2_root()?,
-        &format!("bkp-bench-{id}"),
-    )?;
-    let pin_dir = format!("/sys/fs/bpf/bkp-bench-agent-{id}");
-    let log = dir.path().join("agent.log");
-    let mut agent = Command::new(integration_tests::binary())
-        .args(["run", "--manifests"])
-        .arg(dir.path().join("services.yaml"))
-        .arg("--cgroup")
-        .arg(cg.path())
-        .args(["--pin-dir", &pin_dir, "--hostname-override", "bench-node"])
-        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("starting the agent")?;
-    let started = Instant::now();
-    let ready = loop {
-        if std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("datapath ready")
-        {
-            break true;
-        }
-        if started.elapsed() > Duration::from_secs(120) || agent.try_wait()?.is_some() {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let agent = RunningAgent::start(&svcs, None, &[])?;
     // Let the allocator settle after the first sync before reading RSS.
     std::thread::sleep(Duration::from_millis(500));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap_or_default();
-    let _ = agent.kill();
-    let _ = agent.wait();
-    let map_bytes = map_memlock(std::path::Path::new(&pin_dir));
-    let _ = bpf_kube_proxy::datapath::loader::cleanup(std::path::Path::new(&pin_dir));
-    anyhow::ensure!(
-        ready,
-        "the agent never became ready: {}",
-        std::fs::read_to_string(&log)?
-    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap_or_default();
+    let map_bytes = map_memlock(&agent.pin_dir);
+    drop(agent);
     let rss_kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -264,6 +214,143 @@ fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
         map_bytes? / (1024.0 * 1024.0),
         "MiB",
     );
+    Ok(())
+}
+
+/// A client outside the node, the node, and one backend pod:
+/// `client 10.210.0.2 ─ up0 10.210.0.1 [node] be0 10.200.0.1 ─ backend 10.200.0.2:8080`.
+/// Field order is drop order: the server stops before its namespace goes.
+struct NodeLab {
+    _servers: Servers,
+    client: netns::Netns,
+    _backend: netns::Netns,
+    node: netns::Netns,
+}
+
+const LAB_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
+const LAB_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+
+impl NodeLab {
+    fn create(runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+        let id = unique_suffix();
+        let node = netns::Netns::create(&format!("bkn-{id}-node"))?;
+        let client = netns::Netns::create(&format!("bkn-{id}-cl"))?;
+        let backend = netns::Netns::create(&format!("bkn-{id}-be"))?;
+        node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?;
+        node.veth_to("up0", &client)?;
+        node.veth_to("be0", &backend)?;
+        for (ns, dev, cidr) in [
+            (&node, "up0", "10.210.0.1/24"),
+            (&node, "be0", "10.200.0.1/24"),
+            (&client, "eth0", "10.210.0.2/24"),
+            (&backend, "eth0", "10.200.0.2/24"),
+        ] {
+            ns.ip(&["addr", "add", cidr, "dev", dev])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        client.ip(&["route", "add", "default", "via", "10.210.0.1"])?;
+        backend.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+        let mut servers = Servers::default();
+        {
+            let _guard = runtime.enter();
+            servers.http(&backend, BACKEND_PORT, "backend")?;
+        }
+        Ok(Self {
+            _servers: servers,
+            client,
+            _backend: backend,
+            node,
+        })
+    }
+
+    /// Requests per second `wrk` gets from the client namespace against `url` through `what`.
+    fn requests_per_second(&self, what: &str, url: &str, seconds: u64) -> anyhow::Result<f64> {
+        println!("nodeport       {what:<9} wrk {url} for {seconds}s");
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.client.path().display()))
+            .args(["wrk", "-t", "2", "-c", "32", "-d"])
+            .arg(format!("{seconds}s"))
+            .arg(url)
+            .output()
+            .context("running wrk")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            !text.contains("Socket errors") && !text.contains("Non-2xx"),
+            "wrk saw errors against {url} through {what}:\n{text}"
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| {
+                format!(
+                    "no Requests/sec from wrk against {url} through {what}:\n{text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    }
+}
+
+/// Figure 5: requests per second from a client outside the node to a NodePort (one new TCP
+/// connection per request, as `Connection: close` forces), through our tc programs, kube-proxy's
+/// iptables and nftables rulesets with all N Services loaded, and straight to the backend. The
+/// target is the last Service with a NodePort: the worst place in iptables' linear
+/// KUBE-NODEPORTS chain, as a real cluster's newest Service would be.
+fn nodeport_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
+    let n = opts.sizes.iter().copied().max().unwrap_or(100);
+    let target = n.min(rulesets::MAX_NODE_PORTS) - 1;
+    let svcs = world::services(n, |i, e| {
+        if i == target {
+            LAB_BACKEND
+        } else {
+            world::unique_endpoint(i, e)
+        }
+    });
+    let node_port = svcs[target]
+        .node_port
+        .context("the target Service has a NodePort")?;
+    let url = format!("http://{LAB_NODE_IP}:{node_port}/");
+    let direct = format!("http://{LAB_BACKEND}:{BACKEND_PORT}/");
+    let seconds = if opts.quick { 2 } else { 5 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (ipt_text, nft_text) = (rulesets::iptables_full(&svcs), rulesets::nft_full(&svcs));
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    // Rounds interleave the implementations, so drift in the machine's speed hits all alike.
+    for _ in 0..opts.repeats {
+        let lab = NodeLab::create(&runtime)?;
+        runs[0].push(lab.requests_per_second("direct", &direct, seconds)?);
+        drop(lab);
+
+        let lab = NodeLab::create(&runtime)?;
+        timed_in(&lab.node, "iptables-restore", &[], &ipt_text)?;
+        timed_in(
+            &lab.node,
+            "iptables-restore",
+            &["--noflush"],
+            rulesets::iptables_jumps(),
+        )?;
+        runs[1].push(lab.requests_per_second("iptables", &url, seconds)?);
+        drop(lab);
+
+        let lab = NodeLab::create(&runtime)?;
+        timed_in(&lab.node, "nft", &["-f", "-"], &nft_text)?;
+        runs[2].push(lab.requests_per_second("nftables", &url, seconds)?);
+        drop(lab);
+
+        let lab = NodeLab::create(&runtime)?;
+        // The backend is on "another node" (no nodeName): the flow is SNATed and its replies
+        // come back on be0, which therefore carries the programs too.
+        let agent = RunningAgent::start(&svcs, Some(&lab.node), &["--devices", "up0,be0"])?;
+        let rate = lab.requests_per_second("ours", &url, seconds);
+        runs[3].push(rate.with_context(|| format!("agent log:\n{}", agent.log()))?);
+        drop(agent);
+        drop(lab);
+    }
+    for (name, values) in ["direct", "iptables", "nftables", "ours"].into_iter().zip(runs) {
+        results.add("nodeport", name, n, "requests_per_s", median(values), "req/s");
+    }
     Ok(())
 }
 

@@ -18,6 +18,9 @@ pub struct Svc {
     pub endpoints: Vec<(std::net::Ipv4Addr, u16)>,
 }
 
+/// Ports in kube-proxy's default NodePort range, 30000-32767.
+pub const MAX_NODE_PORTS: usize = 2768;
+
 impl Svc {
     fn port_name(&self) -> String {
         format!("{}/{}:http", self.namespace, self.name)

@@ -19,7 +19,7 @@ use bpf_kube_proxy::{
     metrics::Metrics,
     plan::Planner,
     proxier::Proxier,
-    sandbox::{netns::Netns, unique_suffix},
+    sandbox::{cgroup, netns::Netns, unique_suffix},
     translate::TranslateOptions,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -37,7 +37,7 @@ pub fn services(n: usize, endpoint: impl Fn(usize, usize) -> Ipv4Addr) -> Vec<Sv
             name: format!("svc-{i}"),
             vip: Ipv4Addr::from(0x0a60_0000 + 1 + i as u32),
             port: 80,
-            node_port: (i < 2768).then(|| 30000 + i as u16),
+            node_port: (i < crate::rulesets::MAX_NODE_PORTS).then(|| 30000 + i as u16),
             endpoints: (0..ENDPOINTS).map(|e| (endpoint(i, e), BACKEND_PORT)).collect(),
         })
         .collect()
@@ -48,17 +48,122 @@ pub fn unique_endpoint(i: usize, e: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x0a80_0000 + (i * ENDPOINTS + e) as u32 + 1)
 }
 
+/// The Service as Kubernetes writes it: type NodePort when the kube-proxy rulesets give it
+/// one, so every implementation programs the same frontends.
 pub fn k8s_service(s: &Svc) -> Service {
+    let mut port = serde_json::json!({"name": "http", "port": s.port, "protocol": "TCP"});
+    if let Some(node_port) = s.node_port {
+        port["nodePort"] = node_port.into();
+    }
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": s.name, "namespace": s.namespace},
         "spec": {
-            "type": "ClusterIP",
+            "type": if s.node_port.is_some() { "NodePort" } else { "ClusterIP" },
             "clusterIP": s.vip.to_string(),
             "clusterIPs": [s.vip.to_string()],
-            "ports": [{"name": "http", "port": s.port, "protocol": "TCP"}],
+            "ports": [port],
         }
     }))
     .expect("a valid Service")
+}
+
+/// The node address the in-process datapath serves NodePorts on, as the agent would on a
+/// node with one address.
+pub const NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+
+/// The real agent on manifests for `svcs`, in `netns` (the node's) when given; killed and
+/// its pins removed on drop.
+pub struct RunningAgent {
+    pub child: std::process::Child,
+    pub pin_dir: PathBuf,
+    _cgroup: cgroup::ChildCgroup,
+    _dir: tempfile::TempDir,
+}
+
+impl RunningAgent {
+    pub fn start(svcs: &[Svc], netns: Option<&Netns>, args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("bkp-bench-manifests-")
+            .tempdir()?;
+        let mut yaml = String::new();
+        for s in svcs {
+            yaml.push_str(&serde_json::to_string(&k8s_service(s))?);
+            yaml.push_str("\n---\n");
+            yaml.push_str(&serde_json::to_string(&k8s_slice(s))?);
+            yaml.push_str("\n---\n");
+        }
+        std::fs::write(dir.path().join("services.yaml"), yaml)?;
+        let id = unique_suffix();
+        let cg = cgroup::ChildCgroup::create(
+            &bpf_kube_proxy::datapath::host::cgroup2_root()?,
+            &format!("bkp-bench-{id}"),
+        )?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bkp-bench-agent-{id}"));
+        let log = dir.path().join("agent.log");
+        let mut cmd = match netns {
+            // Only the network namespace: pins and cgroups stay the host's.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display()))
+                    .arg(integration_tests::binary());
+                c
+            }
+            None => Command::new(integration_tests::binary()),
+        };
+        let child = cmd
+            .args(["run", "--manifests"])
+            .arg(dir.path().join("services.yaml"))
+            .arg("--cgroup")
+            .arg(cg.path())
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(["--hostname-override", "bench-node"])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting the agent")?;
+        let mut agent = Self {
+            child,
+            pin_dir,
+            _cgroup: cg,
+            _dir: dir,
+        };
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(ready) = text.lines().find(|l| l.contains("datapath ready")) {
+                // A figure over an agent that programmed less than asked would be a lie.
+                let programmed = format!("services={}", svcs.len());
+                anyhow::ensure!(
+                    ready.split_whitespace().any(|w| w == programmed),
+                    "the agent did not program all {} Services:\n{text}",
+                    svcs.len()
+                );
+                return Ok(agent);
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120) && agent.child.try_wait()?.is_none(),
+                "the agent never became ready: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl RunningAgent {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = loader::cleanup(&self.pin_dir);
+    }
 }
 
 pub fn k8s_slice(s: &Svc) -> EndpointSlice {
@@ -94,7 +199,7 @@ impl Ours {
         let writer = Writer::new(PinnedMaps::open(&pin_dir)?);
         let proxier = Proxier::new(
             "bench-node",
-            Vec::new(),
+            vec![NODE_ADDRESS.into()],
             TranslateOptions::default(),
             Planner::new(),
             writer,
