@@ -404,7 +404,7 @@ fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<DatapathSink>) {
         tracing::error!("{e}");
     }
     if changed {
-        proxier.replace_all(&manifests.snapshot());
+        proxier.replace_objects(manifests.services(), manifests.slices(), manifests.nodes());
     }
 }
 

@@ -3,7 +3,7 @@
 //! every rule here is unit-tested without root.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
     time::{Instant, SystemTime},
@@ -278,19 +278,29 @@ impl<S: PlanSink> Proxier<S> {
 
     /// Replaces all objects with a complete snapshot (a manifest reload).
     pub fn replace_all(&mut self, snap: &Snapshot) {
-        self.replace_services(&snap.services);
-        self.replace_slices(&snap.slices);
+        self.replace_objects(&snap.services, &snap.slices, &snap.nodes);
+    }
+
+    /// Replaces all objects with complete lists, borrowed so a large source is never copied.
+    pub fn replace_objects<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        nodes: impl IntoIterator<Item = &'a Node>,
+    ) {
+        self.replace_services(services);
+        self.replace_slices(slices);
         let node_name = self.inventory.node().name.clone();
         self.set_node(
-            snap.nodes
-                .iter()
+            nodes
+                .into_iter()
                 .find(|n| n.metadata.name.as_deref() == Some(node_name.as_str())),
         );
     }
 
     /// Replaces every Service with a complete list (a reload or a relist). Objects that fail
     /// validation keep their last good version instead of disappearing.
-    pub fn replace_services(&mut self, services: &[Service]) {
+    pub fn replace_services<'a>(&mut self, services: impl IntoIterator<Item = &'a Service>) {
         let mut infos = Vec::new();
         for svc in services {
             match self.translate_service(svc) {
@@ -310,7 +320,7 @@ impl<S: PlanSink> Proxier<S> {
     }
 
     /// Replaces every EndpointSlice with a complete list.
-    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
+    pub fn replace_slices<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
         let mut infos = Vec::new();
         for slice in slices {
             if let Ok(info) = self.translate_slice(slice) {
@@ -318,8 +328,12 @@ impl<S: PlanSink> Proxier<S> {
                 infos.push(info);
             }
         }
+        let listed: HashSet<(&str, &str)> = infos
+            .iter()
+            .map(|i| (i.namespace.as_str(), i.name.as_str()))
+            .collect();
         self.seen_triggers
-            .retain(|(ns, name), _| infos.iter().any(|i| &i.namespace == ns && &i.name == name));
+            .retain(|(ns, name), _| listed.contains(&(ns.as_str(), name.as_str())));
         let touched = self.inventory.replace_slices(infos);
         self.record_endpoint_changes(touched);
     }

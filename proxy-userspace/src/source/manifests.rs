@@ -195,6 +195,32 @@ impl ManifestSet {
     }
 
     /// Everything currently known, last good versions included.
+    fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.files.values().flat_map(|state| state.objects.values())
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.objects().filter_map(|o| match o {
+            Object::Service(s) => Some(s.as_ref()),
+            _ => None,
+        })
+    }
+
+    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.objects().filter_map(|o| match o {
+            Object::Slice(s) => Some(s.as_ref()),
+            _ => None,
+        })
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.objects().filter_map(|o| match o {
+            Object::Node(n) => Some(n.as_ref()),
+            _ => None,
+        })
+    }
+
+    /// A copy of every object (for tools; the agent borrows them instead).
     pub fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot::default();
         for state in self.files.values() {
@@ -224,41 +250,50 @@ fn parse_options() -> serde_saphyr::Options {
     options
 }
 
+/// Parses one file's documents one at a time, so that a file of 20 000 Services and slices
+/// never holds all of its document trees at once (they would double the agent's peak memory).
+/// The file's objects are replaced only if the whole file parses.
 fn parse_file(path: &Path, text: &str, state: &mut FileState, errors: &mut Vec<ManifestError>) {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options::<Value>(text, parse_options()) {
-        Ok(docs) => docs,
-        Err(e) => {
-            errors.push(ManifestError::Syntax {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            });
-            return;
-        }
-    };
-    let mut flat = Vec::new();
-    for doc in docs {
-        flatten(doc, &mut flat);
-    }
+    let mut reader = text.as_bytes();
     let mut objects = BTreeMap::new();
-    for (index, doc) in flat.into_iter().enumerate() {
-        let Some(identity) = identity_of(&doc) else {
-            // Other kinds (Deployments, ConfigMaps...) may share the file; they are not ours.
-            continue;
-        };
-        match typed(&identity, doc) {
-            Ok(object) => {
-                objects.insert(identity, object);
-            }
+    let mut index = 0;
+    for parsed in serde_saphyr::read_with_options::<_, Value>(&mut reader, parse_options()) {
+        let doc = match parsed {
+            Ok(doc) => doc,
+            // Any document parses as a Value, so an error is a syntax or budget error, after
+            // which the parser stops: keep the file's last good objects.
             Err(e) => {
-                errors.push(ManifestError::Document {
+                errors.push(ManifestError::Syntax {
                     path: path.to_path_buf(),
-                    index,
-                    kind: identity.kind.to_string(),
-                    name: format!("{}/{}", identity.namespace, identity.name),
-                    message: format!("{e}; keeping its last good version"),
+                    message: e.to_string(),
                 });
-                if let Some(previous) = state.objects.get(&identity) {
-                    objects.insert(identity, previous.clone());
+                return;
+            }
+        };
+        let mut flat = Vec::new();
+        flatten(doc, &mut flat);
+        for doc in flat {
+            let at = index;
+            index += 1;
+            let Some(identity) = identity_of(&doc) else {
+                // Other kinds (Deployments, ConfigMaps...) may share the file; they are not ours.
+                continue;
+            };
+            match typed(&identity, doc) {
+                Ok(object) => {
+                    objects.insert(identity, object);
+                }
+                Err(e) => {
+                    errors.push(ManifestError::Document {
+                        path: path.to_path_buf(),
+                        index: at,
+                        kind: identity.kind.to_string(),
+                        name: format!("{}/{}", identity.namespace, identity.name),
+                        message: format!("{e}; keeping its last good version"),
+                    });
+                    if let Some(previous) = state.objects.get(&identity) {
+                        objects.insert(identity, previous.clone());
+                    }
                 }
             }
         }
