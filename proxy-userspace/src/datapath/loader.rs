@@ -149,6 +149,15 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// A loaded program by name (for BPF_PROG_TEST_RUN in the benchmark).
+    pub fn program_fd(&self, name: &'static str) -> Result<&aya::programs::ProgramFd, LoadError> {
+        self.ebpf
+            .program(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .fd()
+            .map_err(|source| LoadError::Program { name, source })
+    }
+
     /// Attaches the tc programs to `devices` (see [`external::attach`]).
     pub fn attach_devices(&mut self, devices: &[String]) -> Result<(usize, usize), LoadError> {
         external::attach(&mut self.ebpf, &self.pin_dir, devices)

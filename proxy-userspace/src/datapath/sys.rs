@@ -1,7 +1,8 @@
 //! The bpf(2) commands aya does not wrap: opening a pinned object by path, swapping the
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
 //! no instant where the hook is detached, walking any map's keys without knowing its types,
-//! and batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries).
+//! batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries), and running a
+//! program on a synthetic packet (BPF_PROG_TEST_RUN), for the benchmark.
 
 use std::{
     ffi::CString,
@@ -15,6 +16,7 @@ use std::{
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -51,6 +53,54 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// `union bpf_attr` member for BPF_PROG_TEST_RUN.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// What one BPF_PROG_TEST_RUN reported.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRun {
+    /// The program's return value (a tc verdict for tc programs).
+    pub retval: u32,
+    /// Mean time per run, measured by the kernel, in nanoseconds.
+    pub duration_ns: u32,
+}
+
+/// Runs `prog` `repeat` times on `packet` (an Ethernet frame, for tc programs). Note that the
+/// runs share one packet buffer: a program that rewrites the packet sees its own rewrite next.
+pub fn prog_test_run(prog: impl AsFd, packet: &[u8], repeat: u32) -> io::Result<TestRun> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_fd().as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+    })
 }
 
 /// `union bpf_attr` member for BPF_LINK_UPDATE.

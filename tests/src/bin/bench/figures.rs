@@ -97,6 +97,9 @@ pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
         if opts.wants("memory") {
             memory_figure(n, &mut results)?;
         }
+        if opts.wants("tc") {
+            tc_cost_figure(n, &mut results)?;
+        }
     }
     if opts.wants("connect") {
         connect_figure(opts, &mut results)?;
@@ -214,6 +217,77 @@ fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
         map_bytes? / (1024.0 * 1024.0),
         "MiB",
     );
+    Ok(())
+}
+
+/// Runs of the tc ingress program per measurement (medians are reported).
+const TEST_RUNS: u16 = 2000;
+
+/// An Ethernet + IPv4 + TCP SYN frame; checksums are left zero (the programs update them
+/// incrementally and never verify them).
+fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut frame = vec![0u8; 14 + 20 + 20];
+    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    frame[14] = 0x45;
+    frame[16..18].copy_from_slice(&40u16.to_be_bytes());
+    frame[22] = 64;
+    frame[23] = 6;
+    frame[26..30].copy_from_slice(&src.octets());
+    frame[30..34].copy_from_slice(&dst.octets());
+    frame[34..36].copy_from_slice(&sport.to_be_bytes());
+    frame[36..38].copy_from_slice(&dport.to_be_bytes());
+    frame[46] = 5 << 4;
+    frame[47] = 0x02;
+    frame
+}
+
+/// Figure 7: BPF_PROG_TEST_RUN of the tc ingress program on synthetic SYNs with N Services
+/// programmed: the first packet of a NodePort flow (backend choice, SNAT, two conntrack
+/// inserts), a packet of a known flow (one conntrack lookup and the rewrite), and a packet for
+/// no Service (what every other packet on the device pays). Each run is its own syscall, since
+/// repeated runs would see the previous run's rewrite.
+fn tc_cost_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
+    let svcs = world::services(n, world::unique_endpoint);
+    let mut ours = Ours::load()?;
+    ours.full_sync(
+        &svcs.iter().map(world::k8s_service).collect::<Vec<_>>(),
+        &svcs.iter().map(world::k8s_slice).collect::<Vec<_>>(),
+    )?;
+    let node = proxy_common::maps::NodeConfig {
+        snat_v4: world::NODE_ADDRESS.octets(),
+        ct_tcp_timeout_s: 3600,
+        ct_tcp_closing_timeout_s: 10,
+        ct_udp_timeout_s: 120,
+        ..Default::default()
+    };
+    bpf_kube_proxy::datapath::external::write_node_config(ours.pin_dir(), &node)?;
+    let prog = ours.datapath.program_fd("bkp_tc_ingress")?;
+    let client = Ipv4Addr::new(198, 51, 100, 7);
+    let node_port = svcs[n.min(rulesets::MAX_NODE_PORTS) - 1]
+        .node_port
+        .context("a NodePort Service")?;
+    let run = |frame: &[u8]| -> anyhow::Result<f64> {
+        Ok(f64::from(
+            bpf_kube_proxy::datapath::sys::prog_test_run(prog, frame, 1)?.duration_ns,
+        ))
+    };
+    let mut new_flow = Vec::new();
+    let mut tracked = Vec::new();
+    let mut miss = Vec::new();
+    for sport in 10_000..10_000 + TEST_RUNS {
+        new_flow.push(run(&syn(client, sport, world::NODE_ADDRESS, node_port))?);
+    }
+    for _ in 0..TEST_RUNS {
+        tracked.push(run(&syn(client, 10_000, world::NODE_ADDRESS, node_port))?);
+        miss.push(run(&syn(client, 10_000, Ipv4Addr::new(192, 0, 2, 1), 80))?);
+    }
+    for (metric, values) in [
+        ("tc_new_flow", new_flow),
+        ("tc_tracked", tracked),
+        ("tc_miss", miss),
+    ] {
+        results.add("prog_cost", "ours", n, metric, median(values), "ns");
+    }
     Ok(())
 }
 

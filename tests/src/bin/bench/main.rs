@@ -22,7 +22,7 @@ pub struct Opts {
     pub repeats: usize,
     pub connects: usize,
     pub changes: usize,
-    /// Only these figure groups (`sync`, `memory`, `connect`, `nodeport`); all when empty.
+    /// Only these figure groups (`sync`, `memory`, `tc`, `connect`, `nodeport`); all when empty.
     pub only: Vec<String>,
 }
 
@@ -45,7 +45,7 @@ struct Args {
     /// Override the Service counts (e.g. 10000), for profiling one size.
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<usize>>,
-    /// Only these figure groups: sync, memory, connect, nodeport (all by default).
+    /// Only these figure groups: sync, memory, tc, connect, nodeport (all by default).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
