@@ -19,7 +19,7 @@ use std::{
 
 use bpf_kube_proxy::{
     model::Protocol,
-    sandbox::{netns::Netns, servers::Identity},
+    sandbox::{netns::Netns, probe::ProbeMode, servers::Identity},
 };
 use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs};
 
@@ -391,6 +391,35 @@ fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
         });
     let err = http_get(&o.ext, target(NODE_IP, NODE_PORT)).expect_err("released");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+/// upstream "should be able to connect to NodePort from the node itself" (and localhost): the
+/// node's own clients reach NodePorts on its addresses and on 127.0.0.1 through the socket
+/// hooks, getpeername() shows the NodePort, and no tc program is involved.
+#[test]
+fn nodeport_on_node_addresses_and_localhost_through_the_socket_hooks() {
+    let mut o = outside(&["a", "b"], &[]);
+    let eps = vec![
+        (o.world.ip("a"), NODE_NAME, true),
+        (o.world.ip("b"), NODE_NAME, true),
+    ];
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    for frontend in [NODE_IP, "127.0.0.1"] {
+        let target = integration_tests::addr(frontend, NODE_PORT);
+        let attempts = o.world.probe(&target, ProbeMode::Tcp, 20);
+        assert!(
+            attempts
+                .iter()
+                .all(|a| a.peer.as_deref() == Some(target.as_str())),
+            "{attempts:?}"
+        );
+        let answered = integration_tests::spread(&attempts);
+        assert_eq!(
+            answered.len(),
+            2,
+            "{frontend}: both backends answer: {answered:?}"
+        );
+    }
 }
 
 /// Conntrack entries of a finished UDP flow expire and the agent removes them.
