@@ -275,6 +275,19 @@ pub struct CtKey<A> {
     pub _pad: [u8; 3],
 }
 
+impl<A> CtKey<A> {
+    pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Conntrack entry flags.
 pub mod ct_flags {
     /// The entry translates replies (backend → client) back to the frontend; without it, the
@@ -302,6 +315,14 @@ pub struct CtValue<A> {
     pub backend_id: u32,
     pub flags: u8,
     pub _pad: [u8; 3],
+}
+
+impl<A: Copy> CtValue<A> {
+    /// The key of the other direction of this entry's flow: the tuple it rewrites packets to,
+    /// reversed. For an original-direction entry that is its reply entry, and vice versa.
+    pub const fn reverse_key(&self, proto: u8) -> CtKey<A> {
+        CtKey::new(self.daddr, self.saddr, self.dport, self.sport, proto)
+    }
 }
 
 /// Source ranges map key data (LPM trie; the trie key is this behind a `u32` prefix length):
@@ -463,6 +484,25 @@ mod tests {
         for name in ALL {
             assert!(name.len() <= 15, "{name} would be truncated by the kernel");
         }
+    }
+
+    #[test]
+    fn the_reverse_key_of_a_reply_entry_is_the_original_direction() {
+        // Client 192.0.2.7:5555 → NodePort 10.0.0.5:30080, SNATed to 10.0.0.5:5555 towards
+        // backend 10.1.0.2:8080. The reply entry rewrites backend → node into frontend → client.
+        let reply = CtValue {
+            saddr: [10, 0, 0, 5],
+            daddr: [192, 0, 2, 7],
+            sport: 30080,
+            dport: 5555,
+            flags: ct_flags::REPLY,
+            ..Default::default()
+        };
+        let original = reply.reverse_key(6);
+        assert_eq!(
+            (original.saddr, original.daddr, original.sport, original.dport),
+            ([192, 0, 2, 7], [10, 0, 0, 5], 5555, 30080)
+        );
     }
 
     #[test]

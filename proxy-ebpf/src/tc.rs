@@ -63,14 +63,7 @@ pub struct Packet {
 
 impl Packet {
     fn ct_key(&self) -> CtKey<AddrV4> {
-        CtKey {
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
     }
 
     fn l4_csum(&self) -> usize {
@@ -274,14 +267,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, config: &NodeConfig, now: u64) -> 
         flags,
         _pad: [0; 3],
     };
-    let reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: source,
-        sport: backend.port,
-        dport: source_port,
-        proto: packet.proto,
-        _pad: [0; 3],
-    };
+    let reply_key = forward.reverse_key(packet.proto);
     let reply = CtValue {
         saddr: packet.daddr,
         daddr: packet.saddr,
@@ -323,14 +309,7 @@ fn snat_source(
     }
     let mut port = packet.sport;
     for _ in 0..SNAT_ATTEMPTS {
-        let reply_key = CtKey {
-            saddr: *backend,
-            daddr: source,
-            sport: backend_port,
-            dport: port,
-            proto: packet.proto,
-            _pad: [0; 3],
-        };
+        let reply_key = CtKey::new(*backend, source, backend_port, port, packet.proto);
         let free = match copy_of(CONNTRACK_V4.get_ptr(reply_key)) {
             None => true,
             Some(entry) => {

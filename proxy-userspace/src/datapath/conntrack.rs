@@ -18,18 +18,6 @@ pub struct Conntrack {
     config: NodeConfig,
 }
 
-/// The entry that translates the other direction of the same flow.
-fn twin(value: &CtValue<AddrV4>, proto: u8) -> CtKey<AddrV4> {
-    CtKey {
-        saddr: value.daddr,
-        daddr: value.saddr,
-        sport: value.dport,
-        dport: value.sport,
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 impl Conntrack {
     pub fn open(pin_dir: &Path, config: NodeConfig) -> Result<Self, OpenError> {
         Ok(Self {
@@ -52,36 +40,12 @@ impl Conntrack {
             if conntrack::expired(now, value.last_seen_ns, lifetime) {
                 dead.push(key);
                 if value.flags & ct_flags::CLOSING != 0 {
-                    dead.push(twin(&value, key.proto));
+                    dead.push(value.reverse_key(key.proto));
                 }
             }
         }
         dead.sort_unstable_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport, k.proto));
         dead.dedup();
         dead.iter().filter(|k| self.map.remove(k).is_ok()).count()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_twin_of_a_reply_entry_is_the_original_direction() {
-        // Client 192.0.2.7:5555 → NodePort 10.0.0.5:30080, SNATed to 10.0.0.5:5555 towards
-        // backend 10.1.0.2:8080. The reply entry rewrites backend → node into frontend → client.
-        let reply = CtValue {
-            saddr: [10, 0, 0, 5],
-            daddr: [192, 0, 2, 7],
-            sport: 30080,
-            dport: 5555,
-            flags: ct_flags::REPLY,
-            ..Default::default()
-        };
-        let original = twin(&reply, 6);
-        assert_eq!(
-            (original.saddr, original.daddr, original.sport, original.dport),
-            ([192, 0, 2, 7], [10, 0, 0, 5], 5555, 30080)
-        );
     }
 }
