@@ -79,34 +79,45 @@ enum Parsed {
     Other,
 }
 
+/// Reads the headers with as few helper calls as the layout allows: Ethernet and IPv4
+/// together, then the ports, then (TCP only) the flags.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Result<Parsed, i64> {
-    if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
-        return Ok(Parsed::Other);
-    }
-    let version_ihl: u8 = ctx.load(ETH_HLEN)?;
+    let head: [u8; ETH_HLEN + 20] = ctx.load(0)?;
+    let version_ihl = head[ETH_HLEN];
     let ihl = usize::from(version_ihl & 0x0f) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 {
+    if u16::from_be_bytes([head[12], head[13]]) != ETH_P_IP || version_ihl >> 4 != 4 || ihl < 20 {
         return Ok(Parsed::Other);
     }
-    let protocol: u8 = ctx.load(IP_PROTO)?;
+    let protocol = head[IP_PROTO];
     if protocol != proto::TCP && protocol != proto::UDP {
         return Ok(Parsed::Other);
     }
-    if u16::from_be(ctx.load::<u16>(IP_FRAG)?) & IP_OFFSET_MASK != 0 {
+    if u16::from_be_bytes([head[IP_FRAG], head[IP_FRAG + 1]]) & IP_OFFSET_MASK != 0 {
         return Ok(Parsed::Fragment);
     }
     let l4 = ETH_HLEN + ihl;
+    let ports: [u8; 4] = ctx.load(l4)?;
     let tcp_flags = if protocol == proto::TCP {
         ctx.load::<u8>(l4 + TCP_FLAGS)?
     } else {
         0
     };
     Ok(Parsed::Packet(Packet {
-        saddr: ctx.load(IP_SADDR)?,
-        daddr: ctx.load(IP_DADDR)?,
-        sport: u16::from_be(ctx.load::<u16>(l4)?),
-        dport: u16::from_be(ctx.load::<u16>(l4 + 2)?),
+        saddr: [
+            head[IP_SADDR],
+            head[IP_SADDR + 1],
+            head[IP_SADDR + 2],
+            head[IP_SADDR + 3],
+        ],
+        daddr: [
+            head[IP_DADDR],
+            head[IP_DADDR + 1],
+            head[IP_DADDR + 2],
+            head[IP_DADDR + 3],
+        ],
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto: protocol,
         l4,
         tcp_flags,
@@ -117,13 +128,7 @@ fn parse(ctx: &TcContext) -> Result<Parsed, i64> {
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
     match parse(ctx) {
-        Ok(Parsed::Packet(packet)) => {
-            let (config, now) = clock();
-            if let Some(verdict) = tracked(ctx, &packet, &config, now, false) {
-                return verdict;
-            }
-            new_flow(ctx, &packet, &config, now)
-        }
+        Ok(Parsed::Packet(packet)) => tracked(ctx, &packet, false).unwrap_or_else(|| new_flow(ctx, &packet)),
         Ok(Parsed::Fragment) => {
             bump(Counter::TcFragment);
             OK
@@ -136,14 +141,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
     match parse(ctx) {
-        Ok(Parsed::Packet(packet)) => {
-            let (config, now) = clock();
-            tracked(ctx, &packet, &config, now, true).unwrap_or(OK)
-        }
+        Ok(Parsed::Packet(packet)) => tracked(ctx, &packet, true).unwrap_or(OK),
         _ => OK,
     }
 }
 
+/// The node settings and the time, read only once a packet turns out to be ours: most
+/// packets on a device belong to no flow and no frontend.
 #[inline(always)]
 fn clock() -> (NodeConfig, u64) {
     let config = copy_of(NODE.get_ptr(0)).unwrap_or_default();
@@ -154,13 +158,7 @@ fn clock() -> (NodeConfig, u64) {
 /// Translates a packet of a known flow; `None` when conntrack has no live entry for it (or,
 /// with `replies_only`, none for a reply).
 #[inline(always)]
-fn tracked(
-    ctx: &TcContext,
-    packet: &Packet,
-    config: &NodeConfig,
-    now: u64,
-    replies_only: bool,
-) -> Option<i32> {
+fn tracked(ctx: &TcContext, packet: &Packet, replies_only: bool) -> Option<i32> {
     let entry_ptr = CONNTRACK_V4.get_ptr_mut(packet.ct_key())?;
     // SAFETY: the pointer comes from a successful lookup and stays valid for this program run;
     // the value is copied at once.
@@ -169,7 +167,8 @@ fn tracked(
     if replies_only && !reply {
         return None;
     }
-    let lifetime = conntrack::lifetime_s(packet.proto, entry.flags, config);
+    let (config, now) = clock();
+    let lifetime = conntrack::lifetime_s(packet.proto, entry.flags, &config);
     if conntrack::expired(now, entry.last_seen_ns, lifetime) {
         return None;
     }
@@ -203,7 +202,7 @@ fn tracked(
 /// The first packet of a flow to an external frontend: pick a backend, record the flow and its
 /// reply, translate.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, packet: &Packet, config: &NodeConfig, now: u64) -> i32 {
+fn new_flow(ctx: &TcContext, packet: &Packet) -> i32 {
     let mut key = ServiceKey::frontend(packet.daddr, packet.dport, packet.proto, scope::ALL);
     let Some(mut frontend) = copy_of(SERVICES_V4.get_ptr(key)) else {
         return OK;
@@ -211,6 +210,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, config: &NodeConfig, now: u64) -> 
     if frontend.flags & svc_flags::EXTERNAL == 0 {
         return OK;
     }
+    let (config, now) = clock();
     if frontend.flags & svc_flags::SOURCE_RANGES != 0 {
         let range = Key::new(
             SourceRange::<AddrV4>::prefix_len(32),
@@ -245,7 +245,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, config: &NodeConfig, now: u64) -> 
     let backend = selected.backend;
     let snat = !external_local && backend.flags & backend_flags::LOCAL == 0;
     let (source, source_port) = if snat {
-        match snat_source(packet, &backend.addr, backend.port, config, now) {
+        match snat_source(packet, &backend.addr, backend.port, &config, now) {
             Some(source) => source,
             None => {
                 bump(Counter::TcSnatFailed);
