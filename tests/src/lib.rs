@@ -224,11 +224,7 @@ impl World {
             .expect("agent log");
         let ready_before = self.agent_log().matches(READY).count();
         let mut cmd = match &self.agent_netns {
-            Some(netns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", netns.display())).arg(binary());
-                c
-            }
+            Some(netns) => bpf_kube_proxy::sandbox::netns::command_in(netns, binary()),
             None => Command::new(binary()),
         };
         // Tests run side by side: each agent serves health and metrics on a port of its own,

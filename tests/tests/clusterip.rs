@@ -76,16 +76,11 @@ fn dns_client_gets_answers_through_the_vip() {
     // translates the backend address back to the VIP.
     let mut world = World::new(&["dns1"]);
     let dns_ip = world.ip("dns1");
-    let netns = world.pod("dns1").netns.path();
-    let mut dnsmasq = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args([
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--port=1053",
-        ])
+    let mut dnsmasq = world
+        .pod("dns1")
+        .netns
+        .command("dnsmasq")
+        .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--port=1053"])
         .args([
             "--address=/svc.test/192.0.2.53",
             "--listen-address",

@@ -1,6 +1,7 @@
 //! Named network namespaces (`ip netns add`), entered per thread with setns(2).
 
 use std::{
+    ffi::OsStr,
     fs::File,
     io,
     path::{Path, PathBuf},
@@ -30,6 +31,14 @@ pub fn ip(args: &[&str]) -> io::Result<()> {
 pub fn enter(path: &Path) -> io::Result<()> {
     let file = File::open(path)?;
     setns(file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+}
+
+/// `program` to be run in the network namespace at `path`, and in no other namespace of it:
+/// nsenter rather than `ip netns exec`, which remounts /sys, so pins and cgroups stay shared.
+pub fn command_in(path: &Path, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", path.display())).arg(program);
+    cmd
 }
 
 /// A named network namespace, deleted on drop.
@@ -77,6 +86,11 @@ impl Netns {
             "netns",
             peer.name(),
         ])
+    }
+
+    /// `program` to be run inside this namespace (see [`command_in`]).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        command_in(&self.path(), program)
     }
 
     /// Runs `f` on a fresh thread inside this namespace (sockets it creates stay in it).

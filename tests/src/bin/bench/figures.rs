@@ -340,9 +340,10 @@ impl NodeLab {
     /// Requests per second `wrk` gets from the client namespace against `url` through `what`.
     fn requests_per_second(&self, what: &str, url: &str, seconds: u64) -> anyhow::Result<f64> {
         println!("nodeport       {what:<9} wrk {url} for {seconds}s");
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.client.path().display()))
-            .args(["wrk", "-t", "2", "-c", "32", "-d"])
+        let out = self
+            .client
+            .command("wrk")
+            .args(["-t", "2", "-c", "32", "-d"])
             .arg(format!("{seconds}s"))
             .arg(url)
             .output()

@@ -101,13 +101,7 @@ impl RunningAgent {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bkp-bench-agent-{id}"));
         let log = dir.path().join("agent.log");
         let mut cmd = match netns {
-            // Only the network namespace: pins and cgroups stay the host's.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.path().display()))
-                    .arg(integration_tests::binary());
-                c
-            }
+            Some(ns) => ns.command(integration_tests::binary()),
             None => Command::new(integration_tests::binary()),
         };
         let child = cmd
@@ -246,9 +240,8 @@ pub fn scratch_netns(what: &str) -> anyhow::Result<Netns> {
 /// Runs `program args` inside `netns` with `input` on stdin; returns how long it took.
 pub fn timed_in(netns: &Netns, program: &str, args: &[&str], input: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.path().display()))
-        .arg(program)
+    let mut child = netns
+        .command(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
