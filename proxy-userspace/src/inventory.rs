@@ -21,6 +21,8 @@ pub struct Inventory {
     slices: HashMap<ServiceName, BTreeMap<String, SliceInfo>>,
     /// Which Service each slice (namespace, name) currently names: a relabelled slice moves.
     slice_owner: HashMap<(String, String), ServiceName>,
+    /// Services that serve a healthCheckNodePort, so that each sync visits only those.
+    health_checked: BTreeSet<ServiceName>,
     node: NodeInfo,
 }
 
@@ -58,11 +60,17 @@ impl Inventory {
             return None;
         }
         let name = info.name.clone();
+        if health_check_port(&info).is_some() {
+            self.health_checked.insert(name.clone());
+        } else {
+            self.health_checked.remove(&name);
+        }
         self.services.insert(name.clone(), info);
         Some(name)
     }
 
     pub fn remove_service(&mut self, name: &ServiceName) -> Option<ServiceName> {
+        self.health_checked.remove(name);
         self.services.remove(name).map(|_| name.clone())
     }
 
@@ -314,9 +322,9 @@ impl Inventory {
     /// The healthCheckNodePorts of Services with externalTrafficPolicy Local, by port.
     pub fn health_checks(&self) -> Vec<HealthCheck> {
         let mut out: Vec<HealthCheck> = self
-            .services
-            .values()
-            .filter(|svc| svc.external_policy == TrafficPolicy::Local && svc.externally_accessible())
+            .health_checked
+            .iter()
+            .filter_map(|name| self.services.get(name))
             .filter_map(|svc| {
                 let local_endpoints = svc
                     .ports
@@ -327,7 +335,7 @@ impl Inventory {
                     .collect::<BTreeSet<_>>()
                     .len();
                 Some(HealthCheck {
-                    port: svc.health_check_node_port?,
+                    port: health_check_port(svc)?,
                     service: svc.name.clone(),
                     local_endpoints,
                 })
@@ -336,6 +344,13 @@ impl Inventory {
         out.sort_by_key(|c| c.port);
         out
     }
+}
+
+/// The healthCheckNodePort this node serves for `svc`: only under externalTrafficPolicy Local.
+fn health_check_port(svc: &ServiceInfo) -> Option<u16> {
+    (svc.external_policy == TrafficPolicy::Local && svc.externally_accessible())
+        .then_some(svc.health_check_node_port)
+        .flatten()
 }
 
 /// Port name shown for a ClusterIP's guard frontend (real port names cannot contain `*`).

@@ -49,7 +49,7 @@ impl Writer {
             labels_raw,
             source_ranges,
         } = &mut self.maps;
-        let ranges = Phased {
+        let ranges = SourceRangeWrites {
             map: source_ranges,
             upserts: &plan.upsert_source_ranges,
             deletes: &plan.delete_source_ranges,
@@ -155,13 +155,13 @@ fn upsert_all<K: Pod, V: Pod, T>(
 
 /// The source ranges map and the plan's writes to it. Only the IPv4 tc path reads ranges, so
 /// IPv6 ranges are not written (IPv6 LoadBalancer traffic from outside is not translated).
-struct Phased<'a> {
+struct SourceRangeWrites<'a> {
     map: &'a mut LpmTrie<MapData, SourceRange<AddrV4>, u32>,
     upserts: &'a [(RevNatId, IpNet)],
     deletes: &'a [(RevNatId, IpNet)],
 }
 
-impl Phased<'_> {
+impl SourceRangeWrites<'_> {
     fn entries(items: &[(RevNatId, IpNet)]) -> impl Iterator<Item = (Key<SourceRange<AddrV4>>, String)> + '_ {
         items.iter().filter_map(|(id, net)| match net {
             IpNet::V4(v4) => Some((
@@ -193,7 +193,7 @@ fn apply_family<A: FamilyAddr>(
     labels: &mut HashMap<MapData, u32, ServiceLabel>,
     labels_raw: &MapData,
     plan: &Plan,
-    mut ranges: Option<Phased<'_>>,
+    mut ranges: Option<SourceRangeWrites<'_>>,
     errors: &mut Vec<WriteError>,
 ) where
     ServiceKey<A>: Pod,
