@@ -86,18 +86,6 @@ pub struct ExternalOptions {
     pub ct_udp_timeout: Duration,
 }
 
-impl Default for ExternalOptions {
-    fn default() -> Self {
-        Self {
-            devices: Devices::None,
-            node_port_addresses: NodePortAddresses::All,
-            node_ips: Vec::new(),
-            ct_tcp_timeout: DEFAULT_CT_TCP_TIMEOUT,
-            ct_udp_timeout: DEFAULT_CT_UDP_TIMEOUT,
-        }
-    }
-}
-
 /// kube-proxy's default for conntrack.tcpEstablishedTimeout.
 pub const DEFAULT_CT_TCP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// The kernel's nf_conntrack_udp_timeout_stream, which kube-proxy leaves in place by default.
