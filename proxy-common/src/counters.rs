@@ -23,7 +23,7 @@ pub enum Counter {
     AffinityUpdateFailed,
     /// tc: a packet to a NodePort, LoadBalancer IP or externalIP started a translated flow.
     TcNewFlow,
-    /// tc: a packet was translated by an existing conntrack entry (either direction).
+    /// tc: a later packet of a flow was translated by its conntrack entry (either direction).
     TcTracked,
     /// tc: the frontend has no usable endpoint: the packet was rejected (TCP RST) or dropped.
     TcRejectNoBackend,

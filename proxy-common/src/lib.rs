@@ -6,6 +6,7 @@
 //! Sizes are asserted at compile time.
 #![no_std]
 
+pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod maps;

@@ -24,11 +24,13 @@ pub const COUNTERS: &str = "bkp_counters";
 pub const SERVICE_LABELS: &str = "bkp_svc_names";
 pub const AFFINITY: &str = "bkp_affinity";
 pub const CONNTRACK_V4: &str = "bkp_ct_v4";
+pub const CONNTRACK_V6: &str = "bkp_ct_v6";
 pub const SOURCE_RANGES_V4: &str = "bkp_srcrng_v4";
+pub const SOURCE_RANGES_V6: &str = "bkp_srcrng_v6";
 pub const NODE: &str = "bkp_node";
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 16] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -39,7 +41,9 @@ pub const ALL: [&str; 14] = [
     SOCK_REV_V6,
     AFFINITY,
     CONNTRACK_V4,
+    CONNTRACK_V6,
     SOURCE_RANGES_V4,
+    SOURCE_RANGES_V6,
     NODE,
     COUNTERS,
     SERVICE_LABELS,
@@ -55,9 +59,9 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// One label per frontend, like rev-NAT ids.
     pub const SERVICE_LABELS: u32 = REV_NAT;
-    /// Two entries (original and reply direction) per flow through the tc path.
+    /// Two entries (original and reply direction) per flow through the tc path, per family.
     pub const CONNTRACK: u32 = 262_144;
-    /// One entry per (frontend, loadBalancerSourceRanges CIDR).
+    /// One entry per (frontend, loadBalancerSourceRanges CIDR), per family.
     pub const SOURCE_RANGES: u32 = 16_384;
 }
 

@@ -22,6 +22,7 @@ pub enum Reason {
 }
 
 /// The chosen backend and the frontend's reverse-NAT id.
+#[derive(Default)]
 pub struct Selected<A> {
     pub backend: Backend<A>,
     pub backend_id: u32,

@@ -6,6 +6,7 @@
 mod counters;
 mod family;
 mod lb;
+mod packet;
 mod reject;
 mod route;
 mod sock;
@@ -59,9 +60,15 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as 
 #[btf_map(name = "bkp_ct_v4")]
 static CONNTRACK_V4: LruHashMap<CtKey<AddrV4>, CtValue<AddrV4>, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
+#[btf_map(name = "bkp_ct_v6")]
+static CONNTRACK_V6: LruHashMap<CtKey<AddrV6>, CtValue<AddrV6>, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "bkp_srcrng_v4")]
 static SOURCE_RANGES_V4: LpmTrie<SourceRange<AddrV4>, u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+#[btf_map(name = "bkp_srcrng_v6")]
+static SOURCE_RANGES_V6: LpmTrie<SourceRange<AddrV6>, u32, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
 
 #[btf_map(name = "bkp_node")]

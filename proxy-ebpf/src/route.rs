@@ -13,26 +13,23 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::maps::{AddrV4, CtValue};
+use proxy_common::maps::CtValue;
 
-const AF_INET: u8 = 2;
-const ETH_HLEN: u32 = 14;
+use crate::packet::{ETH_HLEN, TcFamily};
 
 /// Redirects the (already rewritten) packet towards `to.daddr`; drops it when no route leads
-/// there.
-#[inline(always)]
-pub fn forward(ctx: &TcContext, to: &CtValue<AddrV4>, protocol: u8) -> i32 {
+/// there. Not inlined: the route lookup's parameter block gets a stack frame of its own.
+#[inline(never)]
+pub fn forward<F: TcFamily>(ctx: &TcContext, to: &CtValue<F::Addr>, protocol: u8) -> i32 {
     // SAFETY: bpf_fib_lookup is a C struct of integers and byte arrays: all zeroes is valid.
     let mut params: FibParams = unsafe { zeroed() };
-    params.family = AF_INET;
+    F::route_params(&mut params, to);
     params.l4_protocol = protocol;
     params.sport = to.sport.to_be();
     params.dport = to.dport.to_be();
-    params.__bindgen_anon_1.tot_len = ctx.len().saturating_sub(ETH_HLEN) as u16;
+    params.__bindgen_anon_1.tot_len = ctx.len().saturating_sub(ETH_HLEN as u32) as u16;
     // SAFETY: the skb pointer is this program's context; ifindex is a readable field.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(to.saddr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(to.daddr);
     // SAFETY: `params` is a valid, initialised struct of the size passed, owned by this frame.
     let found = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
     if found == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {

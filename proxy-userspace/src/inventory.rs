@@ -12,6 +12,7 @@ use crate::{
     },
     policy,
 };
+use ipnet::IpNet;
 use proxy_common::maps::svc_flags;
 
 #[derive(Debug, Default)]
@@ -250,8 +251,14 @@ impl Inventory {
                     .filter(|(a, _, _)| a.is_ipv4() == family_v4);
                 for (addr, frontend_port, kind) in addrs {
                     let key = FrontendKey::new(addr, frontend_port, port.protocol);
-                    let source_ranges = if kind == FrontendKind::LoadBalancer {
-                        svc.load_balancer_source_ranges.clone()
+                    // Each family's frontends take that family's ranges; a family with none
+                    // is not restricted, as kube-proxy filters the ranges per family.
+                    let source_ranges: Vec<IpNet> = if kind == FrontendKind::LoadBalancer {
+                        svc.load_balancer_source_ranges
+                            .iter()
+                            .filter(|r| r.addr().is_ipv4() == family_v4)
+                            .copied()
+                            .collect()
                     } else {
                         Vec::new()
                     };
@@ -605,6 +612,31 @@ mod tests {
             e.frontends.iter().all(|f| f.key.scope == Scope::All),
             "no local view"
         );
+    }
+
+    #[test]
+    fn each_family_takes_its_own_source_ranges_and_is_open_without_any() {
+        let mut inv = inventory();
+        let mut svc = external_service(TrafficPolicy::Cluster);
+        svc.load_balancer_ips.push("2001:db8::10".parse().unwrap());
+        inv.upsert_service(svc.clone());
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        let v6 = find(&e, "2001:db8::10", 80, Scope::All);
+        assert_eq!(v6.flags, svc_flags::LOAD_BALANCER, "no IPv6 range: IPv6 is open");
+        assert!(v6.source_ranges.is_empty());
+
+        svc.load_balancer_source_ranges
+            .push("2001:db8:1::/48".parse().unwrap());
+        inv.upsert_service(svc);
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        let v6 = find(&e, "2001:db8::10", 80, Scope::All);
+        assert_eq!(v6.flags, svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES);
+        assert_eq!(
+            v6.source_ranges,
+            vec!["2001:db8:1::/48".parse::<IpNet>().unwrap()]
+        );
+        let v4 = find(&e, "203.0.113.10", 80, Scope::All);
+        assert_eq!(v4.source_ranges, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
     }
 
     #[test]

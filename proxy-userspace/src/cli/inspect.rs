@@ -248,9 +248,11 @@ fn counter_entries(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
         .collect()
 }
 
-fn source_range_entries(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
-    use proxy_common::maps::{AddrV4, SourceRange};
-    let map: LpmTrie<MapData, SourceRange<AddrV4>, u32> = typed(dir, names::SOURCE_RANGES_V4)?;
+fn source_range_entries<A>(dir: &Path, name: &'static str) -> anyhow::Result<Vec<serde_json::Value>>
+where
+    proxy_common::maps::SourceRange<A>: aya::Pod + serde::Serialize,
+{
+    let map: LpmTrie<MapData, proxy_common::maps::SourceRange<A>, u32> = typed(dir, name)?;
     map.iter()
         .map(|item| {
             let (key, value) = item.context("reading the source ranges")?;
@@ -290,7 +292,9 @@ pub fn dump(pin_dir: &Path, map: &str, format: Format) -> anyhow::Result<()> {
         names::AFFINITY => entries::<AffinityKey, AffinityValue>(pin_dir, names::AFFINITY)?,
         names::SERVICE_LABELS => entries::<u32, ServiceLabel>(pin_dir, names::SERVICE_LABELS)?,
         names::CONNTRACK_V4 => entries::<CtKey<AddrV4>, CtValue<AddrV4>>(pin_dir, names::CONNTRACK_V4)?,
-        names::SOURCE_RANGES_V4 => source_range_entries(pin_dir)?,
+        names::CONNTRACK_V6 => entries::<CtKey<AddrV6>, CtValue<AddrV6>>(pin_dir, names::CONNTRACK_V6)?,
+        names::SOURCE_RANGES_V4 => source_range_entries::<AddrV4>(pin_dir, names::SOURCE_RANGES_V4)?,
+        names::SOURCE_RANGES_V6 => source_range_entries::<AddrV6>(pin_dir, names::SOURCE_RANGES_V6)?,
         names::NODE => node_entries(pin_dir)?,
         names::COUNTERS => counter_entries(pin_dir)?,
         other => anyhow::bail!("unknown map {other:?}; the maps are: {}", names::ALL.join(", ")),

@@ -68,7 +68,7 @@ impl MapSizes {
             names::REV_NAT_V4 | names::REV_NAT_V6 | names::SERVICE_LABELS => Some(self.rev_nat),
             names::SOCK_REV_V4 | names::SOCK_REV_V6 => Some(self.sock_rev),
             names::AFFINITY => Some(self.affinity),
-            names::CONNTRACK_V4 => Some(self.conntrack),
+            names::CONNTRACK_V4 | names::CONNTRACK_V6 => Some(self.conntrack),
             _ => None,
         }
     }

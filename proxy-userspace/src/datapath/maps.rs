@@ -32,6 +32,7 @@ where
     const SERVICES: &'static str;
     const BACKENDS: &'static str;
     const REV_NAT: &'static str;
+    const SOURCE_RANGES: &'static str;
 
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
@@ -41,6 +42,7 @@ impl FamilyAddr for AddrV4 {
     const SERVICES: &'static str = names::SERVICES_V4;
     const BACKENDS: &'static str = names::BACKENDS_V4;
     const REV_NAT: &'static str = names::REV_NAT_V4;
+    const SOURCE_RANGES: &'static str = names::SOURCE_RANGES_V4;
 
     fn from_ip(ip: IpAddr) -> Option<Self> {
         match ip {
@@ -58,6 +60,7 @@ impl FamilyAddr for AddrV6 {
     const SERVICES: &'static str = names::SERVICES_V6;
     const BACKENDS: &'static str = names::BACKENDS_V6;
     const REV_NAT: &'static str = names::REV_NAT_V6;
+    const SOURCE_RANGES: &'static str = names::SOURCE_RANGES_V6;
 
     fn from_ip(ip: IpAddr) -> Option<Self> {
         match ip {
@@ -148,8 +151,9 @@ pub struct PinnedMaps {
     pub v6: FamilyMaps<AddrV6>,
     pub labels: HashMap<MapData, u32, ServiceLabel>,
     pub labels_raw: MapData,
-    /// loadBalancerSourceRanges for the (IPv4-only) tc path.
-    pub source_ranges: LpmTrie<MapData, SourceRange<AddrV4>, u32>,
+    /// loadBalancerSourceRanges for the tc path, per family.
+    pub source_ranges_v4: LpmTrie<MapData, SourceRange<AddrV4>, u32>,
+    pub source_ranges_v6: LpmTrie<MapData, SourceRange<AddrV6>, u32>,
 }
 
 impl PinnedMaps {
@@ -159,7 +163,8 @@ impl PinnedMaps {
             v6: FamilyMaps::open(dir)?,
             labels: typed(dir, names::SERVICE_LABELS)?,
             labels_raw: raw(dir, names::SERVICE_LABELS)?,
-            source_ranges: typed(dir, names::SOURCE_RANGES_V4)?,
+            source_ranges_v4: typed(dir, names::SOURCE_RANGES_V4)?,
+            source_ranges_v6: typed(dir, names::SOURCE_RANGES_V6)?,
         })
     }
 }

@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, MapData, MapError},
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError},
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use proxy_common::maps::{Backend, RevNat, ServiceKey, ServiceLabel, SourceRange, backend_flags, svc_flags};
 use serde::Serialize;
 
@@ -61,20 +61,8 @@ impl Snapshot {
     pub fn read(maps: &PinnedMaps) -> Result<Self, ReadError> {
         let labels = read_all(&maps.labels, proxy_common::maps::SERVICE_LABELS)?;
         let mut ranges: HashMap<RevNatId, Vec<IpNet>> = HashMap::new();
-        for entry in maps.source_ranges.iter() {
-            let (key, _) = entry.map_err(|source| ReadError {
-                map: proxy_common::maps::SOURCE_RANGES_V4,
-                source,
-            })?;
-            let SourceRange { rev_nat_id_be, addr } = key.data();
-            let prefix = key.prefix_len().saturating_sub(32) as u8;
-            if let Ok(net) = Ipv4Net::new(addr.into(), prefix) {
-                ranges
-                    .entry(u32::from_be(rev_nat_id_be))
-                    .or_default()
-                    .push(IpNet::V4(net));
-            }
-        }
+        read_ranges(&maps.source_ranges_v4, &mut ranges)?;
+        read_ranges(&maps.source_ranges_v6, &mut ranges)?;
         let mut snapshot = Snapshot::default();
         read_family(&maps.v4, &labels, &ranges, &mut snapshot)?;
         read_family(&maps.v6, &labels, &ranges, &mut snapshot)?;
@@ -148,6 +136,31 @@ fn read_all<K: Pod + Eq + std::hash::Hash, V: Pod>(
     map.iter()
         .collect::<Result<HashMap<K, V>, MapError>>()
         .map_err(|source| ReadError { map: name, source })
+}
+
+/// Adds one family's source ranges to `out`, by frontend.
+fn read_ranges<A: FamilyAddr>(
+    map: &LpmTrie<MapData, SourceRange<A>, u32>,
+    out: &mut HashMap<RevNatId, Vec<IpNet>>,
+) -> Result<(), ReadError>
+where
+    ServiceKey<A>: Pod,
+    Backend<A>: Pod,
+    RevNat<A>: Pod,
+    SourceRange<A>: Pod,
+{
+    for entry in map.iter() {
+        let (key, _) = entry.map_err(|source| ReadError {
+            map: A::SOURCE_RANGES,
+            source,
+        })?;
+        let SourceRange { rev_nat_id_be, addr } = key.data();
+        let prefix = key.prefix_len().saturating_sub(32) as u8;
+        if let Ok(net) = IpNet::new(addr.to_ip(), prefix) {
+            out.entry(u32::from_be(rev_nat_id_be)).or_default().push(net);
+        }
+    }
+    Ok(())
 }
 
 fn read_family<A: FamilyAddr + Eq + std::hash::Hash>(

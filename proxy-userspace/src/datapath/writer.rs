@@ -6,7 +6,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use proxy_common::maps::{
-    AddrV4, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SourceRange, backend_flags, svc_flags,
+    Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SourceRange, backend_flags, svc_flags,
 };
 
 use crate::{
@@ -47,15 +47,13 @@ impl Writer {
             v6,
             labels,
             labels_raw,
-            source_ranges,
+            source_ranges_v4,
+            source_ranges_v6,
         } = &mut self.maps;
-        let ranges = SourceRangeWrites {
-            map: source_ranges,
-            upserts: &plan.upsert_source_ranges,
-            deletes: &plan.delete_source_ranges,
-        };
-        apply_family(v4, labels, labels_raw, plan, Some(ranges), &mut errors);
-        apply_family(v6, labels, labels_raw, plan, None, &mut errors);
+        let v4_ranges = SourceRangeWrites::new(source_ranges_v4, plan);
+        apply_family(v4, labels, labels_raw, plan, v4_ranges, &mut errors);
+        let v6_ranges = SourceRangeWrites::new(source_ranges_v6, plan);
+        apply_family(v6, labels, labels_raw, plan, v6_ranges, &mut errors);
         errors
     }
 }
@@ -153,25 +151,36 @@ fn upsert_all<K: Pod, V: Pod, T>(
     }
 }
 
-/// The source ranges map and the plan's writes to it. Only the IPv4 tc path reads ranges, so
-/// IPv6 ranges are not written (IPv6 LoadBalancer traffic from outside is not translated).
-struct SourceRangeWrites<'a> {
-    map: &'a mut LpmTrie<MapData, SourceRange<AddrV4>, u32>,
+/// One family's source ranges map and the plan's writes to it (each range goes to the map of
+/// its own family, as each frontend's ranges are of the frontend's family).
+struct SourceRangeWrites<'a, A> {
+    map: &'a mut LpmTrie<MapData, SourceRange<A>, u32>,
     upserts: &'a [(RevNatId, IpNet)],
     deletes: &'a [(RevNatId, IpNet)],
 }
 
-impl SourceRangeWrites<'_> {
-    fn entries(items: &[(RevNatId, IpNet)]) -> impl Iterator<Item = (Key<SourceRange<AddrV4>>, String)> + '_ {
-        items.iter().filter_map(|(id, net)| match net {
-            IpNet::V4(v4) => Some((
-                Key::new(
-                    SourceRange::<AddrV4>::prefix_len(v4.prefix_len()),
-                    SourceRange::new(*id, v4.network().octets()),
-                ),
-                format!("source range {net} of rev-NAT {id}"),
-            )),
-            IpNet::V6(_) => None,
+impl<'a, A: FamilyAddr> SourceRangeWrites<'a, A>
+where
+    ServiceKey<A>: Pod,
+    Backend<A>: Pod,
+    RevNat<A>: Pod,
+    SourceRange<A>: Pod,
+{
+    fn new(map: &'a mut LpmTrie<MapData, SourceRange<A>, u32>, plan: &'a Plan) -> Self {
+        Self {
+            map,
+            upserts: &plan.upsert_source_ranges,
+            deletes: &plan.delete_source_ranges,
+        }
+    }
+
+    fn entries(items: &[(RevNatId, IpNet)]) -> impl Iterator<Item = (Key<SourceRange<A>>, String)> + '_ {
+        items.iter().filter_map(|(id, net)| {
+            let key = Key::new(
+                SourceRange::<A>::prefix_len(net.prefix_len()),
+                SourceRange::new(*id, A::from_ip(net.network())?),
+            );
+            Some((key, format!("source range {net} of rev-NAT {id}")))
         })
     }
 
@@ -193,12 +202,13 @@ fn apply_family<A: FamilyAddr>(
     labels: &mut HashMap<MapData, u32, ServiceLabel>,
     labels_raw: &MapData,
     plan: &Plan,
-    mut ranges: Option<SourceRangeWrites<'_>>,
+    mut ranges: SourceRangeWrites<'_, A>,
     errors: &mut Vec<WriteError>,
 ) where
     ServiceKey<A>: Pod,
     Backend<A>: Pod,
     RevNat<A>: Pod,
+    SourceRange<A>: Pod,
 {
     let backends = plan
         .upsert_backends
@@ -251,9 +261,7 @@ fn apply_family<A: FamilyAddr>(
         .collect();
     let describe = |w: &SlotWrite| format!("frontend {} slot {}", w.frontend, w.slot);
     upsert_all(&mut maps.services, &maps.raw.services, slots, describe, errors);
-    if let Some(ranges) = ranges.as_mut() {
-        ranges.upsert(errors);
-    }
+    ranges.upsert(errors);
 
     // Frontend entries last among the upserts: a count only grows once its slots exist.
     let frontends = plan
@@ -294,9 +302,7 @@ fn apply_family<A: FamilyAddr>(
             maps.services.remove(&key),
         );
     }
-    if let Some(ranges) = ranges.as_mut() {
-        ranges.delete(errors);
-    }
+    ranges.delete(errors);
     for (frontend, slot) in &plan.delete_slots {
         let Some(key) = frontend_key::<A>(frontend, *slot) else {
             continue;

@@ -1,0 +1,308 @@
+//! What the tc path needs to know of each family's packets: where the headers are, how an
+//! address rewrite fixes the checksums, how routing is asked, how a refusal is built. The
+//! translation itself (`tc`) is written once over this trait.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_PSEUDO_HDR, bpf_fib_lookup as FibParams},
+    helpers::{bpf_csum_diff, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use proxy_common::{
+    maps::{AddrV4, AddrV6, CtKey, CtValue, NodeConfig, affinity_client},
+    proto,
+};
+
+use crate::{
+    family::{Family, V4, V6},
+    reject,
+};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// The Ethernet header and a minimal IPv4 header: what `ingress` loads first, in one call.
+pub const HEAD_LEN: usize = ETH_HLEN + 20;
+
+const TCP_FLAGS: usize = 13;
+
+/// The fields of a TCP/UDP packet the programs translate.
+#[derive(Default)]
+pub struct Packet<A> {
+    pub saddr: A,
+    pub daddr: A,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    pub tcp_flags: u8,
+}
+
+impl<A: Copy> Packet<A> {
+    pub fn ct_key(&self) -> CtKey<A> {
+        CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+    }
+
+    pub fn l4_csum(&self) -> usize {
+        self.l4 + if self.proto == proto::TCP { 16 } else { 6 }
+    }
+}
+
+/// What a packet turned out to be.
+pub enum Parsed {
+    /// TCP or UDP, its fields read.
+    Packet,
+    /// A fragment (IPv4: not the first; IPv6: any): no ports to translate by.
+    Fragment,
+    /// Not TCP/UDP of this family: none of our business.
+    Other,
+}
+
+/// The EtherType of a packet whose first `HEAD_LEN` bytes are `head`.
+#[inline(always)]
+pub fn ether_type(head: &[u8; HEAD_LEN]) -> u16 {
+    u16::from_be_bytes([head[12], head[13]])
+}
+
+pub trait TcFamily: Family {
+    const ETHER_TYPE: u16;
+    /// Bits of an address: the full-length prefix of a source-range lookup.
+    const ADDR_BITS: u8;
+    const AFFINITY_CLIENT: u8;
+    const SADDR: usize;
+    const DADDR: usize;
+    /// Extra `l4_csum_replace` flags for an address change.
+    const PSEUDO_FLAGS: u64;
+
+    /// Reads the packet's fields into `out` (filled only for `Parsed::Packet`). An out
+    /// parameter, because moving an IPv6 packet's fields costs stack the verifier counts.
+    fn parse(ctx: &TcContext, head: &[u8; HEAD_LEN], out: &mut Packet<Self::Addr>) -> Result<Parsed, i64>;
+    fn client_id(addr: &Self::Addr) -> [u32; 4];
+    /// The node's source address for SNAT; the default (all zero) when it has none.
+    fn snat_address(config: &NodeConfig) -> Self::Addr;
+    /// Folds a checksum difference for changed addresses into the IP header's own checksum.
+    fn fix_ip_checksum(ctx: &TcContext, diff: u64) -> Result<(), i64>;
+    /// Fills the family and addresses of a route lookup towards `to.daddr`.
+    fn route_params(params: &mut FibParams, to: &CtValue<Self::Addr>);
+    /// Answers the packet with a TCP RST or an ICMP port unreachable.
+    fn refuse(ctx: &TcContext, packet: &Packet<Self::Addr>) -> i32;
+}
+
+/// Reads `size_of::<T>()` packet bytes at `offset` straight into `dst` (no copy through a
+/// temporary, as `TcContext::load` makes).
+#[inline(always)]
+pub fn load_into<T>(ctx: &TcContext, offset: usize, dst: &mut T) -> Result<(), i64> {
+    // SAFETY: `dst` is a live, writable value of exactly the size passed, and T here is
+    // always a byte array, valid for any bytes the helper writes.
+    let done = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            offset as u32,
+            dst as *mut T as *mut c_void,
+            size_of::<T>() as u32,
+        )
+    };
+    if done == 0 { Ok(()) } else { Err(done) }
+}
+
+/// The one's-complement checksum difference of replacing `from` by `to` (each a whole
+/// number of 32-bit words), added to `seed`: what `l3/l4_csum_replace` take with size 0.
+/// The helper reads both values where they are, so nothing is copied onto the stack.
+#[inline(always)]
+pub fn csum_diff<T>(from: &T, to: &T, seed: u32) -> Result<u32, i64> {
+    let size = size_of::<T>() as u32;
+    // SAFETY: both pointers are to live values of `size` bytes; the helper only reads them.
+    let diff = unsafe {
+        bpf_csum_diff(
+            from as *const T as *mut u32,
+            size,
+            to as *const T as *mut u32,
+            size,
+            seed,
+        )
+    };
+    if diff < 0 { Err(diff) } else { Ok(diff as u32) }
+}
+
+/// Reads the ports, then (TCP only) the flags, in one load.
+#[inline(always)]
+fn ports(ctx: &TcContext, l4: usize, protocol: u8) -> Result<(u16, u16, u8), i64> {
+    if protocol == proto::TCP {
+        let tcp: [u8; TCP_FLAGS + 1] = ctx.load(l4)?;
+        Ok((
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+            tcp[TCP_FLAGS],
+        ))
+    } else {
+        let udp: [u8; 4] = ctx.load(l4)?;
+        Ok((
+            u16::from_be_bytes([udp[0], udp[1]]),
+            u16::from_be_bytes([udp[2], udp[3]]),
+            0,
+        ))
+    }
+}
+
+#[inline(always)]
+fn is_ours(protocol: u8) -> bool {
+    protocol == proto::TCP || protocol == proto::UDP
+}
+
+const IP_FRAG: usize = ETH_HLEN + 6;
+const IP_PROTO: usize = ETH_HLEN + 9;
+const IP_CSUM: usize = ETH_HLEN + 10;
+const IP_SADDR: usize = ETH_HLEN + 12;
+/// Fragment offset bits of the IPv4 flags/offset field.
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+impl TcFamily for V4 {
+    const ETHER_TYPE: u16 = ETH_P_IP;
+    const ADDR_BITS: u8 = 32;
+    const AFFINITY_CLIENT: u8 = affinity_client::IPV4;
+    const SADDR: usize = IP_SADDR;
+    const DADDR: usize = IP_SADDR + 4;
+    const PSEUDO_FLAGS: u64 = BPF_F_PSEUDO_HDR as u64;
+
+    #[inline(always)]
+    fn parse(ctx: &TcContext, head: &[u8; HEAD_LEN], out: &mut Packet<AddrV4>) -> Result<Parsed, i64> {
+        let version_ihl = head[ETH_HLEN];
+        let ihl = usize::from(version_ihl & 0x0f) * 4;
+        let protocol = head[IP_PROTO];
+        if version_ihl >> 4 != 4 || ihl < 20 || !is_ours(protocol) {
+            return Ok(Parsed::Other);
+        }
+        if u16::from_be_bytes([head[IP_FRAG], head[IP_FRAG + 1]]) & IP_OFFSET_MASK != 0 {
+            return Ok(Parsed::Fragment);
+        }
+        let l4 = ETH_HLEN + ihl;
+        (out.sport, out.dport, out.tcp_flags) = ports(ctx, l4, protocol)?;
+        let addr = |at: usize| [head[at], head[at + 1], head[at + 2], head[at + 3]];
+        out.saddr = addr(IP_SADDR);
+        out.daddr = addr(IP_SADDR + 4);
+        out.proto = protocol;
+        out.l4 = l4;
+        Ok(Parsed::Packet)
+    }
+
+    #[inline(always)]
+    fn client_id(addr: &AddrV4) -> [u32; 4] {
+        [u32::from_ne_bytes(*addr), 0, 0, 0]
+    }
+
+    #[inline(always)]
+    fn snat_address(config: &NodeConfig) -> AddrV4 {
+        config.snat_v4
+    }
+
+    #[inline(always)]
+    fn fix_ip_checksum(ctx: &TcContext, diff: u64) -> Result<(), i64> {
+        ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)
+    }
+
+    #[inline(always)]
+    fn route_params(params: &mut FibParams, to: &CtValue<AddrV4>) {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(to.saddr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(to.daddr);
+    }
+
+    #[inline(always)]
+    fn refuse(ctx: &TcContext, packet: &Packet<AddrV4>) -> i32 {
+        reject::refuse_v4(ctx, packet)
+    }
+}
+
+const IP6_HLEN: usize = 40;
+const IP6_NEXT: usize = ETH_HLEN + 6;
+const IP6_SADDR: usize = ETH_HLEN + 8;
+const IP6_HOP_BY_HOP: u8 = 0;
+const IP6_ROUTING: u8 = 43;
+const IP6_FRAGMENT: u8 = 44;
+const IP6_DEST_OPTS: u8 = 60;
+/// Extension headers skipped before giving up on finding TCP/UDP (bounds the loop).
+const IP6_MAX_EXT: usize = 4;
+/// `l4_csum_replace`: the change is to an IPv6 pseudo-header, so skb->csum of a
+/// CHECKSUM_COMPLETE packet must stay (the address bytes and the L4 checksum change cancel).
+/// Linux 6.16+; older kernels refuse the flag and get a retry without it.
+const BPF_F_IPV6: u64 = 1 << 7;
+
+impl TcFamily for V6 {
+    const ETHER_TYPE: u16 = ETH_P_IPV6;
+    const ADDR_BITS: u8 = 128;
+    const AFFINITY_CLIENT: u8 = affinity_client::IPV6;
+    const SADDR: usize = IP6_SADDR;
+    const DADDR: usize = IP6_SADDR + 16;
+    const PSEUDO_FLAGS: u64 = BPF_F_PSEUDO_HDR as u64 | BPF_F_IPV6;
+
+    #[inline(always)]
+    fn parse(ctx: &TcContext, _head: &[u8; HEAD_LEN], out: &mut Packet<AddrV6>) -> Result<Parsed, i64> {
+        // Version and traffic class, flow label, payload length, next header, hop limit.
+        let fixed: [u8; 8] = ctx.load(ETH_HLEN)?;
+        if fixed[0] >> 4 != 6 {
+            return Ok(Parsed::Other);
+        }
+        let mut next = fixed[IP6_NEXT - ETH_HLEN];
+        let mut l4 = ETH_HLEN + IP6_HLEN;
+        for _ in 0..IP6_MAX_EXT {
+            match next {
+                IP6_HOP_BY_HOP | IP6_ROUTING | IP6_DEST_OPTS => {
+                    let ext: [u8; 2] = ctx.load(l4)?;
+                    next = ext[0];
+                    l4 += (usize::from(ext[1]) + 1) * 8;
+                }
+                IP6_FRAGMENT => return Ok(Parsed::Fragment),
+                _ => break,
+            }
+        }
+        if !is_ours(next) {
+            return Ok(Parsed::Other);
+        }
+        (out.sport, out.dport, out.tcp_flags) = ports(ctx, l4, next)?;
+        load_into(ctx, IP6_SADDR, &mut out.saddr)?;
+        load_into(ctx, IP6_SADDR + 16, &mut out.daddr)?;
+        out.proto = next;
+        out.l4 = l4;
+        Ok(Parsed::Packet)
+    }
+
+    #[inline(always)]
+    fn client_id(addr: &AddrV6) -> [u32; 4] {
+        words(addr)
+    }
+
+    #[inline(always)]
+    fn snat_address(config: &NodeConfig) -> AddrV6 {
+        config.snat_v6
+    }
+
+    #[inline(always)]
+    fn fix_ip_checksum(_ctx: &TcContext, _diff: u64) -> Result<(), i64> {
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn route_params(params: &mut FibParams, to: &CtValue<AddrV6>) {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = words(&to.saddr);
+        params.__bindgen_anon_4.ipv6_dst = words(&to.daddr);
+    }
+
+    #[inline(always)]
+    fn refuse(ctx: &TcContext, packet: &Packet<AddrV6>) -> i32 {
+        reject::refuse_v6(ctx, packet)
+    }
+}
+
+/// An IPv6 address as the four network-order words the kernel's structures hold.
+#[inline(always)]
+fn words(addr: &AddrV6) -> [u32; 4] {
+    // SAFETY: [u8; 16] and [u32; 4] have the same size and every bit pattern is valid.
+    unsafe { core::mem::transmute::<AddrV6, [u32; 4]>(*addr) }
+}
