@@ -3,8 +3,9 @@
 //!
 //! ```text
 //!  ext (192.168.50.2) ──up0── node (192.168.50.1; 172.30.0.1) ──n2── node2 (172.30.0.2) ── remote (10.245.0.2)
-//!                               │ br0 10.244.0.1
-//!                               └─ local pods 10.244.0.10, ...
+//!  ext (fd00:50::2)           node (fd00:50::1; fd00:30::1)          node2 (fd00:30::2)  ── remote (fd00:245::2)
+//!                               │ br0 10.244.0.1, fd00:10:244::1
+//!                               └─ local pods 10.244.0.10, fd00:10:244::10, ...
 //! ```
 //!
 //! The agent runs in the node namespace with `--devices up0,n2`. The remote backend's replies
@@ -26,6 +27,10 @@ use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs};
 const NODE_IP: &str = "192.168.50.1";
 const CLIENT_IP: &str = "192.168.50.2";
 const REMOTE_IP: &str = "10.245.0.2";
+const NODE_IP6: &str = "fd00:50::1";
+const CLIENT_IP6: &str = "fd00:50::2";
+const REMOTE_IP6: &str = "fd00:245::2";
+const LB_IP6: &str = "2001:db8:10::10";
 const NODE_PORT: u16 = 30080;
 const NODE_PORT_UDP: u16 = 30053;
 const LB_IP: &str = "203.0.113.10";
@@ -43,7 +48,10 @@ struct Outside {
 
 fn forwarding(netns: &Netns) {
     netns
-        .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+        .run(|| {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        })
         .expect("enabling forwarding");
 }
 
@@ -53,14 +61,16 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     let prefix = world.topology.prefix.clone();
     let node = &world.topology.node;
     forwarding(node);
-    for pod in local {
-        world
-            .pod(pod)
-            .netns
-            .ip(&["route", "add", "default", "via", "10.244.0.1"])
-            .expect("pod default route");
-    }
     let link = |ns: &Netns, args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    let gateway6 = bpf_kube_proxy::sandbox::topology::GATEWAY_V6.to_string();
+    for pod in local {
+        let netns = &world.pod(pod).netns;
+        link(netns, &["route", "add", "default", "via", "10.244.0.1"]);
+        link(netns, &["-6", "route", "add", "default", "via", &gateway6]);
+    }
+    // Addresses are usable at once (no duplicate address detection), as on the pods.
+    let addr6 =
+        |ns: &Netns, cidr: &str, dev: &str| link(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
 
     let ext = Netns::create(&format!("{prefix}-ext")).expect("client namespace");
     node.veth_to("up0", &ext).expect("veth");
@@ -69,6 +79,9 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     link(&ext, &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
     link(&ext, &["link", "set", "eth0", "up"]);
     link(&ext, &["route", "add", "default", "via", NODE_IP]);
+    addr6(node, &format!("{NODE_IP6}/64"), "up0");
+    addr6(&ext, &format!("{CLIENT_IP6}/64"), "eth0");
+    link(&ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
 
     let node2 = Netns::create(&format!("{prefix}-n2")).expect("second node namespace");
     forwarding(&node2);
@@ -79,6 +92,13 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     link(&node2, &["addr", "add", "172.30.0.2/24", "dev", "eth0"]);
     link(&node2, &["link", "set", "eth0", "up"]);
     link(&node2, &["route", "add", "default", "via", "172.30.0.1"]);
+    addr6(node, "fd00:30::1/64", "n2");
+    addr6(&node2, "fd00:30::2/64", "eth0");
+    link(
+        node,
+        &["-6", "route", "add", "fd00:245::/64", "via", "fd00:30::2"],
+    );
+    link(&node2, &["-6", "route", "add", "default", "via", "fd00:30::1"]);
 
     let remote = Netns::create(&format!("{prefix}-remote")).expect("remote pod namespace");
     node2.veth_to("p0", &remote).expect("veth");
@@ -90,6 +110,9 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     );
     link(&remote, &["link", "set", "eth0", "up"]);
     link(&remote, &["route", "add", "default", "via", "10.245.0.1"]);
+    addr6(&node2, "fd00:245::1/64", "p0");
+    addr6(&remote, &format!("{REMOTE_IP6}/64"), "eth0");
+    link(&remote, &["-6", "route", "add", "default", "via", "fd00:245::1"]);
     world.with_runtime(|servers, _| {
         servers
             .http(&remote, HTTP_PORT, "remote")
@@ -141,13 +164,32 @@ fn who(from: &Netns, target: SocketAddr) -> Identity {
 /// One UDP request from the client namespace: the answer and the address it came from.
 fn udp_ask(from: &Netns, target: SocketAddr) -> std::io::Result<(Identity, SocketAddr)> {
     from.run(move || {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let socket = UdpSocket::bind(any_port(&target))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
         socket.send_to(b"who", target)?;
         let mut buf = [0u8; 512];
         let (n, peer) = socket.recv_from(&mut buf)?;
         let identity = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
         Ok((identity, peer))
+    })
+}
+
+/// The wildcard address of `target`'s family, any port.
+fn any_port(target: &SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("address"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("address"),
+    }
+}
+
+/// One UDP request from a connected socket, so that an ICMP error comes back as an error.
+fn udp_connected(from: &Netns, target: SocketAddr) -> std::io::Result<usize> {
+    from.run(move || {
+        let socket = UdpSocket::bind(any_port(&target))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.connect(target)?;
+        socket.send(b"who")?;
+        socket.recv(&mut [0u8; 512])
     })
 }
 
@@ -183,59 +225,136 @@ fn load_balancer(extra_spec: &str, endpoints: &[(&str, &str, bool)]) -> String {
     web(extra_spec, &status, endpoints).replace("type: NodePort", "type: LoadBalancer")
 }
 
+/// `web` as a single-stack IPv6 Service with an IPv6 slice.
+fn web6(extra_spec: &str, status: &str, endpoints: &[(&str, &str, bool)]) -> String {
+    web(extra_spec, status, endpoints)
+        .replace(
+            "clusterIP: 10.96.0.20\n  clusterIPs: [10.96.0.20]",
+            "clusterIP: \"fd00:96::20\"\n  clusterIPs: [\"fd00:96::20\"]\n  ipFamilies: [IPv6]",
+        )
+        .replace("addressType: IPv4", "addressType: IPv6")
+}
+
+/// `web6` as a LoadBalancer with ingress IP `LB_IP6` and `extra_spec`.
+fn load_balancer6(extra_spec: &str, endpoints: &[(&str, &str, bool)]) -> String {
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: \"{LB_IP6}\"}}]}}}}\n");
+    web6(extra_spec, &status, endpoints).replace("type: NodePort", "type: LoadBalancer")
+}
+
 /// Starts the agent on `manifest` and waits until the NodePort frontend holds `expected`
 /// backends.
 fn start(o: &mut Outside, manifest: &str, expected: usize) {
+    start_on(o, manifest, NODE_IP, expected);
+}
+
+/// As [`start`], waiting on the NodePort of `node_ip`.
+fn start_on(o: &mut Outside, manifest: &str, node_ip: &str, expected: usize) {
     o.world.write("svc.yaml", manifest);
     o.world.start_agent();
     o.world
-        .wait_for_backends(NODE_IP, NODE_PORT, Protocol::Tcp, expected);
+        .wait_for_backends(node_ip, NODE_PORT, Protocol::Tcp, expected);
 }
 
-fn local_and_remote(o: &Outside) -> Vec<(String, &'static str, bool)> {
-    vec![
-        (o.world.ip("a"), NODE_NAME, true),
-        (REMOTE_IP.to_string(), "node2", true),
-    ]
+/// One address family of the topology, so each family's test is the same code.
+struct Stack {
+    node_ip: &'static str,
+    client_ip: &'static str,
+    lb_ip: &'static str,
+    remote_ip: &'static str,
+    /// loadBalancerSourceRanges entries (YAML) that admit the client, and that do not.
+    allowed: &'static str,
+    denied: &'static str,
+    web: fn(&str, &str, &[(&str, &str, bool)]) -> String,
+    load_balancer: fn(&str, &[(&str, &str, bool)]) -> String,
+}
+
+const IPV4: Stack = Stack {
+    node_ip: NODE_IP,
+    client_ip: CLIENT_IP,
+    lb_ip: LB_IP,
+    remote_ip: REMOTE_IP,
+    allowed: "192.168.50.0/24",
+    denied: "10.0.0.0/8",
+    web,
+    load_balancer,
+};
+
+const IPV6: Stack = Stack {
+    node_ip: NODE_IP6,
+    client_ip: CLIENT_IP6,
+    lb_ip: LB_IP6,
+    remote_ip: REMOTE_IP6,
+    allowed: "\"fd00:50::/64\"",
+    denied: "\"fd00:99::/64\"",
+    web: web6,
+    load_balancer: load_balancer6,
+};
+
+impl Stack {
+    /// The local pod `a` and the remote backend, both ready, in this family.
+    fn local_and_remote(&self, o: &Outside) -> Vec<(String, &'static str, bool)> {
+        let local = if self.node_ip == NODE_IP {
+            o.world.ip("a")
+        } else {
+            o.world.ip6("a")
+        };
+        vec![
+            (local, NODE_NAME, true),
+            (self.remote_ip.to_string(), "node2", true),
+        ]
+    }
+
+    /// The topology with pod `a`, the agent running on `web` (local and remote endpoints).
+    fn started(&self) -> Outside {
+        let mut o = outside(&["a"], &[]);
+        let eps = self.local_and_remote(&o);
+        start_on(&mut o, &(self.web)("", "", &endpoints(&eps)), self.node_ip, 2);
+        o
+    }
 }
 
 fn endpoints<'a>(list: &'a [(String, &'static str, bool)]) -> Vec<(&'a str, &'a str, bool)> {
     list.iter().map(|(a, n, r)| (a.as_str(), *n, *r)).collect()
 }
 
-/// upstream "should be able to create a functioning NodePort service" (TCP and UDP), with one
-/// backend on this node and one behind another node (SNAT and the reply path are real).
-#[test]
-fn nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
-    let mut o = outside(&["a"], &[]);
-    let eps = local_and_remote(&o);
-    start(&mut o, &web("", "", &endpoints(&eps)), 2);
-
+/// The NodePort of `node_ip` reaches the local backend `a` with the client's own address and
+/// the remote one from the node (SNAT), over TCP and UDP, replies coming from the NodePort.
+fn assert_local_and_remote_reached(o: &Outside, stack: &Stack) {
+    let (node_ip, client_ip) = (stack.node_ip, stack.client_ip);
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..40 {
-        let id = who(&o.ext, target(NODE_IP, NODE_PORT));
-        let client_ip = id
-            .client
-            .rsplit_once(':')
-            .map(|(ip, _)| ip.to_string())
-            .unwrap_or_default();
-        seen.insert(id.backend, client_ip);
+        let id = who(&o.ext, target(node_ip, NODE_PORT));
+        let client: SocketAddr = id.client.parse().expect("client address");
+        seen.insert(id.backend, client.ip().to_string());
     }
     assert_eq!(seen.len(), 2, "both backends answer: {seen:?}");
-    assert_eq!(seen["a"], CLIENT_IP, "a local backend sees the client itself");
-    assert_eq!(seen["remote"], NODE_IP, "a remote backend sees the node (SNAT)");
+    assert_eq!(seen["a"], client_ip, "a local backend sees the client itself");
+    assert_eq!(seen["remote"], node_ip, "a remote backend sees the node (SNAT)");
 
     let mut udp = std::collections::BTreeSet::new();
     for _ in 0..30 {
-        let (id, from) = udp_ask(&o.ext, target(NODE_IP, NODE_PORT_UDP)).expect("UDP through the NodePort");
+        let (id, from) = udp_ask(&o.ext, target(node_ip, NODE_PORT_UDP)).expect("UDP through the NodePort");
         assert_eq!(
             from,
-            target(NODE_IP, NODE_PORT_UDP),
+            target(node_ip, NODE_PORT_UDP),
             "replies come from the NodePort"
         );
         udp.insert(id.backend);
     }
     assert_eq!(udp.len(), 2, "both backends answer UDP: {udp:?}");
+}
+
+/// upstream "should be able to create a functioning NodePort service" (TCP and UDP), with one
+/// backend on this node and one behind another node (SNAT and the reply path are real).
+#[test]
+fn nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    assert_local_and_remote_reached(&IPV4.started(), &IPV4);
+}
+
+/// The same over IPv6: a single-stack IPv6 Service, its NodePort on the node's IPv6 address.
+#[test]
+fn ipv6_nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    assert_local_and_remote_reached(&IPV6.started(), &IPV6);
 }
 
 /// LoadBalancer status IPs and externalIPs are served as the NodePort is; an externalIP need
@@ -244,7 +363,7 @@ fn nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
 #[test]
 fn load_balancer_ip_and_external_ip_not_on_any_node() {
     let mut o = outside(&["a"], &[]);
-    let eps = local_and_remote(&o);
+    let eps = IPV4.local_and_remote(&o);
     let manifest = load_balancer(&format!("externalIPs: [{EXTERNAL_IP}]"), &endpoints(&eps));
     start(&mut o, &manifest, 2);
     for ip in [LB_IP, EXTERNAL_IP] {
@@ -254,32 +373,46 @@ fn load_balancer_ip_and_external_ip_not_on_any_node() {
     }
 }
 
-/// upstream "should only allow access from service loadbalancer source ranges": a client
-/// inside the ranges gets through, one outside does not, and the NodePort is not filtered.
-#[test]
-fn load_balancer_source_ranges_allow_and_deny() {
+/// A client inside the allowed ranges reaches the LoadBalancer IP, one outside the denied
+/// ones does not, and the NodePort is not filtered.
+fn assert_source_ranges_filter(stack: &Stack) {
     let mut o = outside(&["a"], &[]);
-    let eps = local_and_remote(&o);
-    let manifest =
-        |ranges: &str| load_balancer(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps));
-    start(&mut o, &manifest("192.168.50.0/24"), 2);
-    who(&o.ext, target(LB_IP, 80));
+    let eps = stack.local_and_remote(&o);
+    let manifest = |ranges: &str| {
+        (stack.load_balancer)(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps))
+    };
+    start_on(&mut o, &manifest(stack.allowed), stack.node_ip, 2);
+    who(&o.ext, target(stack.lb_ip, 80));
 
-    o.world.write("svc.yaml", &manifest("10.0.0.0/8"));
+    o.world.write("svc.yaml", &manifest(stack.denied));
+    let denied = stack.denied.trim_matches('"');
     o.world
         .wait_until("the ranges to change", Duration::from_secs(10), |w| {
             w.snapshot()?
                 .frontends
                 .iter()
-                .any(|f| f.source_ranges.iter().any(|r| r.to_string() == "10.0.0.0/8"))
+                .any(|f| f.source_ranges.iter().any(|r| r.to_string() == denied))
                 .then_some(())
         });
-    let denied = http_get(&o.ext, target(LB_IP, 80));
+    let refused = http_get(&o.ext, target(stack.lb_ip, 80));
     assert!(
-        denied.is_err(),
-        "a client outside the ranges is dropped: {denied:?}"
+        refused.is_err(),
+        "a client outside the ranges is dropped: {refused:?}"
     );
-    who(&o.ext, target(NODE_IP, NODE_PORT));
+    who(&o.ext, target(stack.node_ip, NODE_PORT));
+}
+
+/// upstream "should only allow access from service loadbalancer source ranges": a client
+/// inside the ranges gets through, one outside does not, and the NodePort is not filtered.
+#[test]
+fn load_balancer_source_ranges_allow_and_deny() {
+    assert_source_ranges_filter(&IPV4);
+}
+
+/// The same for an IPv6 LoadBalancer IP and IPv6 ranges (their own LPM trie).
+#[test]
+fn ipv6_load_balancer_source_ranges_allow_and_deny() {
+    assert_source_ranges_filter(&IPV6);
 }
 
 /// externalTrafficPolicy Local: only this node's endpoint, the client's own address at the
@@ -289,7 +422,7 @@ fn load_balancer_source_ranges_allow_and_deny() {
 #[test]
 fn external_traffic_policy_local_keeps_the_client_ip_and_health_check_follows() {
     let mut o = outside(&["a"], &[]);
-    let eps = local_and_remote(&o);
+    let eps = IPV4.local_and_remote(&o);
     let spec = format!("externalTrafficPolicy: Local\nhealthCheckNodePort: {HEALTH_PORT}");
     start(&mut o, &web(&spec, "", &endpoints(&eps)), 2);
 
@@ -361,22 +494,25 @@ fn session_affinity_works_for_nodeport() {
     assert_eq!(backends.len(), 1, "one client, one backend: {backends:?}");
 }
 
-/// upstream "should release NodePorts on delete", and "should be rejected when no endpoints
-/// exist" for NodePort traffic (TCP and UDP).
-#[test]
-fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
-    let mut o = outside(&["a"], &[]);
-    let eps = local_and_remote(&o);
-    start(&mut o, &web("", "", &endpoints(&eps)), 2);
-    who(&o.ext, target(NODE_IP, NODE_PORT));
-
-    o.world.write("svc.yaml", &web("", "", &[]));
-    o.world.wait_for_backends(NODE_IP, NODE_PORT, Protocol::Tcp, 0);
-    let err = http_get(&o.ext, target(NODE_IP, NODE_PORT)).expect_err("no endpoint");
+/// With no endpoint left, the family's NodePort refuses TCP with a RST and UDP with an
+/// ICMP (ICMPv6) port unreachable; once the Service is deleted the port is released.
+fn assert_refused_then_released(stack: &Stack) {
+    let mut o = stack.started();
+    let node_ip = stack.node_ip;
+    who(&o.ext, target(node_ip, NODE_PORT));
+    o.world.write("svc.yaml", &(stack.web)("", "", &[]));
+    o.world.wait_for_backends(node_ip, NODE_PORT, Protocol::Tcp, 0);
+    let err = http_get(&o.ext, target(node_ip, NODE_PORT)).expect_err("no endpoint");
     assert_eq!(
         err.kind(),
         std::io::ErrorKind::ConnectionRefused,
         "rejected with a RST: {err}"
+    );
+    let err = udp_connected(&o.ext, target(node_ip, NODE_PORT_UDP)).expect_err("no endpoint");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "rejected with a port unreachable: {err}"
     );
 
     o.world.remove("svc.yaml");
@@ -389,8 +525,21 @@ fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
                 .any(|f| f.frontend.port == NODE_PORT);
             gone.then_some(())
         });
-    let err = http_get(&o.ext, target(NODE_IP, NODE_PORT)).expect_err("released");
+    let err = http_get(&o.ext, target(node_ip, NODE_PORT)).expect_err("released");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+/// upstream "should release NodePorts on delete", and "should be rejected when no endpoints
+/// exist" for NodePort traffic (TCP and UDP).
+#[test]
+fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
+    assert_refused_then_released(&IPV4);
+}
+
+/// The same over IPv6 (a RST and an ICMPv6 port unreachable built by the program).
+#[test]
+fn ipv6_nodeport_rejects_without_endpoints_and_is_released_on_delete() {
+    assert_refused_then_released(&IPV6);
 }
 
 /// upstream "should be able to connect to NodePort from the node itself" (and localhost): the
@@ -426,7 +575,7 @@ fn nodeport_on_node_addresses_and_localhost_through_the_socket_hooks() {
 #[test]
 fn conntrack_entries_expire() {
     let mut o = outside(&["a"], &["--conntrack-udp-timeout", "2s"]);
-    let eps = local_and_remote(&o);
+    let eps = IPV4.local_and_remote(&o);
     start(&mut o, &web("", "", &endpoints(&eps)), 2);
     udp_ask(&o.ext, target(NODE_IP, NODE_PORT_UDP)).expect("UDP through the NodePort");
     let flows = |w: &World| -> usize {

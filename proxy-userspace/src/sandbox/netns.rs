@@ -2,7 +2,7 @@
 
 use std::{
     ffi::OsStr,
-    fs::File,
+    fs::{self, File},
     io,
     path::{Path, PathBuf},
     process::Command,
@@ -48,12 +48,23 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// Creates the namespace with its loopback up and no IPv6 duplicate address detection on
+    /// the devices it will get. Sandbox devices are seconds old when used, and while a
+    /// device's link-local address is tentative the kernel sends no neighbour solicitation
+    /// for a packet from an address of another device (a forwarded or translated packet), so
+    /// the first second of IPv6 traffic through a router namespace would be lost.
     pub fn create(name: &str) -> io::Result<Self> {
         ip(&["netns", "add", name])?;
         let ns = Self {
             name: name.to_string(),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
+        ns.run(|| {
+            for conf in ["all", "default"] {
+                fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad"), "0")?;
+            }
+            Ok(())
+        })?;
         Ok(ns)
     }
 
