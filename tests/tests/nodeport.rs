@@ -255,6 +255,9 @@ fn start_on(o: &mut Outside, manifest: &str, node_ip: &str, expected: usize) {
         .wait_for_backends(node_ip, NODE_PORT, Protocol::Tcp, expected);
 }
 
+/// Endpoints of a slice: (address, node, ready).
+type Endpoints<'a> = [(&'a str, &'a str, bool)];
+
 /// One address family of the topology, so each family's test is the same code.
 struct Stack {
     node_ip: &'static str,
@@ -264,8 +267,8 @@ struct Stack {
     /// loadBalancerSourceRanges entries (YAML) that admit the client, and that do not.
     allowed: &'static str,
     denied: &'static str,
-    web: fn(&str, &str, &[(&str, &str, bool)]) -> String,
-    load_balancer: fn(&str, &[(&str, &str, bool)]) -> String,
+    web: fn(&str, &str, &Endpoints) -> String,
+    load_balancer: fn(&str, &Endpoints) -> String,
 }
 
 const IPV4: Stack = Stack {
