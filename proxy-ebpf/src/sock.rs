@@ -191,8 +191,9 @@ fn remember_frontend<F: SockFamily>(
         rev_nat_id: selected.rev_nat_id,
     };
     // An unconnected UDP client (a resolver) sends many datagrams to the same backend: skip the
-    // LRU write when the entry is already there.
-    if let Some(existing) = copy_of(F::sock_rev().get_ptr(key))
+    // LRU write when the entry is already there. A TCP socket connects once: nothing to find.
+    if protocol(ctx.sock_addr) != proto::TCP
+        && let Some(existing) = copy_of(F::sock_rev().get_ptr(key))
         && existing.addr == value.addr
         && existing.port == value.port
         && existing.rev_nat_id == value.rev_nat_id
