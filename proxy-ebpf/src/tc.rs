@@ -60,10 +60,10 @@ fn on_packet(ctx: &TcContext, hook: Hook) -> i32 {
     }
 }
 
-/// One family's path. The stages below are separate BPF functions rather than one inlined
+/// One family's path. The stages it calls are separate BPF functions rather than one inlined
 /// body: the verifier limits the stack of a whole call chain to 512 bytes, and IPv6's keys,
-/// values and answers are large, so each stage's frame exists only while it runs (this frame
-/// holds just the packet's fields).
+/// values and answers are large, so each stage's frame exists only while it runs (the
+/// program's own frame holds just the packet's fields and the chosen backend).
 #[inline(always)]
 fn translate<F: TcFamily>(ctx: &TcContext, head: &[u8; HEAD_LEN], hook: Hook) -> i32 {
     let mut packet = Packet::default();
