@@ -1029,6 +1029,26 @@ mod tests {
         assert_eq!(p.owner(&key), Some(&svc("second")));
     }
 
+    /// What pinned maps would hold after `planner`'s plans, as the reader returns it.
+    fn programmed_of(planner: &Planner) -> Programmed {
+        Programmed {
+            frontends: planner.frontends.clone(),
+            backends: planner
+                .backends
+                .iter()
+                .map(|(k, b)| {
+                    (
+                        *k,
+                        ProgrammedBackend {
+                            id: b.id,
+                            state: b.state,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// The entries `planner` holds, counted from scratch.
     fn recount(planner: &Planner) -> [Usage; 2] {
         let mut used = [Usage::default(); 2];
@@ -1067,23 +1087,7 @@ mod tests {
             p.plan_service(&svc(name), desired.as_ref());
             assert_eq!(p.held, recount(&p), "after {name}: {desired:?}");
         }
-        let programmed = Programmed {
-            frontends: p.frontends.clone(),
-            backends: p
-                .backends
-                .iter()
-                .map(|(k, b)| {
-                    (
-                        *k,
-                        ProgrammedBackend {
-                            id: b.id,
-                            state: b.state,
-                        },
-                    )
-                })
-                .collect(),
-        };
-        let mut adopted = Planner::adopt(programmed);
+        let mut adopted = Planner::adopt(programmed_of(&p));
         assert_eq!(adopted.held, recount(&adopted));
         adopted.release_unclaimed();
         assert_eq!(
@@ -1101,24 +1105,7 @@ mod tests {
             Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
         );
         first.plan_service(&svc("old"), Some(&entry(&[("10.96.0.99", 80, &["10.0.0.7"])])));
-        let programmed = Programmed {
-            frontends: first.frontends.clone(),
-            backends: first
-                .backends
-                .iter()
-                .map(|(k, b)| {
-                    (
-                        *k,
-                        ProgrammedBackend {
-                            id: b.id,
-                            state: b.state,
-                        },
-                    )
-                })
-                .collect(),
-        };
-
-        let mut restarted = Planner::adopt(programmed);
+        let mut restarted = Planner::adopt(programmed_of(&first));
         let plan = restarted
             .plan_service(
                 &svc("web"),
