@@ -151,23 +151,27 @@ fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, f
     if hook == Hook::Egress && !reply {
         return None;
     }
-    let (config, now) = clock()?;
-    let lifetime = conntrack::lifetime_s(packet.proto, flags, config);
-    if conntrack::expired(now, last_seen_ns, lifetime) {
-        return None;
-    }
-    // A flow whose backend is gone starts afresh rather than talk to an address nobody serves.
-    if !reply && F::backends().get_ptr(entry.backend_id).is_none() {
-        return None;
-    }
-    let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && flags & ct_flags::CLOSING == 0;
-    if closing || now.saturating_sub(last_seen_ns) > conntrack::REFRESH_NS {
-        // SAFETY: as above; a racing writer can at worst lose one timestamp or flag update,
-        // which the next packet repeats.
-        unsafe {
-            (*entry_ptr).last_seen_ns = now;
-            if closing {
-                (*entry_ptr).flags |= ct_flags::CLOSING;
+    // The opening packet's entries were written a moment ago, for a backend just chosen:
+    // nothing to check or refresh.
+    if !first {
+        let (config, now) = clock()?;
+        let lifetime = conntrack::lifetime_s(packet.proto, flags, config);
+        if conntrack::expired(now, last_seen_ns, lifetime) {
+            return None;
+        }
+        // A flow whose backend is gone starts afresh rather than talk to an address nobody serves.
+        if !reply && F::backends().get_ptr(entry.backend_id).is_none() {
+            return None;
+        }
+        let closing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && flags & ct_flags::CLOSING == 0;
+        if closing || now.saturating_sub(last_seen_ns) > conntrack::REFRESH_NS {
+            // SAFETY: as above; a racing writer can at worst lose one timestamp or flag update,
+            // which the next packet repeats.
+            unsafe {
+                (*entry_ptr).last_seen_ns = now;
+                if closing {
+                    (*entry_ptr).flags |= ct_flags::CLOSING;
+                }
             }
         }
     }
