@@ -50,26 +50,40 @@ struct IcmpError<const Q: usize> {
 /// answer is built on a stack frame of its own.
 #[inline(never)]
 pub fn refuse_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> i32 {
-    if packet.l4 != ETH_HLEN + IP_HLEN {
-        return SHOT;
-    }
-    let answered = match packet.proto {
-        proto::TCP if packet.tcp_flags & TCP_RST == 0 => reset_v4(ctx, packet),
-        proto::UDP => unreachable_v4(ctx, packet),
-        _ => return SHOT,
-    };
-    answered.unwrap_or(SHOT)
+    answer(
+        packet,
+        IP_HLEN,
+        || reset_v4(ctx, packet),
+        || unreachable_v4(ctx, packet),
+    )
 }
 
 /// As [`refuse_v4`], for IPv6 (a packet with extension headers is dropped).
 #[inline(never)]
 pub fn refuse_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> i32 {
-    if packet.l4 != ETH_HLEN + IP6_HLEN {
+    answer(
+        packet,
+        IP6_HLEN,
+        || reset_v6(ctx, packet),
+        || unreachable_v6(ctx, packet),
+    )
+}
+
+/// Picks the answer for `packet`, whose IP header without options or extension headers is
+/// `ip_hlen` bytes: a RST for TCP (but never for a RST), a port unreachable for UDP.
+#[inline(always)]
+fn answer<A>(
+    packet: &Packet<A>,
+    ip_hlen: usize,
+    reset: impl FnOnce() -> Result<i32, i64>,
+    unreachable: impl FnOnce() -> Result<i32, i64>,
+) -> i32 {
+    if packet.l4 != ETH_HLEN + ip_hlen {
         return SHOT;
     }
     let answered = match packet.proto {
-        proto::TCP if packet.tcp_flags & TCP_RST == 0 => reset_v6(ctx, packet),
-        proto::UDP => unreachable_v6(ctx, packet),
+        proto::TCP if packet.tcp_flags & TCP_RST == 0 => reset(),
+        proto::UDP => unreachable(),
         _ => return SHOT,
     };
     answered.unwrap_or(SHOT)
