@@ -225,6 +225,24 @@ fn log_sync(what: &str, report: &SyncReport) {
             "{what}"
         );
     }
+    if report.ops >= LARGE_SYNC_OPS {
+        release_free_memory();
+    }
+}
+
+/// A sync this large (a first sync, a reload of many Services) went through megabytes of
+/// short-lived memory: parsed documents, the plan, the batch arrays.
+const LARGE_SYNC_OPS: usize = 10_000;
+
+/// Hands the allocator's free pages back to the kernel. glibc only returns the top of its heap
+/// by itself, so without this the agent's RSS would stay at the peak of its largest sync
+/// (about 20 MiB above what it holds at 10 000 Services) for the rest of its life.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists; no pointer of ours is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The datapath, loaded and with its pinned state adopted, but not attached yet.
@@ -387,12 +405,8 @@ fn watch_files(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedW
 }
 
 fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<DatapathSink>) {
-    let (changed, errors) = manifests.reload();
-    for e in &errors {
+    for e in manifests.reload(proxier).1 {
         tracing::error!("{e}");
-    }
-    if changed {
-        proxier.replace_objects(manifests.services(), manifests.slices(), manifests.nodes());
     }
 }
 

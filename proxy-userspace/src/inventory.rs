@@ -3,7 +3,7 @@
 //! Every mutation returns the Services it touched, so a sync recomputes and re-plans only those
 //! (an endpoint change at 10 000 Services costs one Service's work, not 10 000).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::{
     model::{
@@ -18,8 +18,9 @@ use proxy_common::maps::svc_flags;
 #[derive(Debug, Default)]
 pub struct Inventory {
     services: HashMap<ServiceName, ServiceInfo>,
-    /// Slices by the Service they name, then by slice name (sorted, so merging is stable).
-    slices: HashMap<ServiceName, BTreeMap<String, SliceInfo>>,
+    /// Slices by the Service they name, sorted by slice name so merging is stable. A Service has
+    /// a slice or a few: a sorted Vec holds them without a B-tree node per Service.
+    slices: HashMap<ServiceName, Vec<SliceInfo>>,
     /// Which Service each slice (namespace, name) currently names: a relabelled slice moves.
     slice_owner: HashMap<(String, String), ServiceName>,
     /// Services that serve a healthCheckNodePort, so that each sync visits only those.
@@ -48,7 +49,7 @@ impl Inventory {
     }
 
     pub fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &SliceInfo> {
-        self.slices.get(name).into_iter().flat_map(|s| s.values())
+        self.slices.get(name).into_iter().flatten()
     }
 
     pub fn service_count(&self) -> usize {
@@ -85,10 +86,19 @@ impl Inventory {
             touched.extend(self.remove_slice(&id.0, &id.1));
         }
         let slices = self.slices.entry(slice.service.clone()).or_default();
-        if slices.get(&slice.name) != Some(&slice) {
-            touched.push(slice.service.clone());
-            self.slice_owner.insert(id, slice.service.clone());
-            slices.insert(slice.name.clone(), slice);
+        let at = slices.binary_search_by(|s| s.name.cmp(&slice.name));
+        if at.is_ok_and(|at| slices[at] == slice) {
+            return touched;
+        }
+        touched.push(slice.service.clone());
+        self.slice_owner.insert(id, slice.service.clone());
+        match at {
+            Ok(at) => slices[at] = slice,
+            Err(at) => {
+                // Most Services have one slice: no room for four.
+                slices.reserve_exact(1);
+                slices.insert(at, slice);
+            }
         }
         touched
     }
@@ -98,7 +108,7 @@ impl Inventory {
             .slice_owner
             .remove(&(namespace.to_string(), name.to_string()))?;
         if let Some(slices) = self.slices.get_mut(&owner) {
-            slices.remove(name);
+            slices.retain(|s| s.name != name);
             if slices.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -182,8 +192,7 @@ impl Inventory {
                     serving: ep.serving,
                     terminating: ep.terminating,
                     local: ep.node_name.as_deref() == Some(self.node.name.as_str()),
-                    zone_hints: ep.zone_hints.clone(),
-                    node_hints: ep.node_hints.clone(),
+                    hints: ep.hints.clone(),
                 });
             }
         }
@@ -417,9 +426,7 @@ mod tests {
                     serving: true,
                     terminating: false,
                     node_name: Some("n1".into()),
-                    zone: None,
-                    zone_hints: Default::default(),
-                    node_hints: Default::default(),
+                    hints: Default::default(),
                 })
                 .collect(),
         }

@@ -298,7 +298,8 @@ pub struct Planner {
     frontends: HashMap<FrontendKey, ProgrammedFrontend>,
     /// Frontend owner; `None` for state adopted from pinned maps and not yet claimed.
     owners: HashMap<FrontendKey, Option<ServiceName>>,
-    by_service: HashMap<ServiceName, BTreeSet<FrontendKey>>,
+    /// A Service's frontends: a few each, so a Vec rather than a B-tree node per Service.
+    by_service: HashMap<ServiceName, Vec<FrontendKey>>,
     /// Services that asked for a frontend someone else owns.
     contenders: HashMap<FrontendKey, BTreeSet<ServiceName>>,
     backends: HashMap<BackendKey, BackendEntry>,
@@ -538,11 +539,12 @@ impl Planner {
         }
 
         let previous = self.by_service.remove(service).unwrap_or_default();
-        for gone in previous.difference(&wanted) {
+        for gone in previous.iter().filter(|k| !wanted.contains(k)) {
             self.remove_frontend(gone, &mut out, &mut backend_deltas);
         }
         if !wanted.is_empty() {
-            self.by_service.insert(service.clone(), wanted);
+            self.by_service
+                .insert(service.clone(), wanted.into_iter().collect());
         }
         self.settle_backends(backend_deltas, &mut out.plan);
         out

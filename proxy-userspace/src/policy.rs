@@ -48,14 +48,14 @@ pub fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
     let mut any_ready = false;
     for ep in endpoints.iter().filter(|e| e.ready) {
         any_ready = true;
-        if ep.node_hints.is_empty() {
+        if ep.hints.nodes().is_empty() {
             all_node_hints = false;
-        } else if ep.node_hints.contains(&node.name) {
+        } else if ep.hints.nodes().contains(&node.name) {
             node_hit = true;
         }
-        if ep.zone_hints.is_empty() {
+        if ep.hints.zones().is_empty() {
             all_zone_hints = false;
-        } else if node.zone.as_ref().is_some_and(|z| ep.zone_hints.contains(z)) {
+        } else if node.zone.as_ref().is_some_and(|z| ep.hints.zones().contains(z)) {
             zone_hit = true;
         }
     }
@@ -73,8 +73,8 @@ pub fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
 fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) -> bool {
     match mode {
         TopologyMode::None => true,
-        TopologyMode::NodeHints => ep.node_hints.contains(&node.name),
-        TopologyMode::ZoneHints => node.zone.as_ref().is_some_and(|z| ep.zone_hints.contains(z)),
+        TopologyMode::NodeHints => ep.hints.nodes().contains(&node.name),
+        TopologyMode::ZoneHints => node.zone.as_ref().is_some_and(|z| ep.hints.zones().contains(z)),
     }
 }
 
@@ -118,7 +118,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::model::{Protocol, ServiceName, ServicePort};
+    use crate::model::{Hints, Protocol, ServiceName, ServicePort};
 
     fn svc(internal: TrafficPolicy, external: TrafficPolicy, node_port: bool) -> ServiceInfo {
         ServiceInfo {
@@ -154,8 +154,7 @@ mod tests {
             serving: spec.contains('S') || spec.contains('R'),
             terminating: spec.contains('T'),
             local: spec.contains('L'),
-            zone_hints: set(zones),
-            node_hints: set(nodes),
+            hints: Hints::new(set(zones), set(nodes)),
         }
     }
 

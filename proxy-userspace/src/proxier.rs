@@ -21,7 +21,10 @@ use crate::{
         FrontendKind, NodeInfo, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
     plan::{Outcome, Plan, PlanIssue, Planner},
-    source::Snapshot,
+    source::{
+        ObjectKind, Snapshot,
+        manifests::{Identity, Object, ObjectSink},
+    },
     translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
 };
 
@@ -276,24 +279,14 @@ impl<S: PlanSink> Proxier<S> {
         self.record_service_changes(touched);
     }
 
-    /// Replaces all objects with a complete snapshot (a manifest reload).
+    /// Replaces all objects with a complete snapshot (for tools and tests).
     pub fn replace_all(&mut self, snap: &Snapshot) {
-        self.replace_objects(&snap.services, &snap.slices, &snap.nodes);
-    }
-
-    /// Replaces all objects with complete lists, borrowed so a large source is never copied.
-    pub fn replace_objects<'a>(
-        &mut self,
-        services: impl IntoIterator<Item = &'a Service>,
-        slices: impl IntoIterator<Item = &'a EndpointSlice>,
-        nodes: impl IntoIterator<Item = &'a Node>,
-    ) {
-        self.replace_services(services);
-        self.replace_slices(slices);
+        self.replace_services(&snap.services);
+        self.replace_slices(&snap.slices);
         let node_name = self.inventory.node().name.clone();
         self.set_node(
-            nodes
-                .into_iter()
+            snap.nodes
+                .iter()
                 .find(|n| n.metadata.name.as_deref() == Some(node_name.as_str())),
         );
     }
@@ -461,6 +454,36 @@ fn service_name(svc: &Service) -> Option<ServiceName> {
         svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         svc.metadata.name.clone()?,
     ))
+}
+
+/// The manifests source's changes, applied as they are read.
+impl<S: PlanSink> ObjectSink for Proxier<S> {
+    fn upsert(&mut self, _: &Identity, object: Object) {
+        match object {
+            Object::Service(svc) => self.upsert_service(&svc),
+            Object::Slice(slice) => self.upsert_slice(&slice),
+            // Only this node's object matters (its zone, its eligibility).
+            Object::Node(node) => {
+                if node.metadata.name.as_deref() == Some(self.inventory.node().name.as_str()) {
+                    self.set_node(Some(&node));
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, identity: &Identity) {
+        match identity.kind {
+            ObjectKind::Service => {
+                self.remove_service(&ServiceName::new(&identity.namespace, &identity.name))
+            }
+            ObjectKind::EndpointSlice => self.remove_slice(&identity.namespace, &identity.name),
+            ObjectKind::Node => {
+                if identity.name == self.inventory.node().name {
+                    self.set_node(None);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

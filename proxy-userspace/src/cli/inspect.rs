@@ -23,7 +23,7 @@ use bpf_kube_proxy::{
     model::{ServiceEntry, ServiceName},
     plan::{Plan, Planner},
     proxier::{PlanSink, Proxier},
-    source::{self, manifests::ManifestSet},
+    source,
     translate::TranslateOptions,
 };
 use proxy_common::{
@@ -106,11 +106,11 @@ async fn desired(
     };
     let snapshot = match &source.manifests {
         Some(path) => {
-            let mut set = ManifestSet::new(path);
-            for e in set.reload().1 {
+            let (snapshot, errors) = source::manifests::read_once(path);
+            for e in errors {
                 tracing::warn!("{e}");
             }
-            set.snapshot()
+            snapshot
         }
         None => {
             let client = source::kube::client(source.kubeconfig.as_deref()).await?;

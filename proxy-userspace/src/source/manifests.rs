@@ -6,8 +6,9 @@
 //! a working Service from the datapath. Deleting a file or a document does remove its objects.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
+    io::{BufReader, Read},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -36,8 +37,9 @@ pub enum ManifestError {
     },
 }
 
+/// One object of a manifest.
 #[derive(Clone, Debug)]
-enum Object {
+pub enum Object {
     Service(Box<Service>),
     Slice(Box<EndpointSlice>),
     Node(Box<Node>),
@@ -45,19 +47,27 @@ enum Object {
 
 /// Identity of a document, known even when its body does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Identity {
-    kind: ObjectKind,
-    namespace: String,
-    name: String,
+pub struct Identity {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
 }
 
+/// Where a reload's changes go: the proxier in the agent, [`Objects`] for tools and tests.
+pub trait ObjectSink {
+    fn upsert(&mut self, identity: &Identity, object: Object);
+    fn remove(&mut self, identity: &Identity);
+}
+
+/// The objects of a file are not kept: the agent's inventory holds what it needs of them, and
+/// holding both would double its memory. The identities tell which ones a file stopped defining.
 #[derive(Clone, Debug, Default)]
 struct FileState {
     stamp: Option<(SystemTime, u64)>,
-    objects: BTreeMap<Identity, Object>,
+    identities: BTreeSet<Identity>,
 }
 
-/// The manifests under one path, with the last good parse of each file.
+/// The manifests under one path: which objects each file defines.
 #[derive(Debug)]
 pub struct ManifestSet {
     root: PathBuf,
@@ -160,8 +170,9 @@ impl ManifestSet {
         &self.root
     }
 
-    /// Re-reads what changed on disk. Returns whether anything did, and the problems found.
-    pub fn reload(&mut self) -> (bool, Vec<ManifestError>) {
+    /// Re-reads what changed on disk and tells `sink` every object that changed or went away.
+    /// Returns whether anything on disk changed, and the problems found.
+    pub fn reload(&mut self, sink: &mut impl ObjectSink) -> (bool, Vec<ManifestError>) {
         let mut errors = Vec::new();
         let mut files = Vec::new();
         if let Err(source) = list_files(&self.root, &mut files) {
@@ -172,10 +183,18 @@ impl ManifestSet {
             });
             return (false, errors);
         }
-        let mut changed = false;
-        let before = self.files.len();
-        self.files.retain(|path, _| files.contains(path));
-        changed |= self.files.len() != before;
+        let listed: BTreeSet<&PathBuf> = files.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listed.contains(p))
+            .cloned()
+            .collect();
+        let mut changed = !gone.is_empty();
+        let mut dropped = Vec::new();
+        for path in gone {
+            dropped.extend(self.files.remove(&path).unwrap_or_default().identities);
+        }
         for path in files {
             let stamp = fs::metadata(&path)
                 .ok()
@@ -186,54 +205,80 @@ impl ManifestSet {
             }
             changed = true;
             state.stamp = stamp;
-            match fs::read_to_string(&path) {
-                Ok(text) => parse_file(&path, &text, state, &mut errors),
+            // Read as a stream: the text of a whole cluster's manifests is never held at once.
+            match fs::File::open(&path) {
+                Ok(file) => {
+                    let before = std::mem::take(&mut state.identities);
+                    let mut reader = BufReader::new(file);
+                    state.identities = parse_file(&path, &mut reader, &before, sink, &mut errors);
+                    dropped.extend(before.difference(&state.identities).cloned());
+                }
                 Err(source) => errors.push(ManifestError::Read { path, source }),
             }
         }
+        self.remove_dropped(dropped, sink);
         (changed, errors)
     }
 
-    /// Everything currently known, last good versions included.
-    fn objects(&self) -> impl Iterator<Item = &Object> {
-        self.files.values().flat_map(|state| state.objects.values())
+    /// An object one file stopped defining is gone unless another file still defines it; then
+    /// that file is read again, so its version is the one that stays.
+    fn remove_dropped(&self, dropped: Vec<Identity>, sink: &mut impl ObjectSink) {
+        let mut reread = BTreeSet::new();
+        for identity in dropped {
+            match self
+                .files
+                .iter()
+                .find(|(_, state)| state.identities.contains(&identity))
+            {
+                Some((path, _)) => {
+                    reread.insert(path);
+                }
+                None => sink.remove(&identity),
+            }
+        }
+        for path in reread {
+            if let Ok(file) = fs::File::open(path) {
+                // Unchanged since its last read: the same documents, the same problems.
+                let identities = &self.files[path].identities;
+                parse_file(path, &mut BufReader::new(file), identities, sink, &mut Vec::new());
+            }
+        }
+    }
+}
+
+/// The current objects, kept apart from the set (the agent keeps them in its inventory).
+#[derive(Debug, Default)]
+pub struct Objects(BTreeMap<Identity, Object>);
+
+impl ObjectSink for Objects {
+    fn upsert(&mut self, identity: &Identity, object: Object) {
+        self.0.insert(identity.clone(), object);
     }
 
-    pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.objects().filter_map(|o| match o {
-            Object::Service(s) => Some(s.as_ref()),
-            _ => None,
-        })
+    fn remove(&mut self, identity: &Identity) {
+        self.0.remove(identity);
     }
+}
 
-    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.objects().filter_map(|o| match o {
-            Object::Slice(s) => Some(s.as_ref()),
-            _ => None,
-        })
-    }
-
-    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.objects().filter_map(|o| match o {
-            Object::Node(n) => Some(n.as_ref()),
-            _ => None,
-        })
-    }
-
-    /// A copy of every object (for tools; the agent borrows them instead).
+impl Objects {
     pub fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot::default();
-        for state in self.files.values() {
-            for object in state.objects.values() {
-                match object {
-                    Object::Service(s) => snap.services.push(s.as_ref().clone()),
-                    Object::Slice(s) => snap.slices.push(s.as_ref().clone()),
-                    Object::Node(n) => snap.nodes.push(n.as_ref().clone()),
-                }
+        for object in self.0.values() {
+            match object {
+                Object::Service(s) => snap.services.push(s.as_ref().clone()),
+                Object::Slice(s) => snap.slices.push(s.as_ref().clone()),
+                Object::Node(n) => snap.nodes.push(n.as_ref().clone()),
             }
         }
         snap
     }
+}
+
+/// Reads every manifest under `path` once (for tools).
+pub fn read_once(path: &Path) -> (Snapshot, Vec<ManifestError>) {
+    let mut objects = Objects::default();
+    let (_, errors) = ManifestSet::new(path).reload(&mut objects);
+    (objects.snapshot(), errors)
 }
 
 /// The parser's resource limits, raised from its defaults (1 024 documents, 250 000 nodes),
@@ -250,24 +295,32 @@ fn parse_options() -> serde_saphyr::Options {
     options
 }
 
-/// Parses one file's documents one at a time, so that a file of 20 000 Services and slices
-/// never holds all of its document trees at once (they would double the agent's peak memory).
-/// The file's objects are replaced only if the whole file parses.
-fn parse_file(path: &Path, text: &str, state: &mut FileState, errors: &mut Vec<ManifestError>) {
-    let mut reader = text.as_bytes();
-    let mut objects = BTreeMap::new();
+/// Parses one file's documents one at a time, handing each valid object to `sink` as it goes,
+/// so that a file of 20 000 Services and slices is never held parsed all at once. Returns the
+/// identities the file now defines: those it had before (`before`) stay when a document stops
+/// matching its schema (its last good version stays in the sink) or when the file stops
+/// parsing partway (every document after the error keeps its last good version).
+fn parse_file(
+    path: &Path,
+    reader: &mut impl Read,
+    before: &BTreeSet<Identity>,
+    sink: &mut impl ObjectSink,
+    errors: &mut Vec<ManifestError>,
+) -> BTreeSet<Identity> {
+    let mut identities = BTreeSet::new();
     let mut index = 0;
-    for parsed in serde_saphyr::read_with_options::<_, Value>(&mut reader, parse_options()) {
+    for parsed in serde_saphyr::read_with_options::<_, Value>(reader, parse_options()) {
         let doc = match parsed {
             Ok(doc) => doc,
             // Any document parses as a Value, so an error is a syntax or budget error, after
-            // which the parser stops: keep the file's last good objects.
+            // which the parser stops.
             Err(e) => {
                 errors.push(ManifestError::Syntax {
                     path: path.to_path_buf(),
                     message: e.to_string(),
                 });
-                return;
+                identities.extend(before.iter().cloned());
+                return identities;
             }
         };
         let mut flat = Vec::new();
@@ -281,7 +334,8 @@ fn parse_file(path: &Path, text: &str, state: &mut FileState, errors: &mut Vec<M
             };
             match typed(&identity, doc) {
                 Ok(object) => {
-                    objects.insert(identity, object);
+                    sink.upsert(&identity, object);
+                    identities.insert(identity);
                 }
                 Err(e) => {
                     errors.push(ManifestError::Document {
@@ -291,14 +345,14 @@ fn parse_file(path: &Path, text: &str, state: &mut FileState, errors: &mut Vec<M
                         name: format!("{}/{}", identity.namespace, identity.name),
                         message: format!("{e}; keeping its last good version"),
                     });
-                    if let Some(previous) = state.objects.get(&identity) {
-                        objects.insert(identity, previous.clone());
+                    if before.contains(&identity) {
+                        identities.insert(identity);
                     }
                 }
             }
         }
     }
-    state.objects = objects;
+    identities
 }
 
 #[cfg(test)]
@@ -342,6 +396,29 @@ endpoints: [{addresses: [10.0.0.1]}]
         out
     }
 
+    /// A set and the objects its reloads produced, as the agent's inventory would hold them.
+    struct Watched {
+        set: ManifestSet,
+        objects: Objects,
+    }
+
+    impl Watched {
+        fn new(root: &Path) -> Self {
+            Self {
+                set: ManifestSet::new(root),
+                objects: Objects::default(),
+            }
+        }
+
+        fn reload(&mut self) -> (bool, Vec<ManifestError>) {
+            self.set.reload(&mut self.objects)
+        }
+
+        fn snapshot(&self) -> Snapshot {
+            self.objects.snapshot()
+        }
+    }
+
     /// Rewrites a file so its (mtime, size) stamp surely changes.
     fn rewrite(path: &Path, text: &str) {
         fs::write(path, text).unwrap();
@@ -374,7 +451,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             "kind: Service\nmetadata: {name: hidden}",
         )
         .unwrap();
-        let mut set = ManifestSet::new(dir.path());
+        let mut set = Watched::new(dir.path());
         let (changed, errors) = set.reload();
         assert!(changed && errors.is_empty(), "{errors:?}");
         assert_eq!(
@@ -396,7 +473,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             ));
         }
         fs::write(dir.path().join("all.yaml"), text).unwrap();
-        let mut set = ManifestSet::new(dir.path());
+        let mut set = Watched::new(dir.path());
         let (_, errors) = set.reload();
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(set.snapshot().services.len(), 3_000);
@@ -407,7 +484,7 @@ endpoints: [{addresses: [10.0.0.1]}]
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("web.yaml");
         fs::write(&file, WEB).unwrap();
-        let mut set = ManifestSet::new(dir.path());
+        let mut set = Watched::new(dir.path());
         set.reload();
         rewrite(&file, "kind: Service\nmetadata: {name: [unclosed\n");
         let (_, errors) = set.reload();
@@ -419,11 +496,63 @@ endpoints: [{addresses: [10.0.0.1]}]
     }
 
     #[test]
+    fn a_file_cut_short_applies_the_documents_before_the_error_and_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        fs::write(&file, WEB).unwrap();
+        let mut set = Watched::new(dir.path());
+        set.reload();
+        // A save caught halfway: the Service is complete and changed, the rest is cut off.
+        let cut = WEB.replace("port: 80", "port: 81");
+        let cut = &cut[..cut.find("kind: EndpointSlice").unwrap()];
+        rewrite(&file, &format!("{cut}metadata: {{name: [unclosed\n"));
+        let (_, errors) = set.reload();
+        assert!(
+            matches!(&errors[..], [ManifestError::Syntax { .. }]),
+            "{errors:?}"
+        );
+        let snap = set.snapshot();
+        assert_eq!(names(&snap), ["slice:web-a", "svc:web"]);
+        assert_eq!(
+            snap.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+            81
+        );
+    }
+
+    #[test]
+    fn an_object_two_files_define_keeps_the_remaining_files_version() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("web.yaml"), WEB).unwrap();
+        let other = dir.path().join("a-copy.yaml");
+        fs::write(&other, WEB.replace("port: 80", "port: 81")).unwrap();
+        let mut set = Watched::new(dir.path());
+        set.reload();
+        let port = |set: &Watched| {
+            set.snapshot().services[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .as_ref()
+                .unwrap()[0]
+                .port
+        };
+        assert_eq!(port(&set), 80, "files are read in name order, the last one wins");
+        fs::remove_file(dir.path().join("web.yaml")).unwrap();
+        set.reload();
+        assert_eq!(names(&set.snapshot()), ["slice:web-a", "svc:web"]);
+        assert_eq!(port(&set), 81, "the copy left defines it now");
+        fs::remove_file(&other).unwrap();
+        set.reload();
+        assert!(names(&set.snapshot()).is_empty());
+    }
+
+    #[test]
     fn a_document_that_stops_matching_its_schema_keeps_its_last_good_version() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("web.yaml");
         fs::write(&file, WEB).unwrap();
-        let mut set = ManifestSet::new(dir.path());
+        let mut set = Watched::new(dir.path());
         set.reload();
         let broken = WEB
             .replace("ports: [{port: 80}]", "ports: [{port: eighty}]")
@@ -458,7 +587,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             WEB.replace("name: web,", "name: other,"),
         )
         .unwrap();
-        let mut set = ManifestSet::new(dir.path());
+        let mut set = Watched::new(dir.path());
         set.reload();
         let without_slice = WEB.split("---").take(2).collect::<Vec<_>>().join("---");
         rewrite(&file, &without_slice);
@@ -473,7 +602,7 @@ endpoints: [{addresses: [10.0.0.1]}]
         let sub = dir.path().join("m");
         fs::create_dir(&sub).unwrap();
         fs::write(sub.join("web.yaml"), WEB).unwrap();
-        let mut set = ManifestSet::new(&sub);
+        let mut set = Watched::new(&sub);
         set.reload();
         fs::remove_dir_all(&sub).unwrap();
         let (changed, errors) = set.reload();
