@@ -3,7 +3,9 @@
 //! Every mutation returns the Services it touched, so a sync recomputes and re-plans only those
 //! (an endpoint change at 10 000 Services costs one Service's work, not 10 000).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 
 use crate::{
     model::{

@@ -3,12 +3,13 @@
 //! every rule here is unit-tested without root.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::Arc,
     time::{Instant, SystemTime},
 };
 
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
