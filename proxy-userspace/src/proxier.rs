@@ -361,6 +361,13 @@ impl<S: PlanSink> Proxier<S> {
             queue.extend(retry.into_iter().filter(|r| !planned.contains(r)));
         }
         report.services = planned.len();
+        // Summed once per sync: per Service it would make a full sync quadratic.
+        self.metrics
+            .no_local_endpoints
+            .get_or_create(&PolicyLabel {
+                traffic_policy: "internal",
+            })
+            .set(self.no_local.values().sum::<usize>() as i64);
         self.finish(plan, &mut report);
         report.refused = refused.len();
         self.dirty.extend(refused);
@@ -411,12 +418,6 @@ impl<S: PlanSink> Proxier<S> {
         } else {
             self.no_local.insert(name.clone(), empty);
         }
-        self.metrics
-            .no_local_endpoints
-            .get_or_create(&PolicyLabel {
-                traffic_policy: "internal",
-            })
-            .set(self.no_local.values().sum::<usize>() as i64);
     }
 
     /// After the first complete sync following a restart: drops datapath state that no
