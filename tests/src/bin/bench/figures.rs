@@ -2,6 +2,7 @@
 //! rulesets, and no proxy ("direct") where that makes sense, at each N.
 
 use std::{
+    collections::BTreeMap,
     io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::fd::AsRawFd as _,
@@ -461,7 +462,9 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
     {
         let _guard = runtime.enter();
         for b in &backends {
-            servers.http(&topology.pod(b).expect("pod").netns, BACKEND_PORT, b)?;
+            let netns = &topology.pod(b).expect("pod").netns;
+            servers.http(netns, BACKEND_PORT, b)?;
+            servers.udp(netns, BACKEND_PORT, b)?;
         }
     }
     let client = topology.pod("client").expect("client pod");
@@ -527,24 +530,32 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         timed_in(&client.netns, "nft", &["delete", "table", "ip", "kube-proxy"], "")?;
 
         let mut ours = Ours::load()?;
-        let services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
-        let slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+        let mut services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
+        let mut slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+        // One UDP Service beside the N TCP ones, so that sendmsg4 and recvmsg4 run too.
+        let (udp_service, udp_slice) = world::udp_service(UDP_VIP, UDP_PORT, &pod_ips);
+        services.push(udp_service);
+        slices.push(udp_slice);
         ours.full_sync(&services, &slices)?;
         ours.datapath.attach(cg.path())?;
         let before = prog_stats(ours.pin_dir())?;
         measure("ours", Some(cg.path()), results)?;
+        udp_run(
+            &client.netns,
+            cg.path(),
+            SocketAddr::from((UDP_VIP, UDP_PORT)),
+            opts.connects,
+        )?;
         let after = prog_stats(ours.pin_dir())?;
-        if let (Some((cnt0, ns0)), Some((cnt1, ns1))) = (before, after)
-            && cnt1 > cnt0
-        {
-            results.add(
-                "prog_cost",
-                "ours",
-                n,
-                "connect4",
-                (ns1 - ns0) as f64 / (cnt1 - cnt0) as f64,
-                "ns/run",
-            );
+        for hook in SOCKET_HOOKS {
+            let (Some(&(cnt0, ns0)), Some(&(cnt1, ns1))) = (before.get(hook), after.get(hook)) else {
+                continue;
+            };
+            if cnt1 > cnt0 {
+                let name = hook.trim_start_matches("bkp_");
+                let cost = (ns1 - ns0) as f64 / (cnt1 - cnt0) as f64;
+                results.add("prog_cost", "ours", n, name, cost, "ns/run");
+            }
         }
         drop(ours);
         add_connect(results, "direct", n, &direct_runs);
@@ -582,32 +593,91 @@ fn add_connect(results: &mut Results, name: &'static str, n: usize, runs: &[(f64
     );
 }
 
-/// run_cnt and run_time_ns of the connect4 program behind the pinned link, from bpftool.
-fn prog_stats(pin_dir: &std::path::Path) -> anyhow::Result<Option<(u64, u64)>> {
-    let links = std::fs::read_dir(pin_dir.join("links"))?
-        .flatten()
-        .next()
-        .map(|d| d.path().join("bkp_connect4"));
-    let Some(link) = links else {
-        return Ok(None);
+/// The socket programs whose cost per run is reported: those the connect figure's TCP connects
+/// (with getpeername) and UDP datagrams run.
+const SOCKET_HOOKS: [&str; 4] = ["bkp_connect4", "bkp_getpeer4", "bkp_sendmsg4", "bkp_recvmsg4"];
+
+/// The UDP Service of the connect figure, outside the N Services' VIPs.
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 1);
+const UDP_PORT: u16 = 53;
+
+/// run_cnt and run_time_ns of each socket program behind the pinned links, from bpftool.
+fn prog_stats(pin_dir: &std::path::Path) -> anyhow::Result<BTreeMap<&'static str, (u64, u64)>> {
+    let mut stats = BTreeMap::new();
+    let Some(links) = std::fs::read_dir(pin_dir.join("links"))?.flatten().next() else {
+        return Ok(stats);
     };
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(&link)
-        .output()?;
-    let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let Some(prog_id) = link["prog_id"].as_u64() else {
-        return Ok(None);
+    for hook in SOCKET_HOOKS {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(links.path().join(hook))
+            .output()?;
+        let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let Some(prog_id) = link["prog_id"].as_u64() else {
+            continue;
+        };
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show", "id", &prog_id.to_string()])
+            .output()?;
+        let prog: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        // bpftool leaves both out while they are zero.
+        stats.insert(
+            hook,
+            (
+                prog["run_cnt"].as_u64().unwrap_or(0),
+                prog["run_time_ns"].as_u64().unwrap_or(0),
+            ),
+        );
+    }
+    Ok(stats)
+}
+
+/// Runs `udp-loop` in `netns` and `cgroup`: `count` datagrams to `target`, each answered.
+fn udp_run(
+    netns: &netns::Netns,
+    cgroup: &std::path::Path,
+    target: SocketAddr,
+    count: usize,
+) -> anyhow::Result<()> {
+    let status = Command::new(std::env::current_exe()?)
+        .arg("udp-loop")
+        .arg(netns.path())
+        .arg(count.to_string())
+        .arg(cgroup)
+        .arg(target.to_string())
+        .status()?;
+    anyhow::ensure!(status.success(), "udp-loop failed");
+    Ok(())
+}
+
+/// The UDP client: an unconnected socket in the cgroup and namespace sends each datagram with
+/// sendto() and reads its answer with recvfrom(), as a resolver does; fails unless nearly all
+/// are answered, so a figure is never taken over packets that went nowhere.
+pub fn udp_loop() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let [ns, count, cg, target] = &args[..] else {
+        anyhow::bail!("udp-loop NETNS COUNT CGROUP TARGET");
     };
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show", "id", &prog_id.to_string()])
-        .output()?;
-    let prog: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    // bpftool leaves both out while they are zero.
-    Ok(Some((
-        prog["run_cnt"].as_u64().unwrap_or(0),
-        prog["run_time_ns"].as_u64().unwrap_or(0),
-    )))
+    cgroup::join(std::path::Path::new(cg))?;
+    netns::enter(std::path::Path::new(ns))?;
+    let count: usize = count.parse()?;
+    let target: SocketAddr = target.parse()?;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 1500];
+    let mut answered = 0;
+    for _ in 0..count {
+        socket.send_to(b"bench", target)?;
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            anyhow::ensure!(from == target, "answer from {from}, not from {target}");
+            answered += 1;
+        }
+    }
+    anyhow::ensure!(
+        answered * 10 >= count * 9,
+        "only {answered} of {count} datagrams answered"
+    );
+    Ok(())
 }
 
 /// Runs `connect-loop` in `netns` (and `cgroup`) over `targets`; (p50 µs, p99 µs, conn/s).
@@ -665,6 +735,8 @@ pub fn connect_loop() -> anyhow::Result<()> {
         let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
             .with_context(|| format!("connect to {target}"))?;
         latencies.push(t0.elapsed().as_secs_f64() * 1e6);
+        // What an application asking whom it reached does (runs getpeername4 with our hooks).
+        stream.peer_addr()?;
         let linger = libc::linger {
             l_onoff: 1,
             l_linger: 0,

@@ -81,9 +81,11 @@ fn parse_opts() -> Opts {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Re-executed as the client of the connect figure, inside a cgroup and network namespace.
-    if std::env::args().nth(1).as_deref() == Some("connect-loop") {
-        return figures::connect_loop();
+    // Re-executed as a client of the connect figure, inside a cgroup and network namespace.
+    match std::env::args().nth(1).as_deref() {
+        Some("connect-loop") => return figures::connect_loop(),
+        Some("udp-loop") => return figures::udp_loop(),
+        _ => {}
     }
     let opts = parse_opts();
     anyhow::ensure!(

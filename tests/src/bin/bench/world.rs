@@ -161,22 +161,47 @@ impl Drop for RunningAgent {
 }
 
 pub fn k8s_slice(s: &Svc) -> EndpointSlice {
-    let endpoints: Vec<serde_json::Value> = s
-        .endpoints
+    let ips: Vec<Ipv4Addr> = s.endpoints.iter().map(|(ip, _)| *ip).collect();
+    slice_of(&s.namespace, &s.name, ("http", "TCP"), &ips)
+}
+
+/// The one EndpointSlice of Service `namespace/service`: `ips` ready at [`BACKEND_PORT`] on
+/// the port `(name, protocol)`.
+fn slice_of(
+    namespace: &str,
+    service: &str,
+    (port, protocol): (&str, &str),
+    ips: &[Ipv4Addr],
+) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = ips
         .iter()
-        .map(|(ip, _)| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .map(|ip| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
         .collect();
     serde_json::from_value(serde_json::json!({
         "metadata": {
-            "name": format!("{}-1", s.name),
-            "namespace": s.namespace,
-            "labels": {"kubernetes.io/service-name": s.name},
+            "name": format!("{service}-1"),
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
         },
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "ports": [{"name": port, "port": BACKEND_PORT, "protocol": protocol}],
         "endpoints": endpoints,
     }))
     .expect("a valid EndpointSlice")
+}
+
+/// A UDP Service (`bench/udp`, one port) and its slice over `endpoints` at [`BACKEND_PORT`].
+pub fn udp_service(vip: Ipv4Addr, port: u16, endpoints: &[Ipv4Addr]) -> (Service, EndpointSlice) {
+    let service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "udp", "namespace": "bench"},
+        "spec": {
+            "clusterIP": vip.to_string(),
+            "clusterIPs": [vip.to_string()],
+            "ports": [{"name": "dns", "port": port, "protocol": "UDP"}],
+        }
+    }))
+    .expect("a valid Service");
+    (service, slice_of("bench", "udp", ("dns", "UDP"), endpoints))
 }
 
 /// A loaded (not attached) datapath in its own pin directory, removed on drop.
