@@ -32,8 +32,8 @@ use crate::{
 /// Node label with the node's zone.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
-/// Where plans go.
-pub trait PlanSink {
+/// Where plans go. `Send`: a large sync writes from a second thread while it plans.
+pub trait PlanSink: Send {
     /// Applies `plan` in its phase order; returns a description of each operation that failed.
     fn apply(&mut self, plan: &Plan) -> Vec<String>;
 }
@@ -332,35 +332,60 @@ impl<S: PlanSink> Proxier<S> {
         self.record_endpoint_changes(touched);
     }
 
-    /// Plans and applies every Service changed since the last sync.
+    /// Plans and applies every Service changed since the last sync. A large sync (a first
+    /// sync, a relist) is written while it is planned: the map writes of the Services planned
+    /// so far run on a second thread as the next ones are planned, since the kernel's hash map
+    /// updates take about as long as the planning. A small one (an endpoint change) is written
+    /// in one go on this thread.
     pub fn sync(&mut self) -> SyncReport {
         let started = Instant::now();
         let full = self.dirty.len() == self.inventory.service_count() && !self.dirty.is_empty();
         let mut report = SyncReport::default();
-        let mut plan = Plan::default();
-        let mut queue: Vec<ServiceName> = std::mem::take(&mut self.dirty).into_iter().collect();
-        let mut planned = BTreeSet::new();
-        let mut refused = Vec::new();
+        let queue: Vec<ServiceName> = std::mem::take(&mut self.dirty).into_iter().collect();
         self.planner.begin_sync();
-        while let Some(name) = queue.pop() {
-            let desired = self.inventory.desired(&name);
-            let Outcome {
-                plan: p,
-                issues,
-                retry,
-            } = self.planner.plan_service(&name, desired.as_ref());
-            self.count_no_local(&name, desired.as_ref());
-            if issues.iter().any(|i| matches!(i, PlanIssue::MapFull { .. })) {
-                // Retried on the next sync, when room may have been freed.
-                refused.push(name.clone());
-            }
-            planned.insert(name);
-            plan.extend(p);
-            report.issues.extend(issues);
-            // A released frontend goes to a Service that wanted it, in this same sync.
-            queue.extend(retry.into_iter().filter(|r| !planned.contains(r)));
-        }
+        let mut planning = Planning {
+            inventory: &self.inventory,
+            planner: &mut self.planner,
+            no_local: &mut self.no_local,
+            planned: BTreeSet::new(),
+            refused: Vec::new(),
+            issues: Vec::new(),
+        };
+        let sink = &mut self.sink;
+        let (ops, failed) = if queue.len() >= PIPELINE_MIN_SERVICES {
+            std::thread::scope(|scope| {
+                let (plans, received) = std::sync::mpsc::sync_channel::<Plan>(2);
+                let writer = scope.spawn(move || {
+                    received
+                        .into_iter()
+                        .flat_map(|plan| sink.apply(&plan))
+                        .collect::<Vec<_>>()
+                });
+                let ops = planning.plan_all(queue, PIPELINE_CHUNK_OPS, |plan| {
+                    // A writer that is gone has panicked; the join below reports it.
+                    let _ = plans.send(plan);
+                });
+                drop(plans);
+                let failed = writer
+                    .join()
+                    .unwrap_or_else(|_| vec!["the map writer thread panicked".to_string()]);
+                (ops, failed)
+            })
+        } else {
+            let mut failed = Vec::new();
+            let ops = planning.plan_all(queue, usize::MAX, |plan| failed.extend(sink.apply(&plan)));
+            (ops, failed)
+        };
+        let Planning {
+            planned,
+            refused,
+            issues,
+            ..
+        } = planning;
         report.services = planned.len();
+        report.issues = issues;
+        report.ops = ops;
+        report.failed = failed;
         // Summed once per sync: per Service it would make a full sync quadratic.
         self.metrics
             .no_local_endpoints
@@ -368,7 +393,7 @@ impl<S: PlanSink> Proxier<S> {
                 traffic_policy: "internal",
             })
             .set(self.no_local.values().sum::<usize>() as i64);
-        self.finish(plan, &mut report);
+        self.record_outcome(&report);
         report.refused = refused.len();
         self.dirty.extend(refused);
         self.metrics.service_changes_pending.set(0);
@@ -399,6 +424,102 @@ impl<S: PlanSink> Proxier<S> {
         report
     }
 
+    /// After the first complete sync following a restart: drops datapath state that no
+    /// Service claimed.
+    pub fn release_unclaimed(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        let Outcome { plan, issues, .. } = self.planner.release_unclaimed();
+        report.issues = issues;
+        report.ops = plan.op_count();
+        if !plan.is_empty() {
+            report.failed = self.sink.apply(&plan);
+        }
+        self.record_outcome(&report);
+        report
+    }
+
+    fn record_outcome(&mut self, report: &SyncReport) {
+        for issue in &report.issues {
+            tracing::warn!("{issue}");
+            match issue {
+                PlanIssue::FrontendConflict { .. } => self.metrics.frontend_conflicts.inc(),
+                PlanIssue::MapFull { .. } => self.metrics.map_full.inc(),
+                PlanIssue::TooManyBackends { .. } => 0,
+            };
+        }
+        for failure in &report.failed {
+            tracing::error!("map update failed: {failure}");
+        }
+        self.metrics.map_write_errors.inc_by(report.failed.len() as u64);
+        self.metrics.set_last_sync_now();
+    }
+}
+
+/// Services per sync from which planning and map writes overlap.
+const PIPELINE_MIN_SERVICES: usize = 1_000;
+/// Map operations per plan handed to the writer thread: big enough that the batched writes
+/// stay batched, small enough that writing starts early.
+const PIPELINE_CHUNK_OPS: usize = 16_384;
+
+/// One sync's planning, holding the parts of the [`Proxier`] it needs, so that the sink can
+/// be lent to the writer thread meanwhile.
+struct Planning<'a> {
+    inventory: &'a Inventory,
+    planner: &'a mut Planner,
+    no_local: &'a mut BTreeMap<ServiceName, usize>,
+    planned: BTreeSet<ServiceName>,
+    refused: Vec<ServiceName>,
+    issues: Vec<PlanIssue>,
+}
+
+impl Planning<'_> {
+    /// Plans every Service of `queue` (and those a released frontend lets in), handing `emit`
+    /// the plan so far whenever it holds `chunk_ops` operations, and the rest at the end.
+    /// Returns the number of operations emitted.
+    fn plan_all(
+        &mut self,
+        mut queue: Vec<ServiceName>,
+        chunk_ops: usize,
+        mut emit: impl FnMut(Plan),
+    ) -> usize {
+        let mut plan = Plan::default();
+        let mut ops = 0;
+        let mut flush = |plan: &mut Plan| {
+            if !plan.is_empty() {
+                ops += plan.op_count();
+                emit(std::mem::take(plan));
+            }
+        };
+        while let Some(name) = queue.pop() {
+            let desired = self.inventory.desired(&name);
+            let Outcome {
+                plan: p,
+                issues,
+                retry,
+            } = self.planner.plan_service(&name, desired.as_ref());
+            self.count_no_local(&name, desired.as_ref());
+            if issues.iter().any(|i| matches!(i, PlanIssue::MapFull { .. })) {
+                // Retried on the next sync, when room may have been freed.
+                self.refused.push(name.clone());
+            }
+            self.planned.insert(name);
+            plan.extend(p);
+            self.issues.extend(issues);
+            if !retry.is_empty() {
+                // A released frontend goes to a Service that wanted it, in this same sync. Its
+                // deletion is written first: in one plan the deletions come after the
+                // additions, and would remove the new owner's entries for the same keys.
+                flush(&mut plan);
+                queue.extend(retry.into_iter().filter(|r| !self.planned.contains(r)));
+            }
+            if plan.op_count() >= chunk_ops {
+                flush(&mut plan);
+            }
+        }
+        flush(&mut plan);
+        ops
+    }
+
     /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}`:
     /// service ports with internalTrafficPolicy Local and no endpoint on this node.
     fn count_no_local(&mut self, name: &ServiceName, desired: Option<&ServiceEntry>) {
@@ -418,36 +539,6 @@ impl<S: PlanSink> Proxier<S> {
         } else {
             self.no_local.insert(name.clone(), empty);
         }
-    }
-
-    /// After the first complete sync following a restart: drops datapath state that no
-    /// Service claimed.
-    pub fn release_unclaimed(&mut self) -> SyncReport {
-        let mut report = SyncReport::default();
-        let Outcome { plan, issues, .. } = self.planner.release_unclaimed();
-        report.issues = issues;
-        self.finish(plan, &mut report);
-        report
-    }
-
-    fn finish(&mut self, plan: Plan, report: &mut SyncReport) {
-        for issue in &report.issues {
-            tracing::warn!("{issue}");
-            match issue {
-                PlanIssue::FrontendConflict { .. } => self.metrics.frontend_conflicts.inc(),
-                PlanIssue::MapFull { .. } => self.metrics.map_full.inc(),
-                PlanIssue::TooManyBackends { .. } => 0,
-            };
-        }
-        report.ops = plan.op_count();
-        if !plan.is_empty() {
-            report.failed = self.sink.apply(&plan);
-        }
-        for failure in &report.failed {
-            tracing::error!("map update failed: {failure}");
-        }
-        self.metrics.map_write_errors.inc_by(report.failed.len() as u64);
-        self.metrics.set_last_sync_now();
     }
 }
 
@@ -585,6 +676,50 @@ mod tests {
         assert_eq!(backends_of(&p, "10.96.0.11"), 2, "api's change is applied");
     }
 
+    /// The services map's keys (frontend, slot) after the recorded plans, written in order
+    /// and each in the writer's phase order (all additions, then all deletions).
+    fn services_map_after(plans: &[Plan]) -> BTreeSet<(crate::model::FrontendKey, u16)> {
+        let mut keys = BTreeSet::new();
+        for plan in plans {
+            keys.extend(plan.upsert_slots.iter().map(|w| (w.frontend, w.slot)));
+            keys.extend(plan.upsert_frontends.iter().map(|w| (w.frontend, 0)));
+            for key in &plan.delete_frontends {
+                keys.remove(&(*key, 0));
+            }
+            for key in &plan.delete_slots {
+                keys.remove(key);
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn a_large_sync_is_written_in_chunks_while_it_is_planned_with_the_same_result() {
+        let mut p = proxier();
+        let n = PIPELINE_MIN_SERVICES + 500;
+        for i in 0..n {
+            let name = format!("s{i}");
+            p.upsert_service(&service(&name, &format!("10.96.{}.{}", i / 250, i % 250 + 1)));
+            let backends: Vec<String> = (0..10)
+                .map(|e| format!("10.{}.{}.{}", 1 + i / 250, i % 250, e + 1))
+                .collect();
+            let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+            p.upsert_slice(&slice(&format!("{name}-a"), &name, &backends));
+        }
+        let report = p.sync();
+        assert!(report.failed.is_empty() && report.issues.is_empty());
+        assert!(p.sink.plans.len() > 1, "written in more than one plan");
+        let written: usize = p.sink.plans.iter().map(Plan::op_count).sum();
+        assert_eq!(report.ops, written);
+        // Every Service: its ClusterIP frontend, its guard and ten slots.
+        let keys = services_map_after(&p.sink.plans);
+        assert_eq!(keys.len(), n * (1 + 1 + 10));
+        assert_eq!(p.planner().backend_count(), n * 10);
+        for i in [0, n / 2, n - 1] {
+            assert_eq!(backends_of(&p, &format!("10.96.{}.{}", i / 250, i % 250 + 1)), 10);
+        }
+    }
+
     #[test]
     fn labelling_a_service_for_another_proxy_removes_it() {
         let mut p = proxier();
@@ -610,7 +745,9 @@ mod tests {
     fn a_frontend_freed_by_one_service_goes_to_the_one_waiting_for_it_in_the_same_sync() {
         let mut p = proxier();
         p.upsert_service(&service("a", "10.96.0.10"));
+        p.upsert_slice(&slice("a-1", "a", &["10.0.0.1"]));
         p.upsert_service(&service("b", "10.96.0.10"));
+        p.upsert_slice(&slice("b-1", "b", &["10.0.0.2"]));
         let report = p.sync();
         assert_eq!(
             report.issues.len(),
@@ -618,11 +755,18 @@ mod tests {
             "the second claimant is refused its port and its ClusterIP guard: {:?}",
             report.issues
         );
-        p.remove_service(&ServiceName::new("ns", "a"));
-        p.sync();
         let key =
             crate::model::FrontendKey::new("10.96.0.10".parse().unwrap(), 80, crate::model::Protocol::Tcp);
-        assert_eq!(p.planner().owner(&key).map(|n| n.name.as_str()), Some("b"));
+        let owner = p.planner().owner(&key).cloned().expect("an owner");
+        let waiting = if owner.name == "a" { "b" } else { "a" };
+        p.remove_service(&owner);
+        p.sync();
+        assert_eq!(p.planner().owner(&key).map(|n| n.name.as_str()), Some(waiting));
+        let keys = services_map_after(&p.sink.plans);
+        assert!(
+            keys.contains(&(key, 0)) && keys.contains(&(key, 1)),
+            "the new owner's frontend and slot survive the old owner's deletion of the same keys: {keys:?}"
+        );
     }
 
     #[test]
