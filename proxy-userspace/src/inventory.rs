@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use crate::{
     model::{
@@ -131,11 +131,11 @@ impl Inventory {
     /// returns the Services that changed, deletions included.
     pub fn replace_services(&mut self, services: Vec<ServiceInfo>) -> BTreeSet<ServiceName> {
         let mut touched = BTreeSet::new();
-        let keep: BTreeSet<ServiceName> = services.iter().map(|s| s.name.clone()).collect();
+        let keep: HashSet<&ServiceName> = services.iter().map(|s| &s.name).collect();
         let gone: Vec<ServiceName> = self
             .services
             .keys()
-            .filter(|n| !keep.contains(*n))
+            .filter(|n| !keep.contains(n))
             .cloned()
             .collect();
         for name in gone {
@@ -150,14 +150,14 @@ impl Inventory {
     /// Replaces every EndpointSlice with a complete list; returns the Services affected.
     pub fn replace_slices(&mut self, slices: Vec<SliceInfo>) -> BTreeSet<ServiceName> {
         let mut touched = BTreeSet::new();
-        let keep: BTreeSet<(String, String)> = slices
+        let keep: HashSet<(&str, &str)> = slices
             .iter()
-            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
             .collect();
         let gone: Vec<(String, String)> = self
             .slice_owner
             .keys()
-            .filter(|k| !keep.contains(*k))
+            .filter(|(ns, name)| !keep.contains(&(ns.as_str(), name.as_str())))
             .cloned()
             .collect();
         for (namespace, name) in gone {
