@@ -151,8 +151,8 @@ fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, f
     if hook == Hook::Egress && !reply {
         return None;
     }
-    // The opening packet's entries were written a moment ago, for a backend just chosen:
-    // nothing to check or refresh.
+    // The opening packet's entries were written a moment ago, for a backend just chosen and
+    // with its FIN or RST already marked: nothing to check or refresh.
     if !first {
         let (config, now) = clock()?;
         let lifetime = conntrack::lifetime_s(packet.proto, flags, config);
@@ -283,7 +283,14 @@ fn open_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr>
         entry.daddr = key.saddr;
         entry.sport = key.dport;
         entry.dport = key.sport;
-        entry.flags = flags;
+        // A flow opened by a FIN or RST is closing from its first packet, as a later FIN or
+        // RST marks it in `tracked`.
+        entry.flags = flags
+            | if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                ct_flags::CLOSING
+            } else {
+                0
+            };
         key = packet.ct_key();
         F::conntrack().insert(&key, &entry, 0).is_ok()
     };
