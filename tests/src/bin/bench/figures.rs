@@ -496,8 +496,8 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         // Runs straight to the pods alternate with each proxy's runs, so that drift in the
         // machine's speed hits both sides of every ratio alike. The direct figure is the one
         // taken beside ours, with no kube-proxy rules loaded: those rules slow every new
-        // connection of the namespace, direct ones included.
-        // Returns the direct runs taken beside the proxy's.
+        // connection of the namespace, direct ones included. Returns the direct runs taken
+        // beside the proxy's.
         let measure = |name: &'static str,
                        cgroup: Option<&std::path::Path>,
                        results: &mut Results|
@@ -536,9 +536,8 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
                 continue;
             };
             if cnt1 > cnt0 {
-                let name = hook.trim_start_matches("bkp_");
                 let cost = (ns1 - ns0) as f64 / (cnt1 - cnt0) as f64;
-                results.add("prog_cost", "ours", n, name, cost, "ns/run");
+                results.add("prog_cost", "ours", n, hook, cost, "ns/run");
             }
         }
         drop(ours);
@@ -601,9 +600,9 @@ fn add_connect(results: &mut Results, name: &'static str, n: usize, runs: &[(f64
     );
 }
 
-/// The socket programs whose cost per run is reported: those the connect figure's TCP connects
-/// (with getpeername) and UDP datagrams run.
-const SOCKET_HOOKS: [&str; 4] = ["bkp_connect4", "bkp_getpeer4", "bkp_sendmsg4", "bkp_recvmsg4"];
+/// The socket programs (`bkp_` + hook) whose cost per run is reported: those the connect
+/// figure's TCP connects (with getpeername) and UDP datagrams run.
+pub const SOCKET_HOOKS: [&str; 4] = ["connect4", "getpeer4", "sendmsg4", "recvmsg4"];
 
 /// The UDP Service of the connect figure, outside the N Services' VIPs.
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 1);
@@ -618,7 +617,7 @@ fn prog_stats(pin_dir: &std::path::Path) -> anyhow::Result<BTreeMap<&'static str
     for hook in SOCKET_HOOKS {
         let out = Command::new("bpftool")
             .args(["-j", "link", "show", "pinned"])
-            .arg(links.path().join(hook))
+            .arg(links.path().join(format!("bkp_{hook}")))
             .output()?;
         let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let Some(prog_id) = link["prog_id"].as_u64() else {

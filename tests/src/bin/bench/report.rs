@@ -4,7 +4,10 @@ use std::{fmt::Write as _, path::Path};
 
 use plotters::prelude::*;
 
-use crate::{Opts, figures::Results};
+use crate::{
+    Opts,
+    figures::{Results, SOCKET_HOOKS},
+};
 
 const IMPLEMENTATIONS: [(&str, RGBColor); 4] = [
     ("ours", RGBColor(0x1f, 0x77, 0xb4)),
@@ -53,9 +56,6 @@ const PLOTS: [(&str, &str, &str, &str, bool); 7] = [
         false,
     ),
 ];
-
-/// The socket programs the connect figure reports a cost per run for.
-const SOCKET_HOOKS: [&str; 4] = ["connect4", "getpeer4", "sendmsg4", "recvmsg4"];
 
 fn font() -> anyhow::Result<()> {
     // plotters draws text with ab_glyph from a TTF (Debian's fonts-dejavu-core).
