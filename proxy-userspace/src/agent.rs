@@ -405,7 +405,7 @@ fn watch_files(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedW
 }
 
 fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<DatapathSink>) {
-    for e in manifests.reload(proxier).1 {
+    for e in manifests.reload(proxier) {
         tracing::error!("{e}");
     }
 }

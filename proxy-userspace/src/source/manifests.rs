@@ -166,13 +166,9 @@ impl ManifestSet {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Re-reads what changed on disk and tells `sink` every object that changed or went away.
-    /// Returns whether anything on disk changed, and the problems found.
-    pub fn reload(&mut self, sink: &mut impl ObjectSink) -> (bool, Vec<ManifestError>) {
+    /// Returns the problems found.
+    pub fn reload(&mut self, sink: &mut impl ObjectSink) -> Vec<ManifestError> {
         let mut errors = Vec::new();
         let mut files = Vec::new();
         if let Err(source) = list_files(&self.root, &mut files) {
@@ -181,7 +177,7 @@ impl ManifestSet {
                 path: self.root.clone(),
                 source,
             });
-            return (false, errors);
+            return errors;
         }
         let listed: BTreeSet<&PathBuf> = files.iter().collect();
         let gone: Vec<PathBuf> = self
@@ -190,7 +186,6 @@ impl ManifestSet {
             .filter(|p| !listed.contains(p))
             .cloned()
             .collect();
-        let mut changed = !gone.is_empty();
         let mut dropped = Vec::new();
         for path in gone {
             dropped.extend(self.files.remove(&path).unwrap_or_default().identities);
@@ -203,7 +198,6 @@ impl ManifestSet {
             if stamp.is_some() && state.stamp == stamp {
                 continue;
             }
-            changed = true;
             state.stamp = stamp;
             // Read as a stream: the text of a whole cluster's manifests is never held at once.
             match fs::File::open(&path) {
@@ -217,7 +211,7 @@ impl ManifestSet {
             }
         }
         self.remove_dropped(dropped, sink);
-        (changed, errors)
+        errors
     }
 
     /// An object one file stopped defining is gone unless another file still defines it; then
@@ -277,7 +271,7 @@ impl Objects {
 /// Reads every manifest under `path` once (for tools).
 pub fn read_once(path: &Path) -> (Snapshot, Vec<ManifestError>) {
     let mut objects = Objects::default();
-    let (_, errors) = ManifestSet::new(path).reload(&mut objects);
+    let errors = ManifestSet::new(path).reload(&mut objects);
     (objects.snapshot(), errors)
 }
 
@@ -410,13 +404,52 @@ endpoints: [{addresses: [10.0.0.1]}]
             }
         }
 
+        /// Whether any object changed or went away, and the problems found.
         fn reload(&mut self) -> (bool, Vec<ManifestError>) {
-            self.set.reload(&mut self.objects)
+            let mut sink = Counting {
+                objects: &mut self.objects,
+                events: 0,
+            };
+            let errors = self.set.reload(&mut sink);
+            (sink.events > 0, errors)
         }
 
         fn snapshot(&self) -> Snapshot {
             self.objects.snapshot()
         }
+    }
+
+    /// Hands events on to `objects`, counting them.
+    struct Counting<'a> {
+        objects: &'a mut Objects,
+        events: usize,
+    }
+
+    impl ObjectSink for Counting<'_> {
+        fn upsert(&mut self, identity: &Identity, object: Object) {
+            self.events += 1;
+            self.objects.upsert(identity, object);
+        }
+
+        fn remove(&mut self, identity: &Identity) {
+            self.events += 1;
+            self.objects.remove(identity);
+        }
+    }
+
+    /// `WEB` as the one file of a directory, read once: the directory, the file and the set.
+    fn web_read_once() -> (tempfile::TempDir, PathBuf, Watched) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        fs::write(&file, WEB).unwrap();
+        let mut set = Watched::new(dir.path());
+        set.reload();
+        (dir, file, set)
+    }
+
+    /// The first port of the first Service.
+    fn first_port(snap: &Snapshot) -> i32 {
+        snap.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
     }
 
     /// Rewrites a file so its (mtime, size) stamp surely changes.
@@ -481,11 +514,7 @@ endpoints: [{addresses: [10.0.0.1]}]
 
     #[test]
     fn a_file_that_stops_parsing_keeps_its_last_good_objects() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("web.yaml");
-        fs::write(&file, WEB).unwrap();
-        let mut set = Watched::new(dir.path());
-        set.reload();
+        let (_dir, file, mut set) = web_read_once();
         rewrite(&file, "kind: Service\nmetadata: {name: [unclosed\n");
         let (_, errors) = set.reload();
         assert!(
@@ -497,11 +526,7 @@ endpoints: [{addresses: [10.0.0.1]}]
 
     #[test]
     fn a_file_cut_short_applies_the_documents_before_the_error_and_removes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("web.yaml");
-        fs::write(&file, WEB).unwrap();
-        let mut set = Watched::new(dir.path());
-        set.reload();
+        let (_dir, file, mut set) = web_read_once();
         // A save caught halfway: the Service is complete and changed, the rest is cut off.
         let cut = WEB.replace("port: 80", "port: 81");
         let cut = &cut[..cut.find("kind: EndpointSlice").unwrap()];
@@ -513,10 +538,7 @@ endpoints: [{addresses: [10.0.0.1]}]
         );
         let snap = set.snapshot();
         assert_eq!(names(&snap), ["slice:web-a", "svc:web"]);
-        assert_eq!(
-            snap.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
-            81
-        );
+        assert_eq!(first_port(&snap), 81);
     }
 
     #[test]
@@ -527,21 +549,15 @@ endpoints: [{addresses: [10.0.0.1]}]
         fs::write(&other, WEB.replace("port: 80", "port: 81")).unwrap();
         let mut set = Watched::new(dir.path());
         set.reload();
-        let port = |set: &Watched| {
-            set.snapshot().services[0]
-                .spec
-                .as_ref()
-                .unwrap()
-                .ports
-                .as_ref()
-                .unwrap()[0]
-                .port
-        };
-        assert_eq!(port(&set), 80, "files are read in name order, the last one wins");
+        assert_eq!(
+            first_port(&set.snapshot()),
+            80,
+            "files are read in name order, the last one wins"
+        );
         fs::remove_file(dir.path().join("web.yaml")).unwrap();
         set.reload();
         assert_eq!(names(&set.snapshot()), ["slice:web-a", "svc:web"]);
-        assert_eq!(port(&set), 81, "the copy left defines it now");
+        assert_eq!(first_port(&set.snapshot()), 81, "the copy left defines it now");
         fs::remove_file(&other).unwrap();
         set.reload();
         assert!(names(&set.snapshot()).is_empty());
@@ -549,11 +565,7 @@ endpoints: [{addresses: [10.0.0.1]}]
 
     #[test]
     fn a_document_that_stops_matching_its_schema_keeps_its_last_good_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("web.yaml");
-        fs::write(&file, WEB).unwrap();
-        let mut set = Watched::new(dir.path());
-        set.reload();
+        let (_dir, file, mut set) = web_read_once();
         let broken = WEB
             .replace("ports: [{port: 80}]", "ports: [{port: eighty}]")
             .replace(
@@ -566,10 +578,7 @@ endpoints: [{addresses: [10.0.0.1]}]
         let message = errors[0].to_string();
         assert!(message.contains("document 0: Service shop/web"), "{message}");
         let snap = set.snapshot();
-        assert_eq!(
-            snap.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
-            80
-        );
+        assert_eq!(first_port(&snap), 80);
         assert_eq!(
             snap.slices[0].endpoints.len(),
             2,
