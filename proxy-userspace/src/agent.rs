@@ -216,7 +216,8 @@ impl PlanSink for DatapathSink {
     }
 }
 
-fn log_sync(what: &str, report: &SyncReport) {
+/// Logs a sync and, after a large one, hands the memory it went through back to the kernel.
+fn finish_sync(what: &str, report: &SyncReport) {
     if report.ops > 0 || !report.failed.is_empty() {
         tracing::info!(
             services = report.services,
@@ -311,16 +312,16 @@ impl Prepared {
                 self.proxier.note_periodic_sync();
             }
             if periodic || self.proxier.has_pending() {
-                log_sync("sync", &self.proxier.sync());
+                finish_sync("sync", &self.proxier.sync());
                 self.health_checks
                     .update(self.proxier.inventory().health_checks());
             }
             return Ok(());
         }
-        log_sync("initial sync", &self.proxier.sync());
+        finish_sync("initial sync", &self.proxier.sync());
         self.health_checks
             .update(self.proxier.inventory().health_checks());
-        log_sync(
+        finish_sync(
             "removed state no Service claims",
             &self.proxier.release_unclaimed(),
         );
