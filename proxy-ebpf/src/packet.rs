@@ -127,6 +127,24 @@ pub fn csum_diff<T>(from: &T, to: &T, seed: u32) -> Result<u32, i64> {
     if diff < 0 { Err(diff) } else { Ok(diff as u32) }
 }
 
+/// The one's-complement sum of `value` (a whole number of 32-bit words) in the kernel's
+/// little-endian word order, added to `seed` (see `proxy_common::checksum::le_seed`).
+#[inline(always)]
+pub fn csum_of<T>(value: &T, seed: u32) -> Result<u32, i64> {
+    // SAFETY: `value` is a live value of the size passed; the helper only reads it, and a
+    // null "from" buffer of size 0 is the documented way to sum one buffer.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            value as *const T as *mut u32,
+            size_of::<T>() as u32,
+            seed,
+        )
+    };
+    if sum < 0 { Err(sum) } else { Ok(sum as u32) }
+}
+
 /// Reads the ports, then (TCP only) the flags, in one load.
 #[inline(always)]
 fn ports(ctx: &TcContext, l4: usize, protocol: u8) -> Result<(u16, u16, u8), i64> {
