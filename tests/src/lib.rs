@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod manifests;
+pub mod tun;
 
 use std::{
     net::{IpAddr, SocketAddr},

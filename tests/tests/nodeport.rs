@@ -11,6 +11,12 @@
 //! The agent runs in the node namespace with `--devices up0,n2`. The remote backend's replies
 //! route back through node2's default route, so a flow to it works only if it was SNATed to
 //! the node and its replies are translated back on `n2`'s ingress.
+//!
+//! `up0` is a veth by default. The L3-device tests make it a device whose packets start at the
+//! IP header, with no Ethernet header: a TUN pair that the test process copies packets across,
+//! or an IPIP tunnel over a veth underlay (`u0`, 172.31.255.1/30) where the kernel has the
+//! module. Through it the tc programs see bare IP packets on ingress and must send bare ones
+//! out of `up0`, while the remote backend is still behind the Ethernet device `n2`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -22,7 +28,7 @@ use bpf_kube_proxy::{
     model::Protocol,
     sandbox::{netns::Netns, probe::ProbeMode, servers::Identity},
 };
-use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs};
+use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, tun::TunPair};
 
 const NODE_IP: &str = "192.168.50.1";
 const CLIENT_IP: &str = "192.168.50.2";
@@ -37,9 +43,27 @@ const LB_IP: &str = "203.0.113.10";
 const EXTERNAL_IP: &str = "198.51.100.7";
 const HEALTH_PORT: u16 = 32100;
 
-/// Field order is drop order: the extra namespaces go before the world (and its node). The
-/// remote ones are only held so they live as long as the test.
+/// What `up0`, the device between the client and the node, is.
+#[derive(Clone, Copy, Debug)]
+enum Uplink {
+    /// A veth pair: Ethernet frames.
+    Veth,
+    /// A TUN device on each side, packets copied across by the test process.
+    Tun,
+    /// An IPIP tunnel over a veth underlay (IPv4 only).
+    Ipip,
+}
+
+/// Whatever keeps the uplink carrying packets for as long as the test runs.
+enum Link {
+    Kernel,
+    Tun(TunPair),
+}
+
+/// Field order is drop order: the link's pump stops first, the extra namespaces go before the
+/// world (and its node). The remote ones are only held so they live as long as the test.
 struct Outside {
+    link: Link,
     ext: Netns,
     _remote: Netns,
     _node2: Netns,
@@ -57,6 +81,11 @@ fn forwarding(netns: &Netns) {
 
 /// Builds the topology around a world with `local` backend pods; the agent is not started.
 fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
+    outside_over(Uplink::Veth, local, agent_args)
+}
+
+/// As [`outside`], the client reaching the node over an `uplink`.
+fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside {
     let mut world = World::new(local);
     let prefix = world.topology.prefix.clone();
     let node = &world.topology.node;
@@ -73,15 +102,50 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
         |ns: &Netns, cidr: &str, dev: &str| link(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
 
     let ext = Netns::create(&format!("{prefix}-ext")).expect("client namespace");
-    node.veth_to("up0", &ext).expect("veth");
+    // The client's end of the uplink.
+    let (uplink_state, client_dev) = match uplink {
+        Uplink::Veth => {
+            node.veth_to("up0", &ext).expect("veth");
+            (Link::Kernel, "eth0")
+        }
+        Uplink::Tun => {
+            let pair = TunPair::create(node, "up0", &ext, "tun0").expect("TUN pair");
+            (Link::Tun(pair), "tun0")
+        }
+        Uplink::Ipip => {
+            let (node_u, ext_u) = ("172.31.255.1", "172.31.255.2");
+            node.veth_to("u0", &ext).expect("veth");
+            link(node, &["addr", "add", &format!("{node_u}/30"), "dev", "u0"]);
+            link(node, &["link", "set", "u0", "up"]);
+            link(&ext, &["addr", "add", &format!("{ext_u}/30"), "dev", "eth0"]);
+            link(&ext, &["link", "set", "eth0", "up"]);
+            let tunnel = |ns: &Netns, name: &str, local: &str, remote: &str| {
+                link(
+                    ns,
+                    &[
+                        "link", "add", name, "type", "ipip", "local", local, "remote", remote,
+                    ],
+                )
+            };
+            tunnel(node, "up0", node_u, ext_u);
+            tunnel(&ext, "ipip0", ext_u, node_u);
+            (Link::Kernel, "ipip0")
+        }
+    };
     link(node, &["addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"]);
     link(node, &["link", "set", "up0", "up"]);
-    link(&ext, &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
-    link(&ext, &["link", "set", "eth0", "up"]);
+    link(
+        &ext,
+        &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", client_dev],
+    );
+    link(&ext, &["link", "set", client_dev, "up"]);
     link(&ext, &["route", "add", "default", "via", NODE_IP]);
-    addr6(node, &format!("{NODE_IP6}/64"), "up0");
-    addr6(&ext, &format!("{CLIENT_IP6}/64"), "eth0");
-    link(&ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
+    // IPIP carries IPv4 only.
+    if !matches!(uplink, Uplink::Ipip) {
+        addr6(node, &format!("{NODE_IP6}/64"), "up0");
+        addr6(&ext, &format!("{CLIENT_IP6}/64"), client_dev);
+        link(&ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
+    }
 
     let node2 = Netns::create(&format!("{prefix}-n2")).expect("second node namespace");
     forwarding(&node2);
@@ -126,10 +190,21 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     args.extend_from_slice(agent_args);
     world.agent_in_node().agent_args(&args);
     Outside {
+        link: uplink_state,
         ext,
         _remote: remote,
         _node2: node2,
         world,
+    }
+}
+
+impl Outside {
+    /// What the uplink carried, for failure messages (nothing to say of a kernel's own link).
+    fn observed(&self) -> String {
+        match &self.link {
+            Link::Kernel => String::new(),
+            Link::Tun(pair) => format!(" [{}]", pair.report()),
+        }
     }
 }
 
@@ -154,9 +229,11 @@ fn http_get(from: &Netns, target: SocketAddr) -> std::io::Result<(u16, String)> 
     })
 }
 
-/// Who answered a GET, as the backend reports it (its name and the client it saw).
-fn who(from: &Netns, target: SocketAddr) -> Identity {
-    let (status, body) = http_get(from, target).unwrap_or_else(|e| panic!("GET {target}: {e}"));
+/// Who answered a GET from the client, as the backend reports it (its name and the client it
+/// saw).
+fn who(o: &Outside, target: SocketAddr) -> Identity {
+    let (status, body) =
+        http_get(&o.ext, target).unwrap_or_else(|e| panic!("GET {target}: {e}{}", o.observed()));
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
 }
@@ -309,7 +386,12 @@ impl Stack {
 
     /// The topology with pod `a`, the agent running on `web` (local and remote endpoints).
     fn started(&self) -> Outside {
-        let mut o = outside(&["a"], &[]);
+        self.started_over(Uplink::Veth)
+    }
+
+    /// As [`Self::started`], the client reaching the node over `uplink`.
+    fn started_over(&self, uplink: Uplink) -> Outside {
+        let mut o = outside_over(uplink, &["a"], &[]);
         let eps = self.local_and_remote(&o);
         start_on(&mut o, &(self.web)("", "", &endpoints(&eps)), self.node_ip, 2);
         o
@@ -326,25 +408,38 @@ fn assert_local_and_remote_reached(o: &Outside, stack: &Stack) {
     let (node_ip, client_ip) = (stack.node_ip, stack.client_ip);
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..40 {
-        let id = who(&o.ext, target(node_ip, NODE_PORT));
+        let id = who(o, target(node_ip, NODE_PORT));
         let client: SocketAddr = id.client.parse().expect("client address");
         seen.insert(id.backend, client.ip().to_string());
     }
-    assert_eq!(seen.len(), 2, "both backends answer: {seen:?}");
-    assert_eq!(seen["a"], client_ip, "a local backend sees the client itself");
-    assert_eq!(seen["remote"], node_ip, "a remote backend sees the node (SNAT)");
+    let observed = o.observed();
+    assert_eq!(seen.len(), 2, "both backends answer: {seen:?}{observed}");
+    assert_eq!(
+        seen["a"], client_ip,
+        "a local backend sees the client itself{observed}"
+    );
+    assert_eq!(
+        seen["remote"], node_ip,
+        "a remote backend sees the node (SNAT){observed}"
+    );
 
     let mut udp = std::collections::BTreeSet::new();
     for _ in 0..30 {
-        let (id, from) = udp_ask(&o.ext, target(node_ip, NODE_PORT_UDP)).expect("UDP through the NodePort");
+        let (id, from) = udp_ask(&o.ext, target(node_ip, NODE_PORT_UDP)).unwrap_or_else(|e| {
+            panic!(
+                "UDP through the NodePort (answered so far: {udp:?}): {e}{}",
+                o.observed()
+            )
+        });
         assert_eq!(
             from,
             target(node_ip, NODE_PORT_UDP),
-            "replies come from the NodePort"
+            "replies come from the NodePort{}",
+            o.observed()
         );
         udp.insert(id.backend);
     }
-    assert_eq!(udp.len(), 2, "both backends answer UDP: {udp:?}");
+    assert_eq!(udp.len(), 2, "both backends answer UDP: {udp:?}{}", o.observed());
 }
 
 /// upstream "should be able to create a functioning NodePort service" (TCP and UDP), with one
@@ -371,7 +466,7 @@ fn load_balancer_ip_and_external_ip_not_on_any_node() {
     start(&mut o, &manifest, 2);
     for ip in [LB_IP, EXTERNAL_IP] {
         let backends: std::collections::BTreeSet<String> =
-            (0..30).map(|_| who(&o.ext, target(ip, 80)).backend).collect();
+            (0..30).map(|_| who(&o, target(ip, 80)).backend).collect();
         assert_eq!(backends.len(), 2, "{ip}:80 reaches both backends: {backends:?}");
     }
 }
@@ -385,7 +480,7 @@ fn assert_source_ranges_filter(stack: &Stack) {
         (stack.load_balancer)(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps))
     };
     start_on(&mut o, &manifest(stack.allowed), stack.node_ip, 2);
-    who(&o.ext, target(stack.lb_ip, 80));
+    who(&o, target(stack.lb_ip, 80));
 
     o.world.write("svc.yaml", &manifest(stack.denied));
     let denied = stack.denied.trim_matches('"');
@@ -402,7 +497,7 @@ fn assert_source_ranges_filter(stack: &Stack) {
         refused.is_err(),
         "a client outside the ranges is dropped: {refused:?}"
     );
-    who(&o.ext, target(stack.node_ip, NODE_PORT));
+    who(&o, target(stack.node_ip, NODE_PORT));
 }
 
 /// upstream "should only allow access from service loadbalancer source ranges": a client
@@ -430,7 +525,7 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_health_check_follows() 
     start(&mut o, &web(&spec, "", &endpoints(&eps)), 2);
 
     for _ in 0..20 {
-        let id = who(&o.ext, target(NODE_IP, NODE_PORT));
+        let id = who(&o, target(NODE_IP, NODE_PORT));
         assert_eq!(id.backend, "a", "only the local endpoint serves outside clients");
         assert!(
             id.client.starts_with(&format!("{CLIENT_IP}:")),
@@ -492,30 +587,31 @@ fn session_affinity_works_for_nodeport() {
     ];
     start(&mut o, &web("sessionAffinity: ClientIP", "", &endpoints(&eps)), 3);
     let backends: std::collections::BTreeSet<String> = (0..20)
-        .map(|_| who(&o.ext, target(NODE_IP, NODE_PORT)).backend)
+        .map(|_| who(&o, target(NODE_IP, NODE_PORT)).backend)
         .collect();
     assert_eq!(backends.len(), 1, "one client, one backend: {backends:?}");
 }
 
 /// With no endpoint left, the family's NodePort refuses TCP with a RST and UDP with an
-/// ICMP (ICMPv6) port unreachable; once the Service is deleted the port is released.
-fn assert_refused_then_released(stack: &Stack) {
-    let mut o = stack.started();
+/// ICMP (ICMPv6) port unreachable, sent back over `uplink`; once the Service is deleted the
+/// port is released.
+fn assert_refused_then_released(stack: &Stack, uplink: Uplink) {
+    let mut o = stack.started_over(uplink);
     let node_ip = stack.node_ip;
-    who(&o.ext, target(node_ip, NODE_PORT));
+    who(&o, target(node_ip, NODE_PORT));
     o.world.write("svc.yaml", &(stack.web)("", "", &[]));
     o.world.wait_for_backends(node_ip, NODE_PORT, Protocol::Tcp, 0);
-    let err = http_get(&o.ext, target(node_ip, NODE_PORT)).expect_err("no endpoint");
-    assert_eq!(
-        err.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "rejected with a RST: {err}"
+    let refused = http_get(&o.ext, target(node_ip, NODE_PORT));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "rejected with a RST, got {refused:?}{}",
+        o.observed()
     );
-    let err = udp_connected(&o.ext, target(node_ip, NODE_PORT_UDP)).expect_err("no endpoint");
-    assert_eq!(
-        err.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "rejected with a port unreachable: {err}"
+    let refused = udp_connected(&o.ext, target(node_ip, NODE_PORT_UDP));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "rejected with a port unreachable, got {refused:?}{}",
+        o.observed()
     );
 
     o.world.remove("svc.yaml");
@@ -536,13 +632,13 @@ fn assert_refused_then_released(stack: &Stack) {
 /// exist" for NodePort traffic (TCP and UDP).
 #[test]
 fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
-    assert_refused_then_released(&IPV4);
+    assert_refused_then_released(&IPV4, Uplink::Veth);
 }
 
 /// The same over IPv6 (a RST and an ICMPv6 port unreachable built by the program).
 #[test]
 fn ipv6_nodeport_rejects_without_endpoints_and_is_released_on_delete() {
-    assert_refused_then_released(&IPV6);
+    assert_refused_then_released(&IPV6, Uplink::Veth);
 }
 
 /// upstream "should be able to connect to NodePort from the node itself" (and localhost): the
@@ -595,4 +691,66 @@ fn conntrack_entries_expire() {
         .wait_until("the entries to expire", Duration::from_secs(15), |w| {
             (flows(w) == 0).then_some(())
         });
+}
+
+/// The NodePort over an L3 device (a TUN link, packets starting at the IP header): the local
+/// backend sees the client's own address (DNAT in, the reply translated back out of the L3
+/// device), and the backend behind node2 is reached through the Ethernet device `n2` with the
+/// node's address (SNAT: the programs put an Ethernet header on a packet that came without
+/// one), over TCP and UDP.
+#[test]
+fn nodeport_over_an_l3_tun_device_reaches_local_and_remote_backends() {
+    assert_local_and_remote_reached(&IPV4.started_over(Uplink::Tun), &IPV4);
+}
+
+/// The same over IPv6 through the TUN link.
+#[test]
+fn ipv6_nodeport_over_an_l3_tun_device_reaches_local_and_remote_backends() {
+    assert_local_and_remote_reached(&IPV6.started_over(Uplink::Tun), &IPV6);
+}
+
+/// Without endpoints the NodePort refuses a client on the TUN link: a RST (ECONNREFUSED) and
+/// an ICMP port unreachable, both built without an Ethernet header.
+#[test]
+fn nodeport_over_an_l3_tun_device_rejects_without_endpoints() {
+    assert_refused_then_released(&IPV4, Uplink::Tun);
+}
+
+/// The same refusals over IPv6 (a RST and an ICMPv6 port unreachable) on the TUN link.
+#[test]
+fn ipv6_nodeport_over_an_l3_tun_device_rejects_without_endpoints() {
+    assert_refused_then_released(&IPV6, Uplink::Tun);
+}
+
+/// Why IPIP tests cannot run on this kernel, if they cannot: the module does not load.
+fn ipip_missing() -> Option<String> {
+    if std::path::Path::new("/sys/module/ipip").exists() {
+        return None;
+    }
+    match std::process::Command::new("modprobe").arg("ipip").output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        Err(e) => Some(format!("modprobe: {e}")),
+    }
+}
+
+/// Runs `test` unless the kernel has no IPIP, in which case it says why it did not.
+fn over_ipip(test: impl FnOnce()) {
+    match ipip_missing() {
+        None => test(),
+        Some(why) => println!("SKIPPED: no IPIP tunnel on this kernel (modprobe ipip: {why})"),
+    }
+}
+
+/// The NodePort through a real IPIP tunnel (the kernel's `tunl0` kind of device): local and
+/// remote backends, TCP and UDP, as over the TUN link.
+#[test]
+fn nodeport_over_an_ipip_tunnel_reaches_local_and_remote_backends() {
+    over_ipip(|| assert_local_and_remote_reached(&IPV4.started_over(Uplink::Ipip), &IPV4));
+}
+
+/// Refusals without endpoints come back through the IPIP tunnel.
+#[test]
+fn nodeport_over_an_ipip_tunnel_rejects_without_endpoints() {
+    over_ipip(|| assert_refused_then_released(&IPV4, Uplink::Ipip));
 }
