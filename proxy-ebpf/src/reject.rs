@@ -15,7 +15,7 @@ use proxy_common::{
     proto,
 };
 
-use crate::packet::{ETH_HLEN, Packet, csum_of, load_into};
+use crate::packet::{Packet, csum_of, load_into};
 
 const SHOT: i32 = TC_ACT_SHOT;
 const IP_HLEN: usize = 20;
@@ -78,7 +78,7 @@ fn answer<A>(
     reset: impl FnOnce() -> Result<i32, i64>,
     unreachable: impl FnOnce() -> Result<i32, i64>,
 ) -> i32 {
-    if packet.l4 != ETH_HLEN + ip_hlen {
+    if packet.l4 != packet.ip(ip_hlen) {
         return SHOT;
     }
     let answered = match packet.proto {
@@ -91,20 +91,20 @@ fn answer<A>(
 
 #[inline(never)]
 fn reset_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> Result<i32, i64> {
-    let total_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?));
+    let total_len = usize::from(u16::from_be(ctx.load::<u16>(packet.ip(2))?));
     let mut tcp = rst_segment(ctx, packet, total_len.saturating_sub(IP_HLEN))?;
     let sum = checksum(pseudo_v4(packet, proto::TCP, TCP_HLEN), &tcp)?;
     tcp[16..18].copy_from_slice(&sum);
-    send(ctx, &ipv4_header(packet, proto::TCP, TCP_HLEN)?, &tcp)
+    send(ctx, packet, &ipv4_header(packet, proto::TCP, TCP_HLEN)?, &tcp)
 }
 
 #[inline(never)]
 fn reset_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> Result<i32, i64> {
-    let payload_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?));
+    let payload_len = usize::from(u16::from_be(ctx.load::<u16>(packet.ip(4))?));
     let mut tcp = rst_segment(ctx, packet, payload_len)?;
     let sum = checksum(pseudo_v6(packet, proto::TCP, TCP_HLEN), &tcp)?;
     tcp[16..18].copy_from_slice(&sum);
-    send(ctx, &ipv6_header(packet, proto::TCP, TCP_HLEN), &tcp)
+    send(ctx, packet, &ipv6_header(packet, proto::TCP, TCP_HLEN), &tcp)
 }
 
 #[inline(never)]
@@ -113,10 +113,15 @@ fn unreachable_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> Result<i32, i64> 
         header: [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
         quoted: [0; IP_HLEN + QUOTED_TAIL],
     };
-    load_into(ctx, ETH_HLEN, &mut icmp.quoted)?;
+    load_into(ctx, packet.ip(0), &mut icmp.quoted)?;
     let sum = checksum(0, &icmp)?;
     icmp.header[2..4].copy_from_slice(&sum);
-    send(ctx, &ipv4_header(packet, ICMP, size_of_val(&icmp))?, &icmp)
+    send(
+        ctx,
+        packet,
+        &ipv4_header(packet, ICMP, size_of_val(&icmp))?,
+        &icmp,
+    )
 }
 
 #[inline(never)]
@@ -125,12 +130,17 @@ fn unreachable_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> Result<i32, i64> 
         header: [ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
         quoted: [0; IP6_HLEN + QUOTED_TAIL],
     };
-    load_into(ctx, ETH_HLEN, &mut icmp.quoted)?;
+    load_into(ctx, packet.ip(0), &mut icmp.quoted)?;
     // ICMPv6, unlike ICMP, covers a pseudo-header.
     let pseudo = pseudo_v6(packet, ICMP6, size_of_val(&icmp));
     let sum = checksum(pseudo, &icmp)?;
     icmp.header[2..4].copy_from_slice(&sum);
-    send(ctx, &ipv6_header(packet, ICMP6, size_of_val(&icmp)), &icmp)
+    send(
+        ctx,
+        packet,
+        &ipv6_header(packet, ICMP6, size_of_val(&icmp)),
+        &icmp,
+    )
 }
 
 /// The RST answering the segment at `packet.l4` (checksum left zero), given the length of the
@@ -204,24 +214,27 @@ fn pseudo_v6(packet: &Packet<AddrV6>, next: u8, len: usize) -> u32 {
     partial(partial(0, &packet.daddr), &packet.saddr) + u32::from(next) + (len >> 16) + (len & 0xffff)
 }
 
-/// Replaces the packet with `ip` and `l4` behind the swapped Ethernet addresses and sends it
-/// back out of the device it arrived on.
+/// Replaces `packet` with `ip` and `l4` (behind the swapped Ethernet addresses, on a device
+/// that has them) and sends it back out of the device it arrived on.
 #[inline(always)]
-fn send<H: Copy, L: Copy>(ctx: &TcContext, ip: &H, l4: &L) -> Result<i32, i64> {
+fn send<A, H: Copy, L: Copy>(ctx: &TcContext, packet: &Packet<A>, ip: &H, l4: &L) -> Result<i32, i64> {
     let ip_len = core::mem::size_of::<H>();
-    let len = ETH_HLEN + ip_len + core::mem::size_of::<L>();
+    let l3 = packet.ip(0);
+    let len = l3 + ip_len + core::mem::size_of::<L>();
     // SAFETY: the context is this program's own skb; the helper only resizes it.
     let resized = unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, len as u32, 0) };
     if resized != 0 {
         return Err(resized);
     }
-    let macs: [u8; 12] = ctx.load(0)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0)?;
-    ctx.store(ETH_HLEN, ip, 0)?;
-    ctx.store(ETH_HLEN + ip_len, l4, 0)?;
+    if packet.has_ethernet() {
+        let macs: [u8; 12] = ctx.load(0)?;
+        let mut swapped = [0u8; 12];
+        swapped[..6].copy_from_slice(&macs[6..]);
+        swapped[6..].copy_from_slice(&macs[..6]);
+        ctx.store(0, &swapped, 0)?;
+    }
+    ctx.store(l3, ip, 0)?;
+    ctx.store(l3 + ip_len, l4, 0)?;
     // SAFETY: the skb pointer is this program's context; the helper reads its ifindex field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: bpf_redirect only records the target; the kernel sends the packet after return.

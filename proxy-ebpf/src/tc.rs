@@ -26,7 +26,7 @@ use crate::{
     counters::bump,
     family::{V4, V6},
     lb::{self, Client, Reason, Selected, copy_of},
-    packet::{HEAD_LEN, Packet, Parsed, TcFamily, csum_diff, ether_type},
+    packet::{Head, Link, Packet, Parsed, TcFamily, csum_diff},
     route,
 };
 
@@ -46,16 +46,16 @@ enum Hook {
     Egress,
 }
 
-/// Reads the Ethernet header and a minimal IPv4 header in one load (most packets need no
+/// Reads the link-layer header and a minimal IPv4 header in one load (most packets need no
 /// more), then hands the packet to its family.
 #[inline(always)]
-fn on_packet(ctx: &TcContext, hook: Hook) -> i32 {
-    let Ok(head) = ctx.load::<[u8; HEAD_LEN]>(0) else {
+fn on_packet(ctx: &TcContext, link: Link, hook: Hook) -> i32 {
+    let Ok(head) = Head::load(ctx, link) else {
         return OK;
     };
-    match ether_type(&head) {
-        t if t == V4::ETHER_TYPE => translate::<V4>(ctx, &head, hook),
-        t if t == V6::ETHER_TYPE => translate::<V6>(ctx, &head, hook),
+    match head.ether_type(link) {
+        t if t == V4::ETHER_TYPE => translate::<V4>(ctx, link, &head, hook),
+        t if t == V6::ETHER_TYPE => translate::<V6>(ctx, link, &head, hook),
         _ => OK,
     }
 }
@@ -65,9 +65,9 @@ fn on_packet(ctx: &TcContext, hook: Hook) -> i32 {
 /// values and answers are large, so each stage's frame exists only while it runs (the
 /// program's own frame holds just the packet's fields and the chosen backend).
 #[inline(always)]
-fn translate<F: TcFamily>(ctx: &TcContext, head: &[u8; HEAD_LEN], hook: Hook) -> i32 {
+fn translate<F: TcFamily>(ctx: &TcContext, link: Link, head: &Head, hook: Hook) -> i32 {
     let mut packet = Packet::default();
-    match F::parse(ctx, head, &mut packet) {
+    match F::parse(ctx, link, head, &mut packet) {
         Ok(Parsed::Packet) => {}
         Ok(Parsed::Fragment) => {
             if hook == Hook::Ingress {
@@ -124,16 +124,16 @@ enum Start {
     OpenSnat,
 }
 
-/// tc ingress on an external device.
+/// tc ingress on an external device whose packets start as `link` says.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext) -> i32 {
-    on_packet(ctx, Hook::Ingress)
+pub fn ingress(ctx: &TcContext, link: Link) -> i32 {
+    on_packet(ctx, link, Hook::Ingress)
 }
 
 /// tc egress on an external device: replies of local backends.
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> i32 {
-    on_packet(ctx, Hook::Egress)
+pub fn egress(ctx: &TcContext, link: Link) -> i32 {
+    on_packet(ctx, link, Hook::Egress)
 }
 
 /// The node settings and the time, read only once a packet turns out to be ours: most
@@ -196,7 +196,7 @@ fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, f
     // At ingress, a reply now comes from a frontend and a SNATed packet from the node: both
     // must bypass the stack's input checks. Egress is past them.
     if hook == Hook::Ingress && (reply || flags & ct_flags::SNAT != 0) {
-        return Some(route::forward::<F>(ctx, entry, packet.proto));
+        return Some(route::forward::<F>(ctx, packet, entry));
     }
     Some(OK)
 }
@@ -368,14 +368,14 @@ fn rewrite<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtValue<
     let mut diff = 0;
     if reply || snat {
         diff = csum_diff(&packet.saddr, &to.saddr, diff)?;
-        ctx.store(F::SADDR, &to.saddr, 0)?;
+        ctx.store(packet.ip(F::SADDR), &to.saddr, 0)?;
     }
     if !reply || snat {
         diff = csum_diff(&packet.daddr, &to.daddr, diff)?;
-        ctx.store(F::DADDR, &to.daddr, 0)?;
+        ctx.store(packet.ip(F::DADDR), &to.daddr, 0)?;
     }
     let diff = u64::from(diff);
-    F::fix_ip_checksum(ctx, diff)?;
+    F::fix_ip_checksum(ctx, packet, diff)?;
     if ctx
         .l4_csum_replace(csum, 0, diff, F::PSEUDO_FLAGS | mangled)
         .is_err()
