@@ -277,15 +277,23 @@ impl World {
     }
 
     /// GET `path` from the agent's health or metrics server: status and body.
+    /// The request is made from the agent's network namespace, where the server listens.
     pub fn http_get(&self, server: &str, path: &str) -> (u16, String) {
         use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect(self.http_addr(server)).expect("connecting");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
+        let addr = self.http_addr(server);
+        let request = move || {
+            let mut stream = std::net::TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        };
+        let response = match self.agent_netns {
+            Some(_) => self.topology.node.run(request),
+            None => request(),
+        }
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
         let status = response
             .split_whitespace()
             .nth(1)
@@ -451,6 +459,14 @@ impl Prober {
             .map(|l| serde_json::from_str(l).expect("probe JSON"))
             .collect()
     }
+}
+
+/// The value of one sample line of a metrics text (`name{labels} value`).
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// What a successful attempt's server said.

@@ -28,7 +28,10 @@ use bpf_kube_proxy::{
     model::Protocol,
     sandbox::{netns::Netns, probe::ProbeMode, servers::Identity},
 };
-use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, tun::TunPair};
+use integration_tests::{
+    HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, metric_sample, tun::TunPair,
+};
+use nix::sys::signal::Signal;
 
 const NODE_IP: &str = "192.168.50.1";
 const CLIENT_IP: &str = "192.168.50.2";
@@ -188,6 +191,14 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
 
     let mut args = vec!["--devices", "up0,n2"];
     args.extend_from_slice(agent_args);
+    // BKP_TC_ATTACH=netlink runs every test here through cls_bpf filters, as on kernels
+    // without TCX (< 6.6), even on one that has it.
+    let forced = std::env::var("BKP_TC_ATTACH").ok();
+    if let Some(mode) = forced.as_deref()
+        && !args.contains(&"--tc-attach")
+    {
+        args.extend(["--tc-attach", mode]);
+    }
     world.agent_in_node().agent_args(&args);
     Outside {
         link: uplink_state,
@@ -753,4 +764,217 @@ fn nodeport_over_an_ipip_tunnel_reaches_local_and_remote_backends() {
 #[test]
 fn nodeport_over_an_ipip_tunnel_rejects_without_endpoints() {
     over_ipip(|| assert_refused_then_released(&IPV4, Uplink::Ipip));
+}
+
+/// Our cls_bpf filters on `device` in `direction` as `tc filter show` lists them in the node
+/// namespace: one line per filter with its handle, program and program id.
+fn our_filters(o: &Outside, device: &str, direction: &str) -> Vec<String> {
+    let out = o
+        .world
+        .topology
+        .node
+        .command("tc")
+        .args(["filter", "show", "dev", device, direction])
+        .output()
+        .expect("running tc");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("bkp_tc_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The program id in one `tc filter show` line (`... id 123 ...`).
+fn program_id(line: &str) -> u32 {
+    let mut words = line.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == "id")
+        .and_then(|_| words.next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no program id in {line:?}"))
+}
+
+/// Kernels without TCX (< 6.6): the tc programs are cls_bpf filters attached through netlink.
+/// The filters outlive a SIGKILLed agent (traffic keeps flowing while none runs), a restarted
+/// agent replaces each in place (one filter per device and direction, now running its new
+/// program), and `cleanup` in the agent's namespace removes them.
+#[test]
+fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them() {
+    let mut o = outside(&["a"], &["--tc-attach", "netlink"]);
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    let before: Vec<(String, &str, Vec<String>)> = ["up0", "n2"]
+        .into_iter()
+        .flat_map(|d| ["ingress", "egress"].map(|dir| (d.to_string(), dir)))
+        .map(|(d, dir)| {
+            let filters = our_filters(&o, &d, dir);
+            (d, dir, filters)
+        })
+        .collect();
+    for (device, dir, filters) in &before {
+        assert_eq!(
+            filters.len(),
+            1,
+            "{device} {dir}: one filter of ours: {filters:?}"
+        );
+        assert!(
+            filters[0].contains("handle 0xb4b") && filters[0].contains("direct-action"),
+            "{}",
+            filters[0]
+        );
+    }
+    who(&o, target(NODE_IP, NODE_PORT));
+
+    // Clients keep connecting through the NodePort while the agent is killed and restarted.
+    let Outside { ext, world, .. } = &mut o;
+    let ext: &Netns = ext;
+    let failures = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            (0..150)
+                .filter_map(|_| {
+                    std::thread::sleep(Duration::from_millis(10));
+                    http_get(ext, target(NODE_IP, NODE_PORT))
+                        .err()
+                        .map(|e| e.to_string())
+                })
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        world.stop_agent(Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        world.start_agent();
+        clients.join().expect("client thread")
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of 150 failed: {failures:?}",
+        failures.len()
+    );
+    let log = o.world.agent_log();
+    let ready = log
+        .lines()
+        .rfind(|l| l.contains("datapath ready"))
+        .expect("ready line");
+    assert!(
+        ready.contains("tc_mode=\"netlink\"") || ready.contains("tc_mode=netlink"),
+        "{ready}"
+    );
+    assert!(ready.contains("tc_links_updated=4"), "replaced in place: {ready}");
+    for (device, dir, old) in &before {
+        let now = our_filters(&o, device, dir);
+        assert_eq!(now.len(), 1, "{device} {dir}: still one filter: {now:?}");
+        assert_ne!(
+            program_id(&now[0]),
+            program_id(&old[0]),
+            "{device} {dir}: the filter runs the new agent's program"
+        );
+    }
+    who(&o, target(NODE_IP, NODE_PORT));
+
+    o.world.stop_agent(Signal::SIGTERM);
+    let out = o
+        .world
+        .topology
+        .node
+        .command(integration_tests::binary())
+        .args(["cleanup", "--pin-dir"])
+        .arg(o.world.pin_dir())
+        .output()
+        .expect("running cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 tc attachments removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for (device, dir, _) in &before {
+        assert_eq!(
+            our_filters(&o, device, dir),
+            Vec::<String>::new(),
+            "{device} {dir}"
+        );
+    }
+    assert!(!o.world.pin_dir().exists(), "pins removed");
+}
+
+/// A tc program that cannot be attached (here: another classifier already holds our filter
+/// priority on `up0`) stops nothing else: the agent serves ClusterIPs through the socket
+/// programs, attaches to the other device, logs the failure naming the device, counts it, and
+/// `/healthz` lists it and answers 503, since NodePort traffic arriving on `up0` is not served.
+#[test]
+fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
+    let mut o = outside(&["a"], &["--tc-attach", "netlink"]);
+    let node = &o.world.topology.node;
+    let tc = |args: &[&str]| {
+        let out = node.command("tc").args(args).output().expect("running tc");
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let priority = bpf_kube_proxy::datapath::external::TC_PRIORITY.to_string();
+    tc(&["qdisc", "add", "dev", "up0", "clsact"]);
+    tc(&[
+        "filter", "add", "dev", "up0", "ingress", "pref", &priority, "protocol", "all", "u32", "match",
+        "u32", "0", "0", "classid", "1:1",
+    ]);
+    let local = vec![(o.world.ip("a"), NODE_NAME, true)];
+    o.world.write("svc.yaml", &web("", "", &endpoints(&local)));
+    o.world.start_agent();
+    o.world.wait_for_backends("10.96.0.20", 80, Protocol::Tcp, 1);
+
+    let attempts = o
+        .world
+        .probe(&integration_tests::addr("10.96.0.20", 80), ProbeMode::Tcp, 5);
+    assert!(attempts.iter().all(|a| a.ok), "ClusterIP served: {attempts:?}");
+    assert_eq!(integration_tests::spread(&attempts)["a"], 5);
+
+    let log = o.world.agent_log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tc program not attached"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line: {errors:?}");
+    assert!(errors[0].contains("up0@bkp_tc_ingress"), "{}", errors[0]);
+
+    let (status, body) = o.world.http_get("/healthz", "/healthz");
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let degraded = health["degraded"].as_array().expect("degraded list");
+    assert_eq!(degraded.len(), 1, "{degraded:?}");
+    assert!(
+        degraded[0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("up0@bkp_tc_ingress"),
+        "{degraded:?}"
+    );
+    let (status, _) = o.world.http_get("/healthz", "/livez");
+    assert_eq!(status, 200, "livez ignores it: a restart would not help");
+
+    let (_, metrics) = o.world.http_get("/metrics", "/metrics");
+    let series = |device: &str, program: &str, state: &str| {
+        format!(
+            "bpf_kube_proxy_tc_attachments{{device=\"{device}\",program=\"{program}\",mode=\"netlink\",state=\"{state}\"}}"
+        )
+    };
+    assert_eq!(
+        metric_sample(&metrics, &series("up0", "bkp_tc_ingress", "failed")),
+        Some(1.0),
+        "{metrics}"
+    );
+    for (device, program) in [
+        ("up0", "bkp_tc_egress"),
+        ("n2", "bkp_tc_ingress"),
+        ("n2", "bkp_tc_egress"),
+    ] {
+        assert_eq!(
+            metric_sample(&metrics, &series(device, program, "attached")),
+            Some(1.0),
+            "{device}@{program}"
+        );
+    }
+    assert_eq!(our_filters(&o, "n2", "ingress").len(), 1);
 }

@@ -19,7 +19,7 @@ use aya::{
 };
 use proxy_common::maps::{self as names, capacity};
 
-use crate::datapath::{external, host, sys};
+use crate::datapath::{external, features::TcMode, host, sys};
 
 /// The datapath object, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -116,11 +116,14 @@ pub struct AttachReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    tc_programs: Vec<(&'static str, external::ProgramState)>,
 }
 
 impl Datapath {
     /// Loads and verifies every program, creating or reusing pinned maps. Attaching is a
-    /// separate step so the agent can fill the maps before new programs go live.
+    /// separate step so the agent can fill the maps before new programs go live. The socket
+    /// programs must load; a tc program that does not is logged and reported by
+    /// [`Self::tc_programs`], and the rest of the datapath serves without it.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
         host::ensure_pin_dir(pin_dir)?;
         drop_incompatible_pins(pin_dir, sizes)?;
@@ -138,10 +141,19 @@ impl Datapath {
                 .load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
-        external::load_programs(&mut ebpf)?;
+        let tc_programs = external::load_programs(&mut ebpf);
+        for (program, state) in &tc_programs {
+            if let external::ProgramState::Failed(reason) = state {
+                tracing::error!(
+                    program,
+                    "tc program not loaded; traffic from outside the node is not served through it: {reason}"
+                );
+            }
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            tc_programs,
         })
     }
 
@@ -158,9 +170,18 @@ impl Datapath {
             .map_err(|source| LoadError::Program { name, source })
     }
 
+    /// Whether each tc program loaded.
+    pub fn tc_programs(&self) -> &[(&'static str, external::ProgramState)] {
+        &self.tc_programs
+    }
+
     /// Attaches the tc programs to `devices` (see [`external::attach`]).
-    pub fn attach_devices(&mut self, devices: &[String]) -> Result<(usize, usize), LoadError> {
-        external::attach(&mut self.ebpf, &self.pin_dir, devices)
+    pub fn attach_devices(
+        &mut self,
+        devices: &[String],
+        mode: TcMode,
+    ) -> Result<Vec<external::Attachment>, LoadError> {
+        external::attach(&mut self.ebpf, &self.pin_dir, devices, mode)
     }
 
     /// Attaches every socket program to `cgroup` (and its descendants) through links pinned
@@ -263,15 +284,34 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<(), LoadErr
     Ok(())
 }
 
-/// Removes everything under `pin_dir`: links (detaching the programs), then maps.
-pub fn cleanup(pin_dir: &Path) -> std::io::Result<bool> {
+/// What `cleanup` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Whether there was a pin directory.
+    pub removed: bool,
+    /// tc attachments removed (TCX links and netlink filters).
+    pub tc_detached: usize,
+    /// netlink filters that could not be removed from here, each with why (they live in
+    /// another network namespace: `cleanup` must run in the agent's).
+    pub tc_left: Vec<String>,
+}
+
+/// Removes everything under `pin_dir`: tc attachments and cgroup links (detaching the
+/// programs), then maps. netlink filters are removed through the device names they were
+/// recorded with, so only in the network namespace the agent ran in.
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleanup> {
     if !pin_dir.exists() {
-        return Ok(false);
+        return Ok(Cleanup::default());
     }
+    let (tc_detached, tc_left) = external::detach_all(pin_dir)?;
     let links = pin_dir.join("links");
     if links.exists() {
         fs::remove_dir_all(&links)?;
     }
     fs::remove_dir_all(pin_dir)?;
-    Ok(true)
+    Ok(Cleanup {
+        removed: true,
+        tc_detached,
+        tc_left,
+    })
 }
