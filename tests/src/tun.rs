@@ -18,6 +18,7 @@ use bpf_kube_proxy::sandbox::netns::Netns;
 
 /// How long the pump waits for a packet before it looks at the shutdown flag again.
 const POLL_MS: libc::c_int = 50;
+const TUN_CONTROL: &str = "/dev/net/tun";
 /// Bound on a pump's life, in case its owner leaks it instead of dropping it.
 const MAX_LIFE: Duration = Duration::from_secs(600);
 
@@ -41,7 +42,7 @@ fn open(netns: &Netns, name: &str) -> io::Result<File> {
             *dst = src as libc::c_char;
         }
         req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
-        let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+        let file = tun_control()?;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, which `req` is, alive for the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
         if ret < 0 {
@@ -49,6 +50,21 @@ fn open(netns: &Netns, name: &str) -> io::Result<File> {
         }
         Ok(file)
     })
+}
+
+/// The TUN control device. Where `tun` is a module not loaded yet (a freshly booted VM), the
+/// device node is missing until the module is loaded.
+fn tun_control() -> io::Result<File> {
+    let open = || OpenOptions::new().read(true).write(true).open(TUN_CONTROL);
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let loaded = std::process::Command::new("modprobe").arg("tun").status();
+            open().map_err(|e| {
+                io::Error::new(e.kind(), format!("{TUN_CONTROL} ({e}), modprobe tun: {loaded:?}"))
+            })
+        }
+        other => other,
+    }
 }
 
 /// What crossed the link in one direction.
