@@ -6,8 +6,8 @@
 //! counters the run writes.
 //!
 //! The programs are loaded, never attached, so this runs on every kernel the agent supports
-//! (the 6.1 VM as the host). Each test runs its packets from a network namespace of its own,
-//! where the route lookups of forwarded packets find the lab's two devices:
+//! (in the 6.1 VM as on the host). Each test runs its packets from a network namespace of its
+//! own, where the route lookups of forwarded packets find the lab's two devices:
 //!
 //! `client 10.210.0.2 ─ up0 10.210.0.1 [node] be0 10.200.0.1 ─ remote backend 10.200.0.2`
 //!
