@@ -972,6 +972,13 @@ fn ipv6_extension_headers_are_skipped_to_find_the_ports() {
         lab.conntrack(),
         lab.flow(proto::TCP, client, frontend, client, backend, 0)
     );
+
+    // The answers are built for a bare IPv6 header: a datagram behind extension headers to a
+    // Service without endpoints is dropped (and counted) rather than answered wrongly.
+    let mut datagram = Packet::udp(sa(CLIENT6, 40_010), sa(NODE6, EMPTY_UDP_NODE_PORT));
+    datagram.exts = syn.exts.clone();
+    assert_eq!(lab.ingress(&datagram.frame()).retval, TC_ACT_SHOT);
+    assert_eq!(lab.counter("tc_reject_no_backend"), 1);
 }
 
 #[test]
