@@ -653,7 +653,11 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
         })
         .collect();
     for (device, dir, filters) in &before {
-        assert_eq!(filters.len(), 1, "{device} {dir}: one filter of ours: {filters:?}");
+        assert_eq!(
+            filters.len(),
+            1,
+            "{device} {dir}: one filter of ours: {filters:?}"
+        );
         assert!(
             filters[0].contains("handle 0xb4b") && filters[0].contains("direct-action"),
             "{}",
@@ -682,7 +686,11 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
         world.start_agent();
         clients.join().expect("client thread")
     });
-    assert!(failures.is_empty(), "{} of 150 failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of 150 failed: {failures:?}",
+        failures.len()
+    );
     let log = o.world.agent_log();
     let ready = log
         .lines()
@@ -721,7 +729,11 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
         String::from_utf8_lossy(&out.stdout)
     );
     for (device, dir, _) in &before {
-        assert_eq!(our_filters(&o, device, dir), Vec::<String>::new(), "{device} {dir}");
+        assert_eq!(
+            our_filters(&o, device, dir),
+            Vec::<String>::new(),
+            "{device} {dir}"
+        );
     }
     assert!(!o.world.pin_dir().exists(), "pins removed");
 }
@@ -736,7 +748,11 @@ fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
     let node = &o.world.topology.node;
     let tc = |args: &[&str]| {
         let out = node.command("tc").args(args).output().expect("running tc");
-        assert!(out.status.success(), "tc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let priority = bpf_kube_proxy::datapath::external::TC_PRIORITY.to_string();
     tc(&["qdisc", "add", "dev", "up0", "clsact"]);
@@ -756,7 +772,10 @@ fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
     assert_eq!(integration_tests::spread(&attempts)["a"], 5);
 
     let log = o.world.agent_log();
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("tc program not attached")).collect();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tc program not attached"))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line: {errors:?}");
     assert!(errors[0].contains("up0@bkp_tc_ingress"), "{}", errors[0]);
 
@@ -766,7 +785,10 @@ fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
     let degraded = health["degraded"].as_array().expect("degraded list");
     assert_eq!(degraded.len(), 1, "{degraded:?}");
     assert!(
-        degraded[0].as_str().unwrap_or_default().contains("up0@bkp_tc_ingress"),
+        degraded[0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("up0@bkp_tc_ingress"),
         "{degraded:?}"
     );
     let (status, _) = o.world.http_get("/healthz", "/livez");
@@ -783,7 +805,11 @@ fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
         Some(1.0),
         "{metrics}"
     );
-    for (device, program) in [("up0", "bkp_tc_egress"), ("n2", "bkp_tc_ingress"), ("n2", "bkp_tc_egress")] {
+    for (device, program) in [
+        ("up0", "bkp_tc_egress"),
+        ("n2", "bkp_tc_ingress"),
+        ("n2", "bkp_tc_egress"),
+    ] {
         assert_eq!(
             metric_sample(&metrics, &series(device, program, "attached")),
             Some(1.0),

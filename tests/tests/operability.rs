@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use bpf_kube_proxy::{model::Protocol, sandbox::probe::ProbeMode};
 use integration_tests::{
-    HTTP_PORT, UDP_PORT, World, addr, identity, metric_sample as sample,
+    HTTP_PORT, UDP_PORT, World, addr, identity,
     manifests::{Ep, docs, service, slice},
-    spread,
+    metric_sample as sample, spread,
 };
 use nix::sys::signal::Signal;
 
@@ -40,7 +40,6 @@ fn started(pods: &[&str], extra_spec: &str, agent_args: &[&str]) -> World {
     world.wait_for_backends(VIP, 80, Protocol::Tcp, pods.len());
     world
 }
-
 
 #[test]
 fn sigkill_and_restart_under_load_fail_no_connection_and_keep_affinity() {
@@ -149,8 +148,15 @@ fn health_and_metrics_are_served_like_kube_proxy() {
     assert_eq!(features.len(), 1, "{log}");
     let tcx = sample(&metrics, "bpf_kube_proxy_kernel_feature{feature=\"tcx\"}");
     let mode = if tcx == Some(1.0) { "tcx" } else { "netlink" };
-    assert!(features[0].contains(&format!("tc_attach=\"{mode}\"")), "{}", features[0]);
-    assert_eq!(sample(&metrics, "bpf_kube_proxy_kernel_feature{feature=\"btf\"}"), Some(1.0));
+    assert!(
+        features[0].contains(&format!("tc_attach=\"{mode}\"")),
+        "{}",
+        features[0]
+    );
+    assert_eq!(
+        sample(&metrics, "bpf_kube_proxy_kernel_feature{feature=\"btf\"}"),
+        Some(1.0)
+    );
     // Every tc program of this build loaded: none is listed as failed.
     assert!(!metrics.contains("state=\"failed\""), "{metrics}");
     assert_eq!(
