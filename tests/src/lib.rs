@@ -51,15 +51,27 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-fn require_root() {
+pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "privileged integration tests need root (they load eBPF and create namespaces)"
     );
 }
 
-/// Removes the pin directory (links first, so the programs detach) on drop.
-struct Pins(PathBuf);
+/// A pin directory of the test's own under /sys/fs/bpf, removed (links first, so the programs
+/// detach) on drop.
+pub struct Pins(PathBuf);
+
+impl Pins {
+    /// `/sys/fs/bpf/<prefix>-<unique suffix>`; nothing is created until a load pins there.
+    pub fn unique(prefix: &str) -> Self {
+        Self(PathBuf::from(format!("/sys/fs/bpf/{prefix}-{}", unique_suffix())))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for Pins {
     fn drop(&mut self) {
