@@ -149,8 +149,6 @@ pub enum ProgramState {
     Loaded,
     /// The verifier's (shortened) reason, or aya's.
     Failed(String),
-    /// Not in this build's object (the L3 variants in builds that predate them).
-    Absent,
 }
 
 /// Loads every tc program the object has; none of their failures stops the others.
@@ -159,7 +157,6 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
         .iter()
         .map(|p| {
             let state = match tc_program(ebpf, p.name) {
-                Err(LoadError::MissingProgram { .. }) => ProgramState::Absent,
                 Err(e) => ProgramState::Failed(e.to_string()),
                 Ok(program) => match program.load() {
                     Ok(()) => ProgramState::Loaded,
