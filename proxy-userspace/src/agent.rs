@@ -289,7 +289,6 @@ fn report_programs(programs: &[(&'static str, ProgramState)], metrics: &Metrics)
                 problems.push(format!("tc: program {program} not loaded: {reason}"));
                 "failed"
             }
-            ProgramState::Absent => continue,
         };
         metrics
             .datapath_programs

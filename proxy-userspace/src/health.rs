@@ -186,13 +186,16 @@ mod tests {
         h.set_degraded(vec![problem.clone()], false);
         let report = h.report(at(0), true);
         assert!(report.healthy);
-        assert_eq!(report.degraded, [problem.clone()]);
+        assert_eq!(report.degraded, std::slice::from_ref(&problem));
         // --devices asked for the tc path: load balancers must stop sending NodePort traffic.
         h.set_degraded(vec![problem], true);
         assert!(!h.report(at(0), true).healthy);
         assert!(h.report(at(0), false).healthy, "livez: restarting would not help");
         let json = serde_json::to_value(h.report(at(0), true)).unwrap();
-        assert_eq!(json["degraded"][0], "tc: program bkp_tc_ingress not loaded: stack too large");
+        assert_eq!(
+            json["degraded"][0],
+            "tc: program bkp_tc_ingress not loaded: stack too large"
+        );
     }
 
     #[test]
@@ -204,6 +207,9 @@ mod tests {
         assert_eq!(json["currentTime"], "2023-11-14T22:13:25.000Z");
         assert_eq!(json["nodeEligible"], true);
         assert!(json.get("healthy").is_none());
-        assert!(json.get("degraded").is_none(), "nothing degraded: kube-proxy's body");
+        assert!(
+            json.get("degraded").is_none(),
+            "nothing degraded: kube-proxy's body"
+        );
     }
 }

@@ -352,7 +352,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dump { map, pin_dir, output } => cli::inspect::dump(&pin_dir, &map, output)?,
         Command::Cleanup { pin_dir } => {
-            let done = loader::cleanup(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+            let done =
+                loader::cleanup(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
             if done.removed {
                 println!(
                     "removed {} (programs detached, {} tc attachments removed, maps deleted)",

@@ -82,6 +82,21 @@ fn forwarding(netns: &Netns) {
         .expect("enabling forwarding");
 }
 
+/// `BKP_TC_ATTACH=netlink` runs every test here through cls_bpf filters, as on kernels without
+/// TCX (< 6.6), even on one that has it.
+static FORCED_TC_ATTACH: std::sync::LazyLock<Option<String>> =
+    std::sync::LazyLock::new(|| std::env::var("BKP_TC_ATTACH").ok());
+
+/// `args` plus the forced `--tc-attach`, unless they choose one themselves.
+fn with_forced_tc_attach(mut args: Vec<&str>) -> Vec<&str> {
+    if let Some(mode) = FORCED_TC_ATTACH.as_deref()
+        && !args.contains(&"--tc-attach")
+    {
+        args.extend(["--tc-attach", mode]);
+    }
+    args
+}
+
 /// Builds the topology around a world with `local` backend pods; the agent is not started.
 fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     outside_over(Uplink::Veth, local, agent_args)
@@ -191,15 +206,7 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
 
     let mut args = vec!["--devices", "up0,n2"];
     args.extend_from_slice(agent_args);
-    // BKP_TC_ATTACH=netlink runs every test here through cls_bpf filters, as on kernels
-    // without TCX (< 6.6), even on one that has it.
-    let forced = std::env::var("BKP_TC_ATTACH").ok();
-    if let Some(mode) = forced.as_deref()
-        && !args.contains(&"--tc-attach")
-    {
-        args.extend(["--tc-attach", mode]);
-    }
-    world.agent_in_node().agent_args(&args);
+    world.agent_in_node().agent_args(&with_forced_tc_attach(args));
     Outside {
         link: uplink_state,
         ext,
@@ -977,4 +984,55 @@ fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
         );
     }
     assert_eq!(our_filters(&o, "n2", "ingress").len(), 1);
+}
+
+/// A device without a link-layer header (a TUN device, ARPHRD_NONE, like WireGuard's) gets the
+/// L3 program pair, whose packets start at the IP header, beside an Ethernet device's pair.
+#[test]
+fn devices_without_a_link_layer_header_get_the_l3_programs() {
+    let mut world = World::new(&["a"]);
+    let node = &world.topology.node;
+    for args in [
+        &["tuntap", "add", "tun0", "mode", "tun"][..],
+        &["addr", "add", "10.99.0.1/24", "dev", "tun0"],
+        &["link", "set", "tun0", "up"],
+    ] {
+        node.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    }
+    let local = vec![(world.ip("a"), NODE_NAME, true)];
+    world.write("svc.yaml", &web("", "", &endpoints(&local)));
+    world
+        .agent_in_node()
+        .agent_args(&with_forced_tc_attach(vec!["--devices", "tun0,br0"]));
+    world.start_agent();
+
+    let tc_dir = world.pin_dir().join("tc");
+    let mut records: Vec<String> = std::fs::read_dir(&tc_dir)
+        .expect("tc records")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    records.sort();
+    assert_eq!(
+        records,
+        [
+            "br0@bkp_tc_egress",
+            "br0@bkp_tc_ingress",
+            "tun0@bkp_tc_egress_l3",
+            "tun0@bkp_tc_ingress_l3"
+        ]
+    );
+    let (status, body) = world.http_get("/healthz", "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    let attached: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("bpf_kube_proxy_tc_attachments{") && l.contains("state=\"attached\""))
+        .collect();
+    assert_eq!(attached.len(), 4, "{metrics}");
+    assert!(
+        attached
+            .iter()
+            .any(|l| l.contains("device=\"tun0\",program=\"bkp_tc_ingress_l3\"")),
+        "{attached:?}"
+    );
 }

@@ -149,8 +149,6 @@ pub enum ProgramState {
     Loaded,
     /// The verifier's (shortened) reason, or aya's.
     Failed(String),
-    /// Not in this build's object (the L3 variants in builds that predate them).
-    Absent,
 }
 
 /// Loads every tc program the object has; none of their failures stops the others.
@@ -159,7 +157,6 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
         .iter()
         .map(|p| {
             let state = match tc_program(ebpf, p.name) {
-                Err(LoadError::MissingProgram { .. }) => ProgramState::Absent,
                 Err(e) => ProgramState::Failed(e.to_string()),
                 Ok(program) => match program.load() {
                     Ok(()) => ProgramState::Loaded,
@@ -180,13 +177,12 @@ pub fn short_error(text: &str) -> String {
             let reason = log
                 .lines()
                 .map(str::trim)
-                .filter(|l| {
+                .rfind(|l| {
                     !l.is_empty()
                         && !["processed ", "stack depth", "verification time"]
                             .iter()
                             .any(|p| l.starts_with(p))
                 })
-                .last()
                 .unwrap_or("(empty verifier log)");
             format!("{}: {reason}", head.trim_end().trim_end_matches('.'))
         }
@@ -459,9 +455,7 @@ pub fn attach(
             let kind = host::device_type(d)
                 .map_err(|e| format!("reading its link type: {e}"))
                 .and_then(|t| {
-                    DeviceKind::of(t).ok_or(format!(
-                        "link type {t} (ARPHRD) is neither Ethernet nor IP-only"
-                    ))
+                    DeviceKind::of(t).ok_or(format!("link type {t} (ARPHRD) is neither Ethernet nor IP-only"))
                 });
             (d, kind)
         })
@@ -571,14 +565,19 @@ fn attach_one(
 /// Attaches `program` as our cls_bpf filter on `device`, creating the clsact qdisc if absent.
 /// An existing filter at our priority and handle (an earlier agent's) is replaced in place,
 /// which the kernel does atomically; otherwise one is created. Returns whether it replaced.
-fn attach_filter(program: &mut SchedClassifier, device: &str, direction: TcAttachType) -> Result<bool, String> {
+fn attach_filter(
+    program: &mut SchedClassifier,
+    device: &str,
+    direction: TcAttachType,
+) -> Result<bool, String> {
     match tc::qdisc_add_clsact(device) {
         Ok(()) => {}
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(e) => return Err(format!("adding the clsact qdisc: {e}")),
     }
-    let existing = SchedClassifierLink::attached(device, direction, TC_PRIORITY, TcHandle::from(TC_HANDLE), None)
-        .map_err(|e| e.to_string())?;
+    let existing =
+        SchedClassifierLink::attached(device, direction, TC_PRIORITY, TcHandle::from(TC_HANDLE), None)
+            .map_err(|e| e.to_string())?;
     let (id, replaced) = match program.attach_to_link(existing) {
         Ok(id) => (id, true),
         Err(e) if os_error(&e) == Some(libc::ENOENT) => {
@@ -657,15 +656,15 @@ mod tests {
     #[test]
     fn devices_without_a_mac_header_get_the_l3_programs() {
         let cases = [
-            (1, Some(DeviceKind::Ethernet)),     // eth, veth, bridge, bond, vlan, vxlan
-            (772, Some(DeviceKind::Ethernet)),   // lo
-            (768, Some(DeviceKind::L3)),         // tunl0 (ipip)
-            (769, Some(DeviceKind::L3)),         // ip6tnl0
-            (776, Some(DeviceKind::L3)),         // sit0
-            (778, Some(DeviceKind::L3)),         // gre0
-            (65534, Some(DeviceKind::L3)),       // wg0, tun0
-            (32, None),                          // ib0 (InfiniBand)
-            (280, None),                         // can0
+            (1, Some(DeviceKind::Ethernet)),   // eth, veth, bridge, bond, vlan, vxlan
+            (772, Some(DeviceKind::Ethernet)), // lo
+            (768, Some(DeviceKind::L3)),       // tunl0 (ipip)
+            (769, Some(DeviceKind::L3)),       // ip6tnl0
+            (776, Some(DeviceKind::L3)),       // sit0
+            (778, Some(DeviceKind::L3)),       // gre0
+            (65534, Some(DeviceKind::L3)),     // wg0, tun0
+            (32, None),                        // ib0 (InfiniBand)
+            (280, None),                       // can0
         ];
         for (arphrd, kind) in cases {
             assert_eq!(DeviceKind::of(arphrd), kind, "ARPHRD {arphrd}");
@@ -697,7 +696,11 @@ mod tests {
         let text = record.to_text();
         assert_eq!(text, "netlink:egress:pref=21:handle=0xb4b:netns=4026531840");
         assert_eq!(FilterRecord::parse(&text), Some(record));
-        for bad in ["tcx", "netlink:up:pref=1:handle=0x1:netns=1", "netlink:ingress:pref=1:handle=0x1:netns=1:x"] {
+        for bad in [
+            "tcx",
+            "netlink:up:pref=1:handle=0x1:netns=1",
+            "netlink:ingress:pref=1:handle=0x1:netns=1:x",
+        ] {
             assert_eq!(FilterRecord::parse(bad), None, "{bad}");
         }
         assert_eq!(

@@ -409,8 +409,7 @@ mod tests {
                 let off = self.name(n);
                 self.types.extend_from_slice(&off.to_le_bytes());
                 self.types.extend_from_slice(&(*v as u32).to_le_bytes());
-                self.types
-                    .extend_from_slice(&((*v >> 32) as u32).to_le_bytes());
+                self.types.extend_from_slice(&((*v >> 32) as u32).to_le_bytes());
             }
             self
         }
@@ -452,10 +451,7 @@ mod tests {
         assert_eq!(names.enumerators["BIG"], 1 << 40);
         assert!(!names.enumerators.contains_key("BPF_TCX_INGRESS"));
         assert!(!names.enumerators.contains_key("BPF_MAP_CREATE"), "not asked for");
-        assert_eq!(
-            names.funcs.iter().collect::<Vec<_>>(),
-            ["bpf_sock_destroy"]
-        );
+        assert_eq!(names.funcs.iter().collect::<Vec<_>>(), ["bpf_sock_destroy"]);
     }
 
     #[test]

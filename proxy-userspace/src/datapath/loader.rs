@@ -485,7 +485,7 @@ mod tests {
         let named = SOCKET_PROGRAMS
             .iter()
             .copied()
-            .chain(TC_PROGRAMS.iter().map(|(name, _)| *name));
+            .chain(TC_PROGRAMS.iter().map(|p| p.name));
         let missing: Vec<&str> = named
             .filter(|name| !object.programs.contains_key(*name))
             .collect();
