@@ -1029,7 +1029,6 @@ fn packets_for_no_external_frontend_pass_untouched() {
 /// run sets `skb->protocol` from input bytes 12-13 whatever the packet is, so this holds only
 /// because the L3 programs take the family from the IP header's version, as they must.
 #[test]
-#[ignore = "enable when the L3-device programs bkp_tc_ingress_l3/bkp_tc_egress_l3 are merged (issue 13, item 5)"]
 fn an_l3_device_packet_is_translated_from_its_ip_header() {
     let lab = Lab::new();
     for (client, frontend, backend) in [
