@@ -395,6 +395,7 @@ fn remove_record(path: &Path, netns: u64) -> std::io::Result<Option<String>> {
             }
         }
         (Some(Record::Unreadable(e)), _) => Some(format!("{}: {e}", path.display())),
+        (Some(Record::Tcx), _) => return sys::unpin_link(path).map(|()| None),
         _ => None,
     };
     fs::remove_file(path)?;

@@ -306,6 +306,11 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleanup> {
     let (tc_detached, tc_left) = external::detach_all(pin_dir)?;
     let links = pin_dir.join("links");
     if links.exists() {
+        for cgroup in fs::read_dir(&links)? {
+            for link in fs::read_dir(cgroup?.path())? {
+                sys::unpin_link(&link?.path())?;
+            }
+        }
         fs::remove_dir_all(&links)?;
     }
     fs::remove_dir_all(pin_dir)?;

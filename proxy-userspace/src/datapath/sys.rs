@@ -1,6 +1,6 @@
 //! The bpf(2) commands aya does not wrap: opening a pinned object by path, swapping the
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
-//! no instant where the hook is detached, walking any map's keys without knowing its types,
+//! no instant where the hook is detached, detaching a link for good (BPF_LINK_DETACH), walking any map's keys without knowing its types,
 //! batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries), and running a
 //! program on a synthetic packet (BPF_PROG_TEST_RUN), for the benchmark and the datapath tests.
 
@@ -19,6 +19,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `union bpf_attr` member for BPF_OBJ_GET.
 #[repr(C)]
@@ -166,6 +167,21 @@ pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Detaches a pinned link at once and removes its pin. Removing the pin alone also detaches,
+/// but only once bpffs frees the inode after an RCU grace period and the link's release runs
+/// from a work queue: a program could still run for a moment after an uninstall returned.
+/// A link the kernel already let go of (its device or cgroup gone) only loses its pin.
+pub fn unpin_link(path: &Path) -> io::Result<()> {
+    let link = obj_get(path)?;
+    let mut attr = [link.as_raw_fd() as u32, 0];
+    if let Err(e) = bpf(BPF_LINK_DETACH, &mut attr)
+        && e.raw_os_error() != Some(libc::ENOLINK)
+    {
+        return Err(e);
+    }
+    std::fs::remove_file(path)
 }
 
 /// Counts a hash map's entries by walking its keys (one syscall per entry). At most
