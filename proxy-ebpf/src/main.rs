@@ -26,7 +26,10 @@ use proxy_common::{
     },
 };
 
-use crate::family::{V4, V6};
+use crate::{
+    family::{V4, V6},
+    packet::Link,
+};
 
 // Map sizes here are defaults: the agent overrides max_entries at load time.
 
@@ -129,12 +132,24 @@ pub fn bkp_getpeer6(ctx: SockAddrContext) -> i32 {
 
 #[classifier]
 pub fn bkp_tc_ingress(ctx: TcContext) -> i32 {
-    tc::ingress(&ctx)
+    tc::ingress(&ctx, Link::Ethernet)
 }
 
 #[classifier]
 pub fn bkp_tc_egress(ctx: TcContext) -> i32 {
-    tc::egress(&ctx)
+    tc::egress(&ctx, Link::Ethernet)
+}
+
+/// For devices without a link-layer header (IPIP, WireGuard, ip6tnl, TUN): the agent attaches
+/// these instead, by device type.
+#[classifier]
+pub fn bkp_tc_ingress_l3(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx, Link::Ip)
+}
+
+#[classifier]
+pub fn bkp_tc_egress_l3(ctx: TcContext) -> i32 {
+    tc::egress(&ctx, Link::Ip)
 }
 
 #[cfg(not(test))]

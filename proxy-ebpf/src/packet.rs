@@ -23,8 +23,63 @@ use crate::{
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-/// The Ethernet header and a minimal IPv4 header: what `ingress` loads first, in one call.
-pub const HEAD_LEN: usize = ETH_HLEN + 20;
+const IP_HLEN: usize = 20;
+
+/// Where a device's packets start at tc. Ethernet-like devices give the frame; devices without
+/// a link-layer header (IPIP `tunl0`, WireGuard, `ip6tnl`, TUN) give the IP packet itself.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Link {
+    Ethernet,
+    /// No link-layer header: the packet starts at the IP header.
+    Ip,
+}
+
+impl Link {
+    /// Offset of the IP header.
+    #[inline(always)]
+    pub const fn l3(self) -> usize {
+        match self {
+            Self::Ethernet => ETH_HLEN,
+            Self::Ip => 0,
+        }
+    }
+}
+
+/// The link-layer header (left zero on a device without one) and a minimal IPv4 header: what
+/// the programs read first, in one load.
+#[repr(C)]
+#[derive(Default)]
+pub struct Head {
+    pub eth: [u8; ETH_HLEN],
+    pub ip: [u8; IP_HLEN],
+}
+
+impl Head {
+    /// Reads the head of the packet: one load for most packets, which need no more.
+    #[inline(always)]
+    pub fn load(ctx: &TcContext, link: Link) -> Result<Self, i64> {
+        let mut head = Self::default();
+        match link {
+            Link::Ethernet => load_into(ctx, 0, &mut head)?,
+            Link::Ip => load_into(ctx, 0, &mut head.ip)?,
+        }
+        Ok(head)
+    }
+
+    /// The EtherType of the packet, from its Ethernet header or, without one, from the IP
+    /// version (which is all the stack looks at there too).
+    #[inline(always)]
+    pub fn ether_type(&self, link: Link) -> u16 {
+        match link {
+            Link::Ethernet => u16::from_be_bytes([self.eth[12], self.eth[13]]),
+            Link::Ip => match self.ip[0] >> 4 {
+                4 => ETH_P_IP,
+                6 => ETH_P_IPV6,
+                _ => 0,
+            },
+        }
+    }
+}
 
 const TCP_FLAGS: usize = 13;
 
@@ -36,6 +91,8 @@ pub struct Packet<A> {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// Offset of the IP header: where the device's packets put it (see [`Link`]).
+    pub l3: u8,
     /// Offset of the L4 header.
     pub l4: usize,
     pub tcp_flags: u8,
@@ -51,6 +108,20 @@ impl<A: Copy> Packet<A> {
     }
 }
 
+impl<A> Packet<A> {
+    /// The packet offset of `offset` into the IP header.
+    #[inline(always)]
+    pub fn ip(&self, offset: usize) -> usize {
+        usize::from(self.l3) + offset
+    }
+
+    /// Whether the packet came with an Ethernet header.
+    #[inline(always)]
+    pub fn has_ethernet(&self) -> bool {
+        usize::from(self.l3) == ETH_HLEN
+    }
+}
+
 /// What a packet turned out to be.
 pub enum Parsed {
     /// TCP or UDP, its fields read.
@@ -61,17 +132,12 @@ pub enum Parsed {
     Other,
 }
 
-/// The EtherType of a packet whose first `HEAD_LEN` bytes are `head`.
-#[inline(always)]
-pub fn ether_type(head: &[u8; HEAD_LEN]) -> u16 {
-    u16::from_be_bytes([head[12], head[13]])
-}
-
 pub trait TcFamily: Family {
     const ETHER_TYPE: u16;
     /// Bits of an address: the full-length prefix of a source-range lookup.
     const ADDR_BITS: u8;
     const AFFINITY_CLIENT: u8;
+    /// Offsets of the addresses in the IP header.
     const SADDR: usize;
     const DADDR: usize;
     /// Extra `l4_csum_replace` flags for an address change.
@@ -79,12 +145,12 @@ pub trait TcFamily: Family {
 
     /// Reads the packet's fields into `out` (filled only for `Parsed::Packet`). An out
     /// parameter, because moving an IPv6 packet's fields costs stack the verifier counts.
-    fn parse(ctx: &TcContext, head: &[u8; HEAD_LEN], out: &mut Packet<Self::Addr>) -> Result<Parsed, i64>;
+    fn parse(ctx: &TcContext, link: Link, head: &Head, out: &mut Packet<Self::Addr>) -> Result<Parsed, i64>;
     fn client_id(addr: &Self::Addr) -> [u32; 4];
     /// The node's source address for SNAT; the default (all zero) when it has none.
     fn snat_address(config: &NodeConfig) -> Self::Addr;
     /// Folds a checksum difference for changed addresses into the IP header's own checksum.
-    fn fix_ip_checksum(ctx: &TcContext, diff: u64) -> Result<(), i64>;
+    fn fix_ip_checksum(ctx: &TcContext, packet: &Packet<Self::Addr>, diff: u64) -> Result<(), i64>;
     /// Fills the family and addresses of a route lookup towards `to.daddr`.
     fn route_params(params: &mut FibParams, to: &CtValue<Self::Addr>);
     /// Answers the packet with a TCP RST or an ICMP port unreachable.
@@ -96,7 +162,7 @@ pub trait TcFamily: Family {
 #[inline(always)]
 pub fn load_into<T>(ctx: &TcContext, offset: usize, dst: &mut T) -> Result<(), i64> {
     // SAFETY: `dst` is a live, writable value of exactly the size passed, and T here is
-    // always a byte array, valid for any bytes the helper writes.
+    // always made of byte arrays, valid for any bytes the helper writes.
     let done = unsafe {
         bpf_skb_load_bytes(
             ctx.as_ptr(),
@@ -127,6 +193,24 @@ pub fn csum_diff<T>(from: &T, to: &T, seed: u32) -> Result<u32, i64> {
     if diff < 0 { Err(diff) } else { Ok(diff as u32) }
 }
 
+/// The one's-complement sum of `value` (a whole number of 32-bit words) in the kernel's
+/// little-endian word order, added to `seed` (see `proxy_common::checksum::le_seed`).
+#[inline(always)]
+pub fn csum_of<T>(value: &T, seed: u32) -> Result<u32, i64> {
+    // SAFETY: `value` is a live value of the size passed; the helper only reads it, and a
+    // null "from" buffer of size 0 is the documented way to sum one buffer.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            value as *const T as *mut u32,
+            size_of::<T>() as u32,
+            seed,
+        )
+    };
+    if sum < 0 { Err(sum) } else { Ok(sum as u32) }
+}
+
 /// Reads the ports, then (TCP only) the flags, in one load.
 #[inline(always)]
 fn ports(ctx: &TcContext, l4: usize, protocol: u8) -> Result<(u16, u16, u8), i64> {
@@ -152,10 +236,11 @@ fn is_ours(protocol: u8) -> bool {
     protocol == proto::TCP || protocol == proto::UDP
 }
 
-const IP_FRAG: usize = ETH_HLEN + 6;
-const IP_PROTO: usize = ETH_HLEN + 9;
-const IP_CSUM: usize = ETH_HLEN + 10;
-const IP_SADDR: usize = ETH_HLEN + 12;
+// Offsets in the IPv4 header.
+const IP_FRAG: usize = 6;
+const IP_PROTO: usize = 9;
+const IP_CSUM: usize = 10;
+const IP_SADDR: usize = 12;
 /// Fragment offset bits of the IPv4 flags/offset field.
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
@@ -171,22 +256,24 @@ impl TcFamily for V4 {
     const PSEUDO_FLAGS: u64 = BPF_F_PSEUDO_HDR as u64;
 
     #[inline(always)]
-    fn parse(ctx: &TcContext, head: &[u8; HEAD_LEN], out: &mut Packet<AddrV4>) -> Result<Parsed, i64> {
-        let version_ihl = head[ETH_HLEN];
+    fn parse(ctx: &TcContext, link: Link, head: &Head, out: &mut Packet<AddrV4>) -> Result<Parsed, i64> {
+        let ip = &head.ip;
+        let version_ihl = ip[0];
         let ihl = usize::from(version_ihl & 0x0f) * 4;
-        let protocol = head[IP_PROTO];
-        if version_ihl >> 4 != 4 || ihl < 20 || !is_ours(protocol) {
+        let protocol = ip[IP_PROTO];
+        if version_ihl >> 4 != 4 || ihl < IP_HLEN || !is_ours(protocol) {
             return Ok(Parsed::Other);
         }
-        if u16::from_be_bytes([head[IP_FRAG], head[IP_FRAG + 1]]) & IP_OFFSET_MASK != 0 {
+        if u16::from_be_bytes([ip[IP_FRAG], ip[IP_FRAG + 1]]) & IP_OFFSET_MASK != 0 {
             return Ok(Parsed::Fragment);
         }
-        let l4 = ETH_HLEN + ihl;
+        let l4 = link.l3() + ihl;
         (out.sport, out.dport, out.tcp_flags) = ports(ctx, l4, protocol)?;
-        let addr = |at: usize| [head[at], head[at + 1], head[at + 2], head[at + 3]];
+        let addr = |at: usize| [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
         out.saddr = addr(IP_SADDR);
         out.daddr = addr(IP_SADDR + 4);
         out.proto = protocol;
+        out.l3 = link.l3() as u8;
         out.l4 = l4;
         Ok(Parsed::Packet)
     }
@@ -202,8 +289,8 @@ impl TcFamily for V4 {
     }
 
     #[inline(always)]
-    fn fix_ip_checksum(ctx: &TcContext, diff: u64) -> Result<(), i64> {
-        ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)
+    fn fix_ip_checksum(ctx: &TcContext, packet: &Packet<AddrV4>, diff: u64) -> Result<(), i64> {
+        ctx.l3_csum_replace(packet.ip(IP_CSUM), 0, diff, 0)
     }
 
     #[inline(always)]
@@ -220,8 +307,9 @@ impl TcFamily for V4 {
 }
 
 const IP6_HLEN: usize = 40;
-const IP6_NEXT: usize = ETH_HLEN + 6;
-const IP6_SADDR: usize = ETH_HLEN + 8;
+// Offsets in the IPv6 header.
+const IP6_NEXT: usize = 6;
+const IP6_SADDR: usize = 8;
 const IP6_HOP_BY_HOP: u8 = 0;
 const IP6_ROUTING: u8 = 43;
 const IP6_FRAGMENT: u8 = 44;
@@ -242,14 +330,16 @@ impl TcFamily for V6 {
     const PSEUDO_FLAGS: u64 = BPF_F_PSEUDO_HDR as u64 | BPF_F_IPV6;
 
     #[inline(always)]
-    fn parse(ctx: &TcContext, _head: &[u8; HEAD_LEN], out: &mut Packet<AddrV6>) -> Result<Parsed, i64> {
-        // Version and traffic class, flow label, payload length, next header, hop limit.
-        let fixed: [u8; 8] = ctx.load(ETH_HLEN)?;
+    fn parse(ctx: &TcContext, link: Link, head: &Head, out: &mut Packet<AddrV6>) -> Result<Parsed, i64> {
+        // Version and traffic class, flow label, payload length, next header, hop limit: all
+        // within the head already read.
+        let fixed = &head.ip;
         if fixed[0] >> 4 != 6 {
             return Ok(Parsed::Other);
         }
-        let mut next = fixed[IP6_NEXT - ETH_HLEN];
-        let mut l4 = ETH_HLEN + IP6_HLEN;
+        let l3 = link.l3();
+        let mut next = fixed[IP6_NEXT];
+        let mut l4 = l3 + IP6_HLEN;
         for _ in 0..IP6_MAX_EXT {
             match next {
                 IP6_HOP_BY_HOP | IP6_ROUTING | IP6_DEST_OPTS => {
@@ -265,9 +355,10 @@ impl TcFamily for V6 {
             return Ok(Parsed::Other);
         }
         (out.sport, out.dport, out.tcp_flags) = ports(ctx, l4, next)?;
-        load_into(ctx, IP6_SADDR, &mut out.saddr)?;
-        load_into(ctx, IP6_SADDR + 16, &mut out.daddr)?;
+        load_into(ctx, l3 + IP6_SADDR, &mut out.saddr)?;
+        load_into(ctx, l3 + IP6_SADDR + 16, &mut out.daddr)?;
         out.proto = next;
+        out.l3 = l3 as u8;
         out.l4 = l4;
         Ok(Parsed::Packet)
     }
@@ -283,7 +374,7 @@ impl TcFamily for V6 {
     }
 
     #[inline(always)]
-    fn fix_ip_checksum(_ctx: &TcContext, _diff: u64) -> Result<(), i64> {
+    fn fix_ip_checksum(_ctx: &TcContext, _packet: &Packet<AddrV6>, _diff: u64) -> Result<(), i64> {
         Ok(())
     }
 

@@ -10,12 +10,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    checksum::{finish, partial},
+    checksum::{finish_le, le_seed, partial},
     maps::{AddrV4, AddrV6},
     proto,
 };
 
-use crate::packet::{ETH_HLEN, Packet, load_into};
+use crate::packet::{Packet, csum_of, load_into};
 
 const SHOT: i32 = TC_ACT_SHOT;
 const IP_HLEN: usize = 20;
@@ -46,9 +46,9 @@ struct IcmpError<const Q: usize> {
 }
 
 /// Answers an IPv4 TCP packet with a RST and a UDP one with an ICMP port unreachable; a RST
-/// itself, or a packet with IP options, is dropped. Not inlined (nor is the IPv6 twin): the
-/// answer is built on a stack frame of its own.
-#[inline(never)]
+/// itself, or a packet with IP options, is dropped. Each answer is built on a stack frame of
+/// its own (its builder is not inlined), so only one of them is on the stack at a time.
+#[inline(always)]
 pub fn refuse_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> i32 {
     answer(
         packet,
@@ -59,7 +59,7 @@ pub fn refuse_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> i32 {
 }
 
 /// As [`refuse_v4`], for IPv6 (a packet with extension headers is dropped).
-#[inline(never)]
+#[inline(always)]
 pub fn refuse_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> i32 {
     answer(
         packet,
@@ -78,7 +78,7 @@ fn answer<A>(
     reset: impl FnOnce() -> Result<i32, i64>,
     unreachable: impl FnOnce() -> Result<i32, i64>,
 ) -> i32 {
-    if packet.l4 != ETH_HLEN + ip_hlen {
+    if packet.l4 != packet.ip(ip_hlen) {
         return SHOT;
     }
     let answered = match packet.proto {
@@ -89,48 +89,58 @@ fn answer<A>(
     answered.unwrap_or(SHOT)
 }
 
-#[inline(always)]
+#[inline(never)]
 fn reset_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> Result<i32, i64> {
-    let total_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?));
+    let total_len = usize::from(u16::from_be(ctx.load::<u16>(packet.ip(2))?));
     let mut tcp = rst_segment(ctx, packet, total_len.saturating_sub(IP_HLEN))?;
-    let sum = checksum(pseudo_v4(packet, proto::TCP, TCP_HLEN), &tcp);
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    send(ctx, &ipv4_header(packet, proto::TCP, TCP_HLEN), &tcp)
+    let sum = checksum(pseudo_v4(packet, proto::TCP, TCP_HLEN), &tcp)?;
+    tcp[16..18].copy_from_slice(&sum);
+    send(ctx, packet, &ipv4_header(packet, proto::TCP, TCP_HLEN)?, &tcp)
 }
 
-#[inline(always)]
+#[inline(never)]
 fn reset_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> Result<i32, i64> {
-    let payload_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?));
+    let payload_len = usize::from(u16::from_be(ctx.load::<u16>(packet.ip(4))?));
     let mut tcp = rst_segment(ctx, packet, payload_len)?;
-    let sum = checksum(pseudo_v6(packet, proto::TCP, TCP_HLEN), &tcp);
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    send(ctx, &ipv6_header(packet, proto::TCP, TCP_HLEN), &tcp)
+    let sum = checksum(pseudo_v6(packet, proto::TCP, TCP_HLEN), &tcp)?;
+    tcp[16..18].copy_from_slice(&sum);
+    send(ctx, packet, &ipv6_header(packet, proto::TCP, TCP_HLEN), &tcp)
 }
 
-#[inline(always)]
+#[inline(never)]
 fn unreachable_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> Result<i32, i64> {
     let mut icmp = IcmpError::<{ IP_HLEN + QUOTED_TAIL }> {
         header: [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
         quoted: [0; IP_HLEN + QUOTED_TAIL],
     };
-    load_into(ctx, ETH_HLEN, &mut icmp.quoted)?;
-    let sum = checksum(partial(0, &icmp.quoted), &icmp.header);
-    icmp.header[2..4].copy_from_slice(&sum.to_be_bytes());
-    send(ctx, &ipv4_header(packet, ICMP, size_of_val(&icmp)), &icmp)
+    load_into(ctx, packet.ip(0), &mut icmp.quoted)?;
+    let sum = checksum(0, &icmp)?;
+    icmp.header[2..4].copy_from_slice(&sum);
+    send(
+        ctx,
+        packet,
+        &ipv4_header(packet, ICMP, size_of_val(&icmp))?,
+        &icmp,
+    )
 }
 
-#[inline(always)]
+#[inline(never)]
 fn unreachable_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> Result<i32, i64> {
     let mut icmp = IcmpError::<{ IP6_HLEN + QUOTED_TAIL }> {
         header: [ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
         quoted: [0; IP6_HLEN + QUOTED_TAIL],
     };
-    load_into(ctx, ETH_HLEN, &mut icmp.quoted)?;
+    load_into(ctx, packet.ip(0), &mut icmp.quoted)?;
     // ICMPv6, unlike ICMP, covers a pseudo-header.
     let pseudo = pseudo_v6(packet, ICMP6, size_of_val(&icmp));
-    let sum = checksum(partial(pseudo, &icmp.quoted), &icmp.header);
-    icmp.header[2..4].copy_from_slice(&sum.to_be_bytes());
-    send(ctx, &ipv6_header(packet, ICMP6, size_of_val(&icmp)), &icmp)
+    let sum = checksum(pseudo, &icmp)?;
+    icmp.header[2..4].copy_from_slice(&sum);
+    send(
+        ctx,
+        packet,
+        &ipv6_header(packet, ICMP6, size_of_val(&icmp)),
+        &icmp,
+    )
 }
 
 /// The RST answering the segment at `packet.l4` (checksum left zero), given the length of the
@@ -163,7 +173,7 @@ fn rst_segment<A>(ctx: &TcContext, packet: &Packet<A>, ip_payload_len: usize) ->
 
 /// An IPv4 header from the packet's destination back to its source, checksum filled in.
 #[inline(always)]
-fn ipv4_header(packet: &Packet<AddrV4>, protocol: u8, payload: usize) -> [u8; IP_HLEN] {
+fn ipv4_header(packet: &Packet<AddrV4>, protocol: u8, payload: usize) -> Result<[u8; IP_HLEN], i64> {
     let mut ip = [0u8; IP_HLEN];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&((IP_HLEN + payload) as u16).to_be_bytes());
@@ -172,9 +182,9 @@ fn ipv4_header(packet: &Packet<AddrV4>, protocol: u8, payload: usize) -> [u8; IP
     ip[9] = protocol;
     ip[12..16].copy_from_slice(&packet.daddr);
     ip[16..20].copy_from_slice(&packet.saddr);
-    let sum = checksum(0, &ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    ip
+    let sum = checksum(0, &ip)?;
+    ip[10..12].copy_from_slice(&sum);
+    Ok(ip)
 }
 
 /// An IPv6 header from the packet's destination back to its source.
@@ -204,31 +214,38 @@ fn pseudo_v6(packet: &Packet<AddrV6>, next: u8, len: usize) -> u32 {
     partial(partial(0, &packet.daddr), &packet.saddr) + u32::from(next) + (len >> 16) + (len & 0xffff)
 }
 
-/// Replaces the packet with `ip` and `l4` behind the swapped Ethernet addresses and sends it
-/// back out of the device it arrived on.
+/// Replaces `packet` with `ip` and `l4` (behind the swapped Ethernet addresses, on a device
+/// that has them) and sends it back out of the device it arrived on.
 #[inline(always)]
-fn send<H: Copy, L: Copy>(ctx: &TcContext, ip: &H, l4: &L) -> Result<i32, i64> {
+fn send<A, H: Copy, L: Copy>(ctx: &TcContext, packet: &Packet<A>, ip: &H, l4: &L) -> Result<i32, i64> {
     let ip_len = core::mem::size_of::<H>();
-    let len = ETH_HLEN + ip_len + core::mem::size_of::<L>();
+    let l3 = packet.ip(0);
+    let len = l3 + ip_len + core::mem::size_of::<L>();
     // SAFETY: the context is this program's own skb; the helper only resizes it.
     let resized = unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, len as u32, 0) };
     if resized != 0 {
         return Err(resized);
     }
-    let macs: [u8; 12] = ctx.load(0)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0)?;
-    ctx.store(ETH_HLEN, ip, 0)?;
-    ctx.store(ETH_HLEN + ip_len, l4, 0)?;
+    if packet.has_ethernet() {
+        let macs: [u8; 12] = ctx.load(0)?;
+        let mut swapped = [0u8; 12];
+        swapped[..6].copy_from_slice(&macs[6..]);
+        swapped[6..].copy_from_slice(&macs[..6]);
+        ctx.store(0, &swapped, 0)?;
+    }
+    ctx.store(l3, ip, 0)?;
+    ctx.store(l3 + ip_len, l4, 0)?;
     // SAFETY: the skb pointer is this program's context; the helper reads its ifindex field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: bpf_redirect only records the target; the kernel sends the packet after return.
     Ok(unsafe { bpf_redirect(ifindex, 0) as i32 })
 }
 
+/// The checksum field's bytes for `value` (its own checksum field zero) behind a
+/// pseudo-header whose big-endian partial sum is `pseudo`. The kernel sums `value`: an
+/// unrolled sum of a 56-byte answer keeps every word live at once, and the spilled words made
+/// this the deepest frame of the program.
 #[inline(always)]
-fn checksum<const N: usize>(sum: u32, bytes: &[u8; N]) -> u16 {
-    finish(partial(sum, bytes))
+fn checksum<T>(pseudo: u32, value: &T) -> Result<[u8; 2], i64> {
+    Ok(finish_le(csum_of(value, le_seed(pseudo))?))
 }

@@ -8,31 +8,41 @@ use core::mem::{size_of, zeroed};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
 use proxy_common::maps::CtValue;
 
-use crate::packet::{ETH_HLEN, TcFamily};
+use crate::packet::{ETH_HLEN, Packet, TcFamily};
 
-/// Redirects the (already rewritten) packet towards `to.daddr`; drops it when no route leads
+/// Redirects the (already rewritten) `packet` towards `to.daddr`; drops it when no route leads
 /// there. Not inlined: the route lookup's parameter block gets a stack frame of its own.
 #[inline(never)]
-pub fn forward<F: TcFamily>(ctx: &TcContext, to: &CtValue<F::Addr>, protocol: u8) -> i32 {
+pub fn forward<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtValue<F::Addr>) -> i32 {
     // SAFETY: bpf_fib_lookup is a C struct of integers and byte arrays: all zeroes is valid.
     let mut params: FibParams = unsafe { zeroed() };
     F::route_params(&mut params, to);
-    params.l4_protocol = protocol;
+    params.l4_protocol = packet.proto;
     params.sport = to.sport.to_be();
     params.dport = to.dport.to_be();
-    params.__bindgen_anon_1.tot_len = ctx.len().saturating_sub(ETH_HLEN as u32) as u16;
+    params.__bindgen_anon_1.tot_len = ctx.len().saturating_sub(u32::from(packet.l3)) as u16;
     // SAFETY: the skb pointer is this program's context; ifindex is a readable field.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: `params` is a valid, initialised struct of the size passed, owned by this frame.
     let found = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
-    if found == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    let resolved = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    if !resolved && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return TC_ACT_SHOT;
+    }
+    // A packet from a device without a link-layer header gets an Ethernet one: the device it
+    // leaves by may need it, and one that does not strips it again (as Cilium's add_l2_hdr).
+    if !packet.has_ethernet() && add_ethernet::<F>(ctx).is_err() {
+        return TC_ACT_SHOT;
+    }
+    if resolved {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);
         macs[6..].copy_from_slice(&params.smac);
@@ -41,10 +51,20 @@ pub fn forward<F: TcFamily>(ctx: &TcContext, to: &CtValue<F::Addr>, protocol: u8
         }
         // SAFETY: bpf_redirect only records the target device; the kernel acts on return.
         unsafe { bpf_redirect(params.ifindex, 0) as i32 }
-    } else if found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+    } else {
         // SAFETY: a null parameter block asks the kernel to resolve the next hop itself.
         unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
-    } else {
-        TC_ACT_SHOT
     }
+}
+
+/// Makes room for an Ethernet header in front of the packet and fills in its EtherType (the
+/// addresses stay zero until the route lookup's are written).
+#[inline(always)]
+fn add_ethernet<F: TcFamily>(ctx: &TcContext) -> Result<(), i64> {
+    // SAFETY: the context is this program's own skb; the helper only grows its headroom.
+    let grown = unsafe { bpf_skb_change_head(ctx.as_ptr() as *mut __sk_buff, ETH_HLEN as u32, 0) };
+    if grown != 0 {
+        return Err(grown);
+    }
+    ctx.store(ETH_HLEN - 2, &F::ETHER_TYPE.to_be_bytes(), 0)
 }

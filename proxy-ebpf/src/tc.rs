@@ -26,7 +26,7 @@ use crate::{
     counters::bump,
     family::{V4, V6},
     lb::{self, Client, Reason, Selected, copy_of},
-    packet::{HEAD_LEN, Packet, Parsed, TcFamily, csum_diff, ether_type},
+    packet::{Head, Link, Packet, Parsed, TcFamily, csum_diff},
     route,
 };
 
@@ -46,16 +46,16 @@ enum Hook {
     Egress,
 }
 
-/// Reads the Ethernet header and a minimal IPv4 header in one load (most packets need no
+/// Reads the link-layer header and a minimal IPv4 header in one load (most packets need no
 /// more), then hands the packet to its family.
 #[inline(always)]
-fn on_packet(ctx: &TcContext, hook: Hook) -> i32 {
-    let Ok(head) = ctx.load::<[u8; HEAD_LEN]>(0) else {
+fn on_packet(ctx: &TcContext, link: Link, hook: Hook) -> i32 {
+    let Ok(head) = Head::load(ctx, link) else {
         return OK;
     };
-    match ether_type(&head) {
-        t if t == V4::ETHER_TYPE => translate::<V4>(ctx, &head, hook),
-        t if t == V6::ETHER_TYPE => translate::<V6>(ctx, &head, hook),
+    match head.ether_type(link) {
+        t if t == V4::ETHER_TYPE => translate::<V4>(ctx, link, &head, hook),
+        t if t == V6::ETHER_TYPE => translate::<V6>(ctx, link, &head, hook),
         _ => OK,
     }
 }
@@ -65,9 +65,9 @@ fn on_packet(ctx: &TcContext, hook: Hook) -> i32 {
 /// values and answers are large, so each stage's frame exists only while it runs (the
 /// program's own frame holds just the packet's fields and the chosen backend).
 #[inline(always)]
-fn translate<F: TcFamily>(ctx: &TcContext, head: &[u8; HEAD_LEN], hook: Hook) -> i32 {
+fn translate<F: TcFamily>(ctx: &TcContext, link: Link, head: &Head, hook: Hook) -> i32 {
     let mut packet = Packet::default();
-    match F::parse(ctx, head, &mut packet) {
+    match F::parse(ctx, link, head, &mut packet) {
         Ok(Parsed::Packet) => {}
         Ok(Parsed::Fragment) => {
             if hook == Hook::Ingress {
@@ -84,16 +84,26 @@ fn translate<F: TcFamily>(ctx: &TcContext, head: &[u8; HEAD_LEN], hook: Hook) ->
         return OK;
     }
     let mut selected = Selected::default();
-    let snat = match new_flow::<F>(&packet, &mut selected) {
+    // (SNAT, source port): a pair rather than an Option, whose payload a BPF call would pass
+    // uninitialised (which the verifier refuses) when it is None.
+    let (snat, snat_port) = match new_flow::<F>(&packet, &mut selected) {
         Start::Pass => return OK,
         Start::Drop => return SHOT,
         Start::Refuse => return F::refuse(ctx, &packet),
-        Start::Open => false,
-        Start::OpenSnat => true,
+        Start::Open => (false, 0),
+        // Called from here, not from `open_flow`: nested, the two frames would take the IPv6
+        // chain past Linux 6.1's stack bound (it rounds each frame up to 32 bytes).
+        Start::OpenSnat => match snat_port::<F>(&packet, &selected.backend) {
+            Some(port) => (true, port),
+            None => {
+                bump(Counter::TcSnatFailed);
+                return SHOT;
+            }
+        },
     };
     // The first packet is translated by the entries just made, as every later one is: one
     // more lookup, but the translation lives in one place and off the recording's frame.
-    if open_flow::<F>(&packet, &selected, snat) {
+    if open_flow::<F>(&packet, &selected, snat, snat_port) {
         tracked::<F>(ctx, &packet, hook, true).unwrap_or(SHOT)
     } else {
         SHOT
@@ -114,16 +124,16 @@ enum Start {
     OpenSnat,
 }
 
-/// tc ingress on an external device.
+/// tc ingress on an external device whose packets start as `link` says.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext) -> i32 {
-    on_packet(ctx, Hook::Ingress)
+pub fn ingress(ctx: &TcContext, link: Link) -> i32 {
+    on_packet(ctx, link, Hook::Ingress)
 }
 
 /// tc egress on an external device: replies of local backends.
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> i32 {
-    on_packet(ctx, Hook::Egress)
+pub fn egress(ctx: &TcContext, link: Link) -> i32 {
+    on_packet(ctx, link, Hook::Egress)
 }
 
 /// The node settings and the time, read only once a packet turns out to be ours: most
@@ -186,7 +196,7 @@ fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, f
     // At ingress, a reply now comes from a frontend and a SNATed packet from the node: both
     // must bypass the stack's input checks. Egress is past them.
     if hook == Hook::Ingress && (reply || flags & ct_flags::SNAT != 0) {
-        return Some(route::forward::<F>(ctx, entry, packet.proto));
+        return Some(route::forward::<F>(ctx, packet, entry));
     }
     Some(OK)
 }
@@ -242,13 +252,18 @@ fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Ad
     }
 }
 
-/// Records a new flow to `selected` and its reply in conntrack; false (counted) when it
-/// cannot.
+/// Records a new flow to `selected` and its reply in conntrack, the original direction coming
+/// from the node's address and `snat_port` when `snat`; false (counted) when it cannot.
 #[inline(never)]
 // By reference: passed by value, each key and value gets one more stack copy, which takes the
 // IPv6 call chain past the verifier's 512 bytes.
 #[allow(clippy::needless_borrows_for_generic_args)]
-fn open_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr>, snat: bool) -> bool {
+fn open_flow<F: TcFamily>(
+    packet: &Packet<F::Addr>,
+    selected: &Selected<F::Addr>,
+    snat: bool,
+    snat_port: u16,
+) -> bool {
     let Some((config, now)) = clock() else {
         return false;
     };
@@ -267,9 +282,9 @@ fn open_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr>
         flags,
         _pad: [0; 3],
     };
-    if snat && !snat_source::<F>(packet, backend, config, now, &mut entry) {
-        bump(Counter::TcSnatFailed);
-        return false;
+    if snat {
+        entry.saddr = F::snat_address(config);
+        entry.sport = snat_port;
     }
     let mut key = entry.reverse_key(packet.proto);
     entry.saddr = packet.daddr;
@@ -300,40 +315,40 @@ fn open_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr>
     recorded
 }
 
-/// Sets the source of `flow` (its original direction) to the node address and a port whose
-/// reply tuple no live flow holds: the client's own port when free (most flows keep their
-/// port), else a few random ones. A frame of its own.
+/// A source port for a flow to `backend` SNATed to the node's address, whose reply tuple no
+/// live flow holds: the client's own port when free (most flows keep their port), else a few
+/// random ones. `None` when the node has no address of this family or every try is taken.
 #[inline(never)]
-fn snat_source<F: TcFamily>(
-    packet: &Packet<F::Addr>,
-    backend: &Backend<F::Addr>,
-    config: &NodeConfig,
-    now: u64,
-    flow: &mut CtValue<F::Addr>,
-) -> bool {
+fn snat_port<F: TcFamily>(packet: &Packet<F::Addr>, backend: &Backend<F::Addr>) -> Option<u16> {
+    let (config, now) = clock()?;
     let source = F::snat_address(config);
     if source == F::Addr::default() {
-        return false;
+        return None;
     }
     let mut port = packet.sport;
     for _ in 0..SNAT_ATTEMPTS {
         let reply_key = CtKey::new(backend.addr, source, backend.port, port, packet.proto);
-        let free = match copy_of(F::conntrack().get_ptr(reply_key)) {
+        // Read in place: a copy of an IPv6 entry would cost this frame its size again.
+        let free = match F::conntrack().get_ptr(reply_key) {
             None => true,
             Some(entry) => {
-                let lifetime = conntrack::lifetime_s(packet.proto, entry.flags, config);
-                conntrack::expired(now, entry.last_seen_ns, lifetime)
+                // SAFETY: the pointer comes from a successful lookup and stays valid for this
+                // program run (RCU); a concurrent refresh is seen as its old or new value.
+                let (flags, last_seen_ns) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
+                conntrack::expired(
+                    now,
+                    last_seen_ns,
+                    conntrack::lifetime_s(packet.proto, flags, config),
+                )
             }
         };
         if free {
-            flow.saddr = source;
-            flow.sport = port;
-            return true;
+            return Some(port);
         }
         // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
         port = conntrack::snat_port(unsafe { bpf_get_prandom_u32() });
     }
-    false
+    None
 }
 
 /// Rewrites the packet's addresses and ports to `to`'s, fixing the IP and L4 checksums
@@ -353,14 +368,14 @@ fn rewrite<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtValue<
     let mut diff = 0;
     if reply || snat {
         diff = csum_diff(&packet.saddr, &to.saddr, diff)?;
-        ctx.store(F::SADDR, &to.saddr, 0)?;
+        ctx.store(packet.ip(F::SADDR), &to.saddr, 0)?;
     }
     if !reply || snat {
         diff = csum_diff(&packet.daddr, &to.daddr, diff)?;
-        ctx.store(F::DADDR, &to.daddr, 0)?;
+        ctx.store(packet.ip(F::DADDR), &to.daddr, 0)?;
     }
     let diff = u64::from(diff);
-    F::fix_ip_checksum(ctx, diff)?;
+    F::fix_ip_checksum(ctx, packet, diff)?;
     if ctx
         .l4_csum_replace(csum, 0, diff, F::PSEUDO_FLAGS | mangled)
         .is_err()

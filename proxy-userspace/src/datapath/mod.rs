@@ -8,5 +8,7 @@ pub mod maps;
 pub mod reader;
 pub mod readings;
 pub mod sockets;
+#[cfg(test)]
+mod stack_limit;
 pub mod sys;
 pub mod writer;
