@@ -2,7 +2,10 @@
 //! into OUT_DIR, where `datapath::loader` embeds them.
 
 fn main() -> anyhow::Result<()> {
-    let root_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy-ebpf");
+    // Read when the script runs, not when it is compiled: a script built in another checkout
+    // (a copied or shared target directory) would otherwise build that checkout's programs.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root_dir = std::path::Path::new(&manifest_dir).join("../proxy-ebpf");
     let root_dir = root_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root_dir:?}"))?;

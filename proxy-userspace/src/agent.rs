@@ -25,7 +25,8 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 use crate::{
     datapath::{
         conntrack::Conntrack,
-        external::{self, Devices},
+        external::{self, Attachment, Devices, ProgramState},
+        features::{KernelFeatures, TcAttach, TcMode},
         loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
@@ -34,7 +35,7 @@ use crate::{
         writer::Writer,
     },
     healthcheck::HealthCheckServers,
-    metrics::{KindLabel, Metrics},
+    metrics::{AttachmentLabel, FeatureLabel, KindLabel, Metrics, ProgramLabel},
     model::ServiceName,
     nodeport::NodePortAddresses,
     plan::{Capacity, Plan, Planner},
@@ -79,6 +80,7 @@ pub struct AgentOptions {
 #[derive(Debug, Clone)]
 pub struct ExternalOptions {
     pub devices: Devices,
+    pub tc_attach: TcAttach,
     pub node_port_addresses: NodePortAddresses,
     /// `--node-ip`: the node's primary addresses (SNAT source), if not the devices' first.
     pub node_ips: Vec<IpAddr>,
@@ -251,14 +253,91 @@ struct Prepared {
     datapath: Datapath,
     proxier: Proxier<DatapathSink>,
     external: ExternalSide,
+    tc_mode: TcMode,
     health_checks: HealthCheckServers,
+    metrics: Arc<Metrics>,
+    /// tc programs that did not load (for `/healthz`).
+    degraded: Vec<String>,
     live: bool,
+}
+
+/// Probes the kernel once, logs the one line and exports it; returns the tc attach mode.
+fn probe_kernel(tc_attach: TcAttach, metrics: &Metrics) -> TcMode {
+    let kernel = KernelFeatures::probe();
+    let mode = tc_attach.mode(kernel.tcx);
+    kernel.log(mode);
+    for feature in kernel.list() {
+        if let Some(available) = feature.available {
+            metrics
+                .kernel_features
+                .get_or_create(&FeatureLabel {
+                    feature: feature.name,
+                })
+                .set(i64::from(available));
+        }
+    }
+    mode
+}
+
+/// Exports the tc programs' load states; returns the problems, for `/healthz`.
+fn report_programs(programs: &[(&'static str, ProgramState)], metrics: &Metrics) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (program, state) in programs {
+        let state = match state {
+            ProgramState::Loaded => "loaded",
+            ProgramState::Failed(reason) => {
+                problems.push(format!("tc: program {program} not loaded: {reason}"));
+                "failed"
+            }
+        };
+        metrics
+            .datapath_programs
+            .get_or_create(&ProgramLabel {
+                program: program.to_string(),
+                state,
+            })
+            .set(1);
+    }
+    problems
+}
+
+/// Logs and exports the tc attachments; returns the problems, for `/healthz`.
+fn report_attachments(attachments: &[Attachment], metrics: &Metrics) -> Vec<String> {
+    let mut problems = Vec::new();
+    for a in attachments {
+        let state = match &a.outcome {
+            Ok(_) => "attached",
+            Err(e) => {
+                tracing::error!(
+                    device = %a.device,
+                    program = a.program,
+                    mode = a.mode.as_str(),
+                    "tc program not attached; traffic from outside arriving on this device is not served: {e}"
+                );
+                problems.push(format!("tc: {e}"));
+                "failed"
+            }
+        };
+        metrics
+            .tc_attachments
+            .get_or_create(&AttachmentLabel {
+                device: a.device.clone(),
+                program: a.program.to_string(),
+                mode: a.mode.as_str(),
+                state,
+            })
+            .set(1);
+    }
+    problems
 }
 
 impl Prepared {
     fn load(opts: &AgentOptions, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
         let external = ExternalSide::resolve(&opts.external)?;
+        let tc_mode = probe_kernel(opts.external.tc_attach, &metrics);
         let datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
+        let degraded = report_programs(datapath.tc_programs(), &metrics);
+        metrics.health.set_degraded(degraded.clone(), false);
         external::write_node_config(&opts.pin_dir, &external.config)?;
         let conntrack = Conntrack::open(&opts.pin_dir, external.config)?;
         tokio::spawn(collect_conntrack(
@@ -281,6 +360,7 @@ impl Prepared {
             rev_nat: sizes.rev_nat,
         });
         let metrics_for_checks = metrics.clone();
+        let metrics_for_prepared = metrics.clone();
         let proxier = Proxier::new(
             &opts.node_name,
             external.node_port_addresses.clone(),
@@ -297,7 +377,10 @@ impl Prepared {
             datapath,
             proxier,
             external,
+            tc_mode,
             health_checks: HealthCheckServers::new(metrics_for_checks),
+            metrics: metrics_for_prepared,
+            degraded,
             live: false,
         })
     }
@@ -326,13 +409,29 @@ impl Prepared {
             &self.proxier.release_unclaimed(),
         );
         let attached = self.datapath.attach(cgroup)?;
-        let (tc_updated, tc_created) = self.datapath.attach_devices(&self.external.devices)?;
+        let (attachments, mut tc_problems) =
+            match self.datapath.attach_devices(&self.external.devices, self.tc_mode) {
+                Ok(attachments) => (attachments, Vec::new()),
+                Err(e) => {
+                    // The socket programs are attached: they serve whatever happens to tc.
+                    tracing::error!("tc programs not attached: {e}");
+                    (Vec::new(), vec![format!("tc: {e}")])
+                }
+            };
+        tc_problems.extend(report_attachments(&attachments, &self.metrics));
+        let external_down = !self.external.devices.is_empty() && !tc_problems.is_empty();
+        let mut problems = self.degraded.clone();
+        problems.extend(tc_problems);
+        self.metrics.health.set_degraded(problems, external_down);
+        let tc_updated = attachments.iter().filter(|a| a.outcome == Ok(true)).count();
+        let tc_created = attachments.iter().filter(|a| a.outcome == Ok(false)).count();
         let planner = self.proxier.planner();
         tracing::info!(
             cgroup = %cgroup.display(),
             pin_dir = %self.datapath.pin_dir().display(),
             links_updated = attached.updated,
             links_created = attached.created,
+            tc_mode = self.tc_mode.as_str(),
             tc_links_updated = tc_updated,
             tc_links_created = tc_created,
             services = planner.service_count(),

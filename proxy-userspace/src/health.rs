@@ -5,6 +5,14 @@
 //! within two periods. `/healthz` also reports unhealthy while this node is being deleted
 //! (deletionTimestamp, or the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint), so
 //! load balancers drain it; `/livez` ignores that.
+//!
+//! Degraded datapath: parts the kernel refused (a tc program the verifier rejected, a device
+//! the tc programs could not attach to) are listed in `/healthz`'s `degraded` field. The
+//! socket programs serve ClusterIPs and the node's own clients either way, so that alone
+//! keeps 200; but when `--devices` asked for the tc path and it is not attached everywhere,
+//! traffic that load balancers send to this node's NodePorts is not served, so `/healthz`
+//! answers 503 and they drain the node, as they do for a node being deleted. `/livez` ignores
+//! it: a restart would not make the kernel accept the program.
 
 use std::{
     sync::Mutex,
@@ -21,6 +29,8 @@ struct State {
     last_updated: Option<SystemTime>,
     oldest_pending: Option<SystemTime>,
     node_eligible: bool,
+    degraded: Vec<String>,
+    external_down: bool,
 }
 
 #[derive(Debug)]
@@ -38,6 +48,10 @@ pub struct Report {
     pub last_updated: String,
     pub current_time: String,
     pub node_eligible: bool,
+    /// What of the datapath is not running, each naming the program and device (absent when
+    /// everything runs, so the body is kube-proxy's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
     #[serde(skip)]
     pub healthy: bool,
 }
@@ -55,6 +69,8 @@ impl Health {
                 last_updated: None,
                 oldest_pending: None,
                 node_eligible: true,
+                degraded: Vec::new(),
+                external_down: false,
             }),
         }
     }
@@ -84,6 +100,15 @@ impl Health {
         self.with(|s| s.node_eligible = eligible);
     }
 
+    /// Records what of the datapath is not running; `external_down`: traffic from outside
+    /// that `--devices` asked for is not served.
+    pub fn set_degraded(&self, degraded: Vec<String>, external_down: bool) {
+        self.with(|s| {
+            s.degraded = degraded;
+            s.external_down = external_down;
+        });
+    }
+
     /// `/healthz` when `include_node` is true, `/livez` when false.
     pub fn report(&self, now: SystemTime, include_node: bool) -> Report {
         self.with(|s| {
@@ -94,7 +119,8 @@ impl Health {
                 last_updated: s.last_updated.map(rfc3339).unwrap_or_default(),
                 current_time: rfc3339(now),
                 node_eligible: s.node_eligible,
-                healthy: synced && (!include_node || s.node_eligible),
+                degraded: s.degraded.clone(),
+                healthy: synced && (!include_node || (s.node_eligible && !s.external_down)),
             }
         })
     }
@@ -153,6 +179,26 @@ mod tests {
     }
 
     #[test]
+    fn a_degraded_datapath_is_listed_and_fails_healthz_only_when_external_traffic_is_lost() {
+        let h = Health::new(2 * PERIOD);
+        let problem = "tc: program bkp_tc_ingress not loaded: stack too large".to_string();
+        // No --devices: ClusterIPs and the node's own clients are all there is to serve.
+        h.set_degraded(vec![problem.clone()], false);
+        let report = h.report(at(0), true);
+        assert!(report.healthy);
+        assert_eq!(report.degraded, std::slice::from_ref(&problem));
+        // --devices asked for the tc path: load balancers must stop sending NodePort traffic.
+        h.set_degraded(vec![problem], true);
+        assert!(!h.report(at(0), true).healthy);
+        assert!(h.report(at(0), false).healthy, "livez: restarting would not help");
+        let json = serde_json::to_value(h.report(at(0), true)).unwrap();
+        assert_eq!(
+            json["degraded"][0],
+            "tc: program bkp_tc_ingress not loaded: stack too large"
+        );
+    }
+
+    #[test]
     fn report_serialises_like_kube_proxy() {
         let h = Health::new(2 * PERIOD);
         h.updated(at(0));
@@ -161,5 +207,9 @@ mod tests {
         assert_eq!(json["currentTime"], "2023-11-14T22:13:25.000Z");
         assert_eq!(json["nodeEligible"], true);
         assert!(json.get("healthy").is_none());
+        assert!(
+            json.get("degraded").is_none(),
+            "nothing degraded: kube-proxy's body"
+        );
     }
 }

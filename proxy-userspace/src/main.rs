@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use bpf_kube_proxy::{
     agent::{self, AgentOptions, ExternalOptions},
     config::{self, ProxyConfig},
-    datapath::{external::Devices, host, loader},
+    datapath::{external::Devices, features::TcAttach, host, loader},
     metrics::Metrics,
     nodeport::NodePortAddresses,
     sandbox::{
@@ -73,6 +73,8 @@ enum Command {
         output: cli::list::Format,
     },
     /// Remove the datapath (detach the programs, delete the pinned maps); for uninstalling.
+    /// Run it in the agent's network namespace: netlink tc filters (kernels without TCX) are
+    /// found by device name.
     Cleanup {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -161,6 +163,10 @@ struct RunArgs {
     /// own clients are served).
     #[arg(long, default_value = "none")]
     devices: Devices,
+    /// How the tc programs attach to --devices: "tcx" links (Linux 6.6+), "netlink" cls_bpf
+    /// filters on a clsact qdisc (any kernel), or "auto": TCX where the kernel has it.
+    #[arg(long, default_value = "auto")]
+    tc_attach: TcAttach,
     /// kube-proxy's nodePortAddresses: CIDRs whose node addresses serve NodePorts, or
     /// "primary" (default: every node address, and 127.0.0.1 for the node's own clients).
     #[arg(long, value_delimiter = ',')]
@@ -286,6 +292,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         )?,
         external: ExternalOptions {
             devices: args.devices,
+            tc_attach: args.tc_attach,
             node_port_addresses: NodePortAddresses::parse(
                 &args
                     .nodeport_addresses
@@ -345,10 +352,19 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dump { map, pin_dir, output } => cli::inspect::dump(&pin_dir, &map, output)?,
         Command::Cleanup { pin_dir } => {
-            if loader::cleanup(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))? {
-                println!("removed {} (programs detached, maps deleted)", pin_dir.display());
+            let done =
+                loader::cleanup(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+            if done.removed {
+                println!(
+                    "removed {} (programs detached, {} tc attachments removed, maps deleted)",
+                    pin_dir.display(),
+                    done.tc_detached
+                );
             } else {
                 println!("nothing to remove at {}", pin_dir.display());
+            }
+            for left in &done.tc_left {
+                eprintln!("{left}");
             }
         }
         Command::Demo(args) => {

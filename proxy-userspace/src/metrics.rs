@@ -40,6 +40,28 @@ pub struct PolicyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabel {
+    pub program: String,
+    /// `loaded` or `failed`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttachmentLabel {
+    pub device: String,
+    pub program: String,
+    /// `tcx` or `netlink`.
+    pub mode: &'static str,
+    /// `attached` or `failed`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeatureLabel {
+    pub feature: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -142,6 +164,9 @@ pub struct Metrics {
     pub stale_udp_failures: Counter,
     pub conntrack_collected: Counter,
     pub health_check_bind_failures: Counter,
+    pub datapath_programs: Family<ProgramLabel, Gauge>,
+    pub tc_attachments: Family<AttachmentLabel, Gauge>,
+    pub kernel_features: Family<FeatureLabel, Gauge>,
 }
 
 impl Metrics {
@@ -179,6 +204,9 @@ impl Metrics {
             stale_udp_failures: Counter::default(),
             conntrack_collected: Counter::default(),
             health_check_bind_failures: Counter::default(),
+            datapath_programs: Family::default(),
+            tc_attachments: Family::default(),
+            kernel_features: Family::default(),
             registry: Registry::default(),
         };
         {
@@ -290,6 +318,21 @@ impl Metrics {
                 "health_check_bind_failures",
                 "healthCheckNodePort servers that could not bind their port",
                 m.health_check_bind_failures.clone(),
+            );
+            own.register(
+                "datapath_programs",
+                "tc programs by load state (1 for the state each is in); the socket programs always load",
+                m.datapath_programs.clone(),
+            );
+            own.register(
+                "tc_attachments",
+                "tc programs on --devices by device, attach mode and state (1 for the state each is in)",
+                m.tc_attachments.clone(),
+            );
+            own.register(
+                "kernel_feature",
+                "Kernel features probed at start (1 present, 0 absent; unprobed ones are not listed)",
+                m.kernel_features.clone(),
             );
             own.register(
                 "map_full",

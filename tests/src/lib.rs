@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod manifests;
+pub mod tun;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -61,15 +62,27 @@ fn timeout_scale() -> u32 {
         .unwrap_or(1)
 }
 
-fn require_root() {
+pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "privileged integration tests need root (they load eBPF and create namespaces)"
     );
 }
 
-/// Removes the pin directory (links first, so the programs detach) on drop.
-struct Pins(PathBuf);
+/// A pin directory of the test's own under /sys/fs/bpf, removed (links first, so the programs
+/// detach) on drop.
+pub struct Pins(PathBuf);
+
+impl Pins {
+    /// `/sys/fs/bpf/<prefix>-<unique suffix>`; nothing is created until a load pins there.
+    pub fn unique(prefix: &str) -> Self {
+        Self(PathBuf::from(format!("/sys/fs/bpf/{prefix}-{}", unique_suffix())))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for Pins {
     fn drop(&mut self) {
@@ -286,15 +299,23 @@ impl World {
     }
 
     /// GET `path` from the agent's health or metrics server: status and body.
+    /// The request is made from the agent's network namespace, where the server listens.
     pub fn http_get(&self, server: &str, path: &str) -> (u16, String) {
         use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect(self.http_addr(server)).expect("connecting");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
+        let addr = self.http_addr(server);
+        let request = move || {
+            let mut stream = std::net::TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        };
+        let response = match self.agent_netns {
+            Some(_) => self.topology.node.run(request),
+            None => request(),
+        }
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
         let status = response
             .split_whitespace()
             .nth(1)
@@ -462,6 +483,14 @@ impl Prober {
             .map(|l| serde_json::from_str(l).expect("probe JSON"))
             .collect()
     }
+}
+
+/// The value of one sample line of a metrics text (`name{labels} value`).
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// What a successful attempt's server said.

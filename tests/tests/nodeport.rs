@@ -11,6 +11,12 @@
 //! The agent runs in the node namespace with `--devices up0,n2`. The remote backend's replies
 //! route back through node2's default route, so a flow to it works only if it was SNATed to
 //! the node and its replies are translated back on `n2`'s ingress.
+//!
+//! `up0` is a veth by default. The L3-device tests make it a device whose packets start at the
+//! IP header, with no Ethernet header: a TUN pair that the test process copies packets across,
+//! or an IPIP tunnel over a veth underlay (`u0`, 172.31.255.1/30) where the kernel has the
+//! module. Through it the tc programs see bare IP packets on ingress and must send bare ones
+//! out of `up0`, while the remote backend is still behind the Ethernet device `n2`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -22,7 +28,10 @@ use bpf_kube_proxy::{
     model::Protocol,
     sandbox::{netns::Netns, probe::ProbeMode, servers::Identity},
 };
-use integration_tests::{HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs};
+use integration_tests::{
+    HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, metric_sample, tun::TunPair,
+};
+use nix::sys::signal::Signal;
 
 const NODE_IP: &str = "192.168.50.1";
 const CLIENT_IP: &str = "192.168.50.2";
@@ -37,9 +46,27 @@ const LB_IP: &str = "203.0.113.10";
 const EXTERNAL_IP: &str = "198.51.100.7";
 const HEALTH_PORT: u16 = 32100;
 
-/// Field order is drop order: the extra namespaces go before the world (and its node). The
-/// remote ones are only held so they live as long as the test.
+/// What `up0`, the device between the client and the node, is.
+#[derive(Clone, Copy, Debug)]
+enum Uplink {
+    /// A veth pair: Ethernet frames.
+    Veth,
+    /// A TUN device on each side, packets copied across by the test process.
+    Tun,
+    /// An IPIP tunnel over a veth underlay (IPv4 only).
+    Ipip,
+}
+
+/// Whatever keeps the uplink carrying packets for as long as the test runs.
+enum Link {
+    Kernel,
+    Tun(TunPair),
+}
+
+/// Field order is drop order: the link's pump stops first, the extra namespaces go before the
+/// world (and its node). The remote ones are only held so they live as long as the test.
 struct Outside {
+    link: Link,
     ext: Netns,
     _remote: Netns,
     _node2: Netns,
@@ -55,8 +82,28 @@ fn forwarding(netns: &Netns) {
         .expect("enabling forwarding");
 }
 
+/// `BKP_TC_ATTACH=netlink` runs every test here through cls_bpf filters, as on kernels without
+/// TCX (< 6.6), even on one that has it.
+static FORCED_TC_ATTACH: std::sync::LazyLock<Option<String>> =
+    std::sync::LazyLock::new(|| std::env::var("BKP_TC_ATTACH").ok());
+
+/// `args` plus the forced `--tc-attach`, unless they choose one themselves.
+fn with_forced_tc_attach(mut args: Vec<&str>) -> Vec<&str> {
+    if let Some(mode) = FORCED_TC_ATTACH.as_deref()
+        && !args.contains(&"--tc-attach")
+    {
+        args.extend(["--tc-attach", mode]);
+    }
+    args
+}
+
 /// Builds the topology around a world with `local` backend pods; the agent is not started.
 fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
+    outside_over(Uplink::Veth, local, agent_args)
+}
+
+/// As [`outside`], the client reaching the node over an `uplink`.
+fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside {
     let mut world = World::new(local);
     let prefix = world.topology.prefix.clone();
     let node = &world.topology.node;
@@ -73,15 +120,50 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
         |ns: &Netns, cidr: &str, dev: &str| link(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
 
     let ext = Netns::create(&format!("{prefix}-ext")).expect("client namespace");
-    node.veth_to("up0", &ext).expect("veth");
+    // The client's end of the uplink.
+    let (uplink_state, client_dev) = match uplink {
+        Uplink::Veth => {
+            node.veth_to("up0", &ext).expect("veth");
+            (Link::Kernel, "eth0")
+        }
+        Uplink::Tun => {
+            let pair = TunPair::create(node, "up0", &ext, "tun0").expect("TUN pair");
+            (Link::Tun(pair), "tun0")
+        }
+        Uplink::Ipip => {
+            let (node_u, ext_u) = ("172.31.255.1", "172.31.255.2");
+            node.veth_to("u0", &ext).expect("veth");
+            link(node, &["addr", "add", &format!("{node_u}/30"), "dev", "u0"]);
+            link(node, &["link", "set", "u0", "up"]);
+            link(&ext, &["addr", "add", &format!("{ext_u}/30"), "dev", "eth0"]);
+            link(&ext, &["link", "set", "eth0", "up"]);
+            let tunnel = |ns: &Netns, name: &str, local: &str, remote: &str| {
+                link(
+                    ns,
+                    &[
+                        "link", "add", name, "type", "ipip", "local", local, "remote", remote,
+                    ],
+                )
+            };
+            tunnel(node, "up0", node_u, ext_u);
+            tunnel(&ext, "ipip0", ext_u, node_u);
+            (Link::Kernel, "ipip0")
+        }
+    };
     link(node, &["addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"]);
     link(node, &["link", "set", "up0", "up"]);
-    link(&ext, &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
-    link(&ext, &["link", "set", "eth0", "up"]);
+    link(
+        &ext,
+        &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", client_dev],
+    );
+    link(&ext, &["link", "set", client_dev, "up"]);
     link(&ext, &["route", "add", "default", "via", NODE_IP]);
-    addr6(node, &format!("{NODE_IP6}/64"), "up0");
-    addr6(&ext, &format!("{CLIENT_IP6}/64"), "eth0");
-    link(&ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
+    // IPIP carries IPv4 only.
+    if !matches!(uplink, Uplink::Ipip) {
+        addr6(node, &format!("{NODE_IP6}/64"), "up0");
+        addr6(&ext, &format!("{CLIENT_IP6}/64"), client_dev);
+        link(&ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
+    }
 
     let node2 = Netns::create(&format!("{prefix}-n2")).expect("second node namespace");
     forwarding(&node2);
@@ -124,12 +206,23 @@ fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
 
     let mut args = vec!["--devices", "up0,n2"];
     args.extend_from_slice(agent_args);
-    world.agent_in_node().agent_args(&args);
+    world.agent_in_node().agent_args(&with_forced_tc_attach(args));
     Outside {
+        link: uplink_state,
         ext,
         _remote: remote,
         _node2: node2,
         world,
+    }
+}
+
+impl Outside {
+    /// What the uplink carried, for failure messages (nothing to say of a kernel's own link).
+    fn observed(&self) -> String {
+        match &self.link {
+            Link::Kernel => String::new(),
+            Link::Tun(pair) => format!(" [{}]", pair.report()),
+        }
     }
 }
 
@@ -154,9 +247,11 @@ fn http_get(from: &Netns, target: SocketAddr) -> std::io::Result<(u16, String)> 
     })
 }
 
-/// Who answered a GET, as the backend reports it (its name and the client it saw).
-fn who(from: &Netns, target: SocketAddr) -> Identity {
-    let (status, body) = http_get(from, target).unwrap_or_else(|e| panic!("GET {target}: {e}"));
+/// Who answered a GET from the client, as the backend reports it (its name and the client it
+/// saw).
+fn who(o: &Outside, target: SocketAddr) -> Identity {
+    let (status, body) =
+        http_get(&o.ext, target).unwrap_or_else(|e| panic!("GET {target}: {e}{}", o.observed()));
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
 }
@@ -309,7 +404,12 @@ impl Stack {
 
     /// The topology with pod `a`, the agent running on `web` (local and remote endpoints).
     fn started(&self) -> Outside {
-        let mut o = outside(&["a"], &[]);
+        self.started_over(Uplink::Veth)
+    }
+
+    /// As [`Self::started`], the client reaching the node over `uplink`.
+    fn started_over(&self, uplink: Uplink) -> Outside {
+        let mut o = outside_over(uplink, &["a"], &[]);
         let eps = self.local_and_remote(&o);
         start_on(&mut o, &(self.web)("", "", &endpoints(&eps)), self.node_ip, 2);
         o
@@ -326,25 +426,38 @@ fn assert_local_and_remote_reached(o: &Outside, stack: &Stack) {
     let (node_ip, client_ip) = (stack.node_ip, stack.client_ip);
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..40 {
-        let id = who(&o.ext, target(node_ip, NODE_PORT));
+        let id = who(o, target(node_ip, NODE_PORT));
         let client: SocketAddr = id.client.parse().expect("client address");
         seen.insert(id.backend, client.ip().to_string());
     }
-    assert_eq!(seen.len(), 2, "both backends answer: {seen:?}");
-    assert_eq!(seen["a"], client_ip, "a local backend sees the client itself");
-    assert_eq!(seen["remote"], node_ip, "a remote backend sees the node (SNAT)");
+    let observed = o.observed();
+    assert_eq!(seen.len(), 2, "both backends answer: {seen:?}{observed}");
+    assert_eq!(
+        seen["a"], client_ip,
+        "a local backend sees the client itself{observed}"
+    );
+    assert_eq!(
+        seen["remote"], node_ip,
+        "a remote backend sees the node (SNAT){observed}"
+    );
 
     let mut udp = std::collections::BTreeSet::new();
     for _ in 0..30 {
-        let (id, from) = udp_ask(&o.ext, target(node_ip, NODE_PORT_UDP)).expect("UDP through the NodePort");
+        let (id, from) = udp_ask(&o.ext, target(node_ip, NODE_PORT_UDP)).unwrap_or_else(|e| {
+            panic!(
+                "UDP through the NodePort (answered so far: {udp:?}): {e}{}",
+                o.observed()
+            )
+        });
         assert_eq!(
             from,
             target(node_ip, NODE_PORT_UDP),
-            "replies come from the NodePort"
+            "replies come from the NodePort{}",
+            o.observed()
         );
         udp.insert(id.backend);
     }
-    assert_eq!(udp.len(), 2, "both backends answer UDP: {udp:?}");
+    assert_eq!(udp.len(), 2, "both backends answer UDP: {udp:?}{}", o.observed());
 }
 
 /// upstream "should be able to create a functioning NodePort service" (TCP and UDP), with one
@@ -371,7 +484,7 @@ fn load_balancer_ip_and_external_ip_not_on_any_node() {
     start(&mut o, &manifest, 2);
     for ip in [LB_IP, EXTERNAL_IP] {
         let backends: std::collections::BTreeSet<String> =
-            (0..30).map(|_| who(&o.ext, target(ip, 80)).backend).collect();
+            (0..30).map(|_| who(&o, target(ip, 80)).backend).collect();
         assert_eq!(backends.len(), 2, "{ip}:80 reaches both backends: {backends:?}");
     }
 }
@@ -385,7 +498,7 @@ fn assert_source_ranges_filter(stack: &Stack) {
         (stack.load_balancer)(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps))
     };
     start_on(&mut o, &manifest(stack.allowed), stack.node_ip, 2);
-    who(&o.ext, target(stack.lb_ip, 80));
+    who(&o, target(stack.lb_ip, 80));
 
     o.world.write("svc.yaml", &manifest(stack.denied));
     let denied = stack.denied.trim_matches('"');
@@ -402,7 +515,7 @@ fn assert_source_ranges_filter(stack: &Stack) {
         refused.is_err(),
         "a client outside the ranges is dropped: {refused:?}"
     );
-    who(&o.ext, target(stack.node_ip, NODE_PORT));
+    who(&o, target(stack.node_ip, NODE_PORT));
 }
 
 /// upstream "should only allow access from service loadbalancer source ranges": a client
@@ -430,7 +543,7 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_health_check_follows() 
     start(&mut o, &web(&spec, "", &endpoints(&eps)), 2);
 
     for _ in 0..20 {
-        let id = who(&o.ext, target(NODE_IP, NODE_PORT));
+        let id = who(&o, target(NODE_IP, NODE_PORT));
         assert_eq!(id.backend, "a", "only the local endpoint serves outside clients");
         assert!(
             id.client.starts_with(&format!("{CLIENT_IP}:")),
@@ -492,30 +605,31 @@ fn session_affinity_works_for_nodeport() {
     ];
     start(&mut o, &web("sessionAffinity: ClientIP", "", &endpoints(&eps)), 3);
     let backends: std::collections::BTreeSet<String> = (0..20)
-        .map(|_| who(&o.ext, target(NODE_IP, NODE_PORT)).backend)
+        .map(|_| who(&o, target(NODE_IP, NODE_PORT)).backend)
         .collect();
     assert_eq!(backends.len(), 1, "one client, one backend: {backends:?}");
 }
 
 /// With no endpoint left, the family's NodePort refuses TCP with a RST and UDP with an
-/// ICMP (ICMPv6) port unreachable; once the Service is deleted the port is released.
-fn assert_refused_then_released(stack: &Stack) {
-    let mut o = stack.started();
+/// ICMP (ICMPv6) port unreachable, sent back over `uplink`; once the Service is deleted the
+/// port is released.
+fn assert_refused_then_released(stack: &Stack, uplink: Uplink) {
+    let mut o = stack.started_over(uplink);
     let node_ip = stack.node_ip;
-    who(&o.ext, target(node_ip, NODE_PORT));
+    who(&o, target(node_ip, NODE_PORT));
     o.world.write("svc.yaml", &(stack.web)("", "", &[]));
     o.world.wait_for_backends(node_ip, NODE_PORT, Protocol::Tcp, 0);
-    let err = http_get(&o.ext, target(node_ip, NODE_PORT)).expect_err("no endpoint");
-    assert_eq!(
-        err.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "rejected with a RST: {err}"
+    let refused = http_get(&o.ext, target(node_ip, NODE_PORT));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "rejected with a RST, got {refused:?}{}",
+        o.observed()
     );
-    let err = udp_connected(&o.ext, target(node_ip, NODE_PORT_UDP)).expect_err("no endpoint");
-    assert_eq!(
-        err.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "rejected with a port unreachable: {err}"
+    let refused = udp_connected(&o.ext, target(node_ip, NODE_PORT_UDP));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "rejected with a port unreachable, got {refused:?}{}",
+        o.observed()
     );
 
     o.world.remove("svc.yaml");
@@ -536,13 +650,13 @@ fn assert_refused_then_released(stack: &Stack) {
 /// exist" for NodePort traffic (TCP and UDP).
 #[test]
 fn nodeport_rejects_without_endpoints_and_is_released_on_delete() {
-    assert_refused_then_released(&IPV4);
+    assert_refused_then_released(&IPV4, Uplink::Veth);
 }
 
 /// The same over IPv6 (a RST and an ICMPv6 port unreachable built by the program).
 #[test]
 fn ipv6_nodeport_rejects_without_endpoints_and_is_released_on_delete() {
-    assert_refused_then_released(&IPV6);
+    assert_refused_then_released(&IPV6, Uplink::Veth);
 }
 
 /// upstream "should be able to connect to NodePort from the node itself" (and localhost): the
@@ -595,4 +709,330 @@ fn conntrack_entries_expire() {
         .wait_until("the entries to expire", Duration::from_secs(15), |w| {
             (flows(w) == 0).then_some(())
         });
+}
+
+/// The NodePort over an L3 device (a TUN link, packets starting at the IP header): the local
+/// backend sees the client's own address (DNAT in, the reply translated back out of the L3
+/// device), and the backend behind node2 is reached through the Ethernet device `n2` with the
+/// node's address (SNAT: the programs put an Ethernet header on a packet that came without
+/// one), over TCP and UDP.
+#[test]
+fn nodeport_over_an_l3_tun_device_reaches_local_and_remote_backends() {
+    assert_local_and_remote_reached(&IPV4.started_over(Uplink::Tun), &IPV4);
+}
+
+/// The same over IPv6 through the TUN link.
+#[test]
+fn ipv6_nodeport_over_an_l3_tun_device_reaches_local_and_remote_backends() {
+    assert_local_and_remote_reached(&IPV6.started_over(Uplink::Tun), &IPV6);
+}
+
+/// Without endpoints the NodePort refuses a client on the TUN link: a RST (ECONNREFUSED) and
+/// an ICMP port unreachable, both built without an Ethernet header.
+#[test]
+fn nodeport_over_an_l3_tun_device_rejects_without_endpoints() {
+    assert_refused_then_released(&IPV4, Uplink::Tun);
+}
+
+/// The same refusals over IPv6 (a RST and an ICMPv6 port unreachable) on the TUN link.
+#[test]
+fn ipv6_nodeport_over_an_l3_tun_device_rejects_without_endpoints() {
+    assert_refused_then_released(&IPV6, Uplink::Tun);
+}
+
+/// Why IPIP tests cannot run on this kernel, if they cannot: the module does not load.
+fn ipip_missing() -> Option<String> {
+    if std::path::Path::new("/sys/module/ipip").exists() {
+        return None;
+    }
+    match std::process::Command::new("modprobe").arg("ipip").output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        Err(e) => Some(format!("modprobe: {e}")),
+    }
+}
+
+/// Runs `test` unless the kernel has no IPIP, in which case it says why it did not.
+fn over_ipip(test: impl FnOnce()) {
+    match ipip_missing() {
+        None => test(),
+        Some(why) => println!("SKIPPED: no IPIP tunnel on this kernel (modprobe ipip: {why})"),
+    }
+}
+
+/// The NodePort through a real IPIP tunnel (the kernel's `tunl0` kind of device): local and
+/// remote backends, TCP and UDP, as over the TUN link.
+#[test]
+fn nodeport_over_an_ipip_tunnel_reaches_local_and_remote_backends() {
+    over_ipip(|| assert_local_and_remote_reached(&IPV4.started_over(Uplink::Ipip), &IPV4));
+}
+
+/// Refusals without endpoints come back through the IPIP tunnel.
+#[test]
+fn nodeport_over_an_ipip_tunnel_rejects_without_endpoints() {
+    over_ipip(|| assert_refused_then_released(&IPV4, Uplink::Ipip));
+}
+
+/// Our cls_bpf filters on `device` in `direction` as `tc filter show` lists them in the node
+/// namespace: one line per filter with its handle, program and program id.
+fn our_filters(o: &Outside, device: &str, direction: &str) -> Vec<String> {
+    let out = o
+        .world
+        .topology
+        .node
+        .command("tc")
+        .args(["filter", "show", "dev", device, direction])
+        .output()
+        .expect("running tc");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("bkp_tc_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The program id in one `tc filter show` line (`... id 123 ...`).
+fn program_id(line: &str) -> u32 {
+    let mut words = line.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == "id")
+        .and_then(|_| words.next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no program id in {line:?}"))
+}
+
+/// Kernels without TCX (< 6.6): the tc programs are cls_bpf filters attached through netlink.
+/// The filters outlive a SIGKILLed agent (traffic keeps flowing while none runs), a restarted
+/// agent replaces each in place (one filter per device and direction, now running its new
+/// program), and `cleanup` in the agent's namespace removes them.
+#[test]
+fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them() {
+    let mut o = outside(&["a"], &["--tc-attach", "netlink"]);
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    let before: Vec<(String, &str, Vec<String>)> = ["up0", "n2"]
+        .into_iter()
+        .flat_map(|d| ["ingress", "egress"].map(|dir| (d.to_string(), dir)))
+        .map(|(d, dir)| {
+            let filters = our_filters(&o, &d, dir);
+            (d, dir, filters)
+        })
+        .collect();
+    for (device, dir, filters) in &before {
+        assert_eq!(
+            filters.len(),
+            1,
+            "{device} {dir}: one filter of ours: {filters:?}"
+        );
+        assert!(
+            filters[0].contains("handle 0xb4b") && filters[0].contains("direct-action"),
+            "{}",
+            filters[0]
+        );
+    }
+    who(&o, target(NODE_IP, NODE_PORT));
+
+    // Clients keep connecting through the NodePort while the agent is killed and restarted.
+    let Outside { ext, world, .. } = &mut o;
+    let ext: &Netns = ext;
+    let failures = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            (0..150)
+                .filter_map(|_| {
+                    std::thread::sleep(Duration::from_millis(10));
+                    http_get(ext, target(NODE_IP, NODE_PORT))
+                        .err()
+                        .map(|e| e.to_string())
+                })
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        world.stop_agent(Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        world.start_agent();
+        clients.join().expect("client thread")
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of 150 failed: {failures:?}",
+        failures.len()
+    );
+    let log = o.world.agent_log();
+    let ready = log
+        .lines()
+        .rfind(|l| l.contains("datapath ready"))
+        .expect("ready line");
+    assert!(
+        ready.contains("tc_mode=\"netlink\"") || ready.contains("tc_mode=netlink"),
+        "{ready}"
+    );
+    assert!(ready.contains("tc_links_updated=4"), "replaced in place: {ready}");
+    for (device, dir, old) in &before {
+        let now = our_filters(&o, device, dir);
+        assert_eq!(now.len(), 1, "{device} {dir}: still one filter: {now:?}");
+        assert_ne!(
+            program_id(&now[0]),
+            program_id(&old[0]),
+            "{device} {dir}: the filter runs the new agent's program"
+        );
+    }
+    who(&o, target(NODE_IP, NODE_PORT));
+
+    o.world.stop_agent(Signal::SIGTERM);
+    let out = o
+        .world
+        .topology
+        .node
+        .command(integration_tests::binary())
+        .args(["cleanup", "--pin-dir"])
+        .arg(o.world.pin_dir())
+        .output()
+        .expect("running cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 tc attachments removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for (device, dir, _) in &before {
+        assert_eq!(
+            our_filters(&o, device, dir),
+            Vec::<String>::new(),
+            "{device} {dir}"
+        );
+    }
+    assert!(!o.world.pin_dir().exists(), "pins removed");
+}
+
+/// A tc program that cannot be attached (here: another classifier already holds our filter
+/// priority on `up0`) stops nothing else: the agent serves ClusterIPs through the socket
+/// programs, attaches to the other device, logs the failure naming the device, counts it, and
+/// `/healthz` lists it and answers 503, since NodePort traffic arriving on `up0` is not served.
+#[test]
+fn a_tc_attach_failure_degrades_without_stopping_cluster_ips() {
+    let mut o = outside(&["a"], &["--tc-attach", "netlink"]);
+    let node = &o.world.topology.node;
+    let tc = |args: &[&str]| {
+        let out = node.command("tc").args(args).output().expect("running tc");
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let priority = bpf_kube_proxy::datapath::external::TC_PRIORITY.to_string();
+    tc(&["qdisc", "add", "dev", "up0", "clsact"]);
+    tc(&[
+        "filter", "add", "dev", "up0", "ingress", "pref", &priority, "protocol", "all", "u32", "match",
+        "u32", "0", "0", "classid", "1:1",
+    ]);
+    let local = vec![(o.world.ip("a"), NODE_NAME, true)];
+    o.world.write("svc.yaml", &web("", "", &endpoints(&local)));
+    o.world.start_agent();
+    o.world.wait_for_backends("10.96.0.20", 80, Protocol::Tcp, 1);
+
+    let attempts = o
+        .world
+        .probe(&integration_tests::addr("10.96.0.20", 80), ProbeMode::Tcp, 5);
+    assert!(attempts.iter().all(|a| a.ok), "ClusterIP served: {attempts:?}");
+    assert_eq!(integration_tests::spread(&attempts)["a"], 5);
+
+    let log = o.world.agent_log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tc program not attached"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line: {errors:?}");
+    assert!(errors[0].contains("up0@bkp_tc_ingress"), "{}", errors[0]);
+
+    let (status, body) = o.world.http_get("/healthz", "/healthz");
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let degraded = health["degraded"].as_array().expect("degraded list");
+    assert_eq!(degraded.len(), 1, "{degraded:?}");
+    assert!(
+        degraded[0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("up0@bkp_tc_ingress"),
+        "{degraded:?}"
+    );
+    let (status, _) = o.world.http_get("/healthz", "/livez");
+    assert_eq!(status, 200, "livez ignores it: a restart would not help");
+
+    let (_, metrics) = o.world.http_get("/metrics", "/metrics");
+    let series = |device: &str, program: &str, state: &str| {
+        format!(
+            "bpf_kube_proxy_tc_attachments{{device=\"{device}\",program=\"{program}\",mode=\"netlink\",state=\"{state}\"}}"
+        )
+    };
+    assert_eq!(
+        metric_sample(&metrics, &series("up0", "bkp_tc_ingress", "failed")),
+        Some(1.0),
+        "{metrics}"
+    );
+    for (device, program) in [
+        ("up0", "bkp_tc_egress"),
+        ("n2", "bkp_tc_ingress"),
+        ("n2", "bkp_tc_egress"),
+    ] {
+        assert_eq!(
+            metric_sample(&metrics, &series(device, program, "attached")),
+            Some(1.0),
+            "{device}@{program}"
+        );
+    }
+    assert_eq!(our_filters(&o, "n2", "ingress").len(), 1);
+}
+
+/// A device without a link-layer header (a TUN device, ARPHRD_NONE, like WireGuard's) gets the
+/// L3 program pair, whose packets start at the IP header, beside an Ethernet device's pair.
+#[test]
+fn devices_without_a_link_layer_header_get_the_l3_programs() {
+    let mut world = World::new(&["a"]);
+    let node = &world.topology.node;
+    for args in [
+        &["tuntap", "add", "tun0", "mode", "tun"][..],
+        &["addr", "add", "10.99.0.1/24", "dev", "tun0"],
+        &["link", "set", "tun0", "up"],
+    ] {
+        node.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    }
+    let local = vec![(world.ip("a"), NODE_NAME, true)];
+    world.write("svc.yaml", &web("", "", &endpoints(&local)));
+    world
+        .agent_in_node()
+        .agent_args(&with_forced_tc_attach(vec!["--devices", "tun0,br0"]));
+    world.start_agent();
+
+    let tc_dir = world.pin_dir().join("tc");
+    let mut records: Vec<String> = std::fs::read_dir(&tc_dir)
+        .expect("tc records")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    records.sort();
+    assert_eq!(
+        records,
+        [
+            "br0@bkp_tc_egress",
+            "br0@bkp_tc_ingress",
+            "tun0@bkp_tc_egress_l3",
+            "tun0@bkp_tc_ingress_l3"
+        ]
+    );
+    let (status, body) = world.http_get("/healthz", "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    let attached: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("bpf_kube_proxy_tc_attachments{") && l.contains("state=\"attached\""))
+        .collect();
+    assert_eq!(attached.len(), 4, "{metrics}");
+    assert!(
+        attached
+            .iter()
+            .any(|l| l.contains("device=\"tun0\",program=\"bkp_tc_ingress_l3\"")),
+        "{attached:?}"
+    );
 }

@@ -7,7 +7,7 @@ use bpf_kube_proxy::{model::Protocol, sandbox::probe::ProbeMode};
 use integration_tests::{
     HTTP_PORT, UDP_PORT, World, addr, identity,
     manifests::{Ep, docs, service, slice},
-    spread,
+    metric_sample as sample, spread,
 };
 use nix::sys::signal::Signal;
 
@@ -39,14 +39,6 @@ fn started(pods: &[&str], extra_spec: &str, agent_args: &[&str]) -> World {
     world.start_agent();
     world.wait_for_backends(VIP, 80, Protocol::Tcp, pods.len());
     world
-}
-
-/// The value of one sample line of the metrics text (`name{labels} value`).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[test]
@@ -150,6 +142,30 @@ fn health_and_metrics_are_served_like_kube_proxy() {
     ] {
         assert!(sample(&metrics, series).is_some(), "no {series} in\n{metrics}");
     }
+    // The kernel feature probe: one line at start, the same facts as gauges.
+    let log = world.agent_log();
+    let features: Vec<&str> = log.lines().filter(|l| l.contains("kernel features")).collect();
+    assert_eq!(features.len(), 1, "{log}");
+    let tcx = sample(&metrics, "bpf_kube_proxy_kernel_feature{feature=\"tcx\"}");
+    let mode = if tcx == Some(1.0) { "tcx" } else { "netlink" };
+    assert!(
+        features[0].contains(&format!("tc_attach=\"{mode}\"")),
+        "{}",
+        features[0]
+    );
+    assert_eq!(
+        sample(&metrics, "bpf_kube_proxy_kernel_feature{feature=\"btf\"}"),
+        Some(1.0)
+    );
+    // Every tc program of this build loaded: none is listed as failed.
+    assert!(!metrics.contains("state=\"failed\""), "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "bpf_kube_proxy_datapath_programs{program=\"bkp_tc_ingress\",state=\"loaded\"}"
+        ),
+        Some(1.0)
+    );
     let forwarded = sample(
         &metrics,
         "bpf_kube_proxy_datapath_events_total{reason=\"sock_forward\"}",

@@ -13,22 +13,17 @@ use aya::{
     Ebpf,
     maps::{Array, MapData},
     programs::{
-        SchedClassifier, TcAttachType,
+        Link as _, LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError,
         links::{FdLink, LinkError},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use proxy_common::maps::{self as names, NodeConfig};
 
 use crate::{
-    datapath::{loader::LoadError, maps::typed, sys},
+    datapath::{features::TcMode, host, loader::LoadError, maps::typed, sys},
     nodeport::usable,
 };
-
-/// The tc programs and the direction each is attached in.
-pub const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
-    ("bkp_tc_ingress", TcAttachType::Ingress),
-    ("bkp_tc_egress", TcAttachType::Egress),
-];
 
 /// `--devices`: where NodePort, LoadBalancer and externalIP traffic arrives.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -147,61 +142,463 @@ fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
         .map_err(|source| LoadError::Program { name, source })
 }
 
-pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    for (name, _) in TC_PROGRAMS {
-        tc_program(ebpf, name)?
-            .load()
-            .map_err(|source| LoadError::Program { name, source })?;
-    }
-    Ok(())
+/// Whether a tc program loaded: the datapath serves without it (only traffic from outside
+/// the node needs the tc path), so a failure is reported, not fatal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProgramState {
+    Loaded,
+    /// The verifier's (shortened) reason, or aya's.
+    Failed(String),
 }
 
-/// Attaches the tc programs to `devices` with TCX links pinned under `<pin dir>/tc/`, updating
-/// pinned links in place on a restart (no instant without translation) and removing the links
-/// of devices no longer listed. Returns (links updated, links created).
-pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, devices: &[String]) -> Result<(usize, usize), LoadError> {
+/// Loads every tc program the object has; none of their failures stops the others.
+pub fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
+    TC_PROGRAMS
+        .iter()
+        .map(|p| {
+            let state = match tc_program(ebpf, p.name) {
+                Err(e) => ProgramState::Failed(e.to_string()),
+                Ok(program) => match program.load() {
+                    Ok(()) => ProgramState::Loaded,
+                    Err(e) => ProgramState::Failed(short_error(&e.to_string())),
+                },
+            };
+            (p.name, state)
+        })
+        .collect()
+}
+
+/// aya's load error carries the whole verifier log; the reason is its last line before the
+/// statistics (`processed N insns`, `stack depth ...`, `verification time`).
+pub fn short_error(text: &str) -> String {
+    const MAX: usize = 240;
+    let short = match text.split_once("Verifier output:") {
+        Some((head, log)) => {
+            let reason = log
+                .lines()
+                .map(str::trim)
+                .rfind(|l| {
+                    !l.is_empty()
+                        && !["processed ", "stack depth", "verification time"]
+                            .iter()
+                            .any(|p| l.starts_with(p))
+                })
+                .unwrap_or("(empty verifier log)");
+            format!("{}: {reason}", head.trim_end().trim_end_matches('.'))
+        }
+        None => text.to_string(),
+    };
+    match short.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &short[..cut]),
+        None => short,
+    }
+}
+
+/// Which program pair a device gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Packets start at an Ethernet header.
+    Ethernet,
+    /// Packets start at the IP header: tunnels (IPIP, SIT, GRE, ip6tnl), WireGuard, TUN, PPP.
+    L3,
+}
+
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+/// `dev->type` of devices without a link-layer header (linux/if_arp.h): PPP, RAWIP, TUNNEL
+/// (ipip), TUNNEL6 (ip6tnl), SIT, IPGRE, IP6GRE, NONE (WireGuard, TUN).
+const ARPHRD_L3: [u16; 8] = [512, 519, 768, 769, 776, 778, 823, 65534];
+
+impl DeviceKind {
+    /// The kind of a device of link type `arphrd`; `None` for link layers the programs do not
+    /// parse (InfiniBand, CAN, ...). Bridges, bonds, VLANs, VXLAN and veths are ARPHRD_ETHER.
+    pub fn of(arphrd: u16) -> Option<Self> {
+        match arphrd {
+            ARPHRD_ETHER | ARPHRD_LOOPBACK => Some(Self::Ethernet),
+            t if ARPHRD_L3.contains(&t) => Some(Self::L3),
+            _ => None,
+        }
+    }
+}
+
+/// A tc program: its name in the object, its direction, the devices it is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcProgram {
+    pub name: &'static str,
+    pub direction: TcAttachType,
+    pub kind: DeviceKind,
+}
+
+pub const TC_PROGRAMS: [TcProgram; 4] = [
+    TcProgram {
+        name: "bkp_tc_ingress",
+        direction: TcAttachType::Ingress,
+        kind: DeviceKind::Ethernet,
+    },
+    TcProgram {
+        name: "bkp_tc_egress",
+        direction: TcAttachType::Egress,
+        kind: DeviceKind::Ethernet,
+    },
+    TcProgram {
+        name: "bkp_tc_ingress_l3",
+        direction: TcAttachType::Ingress,
+        kind: DeviceKind::L3,
+    },
+    TcProgram {
+        name: "bkp_tc_egress_l3",
+        direction: TcAttachType::Egress,
+        kind: DeviceKind::L3,
+    },
+];
+
+/// The programs for a device of `kind`, ingress first.
+pub fn programs_for(kind: DeviceKind) -> impl Iterator<Item = &'static TcProgram> {
+    TC_PROGRAMS.iter().filter(move |p| p.kind == kind)
+}
+
+/// Priority of our cls_bpf filters (lower runs first): fixed, so that a restarted agent
+/// replaces its filter rather than adding a second one. Not 1, which Cilium uses.
+pub const TC_PRIORITY: u16 = 21;
+/// Handle of our cls_bpf filters, fixed for the same reason.
+pub const TC_HANDLE: u32 = 0xb4b;
+
+/// What is recorded under `<pin dir>/tc/` for a netlink filter: bpffs holds no regular files,
+/// so the record is a symlink whose target names the filter. The network namespace is kept
+/// because device names mean something only in their namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilterRecord {
+    pub ingress: bool,
+    pub priority: u16,
+    pub handle: u32,
+    pub netns: u64,
+}
+
+impl FilterRecord {
+    fn new(direction: TcAttachType, netns: u64) -> Self {
+        Self {
+            ingress: direction == TcAttachType::Ingress,
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+            netns,
+        }
+    }
+
+    fn direction(&self) -> TcAttachType {
+        if self.ingress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        let dir = if self.ingress { "ingress" } else { "egress" };
+        format!(
+            "netlink:{dir}:pref={}:handle={:#x}:netns={}",
+            self.priority, self.handle, self.netns
+        )
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.strip_prefix("netlink:")?.split(':');
+        let ingress = match parts.next()? {
+            "ingress" => true,
+            "egress" => false,
+            _ => return None,
+        };
+        let priority = parts.next()?.strip_prefix("pref=")?.parse().ok()?;
+        let handle = u32::from_str_radix(parts.next()?.strip_prefix("handle=0x")?, 16).ok()?;
+        let netns = parts.next()?.strip_prefix("netns=")?.parse().ok()?;
+        parts.next().is_none().then_some(Self {
+            ingress,
+            priority,
+            handle,
+            netns,
+        })
+    }
+}
+
+/// What `<pin dir>/tc/<device>@<program>` holds.
+enum Record {
+    /// A pinned TCX link.
+    Tcx,
+    Netlink(FilterRecord),
+    Unreadable(String),
+}
+
+fn read_record(path: &Path) -> Option<Record> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_symlink() {
+        return Some(Record::Tcx);
+    }
+    Some(match fs::read_link(path) {
+        Ok(target) => match FilterRecord::parse(&target.to_string_lossy()) {
+            Some(r) => Record::Netlink(r),
+            None => Record::Unreadable(format!("unknown record {}", target.display())),
+        },
+        Err(e) => Record::Unreadable(e.to_string()),
+    })
+}
+
+/// The device and program a record's file name (`<device>@<program>`) names.
+fn record_name(path: &Path) -> Option<(String, String)> {
+    let name = path.file_name()?.to_string_lossy();
+    let (device, program) = name.rsplit_once('@')?;
+    Some((device.to_string(), program.to_string()))
+}
+
+fn os_error(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::TcError(TcError::NetlinkError(e)) | ProgramError::NetlinkError(e) => e.raw_os_error(),
+        ProgramError::TcError(TcError::IoError(e)) => e.raw_os_error(),
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Removes our filter from `device` (a filter or device already gone is not an error).
+fn detach_filter(device: &str, record: &FilterRecord) -> Result<(), String> {
+    let link = match SchedClassifierLink::attached(
+        device,
+        record.direction(),
+        record.priority,
+        TcHandle::from(record.handle),
+        None,
+    ) {
+        Ok(link) => link,
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    match link.detach() {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(os_error(&e), Some(libc::ENOENT | libc::ENODEV)) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Undoes one record: a pinned TCX link detaches when its pin goes; a netlink filter is
+/// removed first when it is in this network namespace. Returns a note when a filter had to be
+/// left (another namespace, or the removal failed).
+fn remove_record(path: &Path, netns: u64) -> std::io::Result<Option<String>> {
+    let note = match (read_record(path), record_name(path)) {
+        (Some(Record::Netlink(record)), Some((device, program))) => {
+            if record.netns != netns {
+                Some(format!(
+                    "{device}@{program}: filter left in network namespace {} (run cleanup there)",
+                    record.netns
+                ))
+            } else {
+                detach_filter(&device, &record)
+                    .err()
+                    .map(|e| format!("{device}@{program}: removing the filter: {e}"))
+            }
+        }
+        (Some(Record::Unreadable(e)), _) => Some(format!("{}: {e}", path.display())),
+        _ => None,
+    };
+    fs::remove_file(path)?;
+    Ok(note)
+}
+
+/// Removes every tc attachment recorded under `<pin dir>/tc/`; returns (removed, notes about
+/// filters left in place).
+pub fn detach_all(pin_dir: &Path) -> std::io::Result<(usize, Vec<String>)> {
+    let dir = pin_dir.join("tc");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok((0, Vec::new()));
+    };
+    let netns = host::current_netns()?;
+    let (mut removed, mut notes) = (0, Vec::new());
+    for entry in entries {
+        let note = remove_record(&entry?.path(), netns)?;
+        match note {
+            Some(n) => notes.push(n),
+            None => removed += 1,
+        }
+    }
+    Ok((removed, notes))
+}
+
+/// One tc program on one device, as the agent tried to attach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub device: String,
+    pub program: &'static str,
+    pub mode: TcMode,
+    /// `Ok(true)`: an existing attachment now runs the new program (restart); `Ok(false)`:
+    /// created; `Err`: why it is not attached.
+    pub outcome: Result<bool, String>,
+}
+
+/// Attaches the tc programs to `devices` in `mode`, each device getting the pair for its link
+/// type. Attachments are recorded under `<pin dir>/tc/<device>@<program>` (a pinned TCX link,
+/// or a record of the netlink filter) and replaced in place on a restart, so that there is no
+/// instant without translation; those of devices no longer listed are removed. A failure on
+/// one device or program is returned in its [`Attachment`] and stops nothing else.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    devices: &[String],
+    mode: TcMode,
+) -> Result<Vec<Attachment>, LoadError> {
     let dir = pin_dir.join("tc");
     let pin_err = |what, path: &Path| {
         let path: PathBuf = path.to_path_buf();
         move |source| LoadError::Pin { what, path, source }
     };
     fs::create_dir_all(&dir).map_err(pin_err("creating", &dir))?;
-    let wanted: Vec<String> = devices
+    let netns = host::current_netns().map_err(pin_err("reading the network namespace of", &dir))?;
+    let kinds: Vec<(&String, Result<DeviceKind, String>)> = devices
         .iter()
-        .flat_map(|d| TC_PROGRAMS.iter().map(move |(name, _)| format!("{d}@{name}")))
+        .map(|d| {
+            let kind = host::device_type(d)
+                .map_err(|e| format!("reading its link type: {e}"))
+                .and_then(|t| {
+                    DeviceKind::of(t).ok_or(format!("link type {t} (ARPHRD) is neither Ethernet nor IP-only"))
+                });
+            (d, kind)
+        })
+        .collect();
+    let wanted: Vec<String> = kinds
+        .iter()
+        .filter_map(|(d, k)| Some((d, *k.as_ref().ok()?)))
+        .flat_map(|(d, k)| programs_for(k).map(move |p| format!("{d}@{}", p.name)))
         .collect();
     for entry in fs::read_dir(&dir).map_err(pin_err("listing", &dir))? {
-        let entry = entry.map_err(pin_err("listing", &dir))?;
-        if !wanted.iter().any(|w| *w == entry.file_name().to_string_lossy()) {
-            tracing::info!(link = %entry.path().display(), "detaching tc from a device no longer listed");
-            fs::remove_file(entry.path()).map_err(pin_err("removing", &entry.path()))?;
-        }
-    }
-    let (mut updated, mut created) = (0, 0);
-    for device in devices {
-        for (name, direction) in TC_PROGRAMS {
-            let program = tc_program(ebpf, name)?;
-            let prog_err = |source| LoadError::Program { name, source };
-            let pin = dir.join(format!("{device}@{name}"));
-            if pin.exists() {
-                let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link", &pin))?;
-                let prog_fd = program.fd().map_err(prog_err)?;
-                sys::link_update(&link, prog_fd).map_err(pin_err("updating pinned link", &pin))?;
-                updated += 1;
-            } else {
-                let id = program.attach(device, direction).map_err(prog_err)?;
-                let link: FdLink = program
-                    .take_link(id)
-                    .map_err(prog_err)?
-                    .try_into()
-                    .map_err(|source: LinkError| LoadError::Link { name, source })?;
-                link.pin(&pin)
-                    .map_err(|e| pin_err("pinning link", &pin)(std::io::Error::other(e)))?;
-                created += 1;
+        let path = entry.map_err(pin_err("listing", &dir))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if !wanted.iter().any(|w| *w == name) {
+            tracing::info!(record = %path.display(), "detaching tc from a device no longer listed");
+            if let Some(note) = remove_record(&path, netns).map_err(pin_err("removing", &path))? {
+                tracing::warn!("{note}");
             }
         }
     }
-    Ok((updated, created))
+    let mut out = Vec::new();
+    for (device, kind) in kinds {
+        let kind = match kind {
+            Ok(kind) => kind,
+            Err(e) => {
+                // Name the pair the device would get if it were Ethernet, so the failure is
+                // visible per program like any other.
+                out.extend(programs_for(DeviceKind::Ethernet).map(|p| Attachment {
+                    device: device.clone(),
+                    program: p.name,
+                    mode,
+                    outcome: Err(format!("device {device}: {e}")),
+                }));
+                continue;
+            }
+        };
+        for p in programs_for(kind) {
+            let path = dir.join(format!("{device}@{}", p.name));
+            let outcome = attach_one(ebpf, &path, device, p, mode, netns)
+                .map_err(|e| format!("{device}@{} ({mode}): {e}", p.name));
+            out.push(Attachment {
+                device: device.clone(),
+                program: p.name,
+                mode,
+                outcome,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    path: &Path,
+    device: &str,
+    p: &TcProgram,
+    mode: TcMode,
+    netns: u64,
+) -> Result<bool, String> {
+    let program = tc_program(ebpf, p.name).map_err(|e| e.to_string())?;
+    if program.fd().is_err() {
+        return Err(format!("program {} did not load", p.name));
+    }
+    let existing = read_record(path);
+    match (mode, existing) {
+        (TcMode::Tcx, Some(Record::Tcx)) => {
+            let link = sys::obj_get(path).map_err(|e| format!("opening pinned link: {e}"))?;
+            let prog_fd = program.fd().map_err(|e| e.to_string())?;
+            sys::link_update(&link, prog_fd).map_err(|e| format!("updating pinned link: {e}"))?;
+            Ok(true)
+        }
+        (TcMode::Tcx, existing) => {
+            if existing.is_some() {
+                // A netlink filter from a run in the other mode: one of the two, not both.
+                if let Some(note) = remove_record(path, netns).map_err(|e| e.to_string())? {
+                    tracing::warn!("{note}");
+                }
+            }
+            let id = program
+                .attach_with_options(
+                    device,
+                    p.direction,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| e.to_string())?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(|e| e.to_string())?
+                .try_into()
+                .map_err(|e: LinkError| e.to_string())?;
+            link.pin(path).map_err(|e| format!("pinning link: {e}"))?;
+            Ok(false)
+        }
+        (TcMode::Netlink, existing) => {
+            if matches!(existing, Some(Record::Tcx | Record::Unreadable(_))) {
+                fs::remove_file(path).map_err(|e| format!("removing {}: {e}", path.display()))?;
+            }
+            let replaced = attach_filter(program, device, p.direction)?;
+            if fs::symlink_metadata(path).is_err() {
+                std::os::unix::fs::symlink(FilterRecord::new(p.direction, netns).to_text(), path)
+                    .map_err(|e| format!("recording the filter at {}: {e}", path.display()))?;
+            }
+            Ok(replaced)
+        }
+    }
+}
+
+/// Attaches `program` as our cls_bpf filter on `device`, creating the clsact qdisc if absent.
+/// An existing filter at our priority and handle (an earlier agent's) is replaced in place,
+/// which the kernel does atomically; otherwise one is created. Returns whether it replaced.
+fn attach_filter(
+    program: &mut SchedClassifier,
+    device: &str,
+    direction: TcAttachType,
+) -> Result<bool, String> {
+    match tc::qdisc_add_clsact(device) {
+        Ok(()) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(format!("adding the clsact qdisc: {e}")),
+    }
+    let existing =
+        SchedClassifierLink::attached(device, direction, TC_PRIORITY, TcHandle::from(TC_HANDLE), None)
+            .map_err(|e| e.to_string())?;
+    let (id, replaced) = match program.attach_to_link(existing) {
+        Ok(id) => (id, true),
+        Err(e) if os_error(&e) == Some(libc::ENOENT) => {
+            let options = NlOptions {
+                priority: TC_PRIORITY,
+                handle: TcHandle::from(TC_HANDLE),
+                classid: None,
+            };
+            let id = program
+                .attach_with_options(device, direction, TcAttachOptions::Netlink(options))
+                .map_err(|e| e.to_string())?;
+            (id, false)
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let link = program.take_link(id).map_err(|e| e.to_string())?;
+    // Dropping the link would delete the filter, which must outlive the agent as a pinned TCX
+    // link does; the record under tc/ finds it again. The link holds only the ifindex,
+    // priority and handle, so forgetting it leaks nothing.
+    std::mem::forget(link);
+    Ok(replaced)
 }
 
 #[cfg(test)]
@@ -254,5 +651,61 @@ mod tests {
         );
         let explicit = ["192.0.2.9".parse().unwrap()];
         assert_eq!(primary_addresses(&explicit, &devices, &a)[0], explicit[0]);
+    }
+
+    #[test]
+    fn devices_without_a_mac_header_get_the_l3_programs() {
+        let cases = [
+            (1, Some(DeviceKind::Ethernet)),   // eth, veth, bridge, bond, vlan, vxlan
+            (772, Some(DeviceKind::Ethernet)), // lo
+            (768, Some(DeviceKind::L3)),       // tunl0 (ipip)
+            (769, Some(DeviceKind::L3)),       // ip6tnl0
+            (776, Some(DeviceKind::L3)),       // sit0
+            (778, Some(DeviceKind::L3)),       // gre0
+            (65534, Some(DeviceKind::L3)),     // wg0, tun0
+            (32, None),                        // ib0 (InfiniBand)
+            (280, None),                       // can0
+        ];
+        for (arphrd, kind) in cases {
+            assert_eq!(DeviceKind::of(arphrd), kind, "ARPHRD {arphrd}");
+        }
+        let l3: Vec<&str> = programs_for(DeviceKind::L3).map(|p| p.name).collect();
+        assert_eq!(l3, ["bkp_tc_ingress_l3", "bkp_tc_egress_l3"]);
+        let l2: Vec<TcAttachType> = programs_for(DeviceKind::Ethernet).map(|p| p.direction).collect();
+        assert_eq!(l2, [TcAttachType::Ingress, TcAttachType::Egress]);
+    }
+
+    #[test]
+    fn a_verifier_rejection_shortens_to_its_reason() {
+        let text = "program bkp_tc_ingress: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). \
+                    Verifier output: 0: (bf) r6 = r1\n1: (b7) r0 = 0\ncombined stack size of 4 calls is 544. Too large\n\
+                    verification time 51870 usec\nstack depth 152+0+112\nprocessed 34701 insns (limit 1000000)\n";
+        assert_eq!(
+            short_error(text),
+            "program bkp_tc_ingress: the BPF_PROG_LOAD syscall returned Permission denied (os error 13): \
+             combined stack size of 4 calls is 544. Too large"
+        );
+        assert_eq!(short_error("invalid link"), "invalid link");
+        let long = "x".repeat(1000);
+        assert_eq!(short_error(&long).chars().count(), 243);
+    }
+
+    #[test]
+    fn filter_records_round_trip_and_refuse_other_text() {
+        let record = FilterRecord::new(TcAttachType::Egress, 4026531840);
+        let text = record.to_text();
+        assert_eq!(text, "netlink:egress:pref=21:handle=0xb4b:netns=4026531840");
+        assert_eq!(FilterRecord::parse(&text), Some(record));
+        for bad in [
+            "tcx",
+            "netlink:up:pref=1:handle=0x1:netns=1",
+            "netlink:ingress:pref=1:handle=0x1:netns=1:x",
+        ] {
+            assert_eq!(FilterRecord::parse(bad), None, "{bad}");
+        }
+        assert_eq!(
+            record_name(Path::new("/sys/fs/bpf/x/tc/eth0@bkp_tc_ingress")),
+            Some(("eth0".into(), "bkp_tc_ingress".into()))
+        );
     }
 }

@@ -93,3 +93,39 @@ pub fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send)
             .map_err(|_| io::Error::other("network namespace thread panicked"))?
     })
 }
+
+/// The link-layer type (`ARPHRD_*`, `dev->type`) of the device `name` in this process's
+/// network namespace. Read with SIOCGIFHWADDR rather than from /sys/class/net, which shows the
+/// namespace sysfs was mounted in, not necessarily the agent's.
+pub fn device_type(name: &str) -> io::Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // SAFETY: ifreq is plain data; all zeroes is a valid (empty) request.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= request.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a device name"));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr inside `request`, which
+    // outlives the call; the socket fd is open for its duration.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SIOCGIFHWADDR,
+            &mut request as *mut libc::ifreq,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR filled the ifr_hwaddr member of the union.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr }.sa_family)
+}
+
+/// This process's network namespace, by inode (what `ip netns identify` compares).
+pub fn current_netns() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata("/proc/self/ns/net")?.ino())
+}

@@ -19,7 +19,7 @@ use aya::{
 };
 use proxy_common::maps::{self as names, capacity};
 
-use crate::datapath::{external, host, sys};
+use crate::datapath::{external, features::TcMode, host, sys};
 
 /// The datapath object, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -116,11 +116,14 @@ pub struct AttachReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    tc_programs: Vec<(&'static str, external::ProgramState)>,
 }
 
 impl Datapath {
     /// Loads and verifies every program, creating or reusing pinned maps. Attaching is a
-    /// separate step so the agent can fill the maps before new programs go live.
+    /// separate step so the agent can fill the maps before new programs go live. The socket
+    /// programs must load; a tc program that does not is logged and reported by
+    /// [`Self::tc_programs`], and the rest of the datapath serves without it.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
         host::ensure_pin_dir(pin_dir)?;
         drop_incompatible_pins(pin_dir, sizes)?;
@@ -138,10 +141,19 @@ impl Datapath {
                 .load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
-        external::load_programs(&mut ebpf)?;
+        let tc_programs = external::load_programs(&mut ebpf);
+        for (program, state) in &tc_programs {
+            if let external::ProgramState::Failed(reason) = state {
+                tracing::error!(
+                    program,
+                    "tc program not loaded; traffic from outside the node is not served through it: {reason}"
+                );
+            }
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            tc_programs,
         })
     }
 
@@ -158,9 +170,18 @@ impl Datapath {
             .map_err(|source| LoadError::Program { name, source })
     }
 
+    /// Whether each tc program loaded.
+    pub fn tc_programs(&self) -> &[(&'static str, external::ProgramState)] {
+        &self.tc_programs
+    }
+
     /// Attaches the tc programs to `devices` (see [`external::attach`]).
-    pub fn attach_devices(&mut self, devices: &[String]) -> Result<(usize, usize), LoadError> {
-        external::attach(&mut self.ebpf, &self.pin_dir, devices)
+    pub fn attach_devices(
+        &mut self,
+        devices: &[String],
+        mode: TcMode,
+    ) -> Result<Vec<external::Attachment>, LoadError> {
+        external::attach(&mut self.ebpf, &self.pin_dir, devices, mode)
     }
 
     /// Attaches every socket program to `cgroup` (and its descendants) through links pinned
@@ -263,15 +284,211 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<(), LoadErr
     Ok(())
 }
 
-/// Removes everything under `pin_dir`: links (detaching the programs), then maps.
-pub fn cleanup(pin_dir: &Path) -> std::io::Result<bool> {
+/// What `cleanup` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Whether there was a pin directory.
+    pub removed: bool,
+    /// tc attachments removed (TCX links and netlink filters).
+    pub tc_detached: usize,
+    /// netlink filters that could not be removed from here, each with why (they live in
+    /// another network namespace: `cleanup` must run in the agent's).
+    pub tc_left: Vec<String>,
+}
+
+/// Removes everything under `pin_dir`: tc attachments and cgroup links (detaching the
+/// programs), then maps. netlink filters are removed through the device names they were
+/// recorded with, so only in the network namespace the agent ran in.
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleanup> {
     if !pin_dir.exists() {
-        return Ok(false);
+        return Ok(Cleanup::default());
     }
+    let (tc_detached, tc_left) = external::detach_all(pin_dir)?;
     let links = pin_dir.join("links");
     if links.exists() {
         fs::remove_dir_all(&links)?;
     }
     fs::remove_dir_all(pin_dir)?;
-    Ok(true)
+    Ok(Cleanup {
+        removed: true,
+        tc_detached,
+        tc_left,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use aya_obj::{
+        EbpfSectionKind,
+        generated::{BPF_F_NO_PREALLOC, bpf_map_type},
+    };
+    use proxy_common::{
+        counters::Counter,
+        maps::{
+            AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat,
+            ServiceKey, ServiceLabel, ServiceValue, SockRevKey, SockRevValue, SourceRange,
+        },
+    };
+
+    use super::*;
+    use crate::datapath::external::TC_PROGRAMS;
+
+    /// What the agent's reads and writes assume of one map: the types it uses for the map's
+    /// keys and values, its kind, its default capacity and its flags.
+    struct Expected {
+        name: &'static str,
+        kind: bpf_map_type,
+        key: usize,
+        value: usize,
+        max_entries: u32,
+        flags: u32,
+    }
+
+    const fn map<K, V>(name: &'static str, kind: bpf_map_type, max_entries: u32) -> Expected {
+        Expected {
+            name,
+            kind,
+            key: size_of::<K>(),
+            value: size_of::<V>(),
+            max_entries,
+            flags: 0,
+        }
+    }
+
+    /// The agent writes the trie's keys as aya's `Key` (a prefix length, then the data).
+    type TrieKey<A> = aya::maps::lpm_trie::Key<SourceRange<A>>;
+
+    fn expected() -> [Expected; 16] {
+        use bpf_map_type::*;
+        [
+            map::<ServiceKey<AddrV4>, ServiceValue>(
+                names::SERVICES_V4,
+                BPF_MAP_TYPE_HASH,
+                capacity::SERVICES,
+            ),
+            map::<ServiceKey<AddrV6>, ServiceValue>(
+                names::SERVICES_V6,
+                BPF_MAP_TYPE_HASH,
+                capacity::SERVICES,
+            ),
+            map::<u32, Backend<AddrV4>>(names::BACKENDS_V4, BPF_MAP_TYPE_HASH, capacity::BACKENDS),
+            map::<u32, Backend<AddrV6>>(names::BACKENDS_V6, BPF_MAP_TYPE_HASH, capacity::BACKENDS),
+            map::<u32, RevNat<AddrV4>>(names::REV_NAT_V4, BPF_MAP_TYPE_HASH, capacity::REV_NAT),
+            map::<u32, RevNat<AddrV6>>(names::REV_NAT_V6, BPF_MAP_TYPE_HASH, capacity::REV_NAT),
+            map::<SockRevKey<AddrV4>, SockRevValue<AddrV4>>(
+                names::SOCK_REV_V4,
+                BPF_MAP_TYPE_LRU_HASH,
+                capacity::SOCK_REV,
+            ),
+            map::<SockRevKey<AddrV6>, SockRevValue<AddrV6>>(
+                names::SOCK_REV_V6,
+                BPF_MAP_TYPE_LRU_HASH,
+                capacity::SOCK_REV,
+            ),
+            map::<AffinityKey, AffinityValue>(names::AFFINITY, BPF_MAP_TYPE_LRU_HASH, capacity::AFFINITY),
+            map::<CtKey<AddrV4>, CtValue<AddrV4>>(
+                names::CONNTRACK_V4,
+                BPF_MAP_TYPE_LRU_HASH,
+                capacity::CONNTRACK,
+            ),
+            map::<CtKey<AddrV6>, CtValue<AddrV6>>(
+                names::CONNTRACK_V6,
+                BPF_MAP_TYPE_LRU_HASH,
+                capacity::CONNTRACK,
+            ),
+            // The kernel requires no preallocation of an LPM trie.
+            Expected {
+                flags: BPF_F_NO_PREALLOC,
+                ..map::<TrieKey<AddrV4>, u32>(
+                    names::SOURCE_RANGES_V4,
+                    BPF_MAP_TYPE_LPM_TRIE,
+                    capacity::SOURCE_RANGES,
+                )
+            },
+            Expected {
+                flags: BPF_F_NO_PREALLOC,
+                ..map::<TrieKey<AddrV6>, u32>(
+                    names::SOURCE_RANGES_V6,
+                    BPF_MAP_TYPE_LPM_TRIE,
+                    capacity::SOURCE_RANGES,
+                )
+            },
+            map::<u32, NodeConfig>(names::NODE, BPF_MAP_TYPE_ARRAY, 1),
+            // One slot per counter, read as u64 per CPU.
+            map::<u32, u64>(names::COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, Counter::COUNT),
+            Expected {
+                flags: BPF_F_NO_PREALLOC,
+                ..map::<u32, ServiceLabel>(names::SERVICE_LABELS, BPF_MAP_TYPE_HASH, capacity::SERVICE_LABELS)
+            },
+        ]
+    }
+
+    #[test]
+    fn every_map_in_the_object_has_the_layout_the_agent_reads_and_writes() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        let mut wrong = Vec::new();
+        for e in expected() {
+            let Some(def) = object.maps.get(e.name) else {
+                wrong.push(format!("{}: not in the object", e.name));
+                continue;
+            };
+            let want = (
+                e.kind as u32,
+                e.key as u32,
+                e.value as u32,
+                e.max_entries,
+                e.flags,
+            );
+            let have = (
+                def.map_type(),
+                def.key_size(),
+                def.value_size(),
+                def.max_entries(),
+                def.map_flags(),
+            );
+            if want != have {
+                wrong.push(format!(
+                    "{}: (type, key, value, max entries, flags) is {have:?} in the object, {want:?} in proxy-common",
+                    e.name
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn the_object_declares_exactly_the_maps_the_agent_pins() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        // Data sections (.rodata, .bss) are the programs' globals, made by aya at load time and
+        // never pinned; every declared map is.
+        let mut declared: Vec<&str> = object
+            .maps
+            .iter()
+            .filter(|(_, m)| matches!(m.section_kind(), EbpfSectionKind::BtfMaps | EbpfSectionKind::Maps))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        declared.sort_unstable();
+        let mut pinned = names::ALL.to_vec();
+        pinned.sort_unstable();
+        assert_eq!(declared, pinned);
+        // And the expectations above cover every one of them.
+        let mut checked: Vec<&str> = expected().iter().map(|e| e.name).collect();
+        checked.sort_unstable();
+        assert_eq!(checked, pinned);
+    }
+
+    #[test]
+    fn every_program_the_loader_names_is_in_the_object() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        let named = SOCKET_PROGRAMS
+            .iter()
+            .copied()
+            .chain(TC_PROGRAMS.iter().map(|p| p.name));
+        let missing: Vec<&str> = named
+            .filter(|name| !object.programs.contains_key(*name))
+            .collect();
+        assert!(missing.is_empty(), "not in the object: {missing:?}");
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod conntrack;
 pub mod external;
+pub mod features;
 pub mod host;
 pub mod loader;
 pub mod maps;

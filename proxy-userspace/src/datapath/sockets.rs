@@ -253,6 +253,14 @@ fn udp_sockets(socket: &Socket, family: u8) -> io::Result<Vec<SocketId>> {
 }
 
 fn destroy(socket: &Socket, family: u8, id: SocketId) -> io::Result<()> {
+    match destroy_exact(socket, family, id) {
+        // A socket that closed meanwhile is fine.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn destroy_exact(socket: &Socket, family: u8, id: SocketId) -> io::Result<()> {
     send(
         socket,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -262,15 +270,34 @@ fn destroy(socket: &Socket, family: u8, id: SocketId) -> io::Result<()> {
     let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buf)
         .map_err(|e| io::Error::other(format!("sock_diag reply: {e}")))?;
     match message.payload {
-        // An ack is an error message with code 0; a socket that closed meanwhile is fine too.
-        NetlinkPayload::Error(e) if e.code.is_some() => {
-            let err = e.to_io();
-            if err.raw_os_error() == Some(libc::ENOENT) {
-                Ok(())
-            } else {
-                Err(err)
-            }
-        }
+        // An ack is an error message with code 0.
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
         _ => Ok(()),
     }
+}
+
+/// Whether this kernel destroys UDP sockets through sock_diag (`CONFIG_INET_DIAG_DESTROY`,
+/// and the udp_diag handler): a socket of the agent's own, connected on loopback (which sends
+/// nothing), is destroyed, and must then report ECONNABORTED. Without the option the kernel
+/// answers EOPNOTSUPP, without udp_diag ENOENT.
+pub fn destroy_supported() -> io::Result<bool> {
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    probe.connect("127.0.0.1:9")?;
+    let (local, peer) = (probe.local_addr()?, probe.peer_addr()?);
+    let mut id = SocketId::new_v4();
+    id.source_address = local.ip();
+    id.source_port = local.port();
+    id.destination_address = peer.ip();
+    id.destination_port = peer.port();
+    // INET_DIAG_NOCOOKIE: match by address alone.
+    id.cookie = [0xff; 8];
+    let diag = Socket::new(NETLINK_SOCK_DIAG)?;
+    match destroy_exact(&diag, AF_INET, id) {
+        Ok(()) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOENT)) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    probe.set_nonblocking(true)?;
+    let aborted = probe.recv(&mut [0u8; 1]).err().and_then(|e| e.raw_os_error());
+    Ok(aborted == Some(libc::ECONNABORTED))
 }

@@ -2,7 +2,7 @@
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
 //! no instant where the hook is detached, walking any map's keys without knowing its types,
 //! batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries), and running a
-//! program on a synthetic packet (BPF_PROG_TEST_RUN), for the benchmark.
+//! program on a synthetic packet (BPF_PROG_TEST_RUN), for the benchmark and the datapath tests.
 
 use std::{
     ffi::CString,
@@ -78,28 +78,42 @@ struct TestRunAttr {
 }
 
 /// What one BPF_PROG_TEST_RUN reported.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TestRun {
     /// The program's return value (a tc verdict for tc programs).
     pub retval: u32,
     /// Mean time per run, measured by the kernel, in nanoseconds.
     pub duration_ns: u32,
+    /// The packet as the program left it (rewritten in place, or replaced by an answer).
+    pub packet: Vec<u8>,
 }
 
-/// Runs `prog` `repeat` times on `packet` (an Ethernet frame, for tc programs). Note that the
-/// runs share one packet buffer: a program that rewrites the packet sees its own rewrite next.
+/// Room for a program to grow the packet it is given: the tc path's largest answer (an ICMP
+/// error quoting an IPv6 header) adds less than this to the smallest packet it answers.
+const TEST_RUN_GROWTH: usize = 256;
+
+/// Runs `prog` `repeat` times on `packet` (an Ethernet frame, for tc programs), in the calling
+/// thread's network namespace (route lookups see its routes). Note that the runs share one
+/// packet buffer: a program that rewrites the packet sees its own rewrite next.
 pub fn prog_test_run(prog: impl AsFd, packet: &[u8], repeat: u32) -> io::Result<TestRun> {
+    let mut out = vec![0u8; packet.len() + TEST_RUN_GROWTH];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_fd().as_raw_fd() as u32,
         data_size_in: packet.len() as u32,
         data_in: packet.as_ptr() as u64,
+        data_size_out: out.len() as u32,
+        data_out: out.as_mut_ptr() as u64,
         repeat,
         ..Default::default()
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    // The kernel sets data_size_out to the packet's length after the run (a packet that
+    // outgrew the buffer is an ENOSPC error above).
+    out.truncate(attr.data_size_out as usize);
     Ok(TestRun {
         retval: attr.retval,
         duration_ns: attr.duration,
+        packet: out,
     })
 }
 
