@@ -52,6 +52,16 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// `BKP_TEST_TIMEOUT_SCALE` multiplies every deadline of [`World::wait_until`]: `cargo xtask
+/// vmtest` sets it in an emulated VM, where loading the programs alone takes tens of seconds.
+/// Only how long a wait may take before it fails changes, never what a test expects.
+fn timeout_scale() -> u32 {
+    std::env::var("BKP_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -328,13 +338,15 @@ impl World {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Polls `check` every 20 ms; panics with the agent log on timeout or if the agent died.
+    /// Polls `check` every 20 ms; panics with the agent log on timeout (scaled by
+    /// `timeout_scale`) or if the agent died.
     pub fn wait_until<T>(
         &mut self,
         what: &str,
         timeout: Duration,
         mut check: impl FnMut(&World) -> Option<T>,
     ) -> T {
+        let timeout = timeout * timeout_scale();
         let started = Instant::now();
         loop {
             if let Some(value) = check(self) {

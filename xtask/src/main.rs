@@ -2,9 +2,10 @@
 //!
 //! `setup` is idempotent and quick when done: it installs only what is missing (Debian
 //! packages, nightly's rust-src, a bpf-linker built against nightly's own LLVM, cargo-nextest).
-//! `demo` and `test` run it first.
+//! Every other task runs it first.
 
 mod setup;
+mod vmtest;
 
 use std::{
     path::{Path, PathBuf},
@@ -36,11 +37,21 @@ enum Task {
     },
     /// rustfmt and clippy (warnings are errors).
     Lint,
-    /// Unit tests, then the privileged integration tests (root).
+    /// Unit tests, then the demo and the privileged integration tests on this machine's kernel
+    /// and in a Linux 6.1 VM (root).
     Test {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit: bool,
+        /// Extra arguments for cargo nextest (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The demo and the privileged integration tests per kernel, in a VM for 6.1 (root).
+    Vmtest {
+        /// `6.1` boots Debian 12's LTS kernel with virtme-ng; `host` runs on this machine.
+        #[arg(long, value_enum, default_value = "6.1")]
+        kernel: vmtest::Kernel,
         /// Extra arguments for cargo nextest (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
@@ -150,15 +161,13 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             require_root("the integration tests")?;
-            run(cargo()
-                .args([
-                    "nextest",
-                    "run",
-                    "--package",
-                    "integration-tests",
-                    "--no-fail-fast",
-                ])
-                .args(&args))
+            vmtest::run_suite(vmtest::Kernel::All, &args)
+        }
+        Task::Vmtest { kernel, args } => {
+            require_root("the integration tests")?;
+            setup::all()?;
+            build(false)?;
+            vmtest::run_suite(kernel, &args)
         }
         Task::Bench { quick, args } => {
             require_root("the benchmark")?;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{is_root, run};
+use crate::{is_root, run, vmtest::VM_KERNEL};
 
 /// Debian packages, each with a command (or an absolute path) that shows it is installed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -21,7 +21,23 @@ const PACKAGES: &[(&str, &str)] = &[
         "fonts-dejavu-core",
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     ),
+    // The VM of `cargo xtask vmtest` (with linux-image-VM_KERNEL, see `packages`): virtme-ng
+    // runs qemu and builds the guest's initramfs around a static busybox.
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
 ];
+
+/// PACKAGES and the VM's kernel, whose image (and modules) the package installs.
+fn packages() -> Vec<(String, String)> {
+    PACKAGES
+        .iter()
+        .map(|(p, probe)| (p.to_string(), probe.to_string()))
+        .chain([(
+            format!("linux-image-{VM_KERNEL}"),
+            format!("/boot/vmlinuz-{VM_KERNEL}"),
+        )])
+        .collect()
+}
 
 fn has_command(name: &str) -> bool {
     let sbin = [
@@ -49,8 +65,8 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
+    let missing: Vec<String> = packages()
+        .into_iter()
         .filter(|(_, probe)| {
             if probe.starts_with('/') {
                 !std::path::Path::new(probe).is_file()
@@ -58,7 +74,7 @@ fn debian_packages() -> anyhow::Result<()> {
                 !has_command(probe)
             }
         })
-        .map(|(p, _)| *p)
+        .map(|(p, _)| p)
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -151,6 +167,15 @@ fn kubernetes_validate() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// virtme-ng, which boots a kernel over this machine's own filesystem for `cargo xtask vmtest`.
+fn virtme_ng() -> anyhow::Result<()> {
+    if !has_command("vng") {
+        println!("setup: installing virtme-ng (PyPI)");
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "virtme-ng==1.42"]))?;
+    }
+    Ok(())
+}
+
 fn nextest() -> anyhow::Result<()> {
     let installed = Command::new("cargo")
         .args(["nextest", "--version"])
@@ -176,10 +201,11 @@ pub fn all() -> anyhow::Result<()> {
     } else {
         println!(
             "setup: not root, skipping Debian packages ({})",
-            PACKAGES.iter().map(|p| p.0).collect::<Vec<_>>().join(" ")
+            packages().into_iter().map(|p| p.0).collect::<Vec<_>>().join(" ")
         );
     }
     toolchain()?;
     kubernetes_validate()?;
+    virtme_ng()?;
     nextest()
 }

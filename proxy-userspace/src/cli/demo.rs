@@ -37,6 +37,10 @@ pub struct DemoArgs {
     /// HTTP requests to send through the ClusterIP.
     #[arg(long, default_value_t = 30)]
     pub requests: u32,
+    /// How long the agent may take to load, attach and program the datapath (longer on a slow
+    /// or emulated machine, where the verifier alone takes seconds per program).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
 }
 
 /// Removes the pin directory on drop (after the agent is gone), detaching the programs.
@@ -299,7 +303,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     let ready = wait_for(
         &mut world.agent,
         "the agent to program the datapath",
-        Duration::from_secs(30),
+        args.ready_timeout,
         || {
             let attached = std::fs::read_dir(&links)
                 .ok()?
