@@ -16,8 +16,9 @@ echo "vmtest: kernel $(uname -r) booted in ${booted}s"
 
 # The agent mounts bpffs itself, but the tests pin under /sys/fs/bpf before any agent runs.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
-# Modules the host's kernel lacks and this one has: SCTP Services, IPIP and WireGuard devices.
-for module in sctp ipip wireguard; do
+# Modules the host's kernel lacks and this one has (SCTP Services, IPIP and WireGuard devices),
+# and TUN, which a freshly booted guest has not loaded yet.
+for module in sctp ipip wireguard tun; do
     modprobe "$module" || echo "vmtest: module $module did not load"
 done
 
