@@ -172,6 +172,9 @@ fn virtme_ng() -> anyhow::Result<()> {
     if !has_command("vng") {
         println!("setup: installing virtme-ng (PyPI)");
         run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "virtme-ng==1.42"]))?;
+        // Under pyenv a new command is on PATH only once its shim exists; elsewhere there is no
+        // pyenv and nothing to do.
+        let _ = Command::new("pyenv").arg("rehash").status();
     }
     Ok(())
 }
