@@ -25,7 +25,7 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 use crate::{
     datapath::{
         conntrack::Conntrack,
-        external::{self, Attachment, Devices, ProgramState},
+        external::{self, Attachment, ProgramState},
         features::{KernelFeatures, TcAttach, TcMode},
         loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
@@ -34,19 +34,23 @@ use crate::{
         sockets::StaleSockets,
         writer::Writer,
     },
-    healthcheck::HealthCheckServers,
-    metrics::{AttachmentLabel, FeatureLabel, KindLabel, Metrics, ProgramLabel},
-    model::ServiceName,
-    nodeport::NodePortAddresses,
-    plan::{Capacity, Plan, Planner},
-    proxier::{PlanSink, Proxier, SyncReport},
-    serve,
+    health::{self, proxy::Health, services::HealthCheckServers},
+    node::{
+        devices::{self, Devices},
+        nodeport::NodePortAddresses,
+    },
+    pipeline::model::ServiceName,
+    pipeline::plan::{Capacity, Plan, PlanSink, Planner},
+    pipeline::translate::TranslateOptions,
     source::{
         ObjectKind,
         kube::{self as kube_source, KubeEvent, KubeSourceError},
         manifests::ManifestSet,
+        meta::namespace_or_default,
     },
-    translate::TranslateOptions,
+    sync::proxier::{Proxier, SyncReport},
+    telemetry::metrics::{AttachmentLabel, FeatureLabel, KindLabel, Metrics, ProgramLabel},
+    telemetry::serve,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -104,12 +108,12 @@ struct ExternalSide {
 
 impl ExternalSide {
     fn resolve(opts: &ExternalOptions) -> Result<Self, AgentError> {
-        let interfaces = external::interface_addresses().map_err(AgentError::Interfaces)?;
+        let interfaces = devices::interface_addresses().map_err(AgentError::Interfaces)?;
         let devices = opts.devices.resolve(&interfaces);
         if let Some(missing) = devices.iter().find(|d| !interfaces.contains_key(*d)) {
             return Err(AgentError::Device(missing.clone()));
         }
-        let primary = external::primary_addresses(&opts.node_ips, &devices, &interfaces);
+        let primary = devices::primary_addresses(&opts.node_ips, &devices, &interfaces);
         let all: Vec<IpAddr> = interfaces.values().flatten().copied().collect();
         let node_port_addresses = opts.node_port_addresses.select(&all, &primary);
         let seconds = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
@@ -256,6 +260,7 @@ struct Prepared {
     tc_mode: TcMode,
     health_checks: HealthCheckServers,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     /// tc programs that did not load (for `/healthz`).
     degraded: Vec<String>,
     live: bool,
@@ -332,12 +337,12 @@ fn report_attachments(attachments: &[Attachment], metrics: &Metrics) -> Vec<Stri
 }
 
 impl Prepared {
-    fn load(opts: &AgentOptions, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
+    fn load(opts: &AgentOptions, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self, AgentError> {
         let external = ExternalSide::resolve(&opts.external)?;
         let tc_mode = probe_kernel(opts.external.tc_attach, &metrics);
         let datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
         let degraded = report_programs(datapath.tc_programs(), &metrics);
-        metrics.health.set_degraded(degraded.clone(), false);
+        health.set_degraded(degraded.clone(), false);
         external::write_node_config(&opts.pin_dir, &external.config)?;
         let conntrack = Conntrack::open(&opts.pin_dir, external.config)?;
         tokio::spawn(collect_conntrack(
@@ -372,14 +377,16 @@ impl Prepared {
                 metrics: metrics.clone(),
             },
             metrics,
+            health.clone(),
         );
         Ok(Self {
             datapath,
             proxier,
             external,
             tc_mode,
-            health_checks: HealthCheckServers::new(metrics_for_checks),
+            health_checks: HealthCheckServers::new(metrics_for_checks, health.clone()),
             metrics: metrics_for_prepared,
+            health,
             degraded,
             live: false,
         })
@@ -422,7 +429,7 @@ impl Prepared {
         let external_down = !self.external.devices.is_empty() && !tc_problems.is_empty();
         let mut problems = self.degraded.clone();
         problems.extend(tc_problems);
-        self.metrics.health.set_degraded(problems, external_down);
+        self.health.set_degraded(problems, external_down);
         let tc_updated = attachments.iter().filter(|a| a.outcome == Ok(true)).count();
         let tc_created = attachments.iter().filter(|a| a.outcome == Ok(false)).count();
         let planner = self.proxier.planner();
@@ -465,9 +472,16 @@ async fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError>
 }
 
 pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentError> {
-    let prepared = Prepared::load(&opts, metrics.clone())?;
+    // kube-proxy's health timeout: a change may wait two sync periods before `/healthz` fails.
+    let health = Arc::new(Health::new(2 * opts.sync_period));
+    let prepared = Prepared::load(&opts, metrics.clone(), health.clone())?;
     metrics.attach_datapath(Box::new(PinnedReadings::open(&opts.pin_dir)?));
-    serve::start(metrics.clone(), opts.healthz_addr, opts.metrics_addr).await?;
+    if let Some(addr) = opts.healthz_addr {
+        health::server::start(health, metrics.clone(), addr).await?;
+    }
+    if let Some(addr) = opts.metrics_addr {
+        serve::start(metrics.clone(), addr).await?;
+    }
     let stop = shutdown().await?;
     match &opts.source {
         SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, stop).await?,
@@ -587,7 +601,7 @@ impl<K> Relist<K> {
 
 fn namespaced(meta: &ObjectMeta) -> Option<(String, String)> {
     Some((
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace_or_default(meta.namespace.as_deref()),
         meta.name.clone()?,
     ))
 }

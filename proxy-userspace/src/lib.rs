@@ -1,23 +1,16 @@
 //! bpf-kube-proxy: Kubernetes Service load balancing in eBPF.
 //!
-//! Data flows one way: `source` (manifests, API server) → `translate` (validated model) →
-//! `inventory` (desired frontends per Service, using `policy`) → `plan` (ordered map
-//! operations) → `datapath` (the only code that touches BPF).
+//! Data flows one way: `source` (manifests, API server) → `pipeline` (validated model,
+//! inventory and policy, plan) → `sync` (the proxier) → `datapath` (the only code that touches
+//! BPF). `node`, `health` and `telemetry` serve the stages beside the flow; `agent` wires them.
 
 pub mod agent;
 pub mod config;
 pub mod datapath;
-pub mod drift;
 pub mod health;
-pub mod healthcheck;
-pub mod inventory;
-pub mod metrics;
-pub mod model;
-pub mod nodeport;
-pub mod plan;
-pub mod policy;
-pub mod proxier;
+pub mod node;
+pub mod pipeline;
 pub mod sandbox;
-pub mod serve;
 pub mod source;
-pub mod translate;
+pub mod sync;
+pub mod telemetry;

@@ -8,14 +8,15 @@ use anyhow::Context as _;
 use bpf_kube_proxy::{
     agent::{self, AgentOptions, ExternalOptions},
     config::{self, ProxyConfig},
-    datapath::{external::Devices, features::TcAttach, host, loader},
-    metrics::Metrics,
-    nodeport::NodePortAddresses,
+    datapath::{features::TcAttach, host, loader},
+    node::devices::Devices,
+    node::nodeport::NodePortAddresses,
+    pipeline::translate::TranslateOptions,
     sandbox::{
         self,
         probe::{self, ProbeArgs},
     },
-    translate::TranslateOptions,
+    telemetry::metrics::Metrics,
 };
 use clap::{Parser, Subcommand};
 
@@ -311,7 +312,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
                 .unwrap_or(agent::DEFAULT_CT_UDP_TIMEOUT),
         },
     };
-    runtime()?.block_on(agent::run(opts, Metrics::new(2 * sync_period)))?;
+    runtime()?.block_on(agent::run(opts, Metrics::new()))?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use std::{
 use apiserver::ApiServer;
 use bpf_kube_proxy::{
     datapath::{host, loader, maps::PinnedMaps, reader::Snapshot},
-    model::{FrontendKey, Protocol},
+    pipeline::model::{FrontendKey, Protocol},
     sandbox::{
         cgroup::ChildCgroup,
         probe::{Attempt, ProbeMode},

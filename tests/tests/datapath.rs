@@ -32,11 +32,12 @@ use bpf_kube_proxy::{
         sys::{TestRun, prog_test_run},
         writer::Writer,
     },
-    metrics::{DatapathReadings as _, Metrics},
-    plan::Planner,
-    proxier::Proxier,
+    health::proxy::Health,
+    pipeline::plan::Planner,
+    pipeline::translate::TranslateOptions,
     sandbox::{netns::Netns, unique_suffix},
-    translate::TranslateOptions,
+    sync::proxier::Proxier,
+    telemetry::metrics::{DatapathReadings as _, Metrics},
 };
 use etherparse::{
     IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
@@ -270,7 +271,8 @@ impl Lab {
             TranslateOptions::default(),
             Planner::new(),
             writer,
-            Metrics::new(Duration::from_secs(60)),
+            Metrics::new(),
+            std::sync::Arc::new(Health::new(Duration::from_secs(60))),
         );
         let (services, slices) = objects();
         proxier.replace_services(&services);

@@ -25,7 +25,7 @@ use std::{
 };
 
 use bpf_kube_proxy::{
-    model::Protocol,
+    pipeline::model::Protocol,
     sandbox::{netns::Netns, probe::ProbeMode, servers::Identity},
 };
 use integration_tests::{

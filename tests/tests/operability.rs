@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bpf_kube_proxy::{model::Protocol, sandbox::probe::ProbeMode};
+use bpf_kube_proxy::{pipeline::model::Protocol, sandbox::probe::ProbeMode};
 use integration_tests::{
     HTTP_PORT, UDP_PORT, World, addr, identity,
     manifests::{Ep, docs, service, slice},

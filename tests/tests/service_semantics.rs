@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bpf_kube_proxy::{
-    model::Protocol,
+    pipeline::model::Protocol,
     sandbox::probe::{Attempt, ProbeMode},
 };
 use integration_tests::{

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use bpf_kube_proxy::{
     datapath::{host, loader, maps::PinnedMaps, reader::Snapshot},
-    model::{FrontendKey, Protocol},
+    pipeline::model::{FrontendKey, Protocol},
     sandbox::{
         cgroup::ChildCgroup,
         probe::{Attempt, ProbeMode},

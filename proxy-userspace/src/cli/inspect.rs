@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use super::drift::{Drift, drift};
 use anyhow::Context as _;
 use aya::{
     Pod,
@@ -18,13 +19,13 @@ use bpf_kube_proxy::{
         maps::{PinnedMaps, typed},
         reader::{FrontendView, Snapshot},
     },
-    drift::{Drift, drift},
-    metrics::Metrics,
-    model::{ServiceEntry, ServiceName},
-    plan::{Plan, Planner},
-    proxier::{PlanSink, Proxier},
+    health::proxy::Health,
+    pipeline::model::{ServiceEntry, ServiceName},
+    pipeline::plan::{Plan, PlanSink, Planner},
+    pipeline::translate::TranslateOptions,
     source,
-    translate::TranslateOptions,
+    sync::proxier::Proxier,
+    telemetry::metrics::Metrics,
 };
 use proxy_common::{
     counters::Counter,
@@ -122,7 +123,7 @@ async fn desired(
     let opts = TranslateOptions {
         service_proxy_name: source.service_proxy_name.clone(),
     };
-    let metrics = Metrics::new(Duration::from_secs(60));
+    let metrics = Metrics::new();
     let mut proxier = Proxier::new(
         &node,
         node_port_addresses,
@@ -130,6 +131,7 @@ async fn desired(
         Planner::new(),
         Discard,
         Arc::clone(&metrics),
+        Arc::new(Health::new(Duration::from_secs(60))),
     );
     proxier.replace_all(&snapshot);
     Ok(proxier.inventory().desired(service))

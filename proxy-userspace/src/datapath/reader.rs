@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::{
     datapath::maps::{FamilyAddr, FamilyMaps, PinnedMaps},
-    model::{BackendKey, BackendState, FrontendKey, Protocol, Scope},
-    plan::{BackendId, Label, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId},
+    pipeline::model::{BackendKey, BackendState, FrontendKey, Protocol, Scope},
+    pipeline::plan::{BackendId, Label, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId},
 };
 
 #[derive(Debug, thiserror::Error)]

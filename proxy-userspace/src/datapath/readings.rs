@@ -11,7 +11,7 @@ use crate::{
         maps::{OpenError, typed},
         sys,
     },
-    metrics::{DatapathReadings, MapFill},
+    telemetry::metrics::{DatapathReadings, MapFill},
 };
 
 pub struct PinnedReadings {

@@ -43,8 +43,8 @@ use crate::{
         host,
         maps::{self, FamilyAddr, OpenError},
     },
-    model::BackendKey,
-    plan::{Departure, RevNatId},
+    pipeline::model::BackendKey,
+    pipeline::plan::{Departure, RevNatId},
 };
 
 type SockRevMap<A> = HashMap<MapData, SockRevKey<A>, SockRevValue<A>>;

@@ -14,9 +14,8 @@ use crate::{
         maps::{FamilyAddr, FamilyMaps, PinnedMaps},
         sys,
     },
-    model::{BackendKey, BackendState, FrontendKey},
-    plan::{FrontendWrite, Label, Plan, RevNatId, RevNatWrite, SlotWrite},
-    proxier::PlanSink,
+    pipeline::model::{BackendKey, BackendState, FrontendKey},
+    pipeline::plan::{FrontendWrite, Label, Plan, PlanSink, RevNatId, RevNatWrite, SlotWrite},
 };
 
 /// One map operation that failed; the rest of the plan is still applied.

@@ -19,8 +19,8 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
+use super::meta::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 use super::{ObjectKind, Snapshot};
-use crate::translate::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {

@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 };
 use serde_json::Value;
 
-use super::{ObjectKind, Snapshot};
+use super::{ObjectKind, Snapshot, meta::namespace_or_default};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -129,7 +129,7 @@ fn identity_of(doc: &Value) -> Option<Identity> {
         namespace: if kind == ObjectKind::Node {
             String::new()
         } else {
-            field("namespace").unwrap_or_else(|| "default".into())
+            namespace_or_default(field("namespace").as_deref())
         },
         name: field("name").unwrap_or_default(),
     })

@@ -2,6 +2,7 @@
 
 pub mod kube;
 pub mod manifests;
+pub mod meta;
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},

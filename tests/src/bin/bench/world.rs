@@ -16,11 +16,12 @@ use bpf_kube_proxy::{
         maps::PinnedMaps,
         writer::Writer,
     },
-    metrics::Metrics,
-    plan::Planner,
-    proxier::Proxier,
+    health::proxy::Health,
+    pipeline::plan::Planner,
+    pipeline::translate::TranslateOptions,
     sandbox::{cgroup, netns::Netns, unique_suffix},
-    translate::TranslateOptions,
+    sync::proxier::Proxier,
+    telemetry::metrics::Metrics,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -222,7 +223,8 @@ impl Ours {
             TranslateOptions::default(),
             Planner::new(),
             writer,
-            Metrics::new(Duration::from_secs(60)),
+            Metrics::new(),
+            std::sync::Arc::new(Health::new(Duration::from_secs(60))),
         );
         Ok(Self {
             datapath,

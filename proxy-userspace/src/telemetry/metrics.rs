@@ -1,10 +1,7 @@
 //! Prometheus metrics: kube-proxy's own names (`kubeproxy_*`) where a kube-proxy metric means
 //! the same thing, `bpf_kube_proxy_*` for what only this proxy has.
 
-use std::{
-    sync::{Arc, OnceLock, atomic::AtomicU64},
-    time::Duration,
-};
+use std::sync::{Arc, OnceLock, atomic::AtomicU64};
 
 use prometheus_client::{
     collector::Collector,
@@ -15,8 +12,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-
-use crate::health::Health;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -141,7 +136,6 @@ fn sync_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     registry: Registry,
     datapath: Arc<OnceLock<Box<dyn DatapathReadings>>>,
-    pub health: Health,
     pub network_programming_duration: Histogram,
     pub service_changes_pending: Gauge,
     pub endpoint_changes_pending: Gauge,
@@ -170,16 +164,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// `health_timeout`: how long a change may wait for a sync before `/healthz` fails
-    /// (kube-proxy: 2 × the sync period).
-    pub fn new(health_timeout: Duration) -> Arc<Self> {
+    pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
         let collector = DatapathCollector::default();
         let datapath = collector.0.clone();
         registry.register_collector(Box::new(collector));
         let m = Self {
             datapath,
-            health: Health::new(health_timeout),
             network_programming_duration: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20),
             ),

@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use foldhash::{HashMap, HashSet};
 
 use crate::{
-    model::{
+    pipeline::model::{
         BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind, NodeInfo,
         Protocol, Scope, ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
     },
-    policy,
+    pipeline::policy,
 };
 use ipnet::IpNet;
 use proxy_common::maps::svc_flags;
@@ -381,7 +381,7 @@ mod tests {
     use ipnet::IpNet;
 
     use super::*;
-    use crate::model::{SliceEndpoint, SlicePort};
+    use crate::pipeline::model::{SliceEndpoint, SlicePort};
 
     fn service(name: &str, ips: &[&str], ports: &[(&str, u16, Protocol)]) -> ServiceInfo {
         ServiceInfo {

@@ -10,14 +10,13 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{
+use crate::pipeline::model::{
     Hints, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
     TrafficDistribution, TrafficPolicy,
 };
-
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+use crate::source::meta::{
+    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, namespace_or_default,
+};
 
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -120,7 +119,7 @@ pub fn translate_service(
 ) -> Result<ServiceOutcome, TranslateError> {
     let meta = &svc.metadata;
     let name = ServiceName::new(
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace_or_default(meta.namespace.as_deref()),
         meta.name
             .clone()
             .ok_or(TranslateError::MissingName { kind: "Service" })?,
@@ -328,7 +327,7 @@ pub fn translate_slice(
     issues: &mut Vec<ItemIssue>,
 ) -> Result<SliceInfo, TranslateError> {
     let meta = &slice.metadata;
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = namespace_or_default(meta.namespace.as_deref());
     let name = meta.name.clone().ok_or(TranslateError::MissingName {
         kind: "EndpointSlice",
     })?;

@@ -22,7 +22,9 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use ipnet::IpNet;
 
-use crate::model::{BackendKey, BackendState, Frontend, FrontendKey, Protocol, ServiceEntry, ServiceName};
+use crate::pipeline::model::{
+    BackendKey, BackendState, Frontend, FrontendKey, Protocol, ServiceEntry, ServiceName,
+};
 
 pub type BackendId = u32;
 pub type RevNatId = u32;
@@ -31,6 +33,13 @@ pub type RevNatId = u32;
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
 /// Which Service port a frontend belongs to, as stored for tools beside the rev-NAT entry.
+/// Where plans go: the BPF map writer in the agent, a recorder in tests. `Send`: a large sync
+/// writes from a second thread while it plans.
+pub trait PlanSink: Send {
+    /// Applies `plan` in its phase order; returns a description of each operation that failed.
+    fn apply(&mut self, plan: &Plan) -> Vec<String>;
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Label {
     /// `namespace/name`.
@@ -787,7 +796,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::model::{FrontendBackend, FrontendKind};
+    use crate::pipeline::model::{FrontendBackend, FrontendKind};
 
     fn fkey(addr: &str, port: u16) -> FrontendKey {
         FrontendKey::new(addr.parse().unwrap(), port, Protocol::Tcp)

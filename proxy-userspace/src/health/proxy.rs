@@ -21,9 +21,6 @@ use std::{
 
 use serde::Serialize;
 
-/// The taint the cluster autoscaler puts on a node it is about to remove.
-pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
-
 #[derive(Debug)]
 struct State {
     last_updated: Option<SystemTime>,

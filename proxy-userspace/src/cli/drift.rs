@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::{
+use bpf_kube_proxy::{
     datapath::reader::FrontendView,
-    model::{BackendKey, BackendState, FrontendKey, ServiceEntry},
+    pipeline::model::{BackendKey, BackendState, FrontendKey, ServiceEntry},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -178,9 +178,9 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::{
+    use bpf_kube_proxy::{
         datapath::reader::BackendView,
-        model::{Frontend, FrontendBackend, FrontendKind, Protocol},
+        pipeline::model::{Frontend, FrontendBackend, FrontendKind, Protocol},
     };
 
     fn fkey(port: u16) -> FrontendKey {

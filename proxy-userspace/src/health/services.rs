@@ -13,7 +13,8 @@ use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::{inventory::HealthCheck, metrics::Metrics};
+use super::proxy::Health;
+use crate::{pipeline::inventory::HealthCheck, telemetry::metrics::Metrics};
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 struct ServiceRef {
@@ -45,10 +46,11 @@ impl Drop for Server {
 pub struct HealthCheckServers {
     servers: HashMap<u16, Server>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 async fn answer(
-    State((check, metrics)): State<(Arc<RwLock<HealthCheck>>, Arc<Metrics>)>,
+    State((check, health)): State<(Arc<RwLock<HealthCheck>>, Arc<Health>)>,
 ) -> (StatusCode, Json<Body>) {
     let check = check
         .read()
@@ -60,7 +62,7 @@ async fn answer(
             name: check.service.name.clone(),
         },
         local_endpoints: check.local_endpoints,
-        service_proxy_healthy: metrics.health.report(SystemTime::now(), true).healthy,
+        service_proxy_healthy: health.report(SystemTime::now(), true).healthy,
     };
     // Only ready local endpoints count: a node whose local endpoints are all terminating
     // answers 503, so load balancers drain it while those endpoints finish.
@@ -73,10 +75,11 @@ async fn answer(
 }
 
 impl HealthCheckServers {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         Self {
             servers: HashMap::new(),
             metrics,
+            health,
         }
     }
 
@@ -116,7 +119,7 @@ impl HealthCheckServers {
         let check = Arc::new(RwLock::new(check));
         let app = Router::new()
             .fallback(get(answer))
-            .with_state((check.clone(), self.metrics.clone()));
+            .with_state((check.clone(), self.health.clone()));
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("healthCheckNodePort server stopped: {e}");

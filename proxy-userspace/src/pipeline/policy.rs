@@ -1,7 +1,7 @@
 //! Which endpoints a frontend may use: upstream kube-proxy's CategorizeEndpoints
 //! (pkg/proxy/topology.go), rule for rule. Pure functions over the model.
 
-use crate::model::{Endpoint, NodeInfo, ServiceInfo, TrafficPolicy};
+use crate::pipeline::model::{Endpoint, NodeInfo, ServiceInfo, TrafficPolicy};
 
 /// Topology hints kube-proxy follows, strongest first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,7 +118,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::model::{Hints, Protocol, ServiceName, ServicePort};
+    use crate::pipeline::model::{Hints, Protocol, ServiceName, ServicePort};
 
     fn svc(internal: TrafficPolicy, external: TrafficPolicy, node_port: bool) -> ServiceInfo {
         ServiceInfo {

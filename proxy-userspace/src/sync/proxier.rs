@@ -16,27 +16,20 @@ use k8s_openapi::api::{
 };
 
 use crate::{
-    inventory::Inventory,
-    metrics::{KindLabel, Metrics, PolicyLabel},
-    model::{
+    health::proxy::Health,
+    pipeline::inventory::Inventory,
+    pipeline::model::{
         FrontendKind, NodeInfo, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
-    plan::{Outcome, Plan, PlanIssue, Planner},
+    pipeline::plan::{Outcome, Plan, PlanIssue, PlanSink, Planner},
+    pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
         ObjectKind, Snapshot,
         manifests::{Identity, Object, ObjectSink},
+        meta::{ANNOTATION_TRIGGER_TIME, LABEL_ZONE, TAINT_TO_BE_DELETED, namespace_or_default},
     },
-    translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
+    telemetry::metrics::{KindLabel, Metrics, PolicyLabel},
 };
-
-/// Node label with the node's zone.
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
-
-/// Where plans go. `Send`: a large sync writes from a second thread while it plans.
-pub trait PlanSink: Send {
-    /// Applies `plan` in its phase order; returns a description of each operation that failed.
-    fn apply(&mut self, plan: &Plan) -> Vec<String>;
-}
 
 /// What one sync did.
 #[derive(Debug, Default)]
@@ -65,10 +58,8 @@ pub struct Proxier<S> {
     /// Service ports per Service with internalTrafficPolicy Local and no local endpoint.
     no_local: BTreeMap<ServiceName, usize>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
-
-/// The annotation the EndpointSlice controller sets to the time of the change it reflects.
-pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
     let value = slice
@@ -87,7 +78,7 @@ fn node_eligible(node: &Node) -> bool {
         .spec
         .as_ref()
         .and_then(|s| s.taints.as_ref())
-        .is_some_and(|t| t.iter().any(|t| t.key == crate::health::TAINT_TO_BE_DELETED));
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
     !deleting && !autoscaler
 }
 
@@ -111,6 +102,7 @@ impl<S: PlanSink> Proxier<S> {
         planner: Planner,
         sink: S,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             inventory: Inventory::new(node_info(node_name, None, node_port_addresses)),
@@ -123,6 +115,7 @@ impl<S: PlanSink> Proxier<S> {
             started: SystemTime::now(),
             no_local: BTreeMap::new(),
             metrics,
+            health,
         }
     }
 
@@ -141,7 +134,7 @@ impl<S: PlanSink> Proxier<S> {
     /// kube-proxy's periodic sync counts as a queued change for health: if it cannot
     /// complete, `/healthz` fails after the health timeout.
     pub fn note_periodic_sync(&self) {
-        self.metrics.health.queued(SystemTime::now());
+        self.health.queued(SystemTime::now());
     }
 
     pub fn has_pending(&self) -> bool {
@@ -210,7 +203,7 @@ impl<S: PlanSink> Proxier<S> {
         for name in touched {
             self.metrics.service_changes.inc();
             self.metrics.service_changes_pending.inc();
-            self.metrics.health.queued(SystemTime::now());
+            self.health.queued(SystemTime::now());
             self.dirty.insert(name);
         }
     }
@@ -219,7 +212,7 @@ impl<S: PlanSink> Proxier<S> {
         for name in touched {
             self.metrics.endpoint_changes.inc();
             self.metrics.endpoint_changes_pending.inc();
-            self.metrics.health.queued(SystemTime::now());
+            self.health.queued(SystemTime::now());
             self.dirty.insert(name);
         }
     }
@@ -273,9 +266,7 @@ impl<S: PlanSink> Proxier<S> {
     pub fn set_node(&mut self, node: Option<&Node>) {
         let current = self.inventory.node();
         let info = node_info(&current.name, node, current.node_port_addresses.clone());
-        self.metrics
-            .health
-            .set_node_eligible(node.is_none_or(node_eligible));
+        self.health.set_node_eligible(node.is_none_or(node_eligible));
         let touched = self.inventory.set_node(info);
         self.record_service_changes(touched);
     }
@@ -412,7 +403,7 @@ impl<S: PlanSink> Proxier<S> {
             }
         }
         if report.failed.is_empty() && report.refused == 0 {
-            self.metrics.health.updated(now);
+            self.health.updated(now);
         }
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.sync_duration.observe(elapsed);
@@ -544,7 +535,7 @@ impl Planning<'_> {
 
 fn service_name(svc: &Service) -> Option<ServiceName> {
     Some(ServiceName::new(
-        svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace_or_default(svc.metadata.namespace.as_deref()),
         svc.metadata.name.clone()?,
     ))
 }
@@ -603,7 +594,8 @@ mod tests {
             TranslateOptions::default(),
             Planner::new(),
             Recorder::default(),
-            Metrics::new(std::time::Duration::from_secs(60)),
+            Metrics::new(),
+            Arc::new(Health::new(std::time::Duration::from_secs(60))),
         )
     }
 
@@ -628,7 +620,11 @@ mod tests {
     }
 
     fn backends_of(p: &Proxier<Recorder>, vip: &str) -> usize {
-        let key = crate::model::FrontendKey::new(vip.parse().unwrap(), 80, crate::model::Protocol::Tcp);
+        let key = crate::pipeline::model::FrontendKey::new(
+            vip.parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
         p.planner().frontend(&key).map_or(0, |f| f.slots.len())
     }
 
@@ -678,7 +674,7 @@ mod tests {
 
     /// The services map's keys (frontend, slot) after the recorded plans, written in order
     /// and each in the writer's phase order (all additions, then all deletions).
-    fn services_map_after(plans: &[Plan]) -> BTreeSet<(crate::model::FrontendKey, u16)> {
+    fn services_map_after(plans: &[Plan]) -> BTreeSet<(crate::pipeline::model::FrontendKey, u16)> {
         let mut keys = BTreeSet::new();
         for plan in plans {
             keys.extend(plan.upsert_slots.iter().map(|w| (w.frontend, w.slot)));
@@ -728,7 +724,7 @@ mod tests {
         let mut labelled = service("web", "10.96.0.10");
         labelled.metadata.labels = Some(
             [(
-                translate::LABEL_SERVICE_PROXY_NAME.to_string(),
+                crate::source::meta::LABEL_SERVICE_PROXY_NAME.to_string(),
                 "other".to_string(),
             )]
             .into_iter()
@@ -755,8 +751,11 @@ mod tests {
             "the second claimant is refused its port and its ClusterIP guard: {:?}",
             report.issues
         );
-        let key =
-            crate::model::FrontendKey::new("10.96.0.10".parse().unwrap(), 80, crate::model::Protocol::Tcp);
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
         let owner = p.planner().owner(&key).cloned().expect("an owner");
         let waiting = if owner.name == "a" { "b" } else { "a" };
         p.remove_service(&owner);

@@ -1,0 +1,9 @@
+//! The pure pipeline, no I/O and no BPF: Kubernetes objects are validated into the service
+//! model (`translate` → `model`), joined and filtered per frontend (`inventory`, `policy`), and
+//! diffed into ordered map operations (`plan`).
+
+pub mod inventory;
+pub mod model;
+pub mod plan;
+pub mod policy;
+pub mod translate;

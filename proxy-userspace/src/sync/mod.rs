@@ -1,0 +1,3 @@
+//! The sync loop's core: source changes in, plans out to a [`crate::pipeline::plan::PlanSink`].
+
+pub mod proxier;

@@ -1,0 +1,4 @@
+//! Metrics and the HTTP servers that expose them.
+
+pub mod metrics;
+pub mod serve;
