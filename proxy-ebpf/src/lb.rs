@@ -42,11 +42,15 @@ struct Choice<A> {
     backend: Backend<A>,
 }
 
+/// Copies a map value out at once, so that a concurrent update by the agent is seen as its
+/// old or its new value and nothing holds the pointer afterwards.
+///
+/// # Safety
+/// `map_get` must be the result of a map lookup (`get_ptr`) made in this run of the program:
+/// such a pointer stays valid until the run ends (RCU).
 #[inline(always)]
-pub fn copy_of<V: Copy>(map_get: Option<*const V>) -> Option<V> {
-    // SAFETY: the pointer comes from a successful map lookup and stays valid for the rest of
-    // this program run (RCU); the value is copied at once so a concurrent update by the agent
-    // can at worst be seen as its old or new value, never dangle.
+pub unsafe fn copy_of<V: Copy>(map_get: Option<*const V>) -> Option<V> {
+    // SAFETY: a live map value (caller).
     map_get.map(|ptr| unsafe { *ptr })
 }
 
@@ -59,7 +63,8 @@ pub fn select<F: Family>(
     key: &ServiceKey<F::Addr>,
     client: impl FnOnce() -> Client,
 ) -> Result<Option<Selected<F::Addr>>, Reason> {
-    let Some(frontend) = copy_of(F::services().get_ptr(key)) else {
+    // SAFETY: the pointer comes from this lookup.
+    let Some(frontend) = (unsafe { copy_of(F::services().get_ptr(key)) }) else {
         return Ok(None);
     };
     choose::<F>(key, &frontend, client).map(Some)
@@ -96,8 +101,11 @@ fn at_random<F: Family>(key: &ServiceKey<F::Addr>, count: u32) -> Result<Choice<
 
 #[inline(always)]
 fn through_slot<F: Family>(key: &ServiceKey<F::Addr>, slot: u16) -> Result<Choice<F::Addr>, Reason> {
-    let entry = copy_of(F::services().get_ptr(key.with_slot(slot))).ok_or(Reason::BackendMissing)?;
-    let backend = copy_of(F::backends().get_ptr(entry.backend_id)).ok_or(Reason::BackendMissing)?;
+    // SAFETY: each pointer comes from the lookup beside it.
+    let entry =
+        unsafe { copy_of(F::services().get_ptr(key.with_slot(slot))) }.ok_or(Reason::BackendMissing)?;
+    let backend =
+        unsafe { copy_of(F::backends().get_ptr(entry.backend_id)) }.ok_or(Reason::BackendMissing)?;
     Ok(Choice {
         slot,
         backend_id: entry.backend_id,
@@ -118,7 +126,8 @@ fn affine<F: Family>(
     let now = unsafe { bpf_ktime_get_ns() };
     let affinity_key = AffinityKey::new(client.id, client.kind, frontend.rev_nat_id);
     let timeout = frontend.affinity_timeout_s as u64 * NANOS_PER_SECOND;
-    let previous = copy_of(AFFINITY.get_ptr(affinity_key))
+    // SAFETY: the pointer comes from this lookup.
+    let previous = unsafe { copy_of(AFFINITY.get_ptr(affinity_key)) }
         .filter(|p| now.saturating_sub(p.last_used_ns) <= timeout)
         .filter(|p| p.slot >= 1 && u32::from(p.slot) <= frontend.count)
         .and_then(|p| {

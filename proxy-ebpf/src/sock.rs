@@ -7,7 +7,6 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
@@ -29,36 +28,35 @@ const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
-/// Reads and writes the family's address in `bpf_sock_addr`. The context is accessed with
-/// volatile word-sized loads and stores because the verifier only accepts the exact access
-/// sizes it rewrites (the compiler must not merge, split or drop them).
+/// Reads and writes the family's address in the program's `bpf_sock_addr`. The context is
+/// accessed with volatile word-sized loads and stores because the verifier only accepts the
+/// exact access sizes it rewrites (the compiler must not merge, split or drop them).
 pub trait SockFamily: Family {
-    /// # Safety
-    /// `sa` must be the context pointer the kernel passed to this program.
-    unsafe fn user_addr(sa: *const bpf_sock_addr) -> Self::Addr;
-    /// # Safety
-    /// As for `user_addr`.
-    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self::Addr);
+    fn user_addr(ctx: &SockAddrContext) -> Self::Addr;
+    fn set_user_addr(ctx: &SockAddrContext, addr: Self::Addr);
 }
 
 impl SockFamily for V4 {
     #[inline(always)]
-    unsafe fn user_addr(sa: *const bpf_sock_addr) -> AddrV4 {
-        // SAFETY: valid context pointer (caller); user_ip4 is a readable u32 field.
-        unsafe { read_volatile(&raw const (*sa).user_ip4) }.to_ne_bytes()
+    fn user_addr(ctx: &SockAddrContext) -> AddrV4 {
+        // SAFETY: `sock_addr` is the context the kernel passed to this run of the program;
+        // user_ip4 is a readable u32 field.
+        unsafe { read_volatile(&raw const (*ctx.sock_addr).user_ip4) }.to_ne_bytes()
     }
 
     #[inline(always)]
-    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: AddrV4) {
-        // SAFETY: valid context pointer (caller); user_ip4 is writable in these hooks.
-        unsafe { write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(addr)) }
+    fn set_user_addr(ctx: &SockAddrContext, addr: AddrV4) {
+        // SAFETY: as for `user_addr`; user_ip4 is writable in these hooks.
+        unsafe { write_volatile(&raw mut (*ctx.sock_addr).user_ip4, u32::from_ne_bytes(addr)) }
     }
 }
 
 impl SockFamily for V6 {
     #[inline(always)]
-    unsafe fn user_addr(sa: *const bpf_sock_addr) -> AddrV6 {
-        // SAFETY: valid context pointer (caller); user_ip6 words are readable u32 fields.
+    fn user_addr(ctx: &SockAddrContext) -> AddrV6 {
+        let sa = ctx.sock_addr;
+        // SAFETY: `sa` is the context the kernel passed to this run of the program; user_ip6
+        // words are readable u32 fields.
         let word = |i: usize| unsafe { read_volatile(&raw const (*sa).user_ip6[i]) };
         let words = [word(0), word(1), word(2), word(3)];
         // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid.
@@ -66,33 +64,33 @@ impl SockFamily for V6 {
     }
 
     #[inline(always)]
-    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: AddrV6) {
+    fn set_user_addr(ctx: &SockAddrContext, addr: AddrV6) {
         // SAFETY: [u8; 16] and [u32; 4] have the same size and every bit pattern is valid.
         let words = unsafe { core::mem::transmute::<AddrV6, [u32; 4]>(addr) };
         for (i, word) in words.into_iter().enumerate() {
-            // SAFETY: valid context pointer (caller); user_ip6 words are writable u32 fields.
-            unsafe { write_volatile(&raw mut (*sa).user_ip6[i], word) };
+            // SAFETY: as for `user_addr`; user_ip6 words are writable u32 fields.
+            unsafe { write_volatile(&raw mut (*ctx.sock_addr).user_ip6[i], word) };
         }
     }
 }
 
 #[inline(always)]
-fn user_port(sa: *const bpf_sock_addr) -> u16 {
-    // SAFETY: `sa` is the program's context; user_port holds the port in network order in its
-    // low 16 bits.
-    u16::from_be(unsafe { read_volatile(&raw const (*sa).user_port) } as u16)
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: `sock_addr` is the context the kernel passed to this run of the program;
+    // user_port holds the port in network order in its low 16 bits.
+    u16::from_be(unsafe { read_volatile(&raw const (*ctx.sock_addr).user_port) } as u16)
 }
 
 #[inline(always)]
-fn set_user_port(sa: *mut bpf_sock_addr, port: u16) {
-    // SAFETY: `sa` is the program's context; user_port is writable in these hooks.
-    unsafe { write_volatile(&raw mut (*sa).user_port, port.to_be() as u32) }
+fn set_user_port(ctx: &SockAddrContext, port: u16) {
+    // SAFETY: as for `user_port`; user_port is writable in these hooks.
+    unsafe { write_volatile(&raw mut (*ctx.sock_addr).user_port, port.to_be() as u32) }
 }
 
 #[inline(always)]
-fn protocol(sa: *const bpf_sock_addr) -> u8 {
-    // SAFETY: `sa` is the program's context; protocol is a readable u32 field.
-    unsafe { read_volatile(&raw const (*sa).protocol) as u8 }
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: as for `user_port`; protocol is a readable u32 field.
+    unsafe { read_volatile(&raw const (*ctx.sock_addr).protocol) as u8 }
 }
 
 #[inline(always)]
@@ -155,11 +153,9 @@ pub fn connect<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
-    let sa = ctx.sock_addr;
-    // SAFETY: `sa` is this program's context pointer.
-    let frontend_addr = unsafe { F::user_addr(sa) };
-    let frontend_port = user_port(sa);
-    let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(sa), scope::ALL);
+    let frontend_addr = F::user_addr(ctx);
+    let frontend_port = user_port(ctx);
+    let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(ctx), scope::ALL);
     let Some(selected) = lb::select::<F>(&key, || netns_client(ctx))? else {
         let guard = ServiceKey::frontend(frontend_addr, 0, proto::ANY, scope::ALL);
         if F::services().get_ptr(guard).is_some() {
@@ -167,9 +163,8 @@ fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
         }
         return Ok(());
     };
-    // SAFETY: `sa` is this program's context pointer.
-    unsafe { F::set_user_addr(sa, selected.backend.addr) };
-    set_user_port(sa, selected.backend.port);
+    F::set_user_addr(ctx, selected.backend.addr);
+    set_user_port(ctx, selected.backend.port);
     bump(Counter::SockForward);
     remember_frontend::<F>(ctx, &selected, frontend_addr, frontend_port);
     Ok(())
@@ -192,8 +187,9 @@ fn remember_frontend<F: SockFamily>(
     };
     // An unconnected UDP client (a resolver) sends many datagrams to the same backend: skip the
     // LRU write when the entry is already there. A TCP socket connects once: nothing to find.
-    if protocol(ctx.sock_addr) != proto::TCP
-        && let Some(existing) = copy_of(F::sock_rev().get_ptr(key))
+    if protocol(ctx) != proto::TCP
+        // SAFETY: the pointer comes from this lookup.
+        && let Some(existing) = unsafe { copy_of(F::sock_rev().get_ptr(key)) }
         && existing.addr == value.addr
         && existing.port == value.port
         && existing.rev_nat_id == value.rev_nat_id
@@ -208,17 +204,16 @@ fn remember_frontend<F: SockFamily>(
 /// recvmsg4/6 and getpeername4/6: backend → frontend. These hooks must always return 1.
 #[inline(always)]
 pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: `sa` is this program's context pointer.
-    let key = SockRevKey::new(cookie(ctx), unsafe { F::user_addr(sa) }, user_port(sa));
-    let Some(entry) = copy_of(F::sock_rev().get_ptr(key)) else {
+    let key = SockRevKey::new(cookie(ctx), F::user_addr(ctx), user_port(ctx));
+    // SAFETY: the pointer comes from this lookup.
+    let Some(entry) = (unsafe { copy_of(F::sock_rev().get_ptr(key)) }) else {
         return ALLOW;
     };
-    match copy_of(F::rev_nat().get_ptr(entry.rev_nat_id)) {
+    // SAFETY: the pointer comes from this lookup.
+    match unsafe { copy_of(F::rev_nat().get_ptr(entry.rev_nat_id)) } {
         Some(frontend) if frontend.addr == entry.addr && frontend.port == entry.port => {
-            // SAFETY: `sa` is this program's context pointer.
-            unsafe { F::set_user_addr(sa, entry.addr) };
-            set_user_port(sa, entry.port);
+            F::set_user_addr(ctx, entry.addr);
+            set_user_port(ctx, entry.port);
             bump(Counter::SockReverse);
         }
         // The service was deleted, or its rev-NAT id now names another frontend: the

@@ -206,7 +206,8 @@ fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, f
 #[inline(never)]
 fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Addr>) -> Start {
     let mut key = ServiceKey::frontend(packet.daddr, packet.dport, packet.proto, scope::ALL);
-    let Some(mut frontend) = copy_of(F::services().get_ptr(key)) else {
+    // SAFETY: the pointer comes from this lookup.
+    let Some(mut frontend) = (unsafe { copy_of(F::services().get_ptr(key)) }) else {
         return Start::Pass;
     };
     if frontend.flags & svc_flags::EXTERNAL == 0 {
@@ -226,7 +227,8 @@ fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Ad
     if external_local {
         key.scope = scope::EXTERNAL_LOCAL;
         // No local view means no local endpoint: reject, as for an empty one.
-        frontend = copy_of(F::services().get_ptr(key)).unwrap_or_default();
+        // SAFETY: the pointer comes from this lookup.
+        frontend = unsafe { copy_of(F::services().get_ptr(key)) }.unwrap_or_default();
     }
     let client = || Client {
         id: F::client_id(&packet.saddr),

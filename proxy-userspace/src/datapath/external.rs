@@ -11,13 +11,13 @@ use aya::{
     maps::{Array, MapData},
     programs::{
         Link as _, LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError,
-        links::{FdLink, LinkError},
+        links::LinkError,
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use proxy_common::maps::{self as names, NodeConfig};
 
-use crate::datapath::{features::TcMode, host, loader::LoadError, maps::typed, sys};
+use crate::datapath::{features::TcMode, host, links, loader::LoadError, maps::typed, sys};
 
 /// Writes the node settings the tc programs read.
 pub fn write_node_config(pin_dir: &Path, config: &NodeConfig) -> Result<(), LoadError> {
@@ -419,33 +419,28 @@ fn attach_one(
     }
     let existing = read_record(path);
     match (mode, existing) {
-        (TcMode::Tcx, Some(Record::Tcx)) => {
-            let link = sys::obj_get(path).map_err(|e| format!("opening pinned link: {e}"))?;
-            let prog_fd = program.fd().map_err(|e| e.to_string())?;
-            sys::link_update(&link, prog_fd).map_err(|e| format!("updating pinned link: {e}"))?;
-            Ok(true)
-        }
         (TcMode::Tcx, existing) => {
-            if existing.is_some() {
+            if existing.as_ref().is_some_and(|r| !matches!(r, Record::Tcx)) {
                 // A netlink filter from a run in the other mode: one of the two, not both.
                 if let Some(note) = remove_record(path, netns).map_err(|e| e.to_string())? {
                     tracing::warn!("{note}");
                 }
             }
-            let id = program
-                .attach_with_options(
-                    device,
-                    p.direction,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| e.to_string())?;
-            let link: FdLink = program
-                .take_link(id)
-                .map_err(|e| e.to_string())?
-                .try_into()
-                .map_err(|e: LinkError| e.to_string())?;
-            link.pin(path).map_err(|e| format!("pinning link: {e}"))?;
-            Ok(false)
+            links::attach_or_update(path, program, SchedClassifier::fd, |program| {
+                let id = program
+                    .attach_with_options(
+                        device,
+                        p.direction,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| e.to_string())?;
+                program
+                    .take_link(id)
+                    .map_err(|e| e.to_string())?
+                    .try_into()
+                    .map_err(|e: LinkError| e.to_string())
+            })
+            .map_err(|e| e.to_string())
         }
         (TcMode::Netlink, existing) => {
             if matches!(existing, Some(Record::Tcx | Record::Unreadable(_))) {

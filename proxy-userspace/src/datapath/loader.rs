@@ -15,11 +15,17 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr},
 };
 use proxy_common::maps::{self as names, capacity};
 
-use crate::datapath::{external, features::TcMode, host, sys};
+use crate::datapath::{
+    external,
+    features::TcMode,
+    host,
+    links::{self, PinnedLinkError},
+    sys,
+};
 
 /// The datapath object, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -213,25 +219,26 @@ impl Datapath {
         for name in SOCKET_PROGRAMS {
             let program = socket_program(&mut self.ebpf, name)?;
             let prog_err = |source| LoadError::Program { name, source };
-            let pin = ours.join(name);
-            if pin.exists() {
-                let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link", &pin))?;
-                let prog_fd = program.fd().map_err(prog_err)?;
-                sys::link_update(&link, prog_fd).map_err(pin_err("updating pinned link", &pin))?;
-                report.updated += 1;
-            } else {
+            let updated = links::attach_or_update(&ours.join(name), program, CgroupSockAddr::fd, |program| {
                 // A cgroup link always coexists with other programs on the cgroup (the kernel
                 // rejects BPF_F_ALLOW_MULTI on link_create: links are multi by design).
                 let id = program
                     .attach(&cgroup_dir, CgroupAttachMode::Single)
                     .map_err(prog_err)?;
-                let link: FdLink = program
+                program
                     .take_link(id)
                     .map_err(prog_err)?
                     .try_into()
-                    .map_err(|source| LoadError::Link { name, source })?;
-                link.pin(&pin)
-                    .map_err(|e| pin_err("pinning link", &pin)(std::io::Error::other(e)))?;
+                    .map_err(|source| LoadError::Link { name, source })
+            })
+            .map_err(|e| match e {
+                PinnedLinkError::Pin { what, path, source } => LoadError::Pin { what, path, source },
+                PinnedLinkError::Program(source) => prog_err(source),
+                PinnedLinkError::Attach(e) => e,
+            })?;
+            if updated {
+                report.updated += 1;
+            } else {
                 report.created += 1;
             }
         }

@@ -4,6 +4,7 @@ pub mod conntrack;
 pub mod external;
 pub mod features;
 pub mod host;
+pub mod links;
 pub mod loader;
 pub mod maps;
 pub mod reader;

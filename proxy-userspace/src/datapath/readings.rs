@@ -29,8 +29,7 @@ impl PinnedReadings {
 
     fn fill(&self, map: &'static str) -> Option<MapFill> {
         let info = MapInfo::from_pin(self.pin_dir.join(map)).ok()?;
-        let fd = info.fd().ok()?;
-        let entries = sys::map_entries(&fd, info.key_size() as usize, info.max_entries()).ok()?;
+        let entries = sys::map_entries(&info).ok()?;
         Some(MapFill {
             map,
             entries,

@@ -14,6 +14,8 @@ use std::{
     path::Path,
 };
 
+use aya::maps::MapInfo;
+
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -107,7 +109,8 @@ pub fn prog_test_run(prog: impl AsFd, packet: &[u8], repeat: u32) -> io::Result<
         repeat,
         ..Default::default()
     };
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    // SAFETY: a test-run attr whose buffers are `packet` and `out`, with their lengths.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     // The kernel sets data_size_out to the packet's length after the run (a packet that
     // outgrew the buffer is an ENOSPC error above).
     out.truncate(attr.data_size_out as usize);
@@ -128,9 +131,12 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialised bpf_attr member of the right layout for `cmd`,
-    // and its size is passed so the kernel reads no further.
+/// # Safety
+/// `attr` must be the bpf_attr member `cmd` takes, and every address in it must point to
+/// memory the kernel may read (or write, for outputs) for the length the command implies.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid for `cmd` (caller); its size is passed so the kernel reads no
+    // further.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -154,7 +160,8 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         pathname: c_path.as_ptr() as u64,
         ..Default::default()
     };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: an obj-get attr whose pathname is `c_path`, NUL-terminated and alive here.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -166,7 +173,8 @@ pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
         new_prog_fd: new_prog.as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    // SAFETY: a link-update attr; it holds only file descriptors.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 /// Detaches a pinned link at once and removes its pin. Removing the pin alone also detaches,
@@ -176,7 +184,8 @@ pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
 pub fn unpin_link(path: &Path) -> io::Result<()> {
     let link = obj_get(path)?;
     let mut attr = [link.as_raw_fd() as u32, 0];
-    if let Err(e) = bpf(BPF_LINK_DETACH, &mut attr)
+    // SAFETY: BPF_LINK_DETACH reads the link fd (and flags, 0) only.
+    if let Err(e) = unsafe { bpf(BPF_LINK_DETACH, &mut attr) }
         && e.raw_os_error() != Some(libc::ENOLINK)
     {
         return Err(e);
@@ -186,7 +195,10 @@ pub fn unpin_link(path: &Path) -> io::Result<()> {
 
 /// Counts a hash map's entries by walking its keys (one syscall per entry). At most
 /// `max_entries` steps: a walk that races deletions may restart, and must still end.
-pub fn map_entries(map: impl AsFd, key_size: usize, max_entries: u32) -> io::Result<u64> {
+pub fn map_entries(info: &MapInfo) -> io::Result<u64> {
+    let map = info.fd().map_err(io::Error::other)?;
+    let key_size = info.key_size() as usize;
+    let max_entries = info.max_entries();
     let mut key = vec![0u8; key_size];
     let mut next = vec![0u8; key_size];
     let mut count = 0u64;
@@ -198,7 +210,8 @@ pub fn map_entries(map: impl AsFd, key_size: usize, max_entries: u32) -> io::Res
             next_key: next.as_mut_ptr() as u64,
             ..Default::default()
         };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        // SAFETY: `key` and `next` are the map's key size, as the kernel reads and writes.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
@@ -213,7 +226,10 @@ pub fn map_entries(map: impl AsFd, key_size: usize, max_entries: u32) -> io::Res
 /// Writes `keys[i] → values[i]` into a hash map in one syscall (Linux ≥ 5.6). On failure,
 /// returns how many leading entries were written and the error, so the caller can retry the
 /// rest one by one and name the entry that fails.
-pub fn map_update_batch<K: Copy, V: Copy>(
+///
+/// # Safety
+/// `K` and `V` must have the map's key and value sizes: the kernel reads `keys.len()` of each.
+pub unsafe fn map_update_batch<K: Copy, V: Copy>(
     map: impl AsFd,
     keys: &[K],
     values: &[V],
@@ -226,7 +242,8 @@ pub fn map_update_batch<K: Copy, V: Copy>(
         map_fd: map.as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+    // SAFETY: `keys` and `values` hold `count` entries of the map's sizes (caller).
+    match unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) } {
         Ok(_) => Ok(()),
         // The kernel reports in `count` how many elements it processed before failing.
         Err(e) => Err(((attr.count as usize).min(keys.len()), e)),

@@ -140,7 +140,9 @@ fn upsert_all<K: Pod, V: Pod, T>(
     if entries.len() >= BATCH_MIN {
         let keys: Vec<K> = entries.iter().map(|e| e.0).collect();
         let values: Vec<V> = entries.iter().map(|e| e.1).collect();
-        match sys::map_update_batch(raw.fd(), &keys, &values) {
+        // SAFETY: `raw` is the pinned map `map` also opens (callers pass the pair
+        // `PinnedMaps` opened from one pin), and aya checked K and V against its sizes.
+        match unsafe { sys::map_update_batch(raw.fd(), &keys, &values) } {
             Ok(()) => return,
             Err((done, _)) => start = done,
         }
