@@ -1,3 +1,6 @@
+//! The agent's settings: `run`'s flags ([`RunFlags`]) over a config file over kube-proxy's
+//! defaults, resolved into [`AgentOptions`].
+//!
 //! `--config FILE`: a kube-proxy `KubeProxyConfiguration` (kubeproxy.config.k8s.io/v1alpha1),
 //! read as-is so an existing kube-proxy ConfigMap can be reused.
 //!
@@ -6,9 +9,27 @@
 //! reported once each, when set to a non-zero value. Anything else is an error, as kube-proxy's
 //! strict decoding makes it, so a typo is never silently ignored.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde_json::{Map, Value};
+
+use crate::{
+    datapath::{
+        features::TcAttach,
+        host::{self, HostError},
+        loader::MapSizes,
+    },
+    node::{
+        devices::Devices,
+        external::{DEFAULT_CT_TCP_TIMEOUT, DEFAULT_CT_UDP_TIMEOUT, ExternalOptions},
+        nodeport::NodePortAddresses,
+    },
+    pipeline::translate::TranslateOptions,
+};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -250,6 +271,276 @@ pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
     Ok(config)
 }
 
+/// Where the agent pins its maps and links, and where the tools look for them.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bpf-kube-proxy";
+
+const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
+const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
+const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
+
+/// Where Services and EndpointSlices come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// YAML/JSON files, watched for changes.
+    Manifests(PathBuf),
+    /// The API server: `--kubeconfig`, else in-cluster config, else the usual kubeconfig.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub node_name: String,
+    pub source: SourceConfig,
+    pub map_sizes: MapSizes,
+    pub translate: TranslateOptions,
+    /// Manifests: re-read at least this often, in case a file event was missed.
+    pub resync_period: Duration,
+    /// kube-proxy's `--sync-period`: a full sync at least this often; `/healthz` fails when a
+    /// change waits twice as long.
+    pub sync_period: Duration,
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    /// How the tc programs attach to the external devices.
+    pub tc_attach: TcAttach,
+    pub external: ExternalOptions,
+}
+
+/// `bpf-kube-proxy run`'s flags. Those without a clap default fall back to the config file,
+/// then to kube-proxy's default.
+#[derive(Debug, clap::Args)]
+pub struct RunFlags {
+    /// A kube-proxy KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Flags given
+    /// on the command line override its values; fields that do not apply are reported once.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Health server (/healthz, /livez), as kube-proxy's flag; "" turns it off
+    /// [default: 0.0.0.0:10256].
+    #[arg(long)]
+    healthz_bind_address: Option<String>,
+    /// Metrics server (/metrics, /proxyMode), as kube-proxy's flag; "" turns it off
+    /// [default: 127.0.0.1:10249].
+    #[arg(long)]
+    metrics_bind_address: Option<String>,
+    /// Full sync at least this often (e.g. 30s, 1m); /healthz fails when a change waits for
+    /// twice as long [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sync_period: Option<Duration>,
+    /// Read Services, EndpointSlices (and this node's Node) from YAML/JSON files, one file
+    /// or a directory, instead of the API server. Changes are picked up as they happen.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API server (default: in-cluster config, then KUBECONFIG, then
+    /// ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// cgroup v2 directory whose processes get socket load balancing (default: the root of the
+    /// cgroup2 mount, i.e. the whole node).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Directory on bpffs for pinned maps and links (mounted at /sys/fs/bpf if absent).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// This node's name, for traffic policies and topology (default: the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    hostname_override: Option<String>,
+    /// Also serve Services labelled service.kubernetes.io/service-proxy-name=<this>.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// With --manifests: re-read at least this often (seconds), in case a file event was missed
+    /// [default: 10, or the config file's configSyncPeriod].
+    #[arg(long)]
+    resync_seconds: Option<u64>,
+    /// Capacity of the services maps (frontend entries plus one per backend slot).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::SERVICES)]
+    map_size_services: u32,
+    /// Capacity of the backends maps.
+    #[arg(long, default_value_t = proxy_common::maps::capacity::BACKENDS)]
+    map_size_backends: u32,
+    /// Capacity of the reverse-NAT maps (one entry per frontend).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::REV_NAT)]
+    map_size_rev_nat: u32,
+    /// Capacity of the socket reverse-NAT LRU maps.
+    #[arg(long, default_value_t = proxy_common::maps::capacity::SOCK_REV)]
+    map_size_sock_rev: u32,
+    /// Capacity of the session affinity LRU map (one entry per client and frontend in use).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::AFFINITY)]
+    map_size_affinity: u32,
+    /// Capacity of the tc path's conntrack LRU map (two entries per flow).
+    #[arg(long, default_value_t = proxy_common::maps::capacity::CONNTRACK)]
+    map_size_conntrack: u32,
+    /// Devices that carry NodePort, LoadBalancer and externalIP traffic from outside the node,
+    /// and every device through which backends on other nodes are reached (their replies come
+    /// back there): "auto" (devices with a global address, tunnels included, minus per-pod
+    /// plumbing), a comma-separated list, or "none" (the socket hooks alone: only this node's
+    /// own clients are served).
+    #[arg(long, default_value = "none")]
+    devices: Devices,
+    /// How the tc programs attach to --devices: "tcx" links (Linux 6.6+), "netlink" cls_bpf
+    /// filters on a clsact qdisc (any kernel), or "auto": TCX where the kernel has it.
+    #[arg(long, default_value = "auto")]
+    tc_attach: TcAttach,
+    /// kube-proxy's nodePortAddresses: CIDRs whose node addresses serve NodePorts, or
+    /// "primary" (default: every node address, and 127.0.0.1 for the node's own clients).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Option<Vec<String>>,
+    /// The node's primary address(es), one per family: SNAT source for traffic sent to
+    /// other nodes' backends (default: the first address of the first device).
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// Idle TCP flows in the tc path's conntrack expire after this [default: 24h, or the
+    /// config file's conntrack.tcpEstablishedTimeout].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_established: Option<Duration>,
+    /// Idle UDP flows in the tc path's conntrack expire after this [default: 120s, or the
+    /// config file's conntrack.udpTimeout].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("reading the hostname (or pass --hostname-override)")]
+    Hostname(#[source] nix::Error),
+    #[error(transparent)]
+    Cgroup(#[from] HostError),
+    #[error(transparent)]
+    Value(#[from] ConfigError),
+    #[error("--nodeport-addresses: {0}")]
+    NodePortAddresses(String),
+}
+
+/// Reads and parses a config file, logging each field it ignores.
+fn read_file(path: &Path) -> Result<ProxyConfig, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let config = parse(&text).map_err(|source| SettingsError::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for line in &config.ignored {
+        tracing::warn!(file = %path.display(), "{line}");
+    }
+    Ok(config)
+}
+
+/// The agent's options from its flags and the `--config` file they name.
+pub fn load(flags: RunFlags) -> Result<AgentOptions, SettingsError> {
+    let file = match &flags.config {
+        Some(path) => read_file(path)?,
+        None => ProxyConfig::default(),
+    };
+    resolve(flags, file)
+}
+
+/// A bind address from its flag, else the config file, else kube-proxy's default.
+fn resolve_bind_address(
+    flag: &str,
+    from_flag: Option<String>,
+    from_file: Option<Option<SocketAddr>>,
+    default: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match (from_flag, from_file) {
+        (Some(text), _) => parse_bind_address(flag, &text),
+        (None, Some(addr)) => Ok(addr),
+        (None, None) => parse_bind_address(flag, default),
+    }
+}
+
+/// Each setting from its flag, else the config file, else kube-proxy's default.
+pub fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions, SettingsError> {
+    let node_name = match flags.hostname_override.or(file.hostname_override) {
+        Some(name) => name,
+        None => nix::unistd::gethostname()
+            .map_err(SettingsError::Hostname)?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let cgroup = match flags.cgroup {
+        Some(path) => path,
+        None => host::cgroup2_root()?,
+    };
+    Ok(AgentOptions {
+        pin_dir: flags.pin_dir,
+        cgroup,
+        node_name,
+        source: match flags.manifests {
+            Some(path) => SourceConfig::Manifests(path),
+            None => SourceConfig::Kubernetes {
+                kubeconfig: flags.kubeconfig.or(file.kubeconfig),
+            },
+        },
+        map_sizes: MapSizes {
+            services: flags.map_size_services,
+            backends: flags.map_size_backends,
+            rev_nat: flags.map_size_rev_nat,
+            sock_rev: flags.map_size_sock_rev,
+            affinity: flags.map_size_affinity,
+            conntrack: flags.map_size_conntrack,
+        },
+        translate: TranslateOptions {
+            service_proxy_name: flags.service_proxy_name,
+        },
+        resync_period: flags
+            .resync_seconds
+            .map(|s| Duration::from_secs(s.max(1)))
+            .or(file.config_sync_period)
+            .unwrap_or(DEFAULT_RESYNC),
+        sync_period: flags
+            .sync_period
+            .or(file.sync_period)
+            .unwrap_or(DEFAULT_SYNC_PERIOD),
+        healthz_addr: resolve_bind_address(
+            "--healthz-bind-address",
+            flags.healthz_bind_address,
+            file.healthz_bind_address,
+            DEFAULT_HEALTHZ_BIND_ADDRESS,
+        )?,
+        metrics_addr: resolve_bind_address(
+            "--metrics-bind-address",
+            flags.metrics_bind_address,
+            file.metrics_bind_address,
+            DEFAULT_METRICS_BIND_ADDRESS,
+        )?,
+        tc_attach: flags.tc_attach,
+        external: ExternalOptions {
+            devices: flags.devices,
+            node_port_addresses: NodePortAddresses::parse(
+                &flags
+                    .nodeport_addresses
+                    .or(file.node_port_addresses)
+                    .unwrap_or_default(),
+            )
+            .map_err(SettingsError::NodePortAddresses)?,
+            node_ips: flags.node_ip,
+            ct_tcp_timeout: flags
+                .conntrack_tcp_timeout_established
+                .or(file.conntrack_tcp_timeout)
+                .unwrap_or(DEFAULT_CT_TCP_TIMEOUT),
+            ct_udp_timeout: flags
+                .conntrack_udp_timeout
+                .or(file.conntrack_udp_timeout)
+                .unwrap_or(DEFAULT_CT_UDP_TIMEOUT),
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,5 +729,116 @@ nodePortAddresses: null
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(expected), "{err:?} should contain {expected:?}");
         }
+    }
+
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        flags: RunFlags,
+    }
+
+    /// `run` with `args`, on a named node and cgroup (so nothing is looked up on the host),
+    /// over `file`.
+    fn resolved(args: &[&str], file: &str) -> Result<AgentOptions, SettingsError> {
+        let base = ["run", "--hostname-override", "n1", "--cgroup", "/sys/fs/cgroup"];
+        let flags = <Run as clap::Parser>::parse_from(base.iter().chain(args)).flags;
+        let file = parse(&format!("apiVersion: {API_VERSION}\nkind: {KIND}\n{file}")).unwrap();
+        resolve(flags, file)
+    }
+
+    fn addr(text: &str) -> Option<SocketAddr> {
+        Some(text.parse().unwrap())
+    }
+
+    #[test]
+    fn bind_addresses_come_from_the_flag_else_the_file_else_kube_proxys_default_and_empty_is_off() {
+        let o = resolved(&[], "").unwrap();
+        assert_eq!(o.healthz_addr, addr("0.0.0.0:10256"));
+        assert_eq!(o.metrics_addr, addr("127.0.0.1:10249"));
+        let file = "healthzBindAddress: \"\"\nmetricsBindAddress: 0.0.0.0:10249\n";
+        let o = resolved(&[], file).unwrap();
+        assert_eq!(o.healthz_addr, None, "\"\" in the file turns the server off");
+        assert_eq!(o.metrics_addr, addr("0.0.0.0:10249"));
+        let flags = [
+            "--healthz-bind-address",
+            "127.0.0.1:1",
+            "--metrics-bind-address",
+            "",
+        ];
+        let o = resolved(&flags, file).unwrap();
+        assert_eq!(o.healthz_addr, addr("127.0.0.1:1"));
+        assert_eq!(o.metrics_addr, None, "\"\" on the command line turns it off");
+        let err = resolved(&["--metrics-bind-address", "10249"], "").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--metrics-bind-address: \"10249\" is not IP:port"
+        );
+    }
+
+    #[test]
+    fn periods_come_from_the_flag_else_the_file_else_the_default() {
+        let o = resolved(&[], "").unwrap();
+        assert_eq!(o.sync_period, Duration::from_secs(30));
+        assert_eq!(o.resync_period, Duration::from_secs(10));
+        let file = "syncPeriod: 10s\nconfigSyncPeriod: 15m\n";
+        let o = resolved(&[], file).unwrap();
+        assert_eq!(o.sync_period, Duration::from_secs(10));
+        assert_eq!(o.resync_period, Duration::from_secs(900));
+        let o = resolved(&["--sync-period", "5s", "--resync-seconds", "0"], file).unwrap();
+        assert_eq!(o.sync_period, Duration::from_secs(5));
+        assert_eq!(o.resync_period, Duration::from_secs(1), "at least a second");
+    }
+
+    #[test]
+    fn conntrack_timeouts_come_from_the_flag_else_the_file_else_kube_proxys_default() {
+        let o = resolved(&[], "").unwrap();
+        assert_eq!(o.external.ct_tcp_timeout, Duration::from_secs(86_400));
+        assert_eq!(o.external.ct_udp_timeout, Duration::from_secs(120));
+        let file = "conntrack:\n  tcpEstablishedTimeout: 1h\n  udpTimeout: 30s\n";
+        let o = resolved(&[], file).unwrap();
+        assert_eq!(o.external.ct_tcp_timeout, Duration::from_secs(3600));
+        assert_eq!(o.external.ct_udp_timeout, Duration::from_secs(30));
+        let flags = ["--conntrack-udp-timeout", "5s"];
+        let o = resolved(&flags, file).unwrap();
+        assert_eq!(o.external.ct_tcp_timeout, Duration::from_secs(3600));
+        assert_eq!(o.external.ct_udp_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn nodeport_addresses_come_from_the_flag_else_the_file_and_errors_name_the_flag() {
+        assert_eq!(
+            resolved(&[], "").unwrap().external.node_port_addresses,
+            NodePortAddresses::All
+        );
+        let file = "nodePortAddresses: [primary]\n";
+        assert_eq!(
+            resolved(&[], file).unwrap().external.node_port_addresses,
+            NodePortAddresses::Primary
+        );
+        let o = resolved(&["--nodeport-addresses", "10.0.0.0/8"], file).unwrap();
+        assert_eq!(
+            o.external.node_port_addresses,
+            NodePortAddresses::Cidrs(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        let err = resolved(&["--nodeport-addresses", "primary,10.0.0.0/8"], "").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--nodeport-addresses: \"primary\" cannot be combined with CIDRs"
+        );
+    }
+
+    #[test]
+    fn the_node_name_and_kubeconfig_flags_win_over_the_file() {
+        let file = "hostnameOverride: n2\nclientConnection: {kubeconfig: /file}\n";
+        let o = resolved(&["--kubeconfig", "/flag"], file).unwrap();
+        assert_eq!(o.node_name, "n1");
+        assert_eq!(
+            o.source,
+            SourceConfig::Kubernetes {
+                kubeconfig: Some(PathBuf::from("/flag"))
+            }
+        );
+        let o = resolved(&["--manifests", "/m"], file).unwrap();
+        assert_eq!(o.source, SourceConfig::Manifests(PathBuf::from("/m")));
     }
 }

@@ -2,7 +2,7 @@
 //! dead flows are removed here with the same expiry arithmetic the programs use; `dump` and
 //! the fill metric then show live flows only.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc, time::Duration};
 
 use aya::{
     Pod,
@@ -14,7 +14,10 @@ use proxy_common::{
     maps::{self as names, AddrV4, AddrV6, CtKey, CtValue, NodeConfig, ct_flags},
 };
 
-use crate::datapath::maps::{OpenError, typed};
+use crate::{
+    datapath::maps::{OpenError, typed},
+    telemetry::metrics::Metrics,
+};
 
 type CtMap<A> = HashMap<MapData, CtKey<A>, CtValue<A>>;
 
@@ -42,6 +45,26 @@ impl Conntrack {
         };
         let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         collect(&mut self.v4, &self.config, now) + collect(&mut self.v6, &self.config, now)
+    }
+
+    /// How often dead entries are collected: often enough that a UDP flow is gone soon after
+    /// its timeout, rarely enough to cost nothing.
+    fn gc_period(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.ct_udp_timeout_s).clamp(1, 30))
+    }
+
+    /// Collects dead entries forever.
+    pub async fn collect_forever(mut self, metrics: Arc<Metrics>) {
+        let mut interval = tokio::time::interval(self.gc_period());
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let collected = self.collect();
+            metrics.conntrack_collected.inc_by(collected as u64);
+            if collected > 0 {
+                tracing::debug!(collected, "removed expired conntrack entries");
+            }
+        }
     }
 }
 

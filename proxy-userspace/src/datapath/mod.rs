@@ -9,6 +9,8 @@ pub mod loader;
 pub mod maps;
 pub mod reader;
 pub mod readings;
+pub mod report;
+pub mod sink;
 pub mod sockets;
 #[cfg(test)]
 mod stack_limit;

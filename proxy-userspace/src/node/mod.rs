@@ -1,4 +1,5 @@
-//! This node's side of Service traffic: which devices carry it from outside and which addresses serve NodePorts.
+//! This node's side of Service traffic: which devices carry it from outside, which addresses serve NodePorts, and what the datapath is configured with for them.
 
 pub mod devices;
+pub mod external;
 pub mod nodeport;

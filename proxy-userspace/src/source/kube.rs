@@ -2,11 +2,12 @@
 //! list, then watch from the list's resourceVersion, with bookmarks; on a watch error, an
 //! expired resourceVersion (410 Gone) or a lost connection the watcher backs off and relists.
 //!
-//! The consumer never flushes on a relist: `Init` starts a buffer, `InitApply` fills it, and
-//! `InitDone` replaces that kind's objects in one diff, so the datapath keeps serving the last
-//! known state for as long as the API server is gone.
+//! [`Watches`] never flushes on a relist: `Init` starts a buffer, `InitApply` fills it, and
+//! `InitDone` replaces that kind's objects in one [`Change::Replace`] (kube-runtime's reflector
+//! buffers the same way), so the datapath keeps serving the last known state for as long as the
+//! API server is gone.
 
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use futures::{Stream, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
@@ -20,7 +21,7 @@ use kube::{
 };
 
 use super::meta::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
-use super::{ObjectKind, Snapshot};
+use super::{Change, Listed, Object, ObjectKind, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -143,9 +144,346 @@ pub async fn list_once(
     })
 }
 
+/// Buffers one watch's relist so that it lands as a single replacement.
+struct Relist<K> {
+    buffer: Option<Vec<K>>,
+    listed: bool,
+}
+
+impl<K> Default for Relist<K> {
+    fn default() -> Self {
+        Self {
+            buffer: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K> Relist<K>
+where
+    K: Into<Object>,
+    Vec<K>: Into<Listed>,
+{
+    fn feed(&mut self, event: watcher::Event<K>) -> Option<Change> {
+        match event {
+            watcher::Event::Init => {
+                self.buffer = Some(Vec::new());
+                None
+            }
+            watcher::Event::InitApply(obj) => {
+                self.buffer.get_or_insert_with(Vec::new).push(obj);
+                None
+            }
+            watcher::Event::InitDone => {
+                self.listed = true;
+                Some(Change::Replace(self.buffer.take().unwrap_or_default().into()))
+            }
+            watcher::Event::Apply(obj) => Some(Change::Apply(obj.into())),
+            watcher::Event::Delete(obj) => Some(Change::Delete(obj.into().identity())),
+        }
+    }
+}
+
+/// How a watch is doing, when that changed or it failed again.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchHealth {
+    /// The watch failed; it backs off and retries (relisting if needed), and the datapath keeps
+    /// its last state meanwhile. `first`: it had been working until now.
+    Failed {
+        kind: ObjectKind,
+        error: String,
+        first: bool,
+    },
+    /// The first event of a watch that had failed.
+    Recovered(ObjectKind),
+}
+
+/// What one [`KubeEvent`] did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Step {
+    /// `None` while a list is being buffered, and for errors.
+    pub change: Option<Change>,
+    pub health: Option<WatchHealth>,
+}
+
+/// The three watches' relist buffering and health: watcher events in, [`Change`]s out.
+#[derive(Default)]
+pub struct Watches {
+    services: Relist<Service>,
+    slices: Relist<EndpointSlice>,
+    nodes: Relist<Node>,
+    failing: BTreeSet<ObjectKind>,
+}
+
+impl Watches {
+    /// Whether every kind has been listed once: until then a sync would see a partial world
+    /// (Services without their endpoints, say) and drop what the pinned maps hold for the rest.
+    pub fn listed(&self) -> bool {
+        self.services.listed && self.slices.listed && self.nodes.listed
+    }
+
+    pub fn feed(&mut self, event: KubeEvent) -> Step {
+        let (kind, change) = match event {
+            KubeEvent::Service(e) => (ObjectKind::Service, self.services.feed(*e)),
+            KubeEvent::Slice(e) => (ObjectKind::EndpointSlice, self.slices.feed(*e)),
+            KubeEvent::Node(e) => (ObjectKind::Node, self.nodes.feed(*e)),
+            KubeEvent::Error { kind, error } => {
+                let first = self.failing.insert(kind);
+                return Step {
+                    change: None,
+                    health: Some(WatchHealth::Failed { kind, error, first }),
+                };
+            }
+        };
+        Step {
+            change,
+            health: self.failing.remove(&kind).then_some(WatchHealth::Recovered(kind)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
     use super::*;
+    use crate::source::{Identity, Objects};
+
+    fn meta(namespace: Option<&str>, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: namespace.map(str::to_string),
+            name: Some(name.to_string()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn service(name: &str) -> Service {
+        Service {
+            metadata: meta(Some("shop"), name),
+            ..Service::default()
+        }
+    }
+
+    fn slice(name: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: meta(Some("shop"), name),
+            ..EndpointSlice::default()
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            metadata: meta(None, name),
+            ..Node::default()
+        }
+    }
+
+    fn svc(event: watcher::Event<Service>) -> KubeEvent {
+        KubeEvent::Service(Box::new(event))
+    }
+
+    fn failed(kind: ObjectKind) -> KubeEvent {
+        KubeEvent::Error {
+            kind,
+            error: "connection refused".to_string(),
+        }
+    }
+
+    /// Feeds `events`, returning the changes they made.
+    fn feed_all(watches: &mut Watches, events: impl IntoIterator<Item = KubeEvent>) -> Vec<Change> {
+        events
+            .into_iter()
+            .filter_map(|e| watches.feed(e).change)
+            .collect()
+    }
+
+    /// The Services' names that applying `changes` leaves.
+    fn services_after(objects: &mut Objects, changes: Vec<Change>) -> Vec<String> {
+        for change in changes {
+            objects.apply(change);
+        }
+        let mut names: Vec<String> = objects
+            .snapshot()
+            .services
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_initial_list_lands_as_one_replace_only_at_init_done() {
+        let mut watches = Watches::default();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(service("web")),
+            watcher::Event::InitApply(service("api")),
+        ] {
+            assert_eq!(watches.feed(svc(event)), Step::default());
+        }
+        assert_eq!(
+            watches.feed(svc(watcher::Event::InitDone)).change,
+            Some(Change::Replace(Listed::Services(vec![
+                service("web"),
+                service("api")
+            ])))
+        );
+    }
+
+    #[test]
+    fn objects_listed_before_any_init_are_buffered_too() {
+        let mut watches = Watches::default();
+        assert_eq!(
+            watches
+                .feed(svc(watcher::Event::InitApply(service("web"))))
+                .change,
+            None
+        );
+        assert!(!watches.services.listed);
+        let changes = feed_all(&mut watches, [svc(watcher::Event::InitDone)]);
+        assert_eq!(changes, [Change::Replace(Listed::Services(vec![service("web")]))]);
+        assert!(watches.services.listed);
+    }
+
+    #[test]
+    fn a_relist_after_an_error_keeps_the_old_state_until_init_done_then_replaces_it() {
+        let mut watches = Watches::default();
+        let mut objects = Objects::default();
+        let initial = feed_all(
+            &mut watches,
+            [
+                svc(watcher::Event::Init),
+                svc(watcher::Event::InitApply(service("web"))),
+                svc(watcher::Event::InitApply(service("api"))),
+                svc(watcher::Event::InitDone),
+            ],
+        );
+        assert_eq!(services_after(&mut objects, initial), ["api", "web"]);
+        let relisting = feed_all(
+            &mut watches,
+            [
+                failed(ObjectKind::Service),
+                svc(watcher::Event::Init),
+                svc(watcher::Event::InitApply(service("web"))),
+                svc(watcher::Event::InitApply(service("db"))),
+            ],
+        );
+        assert!(
+            relisting.is_empty(),
+            "nothing changes while the relist is buffered"
+        );
+        assert!(watches.services.listed, "still listed, from the first list");
+        let done = feed_all(&mut watches, [svc(watcher::Event::InitDone)]);
+        assert_eq!(
+            services_after(&mut objects, done),
+            ["db", "web"],
+            "api, missing from the relist, is gone"
+        );
+    }
+
+    #[test]
+    fn applies_and_deletes_pass_through_and_a_delete_names_the_object() {
+        let mut watches = Watches::default();
+        let changes = feed_all(
+            &mut watches,
+            [
+                svc(watcher::Event::Apply(service("web"))),
+                svc(watcher::Event::Delete(service("web"))),
+                KubeEvent::Slice(Box::new(watcher::Event::Delete(slice("web-a")))),
+                KubeEvent::Node(Box::new(watcher::Event::Delete(node("n1")))),
+            ],
+        );
+        assert_eq!(
+            changes,
+            [
+                Change::Apply(Object::Service(Box::new(service("web")))),
+                Change::Delete(Identity::new(ObjectKind::Service, Some("shop"), Some("web"))),
+                Change::Delete(Identity::new(
+                    ObjectKind::EndpointSlice,
+                    Some("shop"),
+                    Some("web-a")
+                )),
+                Change::Delete(Identity::new(ObjectKind::Node, None, Some("n1"))),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_object_without_a_namespace_is_in_default() {
+        let mut watches = Watches::default();
+        let mut unnamespaced = service("web");
+        unnamespaced.metadata.namespace = None;
+        let changes = feed_all(&mut watches, [svc(watcher::Event::Delete(unnamespaced))]);
+        let [Change::Delete(identity)] = &changes[..] else {
+            panic!("{changes:?}");
+        };
+        assert_eq!(identity.namespace, "default");
+    }
+
+    #[test]
+    fn listed_only_once_services_slices_and_the_node_have_all_listed() {
+        let mut watches = Watches::default();
+        feed_all(
+            &mut watches,
+            [
+                svc(watcher::Event::Init),
+                svc(watcher::Event::InitDone),
+                KubeEvent::Slice(Box::new(watcher::Event::Init)),
+                KubeEvent::Slice(Box::new(watcher::Event::InitDone)),
+                KubeEvent::Node(Box::new(watcher::Event::Init)),
+            ],
+        );
+        assert!(!watches.listed(), "the Node is still being listed");
+        let node_listed = feed_all(
+            &mut watches,
+            [KubeEvent::Node(Box::new(watcher::Event::InitDone))],
+        );
+        assert_eq!(node_listed, [Change::Replace(Listed::Nodes(Vec::new()))]);
+        assert!(watches.listed());
+        feed_all(
+            &mut watches,
+            [
+                failed(ObjectKind::Node),
+                KubeEvent::Node(Box::new(watcher::Event::Init)),
+            ],
+        );
+        assert!(watches.listed(), "a relist does not undo the first list");
+    }
+
+    #[test]
+    fn a_failing_watch_is_reported_first_then_again_then_recovered_once() {
+        let mut watches = Watches::default();
+        let health = |watches: &mut Watches, event| watches.feed(event).health;
+        let failure = |kind, first| {
+            Some(WatchHealth::Failed {
+                kind,
+                error: "connection refused".to_string(),
+                first,
+            })
+        };
+        assert_eq!(
+            health(&mut watches, failed(ObjectKind::Service)),
+            failure(ObjectKind::Service, true)
+        );
+        assert_eq!(
+            health(&mut watches, failed(ObjectKind::Service)),
+            failure(ObjectKind::Service, false)
+        );
+        assert_eq!(
+            health(&mut watches, failed(ObjectKind::Node)),
+            failure(ObjectKind::Node, true),
+            "each kind is tracked on its own"
+        );
+        let step = watches.feed(svc(watcher::Event::Apply(service("web"))));
+        assert_eq!(step.health, Some(WatchHealth::Recovered(ObjectKind::Service)));
+        assert!(step.change.is_some(), "the recovering event still counts");
+        assert_eq!(health(&mut watches, svc(watcher::Event::Init)), None);
+        assert_eq!(
+            health(&mut watches, KubeEvent::Node(Box::new(watcher::Event::Init))),
+            Some(WatchHealth::Recovered(ObjectKind::Node))
+        );
+    }
 
     #[test]
     fn selector_matches_kube_proxy_unless_we_have_a_proxy_name() {

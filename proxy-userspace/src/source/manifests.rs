@@ -13,13 +13,9 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde_json::Value;
 
-use super::{ObjectKind, Snapshot, meta::namespace_or_default};
+use super::{Change, Identity, Object, ObjectKind, Objects, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -35,28 +31,6 @@ pub enum ManifestError {
         name: String,
         message: String,
     },
-}
-
-/// One object of a manifest.
-#[derive(Clone, Debug)]
-pub enum Object {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Node(Box<Node>),
-}
-
-/// Identity of a document, known even when its body does not parse.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
-    pub kind: ObjectKind,
-    pub namespace: String,
-    pub name: String,
-}
-
-/// Where a reload's changes go: the proxier in the agent, [`Objects`] for tools and tests.
-pub trait ObjectSink {
-    fn upsert(&mut self, identity: &Identity, object: Object);
-    fn remove(&mut self, identity: &Identity);
 }
 
 /// The objects of a file are not kept: the agent's inventory holds what it needs of them, and
@@ -119,20 +93,8 @@ fn identity_of(doc: &Value) -> Option<Identity> {
         _ => return None,
     };
     let meta = doc.get("metadata");
-    let field = |f: &str| {
-        meta.and_then(|m| m.get(f))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    };
-    Some(Identity {
-        kind,
-        namespace: if kind == ObjectKind::Node {
-            String::new()
-        } else {
-            namespace_or_default(field("namespace").as_deref())
-        },
-        name: field("name").unwrap_or_default(),
-    })
+    let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(Value::as_str);
+    Some(Identity::new(kind, field("namespace"), field("name")))
 }
 
 fn typed(identity: &Identity, doc: Value) -> Result<Object, serde_json::Error> {
@@ -166,9 +128,9 @@ impl ManifestSet {
         }
     }
 
-    /// Re-reads what changed on disk and tells `sink` every object that changed or went away.
-    /// Returns the problems found.
-    pub fn reload(&mut self, sink: &mut impl ObjectSink) -> Vec<ManifestError> {
+    /// Re-reads what changed on disk and hands `sink` every object that changed or went away,
+    /// as it is read. Returns the problems found.
+    pub fn reload(&mut self, mut sink: impl FnMut(Change)) -> Vec<ManifestError> {
         let mut errors = Vec::new();
         let mut files = Vec::new();
         if let Err(source) = list_files(&self.root, &mut files) {
@@ -204,19 +166,19 @@ impl ManifestSet {
                 Ok(file) => {
                     let before = std::mem::take(&mut state.identities);
                     let mut reader = BufReader::new(file);
-                    state.identities = parse_file(&path, &mut reader, &before, sink, &mut errors);
+                    state.identities = parse_file(&path, &mut reader, &before, &mut sink, &mut errors);
                     dropped.extend(before.difference(&state.identities).cloned());
                 }
                 Err(source) => errors.push(ManifestError::Read { path, source }),
             }
         }
-        self.remove_dropped(dropped, sink);
+        self.remove_dropped(dropped, &mut sink);
         errors
     }
 
     /// An object one file stopped defining is gone unless another file still defines it; then
     /// that file is read again, so its version is the one that stays.
-    fn remove_dropped(&self, dropped: Vec<Identity>, sink: &mut impl ObjectSink) {
+    fn remove_dropped(&self, dropped: Vec<Identity>, sink: &mut impl FnMut(Change)) {
         let mut reread = BTreeSet::new();
         for identity in dropped {
             match self
@@ -227,7 +189,7 @@ impl ManifestSet {
                 Some((path, _)) => {
                     reread.insert(path);
                 }
-                None => sink.remove(&identity),
+                None => sink(Change::Delete(identity)),
             }
         }
         for path in reread {
@@ -240,38 +202,10 @@ impl ManifestSet {
     }
 }
 
-/// The current objects, kept apart from the set (the agent keeps them in its inventory).
-#[derive(Debug, Default)]
-pub struct Objects(BTreeMap<Identity, Object>);
-
-impl ObjectSink for Objects {
-    fn upsert(&mut self, identity: &Identity, object: Object) {
-        self.0.insert(identity.clone(), object);
-    }
-
-    fn remove(&mut self, identity: &Identity) {
-        self.0.remove(identity);
-    }
-}
-
-impl Objects {
-    pub fn snapshot(&self) -> Snapshot {
-        let mut snap = Snapshot::default();
-        for object in self.0.values() {
-            match object {
-                Object::Service(s) => snap.services.push(s.as_ref().clone()),
-                Object::Slice(s) => snap.slices.push(s.as_ref().clone()),
-                Object::Node(n) => snap.nodes.push(n.as_ref().clone()),
-            }
-        }
-        snap
-    }
-}
-
 /// Reads every manifest under `path` once (for tools).
 pub fn read_once(path: &Path) -> (Snapshot, Vec<ManifestError>) {
     let mut objects = Objects::default();
-    let errors = ManifestSet::new(path).reload(&mut objects);
+    let errors = ManifestSet::new(path).reload(|change| objects.apply(change));
     (objects.snapshot(), errors)
 }
 
@@ -298,7 +232,7 @@ fn parse_file(
     path: &Path,
     reader: &mut impl Read,
     before: &BTreeSet<Identity>,
-    sink: &mut impl ObjectSink,
+    sink: &mut impl FnMut(Change),
     errors: &mut Vec<ManifestError>,
 ) -> BTreeSet<Identity> {
     let mut identities = BTreeSet::new();
@@ -328,7 +262,7 @@ fn parse_file(
             };
             match typed(&identity, doc) {
                 Ok(object) => {
-                    sink.upsert(&identity, object);
+                    sink(Change::Apply(object));
                     identities.insert(identity);
                 }
                 Err(e) => {
@@ -406,34 +340,16 @@ endpoints: [{addresses: [10.0.0.1]}]
 
         /// Whether any object changed or went away, and the problems found.
         fn reload(&mut self) -> (bool, Vec<ManifestError>) {
-            let mut sink = Counting {
-                objects: &mut self.objects,
-                events: 0,
-            };
-            let errors = self.set.reload(&mut sink);
-            (sink.events > 0, errors)
+            let mut changes = 0;
+            let errors = self.set.reload(|change| {
+                changes += 1;
+                self.objects.apply(change);
+            });
+            (changes > 0, errors)
         }
 
         fn snapshot(&self) -> Snapshot {
             self.objects.snapshot()
-        }
-    }
-
-    /// Hands events on to `objects`, counting them.
-    struct Counting<'a> {
-        objects: &'a mut Objects,
-        events: usize,
-    }
-
-    impl ObjectSink for Counting<'_> {
-        fn upsert(&mut self, identity: &Identity, object: Object) {
-            self.events += 1;
-            self.objects.upsert(identity, object);
-        }
-
-        fn remove(&mut self, identity: &Identity) {
-            self.events += 1;
-            self.objects.remove(identity);
         }
     }
 

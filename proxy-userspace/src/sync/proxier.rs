@@ -24,8 +24,7 @@ use crate::{
     pipeline::plan::{Outcome, Plan, PlanIssue, PlanSink, Planner},
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
-        ObjectKind, Snapshot,
-        manifests::{Identity, Object, ObjectSink},
+        Change, Listed, Object, ObjectKind, Snapshot,
         meta::{ANNOTATION_TRIGGER_TIME, LABEL_ZONE, TAINT_TO_BE_DELETED, namespace_or_default},
     },
     telemetry::metrics::{KindLabel, Metrics, PolicyLabel},
@@ -275,12 +274,47 @@ impl<S: PlanSink> Proxier<S> {
     pub fn replace_all(&mut self, snap: &Snapshot) {
         self.replace_services(&snap.services);
         self.replace_slices(&snap.slices);
-        let node_name = self.inventory.node().name.clone();
-        self.set_node(
-            snap.nodes
-                .iter()
-                .find(|n| n.metadata.name.as_deref() == Some(node_name.as_str())),
-        );
+        let node = self.this_node(&snap.nodes);
+        self.set_node(node);
+    }
+
+    /// Only this node's object matters (its zone, its eligibility).
+    fn is_this_node(&self, node: &Node) -> bool {
+        node.metadata.name.as_deref() == Some(self.inventory.node().name.as_str())
+    }
+
+    fn this_node<'a>(&self, nodes: &'a [Node]) -> Option<&'a Node> {
+        nodes.iter().find(|n| self.is_this_node(n))
+    }
+
+    /// One change from a source, the manifests or the API server.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Apply(Object::Service(svc)) => self.upsert_service(&svc),
+            Change::Apply(Object::Slice(slice)) => self.upsert_slice(&slice),
+            Change::Apply(Object::Node(node)) => {
+                if self.is_this_node(&node) {
+                    self.set_node(Some(&node));
+                }
+            }
+            Change::Delete(identity) => match identity.kind {
+                ObjectKind::Service => {
+                    self.remove_service(&ServiceName::new(&identity.namespace, &identity.name))
+                }
+                ObjectKind::EndpointSlice => self.remove_slice(&identity.namespace, &identity.name),
+                ObjectKind::Node => {
+                    if identity.name == self.inventory.node().name {
+                        self.set_node(None);
+                    }
+                }
+            },
+            Change::Replace(Listed::Services(all)) => self.replace_services(&all),
+            Change::Replace(Listed::Slices(all)) => self.replace_slices(&all),
+            Change::Replace(Listed::Nodes(all)) => {
+                let node = self.this_node(&all);
+                self.set_node(node);
+            }
+        }
     }
 
     /// Replaces every Service with a complete list (a reload or a relist). Objects that fail
@@ -538,36 +572,6 @@ fn service_name(svc: &Service) -> Option<ServiceName> {
         namespace_or_default(svc.metadata.namespace.as_deref()),
         svc.metadata.name.clone()?,
     ))
-}
-
-/// The manifests source's changes, applied as they are read.
-impl<S: PlanSink> ObjectSink for Proxier<S> {
-    fn upsert(&mut self, _: &Identity, object: Object) {
-        match object {
-            Object::Service(svc) => self.upsert_service(&svc),
-            Object::Slice(slice) => self.upsert_slice(&slice),
-            // Only this node's object matters (its zone, its eligibility).
-            Object::Node(node) => {
-                if node.metadata.name.as_deref() == Some(self.inventory.node().name.as_str()) {
-                    self.set_node(Some(&node));
-                }
-            }
-        }
-    }
-
-    fn remove(&mut self, identity: &Identity) {
-        match identity.kind {
-            ObjectKind::Service => {
-                self.remove_service(&ServiceName::new(&identity.namespace, &identity.name))
-            }
-            ObjectKind::EndpointSlice => self.remove_slice(&identity.namespace, &identity.name),
-            ObjectKind::Node => {
-                if identity.name == self.inventory.node().name {
-                    self.set_node(None);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

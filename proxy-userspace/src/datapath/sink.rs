@@ -1,0 +1,49 @@
+//! The real datapath behind the proxier: map writes, then the sockets they left stale.
+
+use std::sync::Arc;
+
+use crate::{
+    datapath::{sockets::StaleSockets, writer::Writer},
+    pipeline::plan::{Plan, PlanSink},
+    telemetry::metrics::Metrics,
+};
+
+pub struct DatapathSink {
+    writer: Writer,
+    stale: StaleSockets,
+    metrics: Arc<Metrics>,
+}
+
+impl DatapathSink {
+    pub fn new(writer: Writer, stale: StaleSockets, metrics: Arc<Metrics>) -> Self {
+        Self {
+            writer,
+            stale,
+            metrics,
+        }
+    }
+}
+
+impl PlanSink for DatapathSink {
+    fn apply(&mut self, plan: &Plan) -> Vec<String> {
+        let failed = PlanSink::apply(&mut self.writer, plan);
+        if !plan.departed.is_empty() {
+            let done = self.stale.terminate(&plan.departed);
+            self.metrics
+                .stale_udp_sockets_destroyed
+                .inc_by(done.destroyed as u64);
+            self.metrics.stale_udp_failures.inc_by(done.failures.len() as u64);
+            for failure in &done.failures {
+                tracing::warn!(%failure, "could not destroy stale UDP sockets");
+            }
+            if done.destroyed > 0 {
+                tracing::info!(
+                    destroyed = done.destroyed,
+                    namespaces = done.namespaces,
+                    "destroyed connected UDP sockets of departed backends"
+                );
+            }
+        }
+        failed
+    }
+}
