@@ -2,7 +2,7 @@
 
 mod cli;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use bpf_kube_proxy::{
@@ -12,10 +12,6 @@ use bpf_kube_proxy::{
     node::devices::Devices,
     node::nodeport::NodePortAddresses,
     pipeline::translate::TranslateOptions,
-    sandbox::{
-        self,
-        probe::{self, ProbeArgs},
-    },
     telemetry::metrics::Metrics,
 };
 use clap::{Parser, Subcommand};
@@ -79,20 +75,6 @@ enum Command {
     Cleanup {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-    },
-    /// Build a throw-away sandbox, run the agent in it and show Service traffic being balanced.
-    Demo(cli::demo::DemoArgs),
-    /// Connect to a Service from a cgroup and network namespace, as a workload there would.
-    Probe(ProbeArgs),
-    /// Run a command inside a cgroup and a network namespace (nsenter --net, plus the cgroup).
-    Exec {
-        #[arg(long)]
-        cgroup: PathBuf,
-        /// Network namespace path, such as /run/netns/NAME.
-        #[arg(long)]
-        netns: PathBuf,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
     },
 }
 
@@ -319,19 +301,6 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        // Before any thread or runtime exists: these join a cgroup and a netns.
-        Command::Probe(args) => probe::run(&args).context("probe")?,
-        Command::Exec {
-            cgroup,
-            netns,
-            command,
-        } => {
-            sandbox::cgroup::join(&cgroup).with_context(|| format!("joining {}", cgroup.display()))?;
-            sandbox::netns::enter(&netns).with_context(|| format!("entering {}", netns.display()))?;
-            // exec only returns on failure.
-            let err = std::process::Command::new(&command[0]).args(&command[1..]).exec();
-            return Err(err).with_context(|| format!("running {}", command[0]));
-        }
         Command::Run(args) => {
             init_logging();
             run_agent(*args)?;
@@ -367,10 +336,6 @@ fn main() -> anyhow::Result<()> {
             for left in &done.tc_left {
                 eprintln!("{left}");
             }
-        }
-        Command::Demo(args) => {
-            init_logging();
-            runtime()?.block_on(cli::demo::run(args))?;
         }
     }
     Ok(())
