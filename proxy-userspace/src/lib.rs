@@ -10,7 +10,6 @@ pub mod datapath;
 pub mod health;
 pub mod node;
 pub mod pipeline;
-pub mod sandbox;
 pub mod source;
 pub mod sync;
 pub mod telemetry;

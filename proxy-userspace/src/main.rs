@@ -2,17 +2,13 @@
 
 mod cli;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use bpf_kube_proxy::{
     agent,
     config::{self, DEFAULT_PIN_DIR, RunFlags},
     datapath::loader,
-    sandbox::{
-        self,
-        probe::{self, ProbeArgs},
-    },
     telemetry::metrics::Metrics,
 };
 use clap::{Parser, Subcommand};
@@ -75,20 +71,6 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Build a throw-away sandbox, run the agent in it and show Service traffic being balanced.
-    Demo(cli::demo::DemoArgs),
-    /// Connect to a Service from a cgroup and network namespace, as a workload there would.
-    Probe(ProbeArgs),
-    /// Run a command inside a cgroup and a network namespace (nsenter --net, plus the cgroup).
-    Exec {
-        #[arg(long)]
-        cgroup: PathBuf,
-        /// Network namespace path, such as /run/netns/NAME.
-        #[arg(long)]
-        netns: PathBuf,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
 }
 
 fn init_logging() {
@@ -118,19 +100,6 @@ fn run_agent(flags: RunFlags) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        // Before any thread or runtime exists: these join a cgroup and a netns.
-        Command::Probe(args) => probe::run(&args).context("probe")?,
-        Command::Exec {
-            cgroup,
-            netns,
-            command,
-        } => {
-            sandbox::cgroup::join(&cgroup).with_context(|| format!("joining {}", cgroup.display()))?;
-            sandbox::netns::enter(&netns).with_context(|| format!("entering {}", netns.display()))?;
-            // exec only returns on failure.
-            let err = std::process::Command::new(&command[0]).args(&command[1..]).exec();
-            return Err(err).with_context(|| format!("running {}", command[0]));
-        }
         Command::Run(args) => {
             init_logging();
             run_agent(*args)?;
@@ -166,10 +135,6 @@ fn main() -> anyhow::Result<()> {
             for left in &done.tc_left {
                 eprintln!("{left}");
             }
-        }
-        Command::Demo(args) => {
-            init_logging();
-            runtime()?.block_on(cli::demo::run(args))?;
         }
     }
     Ok(())

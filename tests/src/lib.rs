@@ -15,16 +15,16 @@ use std::{
 };
 
 use apiserver::ApiServer;
+use bkp_sandbox::{
+    cgroup::ChildCgroup,
+    probe::{Attempt, ProbeMode},
+    servers::{Identity, Servers},
+    topology::{Pod, Topology},
+    unique_suffix, workspace_binary,
+};
 use bpf_kube_proxy::{
     datapath::{host, loader, maps::PinnedMaps, reader::Snapshot},
     pipeline::model::{FrontendKey, Protocol},
-    sandbox::{
-        cgroup::ChildCgroup,
-        probe::{Attempt, ProbeMode},
-        servers::{Identity, Servers},
-        topology::{Pod, Topology},
-        unique_suffix,
-    },
 };
 
 pub const HTTP_PORT: u16 = 8080;
@@ -35,21 +35,16 @@ const READY: &str = "datapath ready";
 
 /// The `bpf-kube-proxy` binary next to the test executable (target/<profile>/), or `BKP_BIN`.
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("BKP_BIN") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("bpf-kube-proxy");
-    assert!(
-        bin.is_file(),
-        "{} not built: run `cargo xtask test`",
-        bin.display()
-    );
-    bin
+    built("bpf-kube-proxy", "BKP_BIN")
+}
+
+/// The `bkp-sandbox` binary (probe, exec) next to the test executable, or `BKP_SANDBOX_BIN`.
+pub fn sandbox_binary() -> PathBuf {
+    built("bkp-sandbox", "BKP_SANDBOX_BIN")
+}
+
+fn built(name: &str, env: &str) -> PathBuf {
+    workspace_binary(name, env).unwrap_or_else(|e| panic!("{e}: run `cargo xtask test`"))
 }
 
 /// `BKP_TEST_TIMEOUT_SCALE` multiplies every deadline of [`World::wait_until`]: `cargo xtask
@@ -247,7 +242,7 @@ impl World {
             .expect("agent log");
         let ready_before = self.agent_log().matches(READY).count();
         let mut cmd = match &self.agent_netns {
-            Some(netns) => bpf_kube_proxy::sandbox::netns::command_in(netns, binary()),
+            Some(netns) => bkp_sandbox::netns::command_in(netns, binary()),
             None => Command::new(binary()),
         };
         // Tests run side by side: each agent serves health and metrics on a port of its own,
@@ -426,7 +421,7 @@ impl World {
         count: u32,
         interval_ms: u64,
     ) -> Command {
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(sandbox_binary());
         cmd.args([
             "probe",
             target,
@@ -448,7 +443,7 @@ impl World {
 
     /// A command that runs inside `pod`'s network namespace and the test cgroup.
     pub fn command_in(&self, pod: &str, program: &str) -> Command {
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(sandbox_binary());
         cmd.arg("exec")
             .arg("--cgroup")
             .arg(self.cgroup.path())

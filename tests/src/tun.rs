@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bpf_kube_proxy::sandbox::netns::Netns;
+use bkp_sandbox::netns::Netns;
 
 /// How long the pump waits for a packet before it looks at the shutdown flag again.
 const POLL_MS: libc::c_int = 50;

@@ -23,6 +23,7 @@ use aya::{
     Pod,
     maps::{HashMap, MapData},
 };
+use bkp_sandbox::{netns::Netns, unique_suffix};
 use bpf_kube_proxy::{
     datapath::{
         external::write_node_config,
@@ -35,7 +36,6 @@ use bpf_kube_proxy::{
     health::proxy::Health,
     pipeline::plan::Planner,
     pipeline::translate::TranslateOptions,
-    sandbox::{netns::Netns, unique_suffix},
     sync::proxier::Proxier,
     telemetry::metrics::{DatapathReadings as _, Metrics},
 };

@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use bpf_kube_proxy::{
-    pipeline::model::Protocol,
-    sandbox::probe::{Attempt, ProbeMode},
-};
+use bkp_sandbox::probe::{Attempt, ProbeMode};
+use bpf_kube_proxy::pipeline::model::Protocol;
 use integration_tests::{
     HTTP_PORT, World, addr,
     apiserver::Kind,

@@ -24,10 +24,8 @@ use std::{
     time::Duration,
 };
 
-use bpf_kube_proxy::{
-    pipeline::model::Protocol,
-    sandbox::{netns::Netns, probe::ProbeMode, servers::Identity},
-};
+use bkp_sandbox::{netns::Netns, probe::ProbeMode, servers::Identity};
+use bpf_kube_proxy::pipeline::model::Protocol;
 use integration_tests::{
     HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, metric_sample, tun::TunPair,
 };
@@ -109,7 +107,7 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
     let node = &world.topology.node;
     forwarding(node);
     let link = |ns: &Netns, args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
-    let gateway6 = bpf_kube_proxy::sandbox::topology::GATEWAY_V6.to_string();
+    let gateway6 = bkp_sandbox::topology::GATEWAY_V6.to_string();
     for pod in local {
         let netns = &world.pod(pod).netns;
         link(netns, &["route", "add", "default", "via", "10.244.0.1"]);

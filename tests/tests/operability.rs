@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use bpf_kube_proxy::{pipeline::model::Protocol, sandbox::probe::ProbeMode};
+use bkp_sandbox::probe::ProbeMode;
+use bpf_kube_proxy::pipeline::model::Protocol;
 use integration_tests::{
     HTTP_PORT, UDP_PORT, World, addr, identity,
     manifests::{Ep, docs, service, slice},

@@ -178,7 +178,7 @@ fn main() -> anyhow::Result<()> {
                 "--package",
                 "proxy-userspace",
                 "--package",
-                "integration-tests",
+                "bench",
                 "--bin",
                 "bpf-kube-proxy",
                 "--bin",
@@ -196,7 +196,7 @@ fn main() -> anyhow::Result<()> {
             require_root("the demo")?;
             setup::all()?;
             build(false)?;
-            run(Command::new(workspace_root().join("target/debug/bpf-kube-proxy")).arg("demo"))
+            run(Command::new(workspace_root().join("target/debug/bkp-sandbox")).arg("demo"))
         }
     }
 }

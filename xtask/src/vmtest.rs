@@ -135,7 +135,7 @@ fn on_host(root: &Path, results: &Path, args: &[String]) -> anyhow::Result<Repor
         .to_string();
     println!("vmtest: demo and integration tests on this machine's kernel {kernel}");
     let start = Instant::now();
-    let demo_ok = run(Command::new(root.join("target/debug/bpf-kube-proxy")).arg("demo")).is_ok();
+    let demo_ok = run(Command::new(root.join("target/debug/bkp-sandbox")).arg("demo")).is_ok();
     let mut tests = cargo();
     tests
         .args([
@@ -199,22 +199,23 @@ fn shell_quote(s: &str) -> String {
 /// are less affected).
 const EMULATION_TIMEOUT_SCALE: u32 = 5;
 
-/// Test binaries that touch neither BPF nor the network stack (the deploy manifests' schema
-/// validation, the bench's ruleset text): the same on every kernel, and reading their inputs
-/// over the VM's 9p root costs minutes, so without a filter of its own the VM leaves them out.
-const KERNEL_INDEPENDENT: &str = "not (binary(deploy) | binary(bench))";
+/// The test binary that touches neither BPF nor the network stack (the deploy manifests'
+/// schema validation): the same on every kernel, and reading its inputs over the VM's 9p root
+/// costs minutes, so without a filter of its own the VM leaves it out.
+const KERNEL_INDEPENDENT: &str = "not binary(deploy)";
 
-/// What the guest script needs from the host: its PATH (the guest's is reset), the binary,
+/// What the guest script needs from the host: its PATH (the guest's is reset), the binaries,
 /// the timeout scale, and the arguments for nextest, as a file it sources (the kernel command
 /// line that carries vng's `-e` is short).
 fn guest_env(root: &Path, timeout_scale: u32, args: &[String]) -> String {
     let path = std::env::var("PATH").unwrap_or_default();
-    let bin = root.join("target/debug/bpf-kube-proxy");
+    let bin = |name: &str| shell_quote(&root.join("target/debug").join(name).to_string_lossy());
     let mut env = format!(
-        "export PATH={}:/usr/sbin:/sbin\nexport BKP_BIN={}\nexport RUST_BACKTRACE={}\n\
-         export BKP_TEST_TIMEOUT_SCALE={timeout_scale}\nset --",
+        "export PATH={}:/usr/sbin:/sbin\nexport BKP_BIN={}\nexport BKP_SANDBOX_BIN={}\n\
+         export RUST_BACKTRACE={}\nexport BKP_TEST_TIMEOUT_SCALE={timeout_scale}\nset --",
         shell_quote(&path),
-        shell_quote(&bin.to_string_lossy()),
+        bin("bpf-kube-proxy"),
+        bin("bkp-sandbox"),
         shell_quote(&std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "0".into())),
     );
     for arg in args {

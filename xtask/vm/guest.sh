@@ -23,7 +23,7 @@ for module in sctp ipip wireguard tun; do
 done
 
 demo_status=0
-"$BKP_BIN" demo --ready-timeout "$((30 * BKP_TEST_TIMEOUT_SCALE))s" 2>&1 | tee "$out/demo.log" || demo_status=$?
+"$BKP_SANDBOX_BIN" demo --ready-timeout "$((30 * BKP_TEST_TIMEOUT_SCALE))s" 2>&1 | tee "$out/demo.log" || demo_status=$?
 echo "$demo_status" >"$out/demo.status"
 
 # Reusing the host's build: nextest runs the listed binaries without cargo, writing nothing

@@ -1,6 +1,5 @@
 //! Subcommands other than `run`.
 
-pub mod demo;
 pub mod drift;
 pub mod inspect;
 pub mod list;

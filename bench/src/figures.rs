@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use bpf_kube_proxy::sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
+use bkp_sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
 use serde::Serialize;
 
 use crate::{

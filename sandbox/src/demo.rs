@@ -12,16 +12,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use bkp_sandbox::{
+    cgroup::ChildCgroup,
+    probe::{Attempt, ProbeMode},
+    servers::{Identity, Servers},
+    topology::Topology,
+    unique_suffix, workspace_binary,
+};
 use bpf_kube_proxy::{
     datapath::{host, loader, maps::PinnedMaps, reader::Snapshot},
     pipeline::model::{FrontendKey, Protocol},
-    sandbox::{
-        cgroup::ChildCgroup,
-        probe::{Attempt, ProbeMode},
-        servers::{Identity, Servers},
-        topology::Topology,
-        unique_suffix,
-    },
 };
 use tokio::process::{Child, Command};
 
@@ -216,6 +216,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
+    // The agent and the tools the user would run, built beside this binary.
+    let agent_bin = workspace_binary("bpf-kube-proxy", "BKP_BIN")?;
     let id = unique_suffix();
     let prefix = format!("bkp-{id}");
     println!("bpf-kube-proxy demo ({prefix})\n");
@@ -248,7 +250,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bpf-kube-proxy-demo-{id}"));
     let log_path = dir.path().join("agent.log");
     let log = std::fs::File::create(&log_path)?;
-    let agent = Command::new(std::env::current_exe()?)
+    let agent = Command::new(&agent_bin)
         .arg("run")
         .arg("--manifests")
         .arg(dir.path())
@@ -363,8 +365,16 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     show(&probe(&world, &client_ns, SocketAddr::new(vip6, 80), ProbeMode::Tcp, 6).await?);
 
     println!("\n== bpf-kube-proxy list --pin-dir {} ==", pin_dir.display());
-    let snapshot = Snapshot::read(&PinnedMaps::open(&pin_dir)?)?;
-    print!("{}", crate::cli::list::table(&snapshot));
+    let listed = Command::new(&agent_bin)
+        .arg("list")
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .status()
+        .await
+        .context("running bpf-kube-proxy list")?;
+    if !listed.success() {
+        bail!("bpf-kube-proxy list failed: {listed}");
+    }
 
     let bpftool_args = ["map", "dump", "pinned"];
     let svc_map = pin_dir.join(proxy_common::maps::SERVICES_V4);

@@ -10,7 +10,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::datapath::host;
+use bpf_kube_proxy::datapath::host;
 
 /// Runs `ip ARGS...`, turning a failure into an error that carries ip's own message.
 pub fn ip(args: &[&str]) -> io::Result<()> {

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use bkp_sandbox::{cgroup, netns::Netns, unique_suffix, workspace_binary};
 use bpf_kube_proxy::{
     datapath::{
         loader::{self, Datapath, MapSizes},
@@ -19,7 +20,6 @@ use bpf_kube_proxy::{
     health::proxy::Health,
     pipeline::plan::Planner,
     pipeline::translate::TranslateOptions,
-    sandbox::{cgroup, netns::Netns, unique_suffix},
     sync::proxier::Proxier,
     telemetry::metrics::Metrics,
 };
@@ -101,9 +101,10 @@ impl RunningAgent {
         )?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bkp-bench-agent-{id}"));
         let log = dir.path().join("agent.log");
+        let bin = workspace_binary("bpf-kube-proxy", "BKP_BIN")?;
         let mut cmd = match netns {
-            Some(ns) => ns.command(integration_tests::binary()),
-            None => Command::new(integration_tests::binary()),
+            Some(ns) => ns.command(bin),
+            None => Command::new(bin),
         };
         let child = cmd
             .args(["run", "--manifests"])
