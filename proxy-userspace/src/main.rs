@@ -9,7 +9,7 @@ use bpf_kube_proxy::{
     agent,
     config::{self, DEFAULT_PIN_DIR, RunFlags},
     datapath::loader,
-    telemetry::metrics::Metrics,
+    telemetry::{logging, metrics::Metrics},
 };
 use clap::{Parser, Subcommand};
 
@@ -73,17 +73,6 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Escape codes only for a terminal: log files and `kubectl logs` stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -101,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            init_logging();
+            logging::init();
             run_agent(*args)?;
         }
         Command::List { pin_dir, output } => cli::list::run(&pin_dir, output)?,
@@ -116,7 +105,7 @@ fn main() -> anyhow::Result<()> {
             pin_dir,
             output,
         } => {
-            init_logging();
+            logging::init();
             runtime()?.block_on(cli::inspect::explain(&pin_dir, &service, &source, output))?;
         }
         Command::Dump { map, pin_dir, output } => cli::inspect::dump(&pin_dir, &map, output)?,

@@ -57,13 +57,7 @@ fn main() -> anyhow::Result<()> {
             return Err(err).with_context(|| format!("running {}", command[0]));
         }
         Command::Demo(args) => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            bpf_kube_proxy::telemetry::logging::init();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

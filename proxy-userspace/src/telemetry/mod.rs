@@ -1,4 +1,5 @@
-//! Metrics and the HTTP servers that expose them.
+//! Metrics, the HTTP server that exposes them, and log output.
 
+pub mod logging;
 pub mod metrics;
 pub mod serve;
