@@ -31,8 +31,8 @@ use crate::{
     pipeline::translate::TranslateOptions,
 };
 
-pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
-pub const KIND: &str = "KubeProxyConfiguration";
+pub(crate) const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+pub(crate) const KIND: &str = "KubeProxyConfiguration";
 
 /// What the file sets. `None`: not set (a flag or the default applies).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,16 +40,16 @@ pub struct ProxyConfig {
     pub kubeconfig: Option<PathBuf>,
     pub hostname_override: Option<String>,
     /// `Some(None)`: set to "" (server off).
-    pub healthz_bind_address: Option<Option<SocketAddr>>,
-    pub metrics_bind_address: Option<Option<SocketAddr>>,
-    pub sync_period: Option<Duration>,
-    pub config_sync_period: Option<Duration>,
+    pub(crate) healthz_bind_address: Option<Option<SocketAddr>>,
+    pub(crate) metrics_bind_address: Option<Option<SocketAddr>>,
+    pub(crate) sync_period: Option<Duration>,
+    pub(crate) config_sync_period: Option<Duration>,
     /// `nodePortAddresses`: CIDRs or `primary`.
     pub node_port_addresses: Option<Vec<String>>,
     /// `conntrack.tcpEstablishedTimeout`: lifetime of an idle TCP flow in the tc path.
-    pub conntrack_tcp_timeout: Option<Duration>,
+    pub(crate) conntrack_tcp_timeout: Option<Duration>,
     /// `conntrack.udpTimeout`: lifetime of an idle UDP flow in the tc path.
-    pub conntrack_udp_timeout: Option<Duration>,
+    pub(crate) conntrack_udp_timeout: Option<Duration>,
     /// One line per ignored field, for the caller to log.
     pub ignored: Vec<String>,
 }
@@ -150,7 +150,7 @@ fn duration(field: &str, value: &Value) -> Result<Option<Duration>, ConfigError>
 
 /// kube-proxy's `IP:port` bind addresses, as in the config file and the flags; "" turns the
 /// server off.
-pub fn parse_bind_address(field: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+pub(crate) fn parse_bind_address(field: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if text.is_empty() {
         return Ok(None);
     }
@@ -292,17 +292,17 @@ pub enum SourceConfig {
 pub struct AgentOptions {
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
-    pub node_name: String,
+    pub(crate) node_name: String,
     pub source: SourceConfig,
-    pub map_sizes: MapSizes,
+    pub(crate) map_sizes: MapSizes,
     pub translate: TranslateOptions,
     /// Manifests: re-read at least this often, in case a file event was missed.
-    pub resync_period: Duration,
+    pub(crate) resync_period: Duration,
     /// kube-proxy's `--sync-period`: a full sync at least this often; `/healthz` fails when a
     /// change waits twice as long.
-    pub sync_period: Duration,
-    pub healthz_addr: Option<SocketAddr>,
-    pub metrics_addr: Option<SocketAddr>,
+    pub(crate) sync_period: Duration,
+    pub(crate) healthz_addr: Option<SocketAddr>,
+    pub(crate) metrics_addr: Option<SocketAddr>,
     /// How the tc programs attach to the external devices.
     pub tc_attach: TcAttach,
     pub external: ExternalOptions,
@@ -464,7 +464,7 @@ fn resolve_bind_address(
 }
 
 /// Each setting from its flag, else the config file, else kube-proxy's default.
-pub fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions, SettingsError> {
+pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions, SettingsError> {
     let node_name = match flags.hostname_override.or(file.hostname_override) {
         Some(name) => name,
         None => nix::unistd::gethostname()

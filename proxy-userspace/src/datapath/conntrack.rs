@@ -54,7 +54,7 @@ impl Conntrack {
     }
 
     /// Collects dead entries forever.
-    pub async fn collect_forever(mut self, metrics: Arc<Metrics>) {
+    pub(crate) async fn collect_forever(mut self, metrics: Arc<Metrics>) {
         let mut interval = tokio::time::interval(self.gc_period());
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -43,14 +43,14 @@ fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
 /// Whether a tc program loaded: the datapath serves without it (only traffic from outside
 /// the node needs the tc path), so a failure is reported, not fatal.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProgramState {
+pub(crate) enum ProgramState {
     Loaded,
     /// The verifier's (shortened) reason, or aya's.
     Failed(String),
 }
 
 /// Loads every tc program the object has; none of their failures stops the others.
-pub fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
+pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
     TC_PROGRAMS
         .iter()
         .map(|p| {
@@ -68,7 +68,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
 
 /// aya's load error carries the whole verifier log; the reason is its last line before the
 /// statistics (`processed N insns`, `stack depth ...`, `verification time`).
-pub fn short_error(text: &str) -> String {
+pub(crate) fn short_error(text: &str) -> String {
     const MAX: usize = 240;
     let short = match text.split_once("Verifier output:") {
         Some((head, log)) => {
@@ -94,7 +94,7 @@ pub fn short_error(text: &str) -> String {
 
 /// Which program pair a device gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceKind {
+pub(crate) enum DeviceKind {
     /// Packets start at an Ethernet header.
     Ethernet,
     /// Packets start at the IP header: tunnels (IPIP, SIT, GRE, ip6tnl), WireGuard, TUN, PPP.
@@ -121,13 +121,13 @@ impl DeviceKind {
 
 /// A tc program: its name in the object, its direction, the devices it is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcProgram {
+pub(crate) struct TcProgram {
     pub name: &'static str,
     pub direction: TcAttachType,
     pub kind: DeviceKind,
 }
 
-pub const TC_PROGRAMS: [TcProgram; 4] = [
+pub(crate) const TC_PROGRAMS: [TcProgram; 4] = [
     TcProgram {
         name: "bkp_tc_ingress",
         direction: TcAttachType::Ingress,
@@ -151,7 +151,7 @@ pub const TC_PROGRAMS: [TcProgram; 4] = [
 ];
 
 /// The programs for a device of `kind`, ingress first.
-pub fn programs_for(kind: DeviceKind) -> impl Iterator<Item = &'static TcProgram> {
+pub(crate) fn programs_for(kind: DeviceKind) -> impl Iterator<Item = &'static TcProgram> {
     TC_PROGRAMS.iter().filter(move |p| p.kind == kind)
 }
 
@@ -159,13 +159,13 @@ pub fn programs_for(kind: DeviceKind) -> impl Iterator<Item = &'static TcProgram
 /// replaces its filter rather than adding a second one. Not 1, which Cilium uses.
 pub const TC_PRIORITY: u16 = 21;
 /// Handle of our cls_bpf filters, fixed for the same reason.
-pub const TC_HANDLE: u32 = 0xb4b;
+pub(crate) const TC_HANDLE: u32 = 0xb4b;
 
 /// What is recorded under `<pin dir>/tc/` for a netlink filter: bpffs holds no regular files,
 /// so the record is a symlink whose target names the filter. The network namespace is kept
 /// because device names mean something only in their namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FilterRecord {
+pub(crate) struct FilterRecord {
     pub ingress: bool,
     pub priority: u16,
     pub handle: u32,
@@ -190,7 +190,7 @@ impl FilterRecord {
         }
     }
 
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let dir = if self.ingress { "ingress" } else { "egress" };
         format!(
             "netlink:{dir}:pref={}:handle={:#x}:netns={}",
@@ -302,7 +302,7 @@ fn remove_record(path: &Path, netns: u64) -> std::io::Result<Option<String>> {
 
 /// Removes every tc attachment recorded under `<pin dir>/tc/`; returns (removed, notes about
 /// filters left in place).
-pub fn detach_all(pin_dir: &Path) -> std::io::Result<(usize, Vec<String>)> {
+pub(crate) fn detach_all(pin_dir: &Path) -> std::io::Result<(usize, Vec<String>)> {
     let dir = pin_dir.join("tc");
     let Ok(entries) = fs::read_dir(&dir) else {
         return Ok((0, Vec::new()));

@@ -80,25 +80,25 @@ impl TcAttach {
 /// One probed fact: its name (the metric's `feature` label), whether the kernel has it
 /// (`None`: could not be probed) and what the agent does without it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Feature {
+pub(crate) struct Feature {
     pub name: &'static str,
-    pub available: Option<bool>,
+    pub(crate) available: Option<bool>,
     /// What happens when it is missing.
     pub fallback: &'static str,
 }
 
 /// What the running kernel has.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KernelFeatures {
+pub(crate) struct KernelFeatures {
     pub release: String,
     /// `/sys/kernel/btf/vmlinux` parsed; the BTF facts below are `None` without it.
     pub btf: bool,
     pub tcx: Option<bool>,
-    pub sock_destroy_kfunc: Option<bool>,
-    pub sock_diag_destroy: Option<bool>,
-    pub l4_csum_ipv6: Option<bool>,
-    pub map_batch: Option<bool>,
-    pub sock_peer_hooks: Option<bool>,
+    pub(crate) sock_destroy_kfunc: Option<bool>,
+    pub(crate) sock_diag_destroy: Option<bool>,
+    pub(crate) l4_csum_ipv6: Option<bool>,
+    pub(crate) map_batch: Option<bool>,
+    pub(crate) sock_peer_hooks: Option<bool>,
 }
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -210,7 +210,7 @@ impl KernelFeatures {
     }
 
     /// What cleans up connected UDP sockets of departed backends.
-    pub fn stale_udp(&self) -> &'static str {
+    pub(crate) fn stale_udp(&self) -> &'static str {
         match self.sock_diag_destroy {
             Some(false) => "none",
             _ => "netlink SOCK_DESTROY",
@@ -244,15 +244,15 @@ impl KernelFeatures {
 
 /// The names found in a BTF blob among those asked for.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct BtfNames {
+pub(crate) struct BtfNames {
     /// Enumerator name → value (of ENUM or ENUM64 types).
-    pub enumerators: BTreeMap<String, i64>,
+    pub(crate) enumerators: BTreeMap<String, i64>,
     /// FUNC types (kernel functions, kfuncs among them).
-    pub funcs: std::collections::BTreeSet<String>,
+    pub(crate) funcs: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BtfParseError {
+pub(crate) enum BtfParseError {
     #[error("not BTF (magic {0:#06x})")]
     Magic(u16),
     #[error("truncated at byte {0}")]
@@ -281,7 +281,7 @@ fn string_at(strings: &[u8], offset: u32) -> Option<&str> {
 impl BtfNames {
     /// Walks the type section of a little-endian BTF blob once (aya_obj's parser would build
     /// every one of vmlinux's ~100 000 types; only names are needed here).
-    pub fn scan(data: &[u8], enumerators: &[&str], funcs: &[&str]) -> Result<Self, BtfParseError> {
+    pub(crate) fn scan(data: &[u8], enumerators: &[&str], funcs: &[&str]) -> Result<Self, BtfParseError> {
         let magic = data
             .get(0..2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))

@@ -36,7 +36,7 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// Makes sure `pin_dir` exists on a bpf filesystem, mounting bpffs at /sys/fs/bpf if the
 /// machine has none there (many minimal hosts and containers do not).
-pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), HostError> {
+pub(crate) fn ensure_pin_dir(pin_dir: &Path) -> Result<(), HostError> {
     let default = Path::new(DEFAULT_BPFFS);
     if pin_dir.starts_with(default) && !is_bpffs(default) {
         fs::create_dir_all(default).map_err(|source| HostError::CreateDir {
@@ -97,7 +97,7 @@ pub fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send)
 /// The link-layer type (`ARPHRD_*`, `dev->type`) of the device `name` in this process's
 /// network namespace. Read with SIOCGIFHWADDR rather than from /sys/class/net, which shows the
 /// namespace sysfs was mounted in, not necessarily the agent's.
-pub fn device_type(name: &str) -> io::Result<u16> {
+pub(crate) fn device_type(name: &str) -> io::Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     // SAFETY: ifreq is plain data; all zeroes is a valid (empty) request.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -125,7 +125,7 @@ pub fn device_type(name: &str) -> io::Result<u16> {
 }
 
 /// This process's network namespace, by inode (what `ip netns identify` compares).
-pub fn current_netns() -> io::Result<u64> {
+pub(crate) fn current_netns() -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     Ok(fs::metadata("/proc/self/ns/net")?.ino())
 }

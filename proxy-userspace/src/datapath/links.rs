@@ -13,7 +13,7 @@ use aya::programs::{ProgramError, ProgramFd, links::FdLink};
 use super::sys;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PinnedLinkError<E: Display> {
+pub(crate) enum PinnedLinkError<E: Display> {
     #[error("{what} {path}: {source}")]
     Pin {
         what: &'static str,
@@ -29,7 +29,7 @@ pub enum PinnedLinkError<E: Display> {
 /// Points the link pinned at `pin` to `program`; with no link pinned there, attaches through
 /// `create` and pins the link it returns. `fd` is the program type's `fd` method (aya's
 /// program types share no trait for it). Returns whether an existing link was updated.
-pub fn attach_or_update<P, E: Display>(
+pub(crate) fn attach_or_update<P, E: Display>(
     pin: &Path,
     program: &mut P,
     fd: fn(&P) -> Result<&ProgramFd, ProgramError>,

@@ -28,7 +28,7 @@ use crate::datapath::{
 };
 
 /// The datapath object, built by this crate's build script.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// The cgroup sock_addr programs, by name (their attach type comes from their ELF section).
 pub const SOCKET_PROGRAMS: [&str; 8] = [
@@ -177,12 +177,12 @@ impl Datapath {
     }
 
     /// Whether each tc program loaded.
-    pub fn tc_programs(&self) -> &[(&'static str, external::ProgramState)] {
+    pub(crate) fn tc_programs(&self) -> &[(&'static str, external::ProgramState)] {
         &self.tc_programs
     }
 
     /// Attaches the tc programs to `devices` (see [`external::attach`]).
-    pub fn attach_devices(
+    pub(crate) fn attach_devices(
         &mut self,
         devices: &[String],
         mode: TcMode,

@@ -23,7 +23,7 @@ pub struct OpenError {
 }
 
 /// An address type of one family, with the names of that family's maps.
-pub trait FamilyAddr: Copy + Send + Sync + 'static
+pub(crate) trait FamilyAddr: Copy + Send + Sync + 'static
 where
     ServiceKey<Self>: Pod,
     Backend<Self>: Pod,
@@ -95,7 +95,7 @@ pub fn typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) 
 }
 
 /// A second handle on a pinned map, for the commands aya does not wrap (batched updates).
-pub fn raw(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
+pub(crate) fn raw(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
     MapData::from_pin(dir.join(name)).map_err(|source| OpenError {
         name,
         dir: dir.display().to_string(),
@@ -104,14 +104,14 @@ pub fn raw(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
 }
 
 /// Raw handles on one family's maps, for batched writes.
-pub struct FamilyRaw {
+pub(crate) struct FamilyRaw {
     pub services: MapData,
     pub backends: MapData,
     pub rev_nat: MapData,
 }
 
 /// One family's service, backend and reverse-NAT maps.
-pub struct FamilyMaps<A>
+pub(crate) struct FamilyMaps<A>
 where
     A: FamilyAddr,
     ServiceKey<A>: Pod,
@@ -121,7 +121,7 @@ where
     pub services: HashMap<MapData, ServiceKey<A>, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend<A>>,
     pub rev_nat: HashMap<MapData, u32, RevNat<A>>,
-    pub raw: FamilyRaw,
+    pub(crate) raw: FamilyRaw,
 }
 
 impl<A> FamilyMaps<A>
@@ -147,13 +147,13 @@ where
 
 /// Every pinned map the agent writes or the CLI reads.
 pub struct PinnedMaps {
-    pub v4: FamilyMaps<AddrV4>,
-    pub v6: FamilyMaps<AddrV6>,
+    pub(crate) v4: FamilyMaps<AddrV4>,
+    pub(crate) v6: FamilyMaps<AddrV6>,
     pub labels: HashMap<MapData, u32, ServiceLabel>,
-    pub labels_raw: MapData,
+    pub(crate) labels_raw: MapData,
     /// loadBalancerSourceRanges for the tc path, per family.
-    pub source_ranges_v4: LpmTrie<MapData, SourceRange<AddrV4>, u32>,
-    pub source_ranges_v6: LpmTrie<MapData, SourceRange<AddrV6>, u32>,
+    pub(crate) source_ranges_v4: LpmTrie<MapData, SourceRange<AddrV4>, u32>,
+    pub(crate) source_ranges_v6: LpmTrie<MapData, SourceRange<AddrV6>, u32>,
 }
 
 impl PinnedMaps {

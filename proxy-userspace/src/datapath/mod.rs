@@ -10,7 +10,7 @@ pub mod maps;
 pub mod reader;
 pub mod readings;
 pub mod report;
-pub mod sink;
+pub(crate) mod sink;
 pub mod sockets;
 #[cfg(test)]
 mod stack_limit;

@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// Probes the kernel once, logs the one line and exports it; returns the tc attach mode.
-pub fn probe_kernel(tc_attach: TcAttach, metrics: &Metrics) -> TcMode {
+pub(crate) fn probe_kernel(tc_attach: TcAttach, metrics: &Metrics) -> TcMode {
     let kernel = KernelFeatures::probe();
     let mode = tc_attach.mode(kernel.tcx);
     kernel.log(mode);
@@ -28,7 +28,7 @@ pub fn probe_kernel(tc_attach: TcAttach, metrics: &Metrics) -> TcMode {
 }
 
 /// Exports the tc programs' load states; returns the problems, for `/healthz`.
-pub fn report_programs(programs: &[(&'static str, ProgramState)], metrics: &Metrics) -> Vec<String> {
+pub(crate) fn report_programs(programs: &[(&'static str, ProgramState)], metrics: &Metrics) -> Vec<String> {
     let mut problems = Vec::new();
     for (program, state) in programs {
         let state = match state {
@@ -50,7 +50,7 @@ pub fn report_programs(programs: &[(&'static str, ProgramState)], metrics: &Metr
 }
 
 /// Logs and exports the tc attachments; returns the problems, for `/healthz`.
-pub fn report_attachments(attachments: &[Attachment], metrics: &Metrics) -> Vec<String> {
+pub(crate) fn report_attachments(attachments: &[Attachment], metrics: &Metrics) -> Vec<String> {
     let mut problems = Vec::new();
     for a in attachments {
         let state = match &a.outcome {

@@ -8,7 +8,7 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
-pub struct DatapathSink {
+pub(crate) struct DatapathSink {
     writer: Writer,
     stale: StaleSockets,
     metrics: Arc<Metrics>,

@@ -51,14 +51,14 @@ type SockRevMap<A> = HashMap<MapData, SockRevKey<A>, SockRevValue<A>>;
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Terminated {
+pub(crate) struct Terminated {
     pub namespaces: usize,
     pub destroyed: usize,
     /// Namespaces or sockets that could not be handled, described.
     pub failures: Vec<String>,
 }
 
-pub struct StaleSockets {
+pub(crate) struct StaleSockets {
     cgroup: PathBuf,
     v4: SockRevMap<AddrV4>,
     v6: SockRevMap<AddrV6>,
@@ -75,7 +75,7 @@ impl StaleSockets {
 
     /// Destroys the connected UDP sockets that reach a departed backend through the frontend it
     /// left.
-    pub fn terminate(&self, departed: &[Departure]) -> Terminated {
+    pub(crate) fn terminate(&self, departed: &[Departure]) -> Terminated {
         let mut out = Terminated::default();
         if departed.is_empty() {
             return out;
@@ -280,7 +280,7 @@ fn destroy_exact(socket: &Socket, family: u8, id: SocketId) -> io::Result<()> {
 /// and the udp_diag handler): a socket of the agent's own, connected on loopback (which sends
 /// nothing), is destroyed, and must then report ECONNABORTED. Without the option the kernel
 /// answers EOPNOTSUPP, without udp_diag ENOENT.
-pub fn destroy_supported() -> io::Result<bool> {
+pub(crate) fn destroy_supported() -> io::Result<bool> {
     let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
     probe.connect("127.0.0.1:9")?;
     let (local, peer) = (probe.local_addr()?, probe.peer_addr()?);

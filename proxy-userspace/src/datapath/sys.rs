@@ -167,7 +167,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Points an existing link at a new program of the same type and attach type.
-pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
+pub(crate) fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
     let mut attr = LinkUpdateAttr {
         link_fd: link.as_fd().as_raw_fd() as u32,
         new_prog_fd: new_prog.as_fd().as_raw_fd() as u32,
@@ -181,7 +181,7 @@ pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
 /// but only once bpffs frees the inode after an RCU grace period and the link's release runs
 /// from a work queue: a program could still run for a moment after an uninstall returned.
 /// A link the kernel already let go of (its device or cgroup gone) only loses its pin.
-pub fn unpin_link(path: &Path) -> io::Result<()> {
+pub(crate) fn unpin_link(path: &Path) -> io::Result<()> {
     let link = obj_get(path)?;
     let mut attr = [link.as_raw_fd() as u32, 0];
     // SAFETY: BPF_LINK_DETACH reads the link fd (and flags, 0) only.
@@ -195,7 +195,7 @@ pub fn unpin_link(path: &Path) -> io::Result<()> {
 
 /// Counts a hash map's entries by walking its keys (one syscall per entry). At most
 /// `max_entries` steps: a walk that races deletions may restart, and must still end.
-pub fn map_entries(info: &MapInfo) -> io::Result<u64> {
+pub(crate) fn map_entries(info: &MapInfo) -> io::Result<u64> {
     let map = info.fd().map_err(io::Error::other)?;
     let key_size = info.key_size() as usize;
     let max_entries = info.max_entries();
@@ -229,7 +229,7 @@ pub fn map_entries(info: &MapInfo) -> io::Result<u64> {
 ///
 /// # Safety
 /// `K` and `V` must have the map's key and value sizes: the kernel reads `keys.len()` of each.
-pub unsafe fn map_update_batch<K: Copy, V: Copy>(
+pub(crate) unsafe fn map_update_batch<K: Copy, V: Copy>(
     map: impl AsFd,
     keys: &[K],
     values: &[V],

@@ -42,15 +42,15 @@ pub struct Health {
 pub struct Report {
     /// RFC 3339; empty before the first successful sync, as kube-proxy's zero time would be
     /// meaningless.
-    pub last_updated: String,
-    pub current_time: String,
-    pub node_eligible: bool,
+    pub(crate) last_updated: String,
+    pub(crate) current_time: String,
+    pub(crate) node_eligible: bool,
     /// What of the datapath is not running, each naming the program and device (absent when
     /// everything runs, so the body is kube-proxy's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub degraded: Vec<String>,
     #[serde(skip)]
-    pub healthy: bool,
+    pub(crate) healthy: bool,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -79,7 +79,7 @@ impl Health {
     }
 
     /// A change arrived that a sync must still apply.
-    pub fn queued(&self, now: SystemTime) {
+    pub(crate) fn queued(&self, now: SystemTime) {
         self.with(|s| {
             s.oldest_pending.get_or_insert(now);
         });
@@ -93,13 +93,13 @@ impl Health {
         });
     }
 
-    pub fn set_node_eligible(&self, eligible: bool) {
+    pub(crate) fn set_node_eligible(&self, eligible: bool) {
         self.with(|s| s.node_eligible = eligible);
     }
 
     /// Records what of the datapath is not running; `external_down`: traffic from outside
     /// that `--devices` asked for is not served.
-    pub fn set_degraded(&self, degraded: Vec<String>, external_down: bool) {
+    pub(crate) fn set_degraded(&self, degraded: Vec<String>, external_down: bool) {
         self.with(|s| {
             s.degraded = degraded;
             s.external_down = external_down;

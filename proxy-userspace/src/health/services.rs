@@ -43,7 +43,7 @@ impl Drop for Server {
 }
 
 /// The running servers, by port.
-pub struct HealthCheckServers {
+pub(crate) struct HealthCheckServers {
     servers: HashMap<u16, Server>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,

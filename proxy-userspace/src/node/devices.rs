@@ -46,7 +46,7 @@ const NOT_EXTERNAL: [&str; 9] = [
 ];
 
 /// The node's interface addresses, by device, in this network namespace.
-pub fn interface_addresses() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
+pub(crate) fn interface_addresses() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
     let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for ifaddr in nix::ifaddrs::getifaddrs()? {
         let Some(address) = ifaddr.address else {
@@ -66,7 +66,7 @@ pub fn interface_addresses() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
 
 impl Devices {
     /// The device names this selects among `addresses` (from [`interface_addresses`]).
-    pub fn resolve(&self, addresses: &BTreeMap<String, Vec<IpAddr>>) -> Vec<String> {
+    pub(crate) fn resolve(&self, addresses: &BTreeMap<String, Vec<IpAddr>>) -> Vec<String> {
         match self {
             Self::None => Vec::new(),
             Self::Named(names) => names.clone(),
@@ -83,7 +83,7 @@ impl Devices {
 
 /// The node's primary addresses (one per family): `--node-ip` values first, else the first
 /// usable address of the first external device that has one of that family.
-pub fn primary_addresses(
+pub(crate) fn primary_addresses(
     explicit: &[IpAddr],
     devices: &[String],
     addresses: &BTreeMap<String, Vec<IpAddr>>,

@@ -12,9 +12,9 @@ use crate::node::{
 };
 
 /// kube-proxy's default for conntrack.tcpEstablishedTimeout.
-pub const DEFAULT_CT_TCP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_CT_TCP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// The kernel's nf_conntrack_udp_timeout_stream, which kube-proxy leaves in place by default.
-pub const DEFAULT_CT_UDP_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const DEFAULT_CT_UDP_TIMEOUT: Duration = Duration::from_secs(120);
 /// A TCP flow that saw FIN or RST lingers this long for the last segments (Cilium's default).
 const CT_TCP_CLOSING_TIMEOUT_S: u32 = 10;
 
@@ -24,9 +24,9 @@ pub struct ExternalOptions {
     pub devices: Devices,
     pub node_port_addresses: NodePortAddresses,
     /// `--node-ip`: the node's primary addresses (SNAT source), if not the devices' first.
-    pub node_ips: Vec<IpAddr>,
-    pub ct_tcp_timeout: Duration,
-    pub ct_udp_timeout: Duration,
+    pub(crate) node_ips: Vec<IpAddr>,
+    pub(crate) ct_tcp_timeout: Duration,
+    pub(crate) ct_udp_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +38,14 @@ pub enum ExternalError {
 }
 
 /// The node's external side, resolved from [`ExternalOptions`] at start.
-pub struct ExternalSide {
+pub(crate) struct ExternalSide {
     pub devices: Vec<String>,
     pub node_port_addresses: Vec<IpAddr>,
     pub config: NodeConfig,
 }
 
 impl ExternalSide {
-    pub fn resolve(opts: &ExternalOptions) -> Result<Self, ExternalError> {
+    pub(crate) fn resolve(opts: &ExternalOptions) -> Result<Self, ExternalError> {
         let interfaces = devices::interface_addresses().map_err(ExternalError::Interfaces)?;
         let devices = opts.devices.resolve(&interfaces);
         if let Some(missing) = devices.iter().find(|d| !interfaces.contains_key(*d)) {

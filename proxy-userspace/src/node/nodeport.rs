@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 /// The special `nodePortAddresses` value that means the node's primary addresses.
-pub const PRIMARY: &str = "primary";
+pub(crate) const PRIMARY: &str = "primary";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum NodePortAddresses {

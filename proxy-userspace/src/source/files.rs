@@ -19,7 +19,7 @@ pub struct WatchError {
 const SETTLE: Duration = Duration::from_millis(50);
 
 /// The file events under a manifest path.
-pub struct FileWatch {
+pub(crate) struct FileWatch {
     _watcher: notify::RecommendedWatcher,
     events: mpsc::Receiver<()>,
     /// An event was taken but the burst it started has not been reported yet.

@@ -43,7 +43,7 @@ struct FileState {
 
 /// The manifests under one path: which objects each file defines.
 #[derive(Debug)]
-pub struct ManifestSet {
+pub(crate) struct ManifestSet {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
 }
@@ -130,7 +130,7 @@ impl ManifestSet {
 
     /// Re-reads what changed on disk and hands `sink` every object that changed or went away,
     /// as it is read. Returns the problems found.
-    pub fn reload(&mut self, mut sink: impl FnMut(Change)) -> Vec<ManifestError> {
+    pub(crate) fn reload(&mut self, mut sink: impl FnMut(Change)) -> Vec<ManifestError> {
         let mut errors = Vec::new();
         let mut files = Vec::new();
         if let Err(source) = list_files(&self.root, &mut files) {

@@ -2,20 +2,20 @@
 //! the namespace of an object that names none.
 
 /// Joins an EndpointSlice to its Service.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub(crate) const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// A Service with this label belongs to the proxy it names.
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// A Service with this label is not proxied.
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub(crate) const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Node label with the node's zone.
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+pub(crate) const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// The annotation the EndpointSlice controller sets to the time of the change it reflects.
-pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub(crate) const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// The taint the cluster autoscaler puts on a node it is about to remove.
-pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+pub(crate) const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// The API server puts a namespaced object created without a namespace into "default"; manifest
 /// files often leave it out for the same reason.
-pub fn namespace_or_default(namespace: Option<&str>) -> String {
+pub(crate) fn namespace_or_default(namespace: Option<&str>) -> String {
     namespace.unwrap_or("default").to_string()
 }

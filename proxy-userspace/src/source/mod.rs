@@ -150,7 +150,7 @@ pub enum Change {
 /// The objects a stream of changes leaves (for tools and tests: the agent keeps only what its
 /// inventory needs).
 #[derive(Debug, Default)]
-pub struct Objects(BTreeMap<Identity, Object>);
+pub(crate) struct Objects(BTreeMap<Identity, Object>);
 
 impl Objects {
     pub fn apply(&mut self, change: Change) {

@@ -7,7 +7,7 @@ use crate::sync::proxier::SyncReport;
 const LARGE_SYNC_OPS: usize = 10_000;
 
 /// Logs a sync and, after a large one, hands the memory it went through back to the kernel.
-pub fn finish_sync(what: &str, report: &SyncReport) {
+pub(crate) fn finish_sync(what: &str, report: &SyncReport) {
     if report.ops > 0 || !report.failed.is_empty() {
         tracing::info!(
             services = report.services,

@@ -14,7 +14,7 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
+pub(crate) struct KindLabel {
     pub kind: String,
 }
 
@@ -25,24 +25,24 @@ impl KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CodeLabel {
+pub(crate) struct CodeLabel {
     pub code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PolicyLabel {
-    pub traffic_policy: &'static str,
+pub(crate) struct PolicyLabel {
+    pub(crate) traffic_policy: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProgramLabel {
+pub(crate) struct ProgramLabel {
     pub program: String,
     /// `loaded` or `failed`.
     pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AttachmentLabel {
+pub(crate) struct AttachmentLabel {
     pub device: String,
     pub program: String,
     /// `tcx` or `netlink`.
@@ -52,7 +52,7 @@ pub struct AttachmentLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FeatureLabel {
+pub(crate) struct FeatureLabel {
     pub feature: &'static str,
 }
 
@@ -71,7 +71,7 @@ struct MapLabel {
 pub struct MapFill {
     pub map: &'static str,
     pub entries: u64,
-    pub capacity: u64,
+    pub(crate) capacity: u64,
 }
 
 /// Figures read from the datapath itself at scrape time (its per-CPU counters and maps), so
@@ -136,31 +136,31 @@ fn sync_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     registry: Registry,
     datapath: Arc<OnceLock<Box<dyn DatapathReadings>>>,
-    pub network_programming_duration: Histogram,
-    pub service_changes_pending: Gauge,
-    pub endpoint_changes_pending: Gauge,
-    pub no_local_endpoints: Family<PolicyLabel, Gauge>,
-    pub healthz_requests: Family<CodeLabel, Counter>,
-    pub livez_requests: Family<CodeLabel, Counter>,
-    pub map_full: Counter,
-    pub sync_duration: Histogram,
-    pub sync_full_duration: Histogram,
-    pub sync_partial_duration: Histogram,
-    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
-    pub service_changes: Counter,
-    pub endpoint_changes: Counter,
-    pub invalid_objects: Family<KindLabel, Counter>,
-    pub skipped_items: Family<KindLabel, Counter>,
-    pub map_write_errors: Counter,
-    pub frontend_conflicts: Counter,
-    pub source_errors: Family<KindLabel, Counter>,
-    pub stale_udp_sockets_destroyed: Counter,
-    pub stale_udp_failures: Counter,
-    pub conntrack_collected: Counter,
-    pub health_check_bind_failures: Counter,
-    pub datapath_programs: Family<ProgramLabel, Gauge>,
-    pub tc_attachments: Family<AttachmentLabel, Gauge>,
-    pub kernel_features: Family<FeatureLabel, Gauge>,
+    pub(crate) network_programming_duration: Histogram,
+    pub(crate) service_changes_pending: Gauge,
+    pub(crate) endpoint_changes_pending: Gauge,
+    pub(crate) no_local_endpoints: Family<PolicyLabel, Gauge>,
+    pub(crate) healthz_requests: Family<CodeLabel, Counter>,
+    pub(crate) livez_requests: Family<CodeLabel, Counter>,
+    pub(crate) map_full: Counter,
+    pub(crate) sync_duration: Histogram,
+    pub(crate) sync_full_duration: Histogram,
+    pub(crate) sync_partial_duration: Histogram,
+    pub(crate) last_sync_timestamp: Gauge<f64, AtomicU64>,
+    pub(crate) service_changes: Counter,
+    pub(crate) endpoint_changes: Counter,
+    pub(crate) invalid_objects: Family<KindLabel, Counter>,
+    pub(crate) skipped_items: Family<KindLabel, Counter>,
+    pub(crate) map_write_errors: Counter,
+    pub(crate) frontend_conflicts: Counter,
+    pub(crate) source_errors: Family<KindLabel, Counter>,
+    pub(crate) stale_udp_sockets_destroyed: Counter,
+    pub(crate) stale_udp_failures: Counter,
+    pub(crate) conntrack_collected: Counter,
+    pub(crate) health_check_bind_failures: Counter,
+    pub(crate) datapath_programs: Family<ProgramLabel, Gauge>,
+    pub(crate) tc_attachments: Family<AttachmentLabel, Gauge>,
+    pub(crate) kernel_features: Family<FeatureLabel, Gauge>,
 }
 
 impl Metrics {
@@ -334,7 +334,7 @@ impl Metrics {
         Arc::new(Self { registry, ..m })
     }
 
-    pub fn set_last_sync_now(&self) {
+    pub(crate) fn set_last_sync_now(&self) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -343,12 +343,12 @@ impl Metrics {
     }
 
     /// Starts reporting the datapath's own counters and map fill (once, when it is loaded).
-    pub fn attach_datapath(&self, readings: Box<dyn DatapathReadings>) {
+    pub(crate) fn attach_datapath(&self, readings: Box<dyn DatapathReadings>) {
         let _ = self.datapath.set(readings);
     }
 
     /// Prometheus/OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::telemetry::metrics::Metrics;
 
 /// What `/proxyMode` answers (kube-proxy answers `iptables`, `ipvs` or `nftables`).
-pub const PROXY_MODE: &str = "ebpf";
+pub(crate) const PROXY_MODE: &str = "ebpf";
 
 #[derive(Debug, thiserror::Error)]
 #[error("binding {what} server to {addr}: {source}")]
