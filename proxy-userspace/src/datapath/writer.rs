@@ -35,10 +35,6 @@ impl Writer {
         Self { maps }
     }
 
-    pub fn maps(&self) -> &PinnedMaps {
-        &self.maps
-    }
-
     pub fn apply(&mut self, plan: &Plan) -> Vec<WriteError> {
         let mut errors = Vec::new();
         let PinnedMaps {

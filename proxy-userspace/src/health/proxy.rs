@@ -86,7 +86,7 @@ impl Health {
     }
 
     /// A sync applied everything pending without error.
-    pub fn updated(&self, now: SystemTime) {
+    pub(crate) fn updated(&self, now: SystemTime) {
         self.with(|s| {
             s.last_updated = Some(now);
             s.oldest_pending = None;

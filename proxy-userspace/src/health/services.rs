@@ -86,7 +86,7 @@ impl HealthCheckServers {
     /// Serves exactly `wanted`: starts servers for new ports, updates the others' answers,
     /// stops those no Service wants any more. A port that cannot be bound is logged and
     /// counted, and tried again on the next update.
-    pub fn update(&mut self, wanted: Vec<HealthCheck>) {
+    pub(crate) fn update(&mut self, wanted: Vec<HealthCheck>) {
         let ports: Vec<u16> = wanted.iter().map(|c| c.port).collect();
         self.servers.retain(|port, _| ports.contains(port));
         for check in wanted {

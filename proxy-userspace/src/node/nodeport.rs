@@ -63,7 +63,7 @@ impl NodePortAddresses {
 }
 
 /// An address a client elsewhere can reach: not loopback, not IPv6 link-local, not unspecified.
-pub fn usable(addr: &IpAddr) -> bool {
+pub(crate) fn usable(addr: &IpAddr) -> bool {
     match addr {
         IpAddr::V4(a) => !a.is_loopback() && !a.is_unspecified() && !a.is_link_local(),
         IpAddr::V6(a) => !a.is_loopback() && !a.is_unspecified() && !a.is_unicast_link_local(),

@@ -38,7 +38,7 @@ pub enum KubeSourceError {
 
 /// One thing that happened on a watch.
 #[derive(Debug)]
-pub enum KubeEvent {
+pub(crate) enum KubeEvent {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     Node(Box<watcher::Event<Node>>),
@@ -70,7 +70,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
 /// kube-proxy's server-side filter: Services (and their slices, which inherit the labels) that
 /// another proxy owns or that are headless never reach this node. With a proxy name of our
 /// own, proxy-name labels must come through so `translate` can pick ours.
-pub fn label_selector(service_proxy_name: Option<&str>) -> String {
+pub(crate) fn label_selector(service_proxy_name: Option<&str>) -> String {
     match service_proxy_name {
         Some(_) => format!("!{LABEL_HEADLESS}"),
         None => format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"),
@@ -99,7 +99,7 @@ where
 }
 
 /// All three watches, merged.
-pub fn events(
+pub(crate) fn events(
     client: Client,
     node_name: &str,
     service_proxy_name: Option<&str>,
@@ -186,7 +186,7 @@ where
 
 /// How a watch is doing, when that changed or it failed again.
 #[derive(Debug, PartialEq, Eq)]
-pub enum WatchHealth {
+pub(crate) enum WatchHealth {
     /// The watch failed; it backs off and retries (relisting if needed), and the datapath keeps
     /// its last state meanwhile. `first`: it had been working until now.
     Failed {
@@ -200,7 +200,7 @@ pub enum WatchHealth {
 
 /// What one [`KubeEvent`] did.
 #[derive(Debug, Default, PartialEq)]
-pub struct Step {
+pub(crate) struct Step {
     /// `None` while a list is being buffered, and for errors.
     pub change: Option<Change>,
     pub health: Option<WatchHealth>,
@@ -218,11 +218,11 @@ pub struct Watches {
 impl Watches {
     /// Whether every kind has been listed once: until then a sync would see a partial world
     /// (Services without their endpoints, say) and drop what the pinned maps hold for the rest.
-    pub fn listed(&self) -> bool {
+    pub(crate) fn listed(&self) -> bool {
         self.services.listed && self.slices.listed && self.nodes.listed
     }
 
-    pub fn feed(&mut self, event: KubeEvent) -> Step {
+    pub(crate) fn feed(&mut self, event: KubeEvent) -> Step {
         let (kind, change) = match event {
             KubeEvent::Service(e) => (ObjectKind::Service, self.services.feed(*e)),
             KubeEvent::Slice(e) => (ObjectKind::EndpointSlice, self.slices.feed(*e)),
