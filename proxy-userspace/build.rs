@@ -8,7 +8,7 @@ fn main() -> anyhow::Result<()> {
     let root_dir = std::path::Path::new(&manifest_dir).join("../proxy-ebpf");
     let root_dir = root_dir
         .to_str()
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root_dir:?}"))?;
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", root_dir.display()))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "proxy-ebpf",

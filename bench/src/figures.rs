@@ -73,11 +73,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn version(program: &str, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|e| format!("{program}: {e}"))
+    Command::new(program).arg(arg).output().map_or_else(
+        |e| format!("{program}: {e}"),
+        |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+    )
 }
 
 pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
@@ -87,7 +86,7 @@ pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
     results.notes.push(version("nft", "-v"));
     results.notes.push(format!(
         "{} CPUs; every figure at N = {:?} Services x {ENDPOINTS} endpoints; medians of {} runs",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         opts.sizes,
         opts.repeats
     ));

@@ -78,7 +78,7 @@ pub struct RunningAgent {
     pub child: std::process::Child,
     pub pin_dir: PathBuf,
     _cgroup: cgroup::ChildCgroup,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RunningAgent {
@@ -124,7 +124,7 @@ impl RunningAgent {
             child,
             pin_dir,
             _cgroup: cg,
-            _dir: dir,
+            dir,
         };
         let started = Instant::now();
         loop {
@@ -150,7 +150,7 @@ impl RunningAgent {
 
 impl RunningAgent {
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 }
 

@@ -444,7 +444,10 @@ assert_size!(
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat, ServiceKey,
+        ServiceLabel, ServiceValue, SockRevKey, SockRevValue, SourceRange,
+    };
 
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {

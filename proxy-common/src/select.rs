@@ -18,7 +18,7 @@ mod tests {
     fn slot_stays_in_range() {
         for count in [1u32, 2, 3, 7, 10, 1000, 65_535] {
             for value in [0u32, 1, u32::MAX / 2, u32::MAX - 1, u32::MAX] {
-                let s = slot(value, count) as u32;
+                let s = u32::from(slot(value, count));
                 assert!((1..=count).contains(&s), "value {value} count {count} -> {s}");
             }
         }
@@ -31,7 +31,7 @@ mod tests {
         let mut hits = [0u32; 3];
         let steps = 30_000u32;
         for i in 0..steps {
-            let value = ((i as u64 * u32::MAX as u64) / steps as u64) as u32;
+            let value = ((u64::from(i) * u64::from(u32::MAX)) / u64::from(steps)) as u32;
             hits[slot(value, count) as usize - 1] += 1;
         }
         for h in hits {

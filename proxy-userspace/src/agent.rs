@@ -188,7 +188,7 @@ async fn periodic_sync(period: Duration) -> tokio::time::Interval {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError> {
+fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     Ok(async move {
@@ -210,7 +210,7 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
     if let Some(addr) = opts.metrics_addr {
         serve::start(metrics.clone(), addr).await?;
     }
-    let stop = shutdown().await?;
+    let stop = shutdown()?;
     match &opts.source {
         SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, stop).await?,
         SourceConfig::Kubernetes { kubeconfig } => {
@@ -249,7 +249,7 @@ async fn run_manifests(
             () = files.changed() => reload(&mut manifests, &mut prepared.proxier),
             _ = resync.tick() => reload(&mut manifests, &mut prepared.proxier),
             _ = periodic.tick() => full = true,
-            _ = &mut stop => return Ok(()),
+            () = &mut stop => return Ok(()),
         }
         prepared.sync(&opts.cgroup, full)?;
     }
@@ -311,7 +311,7 @@ async fn run_kube(
                     apply_watch(&mut watches, event, &mut prepared.proxier, &metrics);
                 }
             }
-            _ = &mut stop => return Ok(()),
+            () = &mut stop => return Ok(()),
         }
         if watches.listed() {
             prepared.sync(&opts.cgroup, full)?;

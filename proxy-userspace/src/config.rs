@@ -618,7 +618,7 @@ winkernel:
 "#;
 
     /// The ConfigMap a kind cluster's kube-proxy runs with (non-default values set).
-    const KIND_CLUSTER: &str = r#"
+    const KIND_CLUSTER: &str = r"
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 bindAddress: 0.0.0.0
@@ -638,7 +638,7 @@ iptables:
 metricsBindAddress: 0.0.0.0:10249
 mode: iptables
 nodePortAddresses: null
-"#;
+";
 
     #[test]
     fn kubeadm_defaults_parse_with_nothing_set_and_nothing_reported() {
@@ -746,19 +746,19 @@ nodePortAddresses: null
         resolve(flags, file)
     }
 
-    fn addr(text: &str) -> Option<SocketAddr> {
-        Some(text.parse().unwrap())
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
     }
 
     #[test]
     fn bind_addresses_come_from_the_flag_else_the_file_else_kube_proxys_default_and_empty_is_off() {
         let o = resolved(&[], "").unwrap();
-        assert_eq!(o.healthz_addr, addr("0.0.0.0:10256"));
-        assert_eq!(o.metrics_addr, addr("127.0.0.1:10249"));
+        assert_eq!(o.healthz_addr, Some(addr("0.0.0.0:10256")));
+        assert_eq!(o.metrics_addr, Some(addr("127.0.0.1:10249")));
         let file = "healthzBindAddress: \"\"\nmetricsBindAddress: 0.0.0.0:10249\n";
         let o = resolved(&[], file).unwrap();
         assert_eq!(o.healthz_addr, None, "\"\" in the file turns the server off");
-        assert_eq!(o.metrics_addr, addr("0.0.0.0:10249"));
+        assert_eq!(o.metrics_addr, Some(addr("0.0.0.0:10249")));
         let flags = [
             "--healthz-bind-address",
             "127.0.0.1:1",
@@ -766,7 +766,7 @@ nodePortAddresses: null
             "",
         ];
         let o = resolved(&flags, file).unwrap();
-        assert_eq!(o.healthz_addr, addr("127.0.0.1:1"));
+        assert_eq!(o.healthz_addr, Some(addr("127.0.0.1:1")));
         assert_eq!(o.metrics_addr, None, "\"\" on the command line turns it off");
         let err = resolved(&["--metrics-bind-address", "10249"], "").unwrap_err();
         assert_eq!(

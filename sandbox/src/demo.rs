@@ -87,7 +87,7 @@ spec:
     let mut slices = String::new();
     for (family, v4) in [("IPv4", true), ("IPv6", false)] {
         slices.push_str(&format!(
-            r#"---
+            r"---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
@@ -99,7 +99,7 @@ ports:
 - {{name: http, port: {HTTP_PORT}, protocol: TCP}}
 - {{name: dns, port: {DNS_PORT}, protocol: UDP}}
 endpoints:
-"#,
+",
             family_lower = family.to_lowercase()
         ));
         for (a4, a6) in addrs {
@@ -221,10 +221,52 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     let id = unique_suffix();
     let prefix = format!("bkp-{id}");
     println!("bpf-kube-proxy demo ({prefix})\n");
+    let (mut world, files) = start(&agent_bin, &id, &prefix)?;
+    describe(&world, &files, &prefix);
+    let http_v4 = FrontendKey::new(VIP_V4.parse()?, 80, Protocol::Tcp);
+    wait_ready(&mut world, &files, http_v4, args.ready_timeout).await?;
+    let client_ns = world.topology.pod("client").context("client pod")?.netns.path();
+    let spread = balance(&world, &client_ns, args.requests).await?;
+    show_maps(&agent_bin, &files.pin_dir).await?;
+    let after = remove_be2(&mut world, &files, &client_ns, http_v4).await?;
 
+    let all_three = BACKENDS.iter().all(|b| spread.get(*b).is_some_and(|n| *n > 0));
+    let be2_gone = !after.contains_key("be2") && after.values().sum::<u32>() == 12;
+    println!(
+        "\nresult: {} answered through the VIP; after the edit {}",
+        if all_three {
+            "all 3 backends"
+        } else {
+            "NOT all backends"
+        },
+        if be2_gone {
+            "be2 received nothing"
+        } else {
+            "be2 STILL received traffic"
+        }
+    );
+    println!("teardown: stopping the agent, removing pins, cgroup and namespaces");
+    drop(world);
+    if !(all_three && be2_gone) {
+        bail!("the demo did not behave as expected");
+    }
+    Ok(())
+}
+
+/// What the demo wrote and where, for the steps after the start.
+struct Files {
+    pin_dir: PathBuf,
+    log_path: PathBuf,
+    service_file: PathBuf,
+    slices_file: PathBuf,
+    slices: String,
+}
+
+/// Builds the sandbox, writes the manifests and starts the agent on them.
+fn start(agent_bin: &Path, id: &str, prefix: &str) -> anyhow::Result<(World, Files)> {
     let mut pods: Vec<&str> = BACKENDS.to_vec();
     pods.push("client");
-    let topology = Topology::create(&prefix, &pods).context("creating the sandbox namespaces")?;
+    let topology = Topology::create(prefix, &pods).context("creating the sandbox namespaces")?;
     let mut servers = Servers::default();
     for name in BACKENDS {
         let pod = topology.pod(name).context("backend pod")?;
@@ -250,7 +292,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bpf-kube-proxy-demo-{id}"));
     let log_path = dir.path().join("agent.log");
     let log = std::fs::File::create(&log_path)?;
-    let agent = Command::new(&agent_bin)
+    let agent = Command::new(agent_bin)
         .arg("run")
         .arg("--manifests")
         .arg(dir.path())
@@ -272,7 +314,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("starting the agent")?;
-    let mut world = World {
+    let world = World {
         agent,
         _pins: Pins(pin_dir.clone()),
         cgroup,
@@ -281,31 +323,49 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
         dir,
     };
 
-    let client = world.topology.pod("client").context("client pod")?;
-    println!("sandbox   node netns {}-node with a bridge; pods on it:", prefix);
+    let files = Files {
+        pin_dir,
+        log_path,
+        service_file,
+        slices_file,
+        slices,
+    };
+    Ok((world, files))
+}
+
+fn describe(world: &World, files: &Files, prefix: &str) {
+    println!("sandbox   node netns {prefix}-node with a bridge; pods on it:");
     for pod in &world.topology.pods {
         println!("            {:<7} {:<12} {}", pod.name, pod.ipv4, pod.ipv6);
     }
     println!("          child cgroup {}", world.cgroup.path().display());
     println!(
         "manifests {} and {}",
-        service_file.display(),
-        slices_file.display()
+        files.service_file.display(),
+        files.slices_file.display()
     );
     println!(
         "agent     bpf-kube-proxy run --manifests {} --cgroup {} --pin-dir {}",
         world.dir.path().display(),
         world.cgroup.path().display(),
-        pin_dir.display()
+        files.pin_dir.display()
     );
-    println!("          (log: {})", log_path.display());
+    println!("          (log: {})", files.log_path.display());
+}
 
-    let http_v4 = FrontendKey::new(VIP_V4.parse()?, 80, Protocol::Tcp);
+/// Waits until the agent has attached every socket program and programmed the Service.
+async fn wait_ready(
+    world: &mut World,
+    files: &Files,
+    http_v4: FrontendKey,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let pin_dir = &files.pin_dir;
     let links = pin_dir.join("links");
     let ready = wait_for(
         &mut world.agent,
         "the agent to program the datapath",
-        args.ready_timeout,
+        timeout,
         || {
             let attached = std::fs::read_dir(&links)
                 .ok()?
@@ -313,7 +373,7 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
                 .next()
                 .and_then(|d| std::fs::read_dir(d.path()).ok())?
                 .count();
-            (attached == loader::SOCKET_PROGRAMS.len() && backend_count(&pin_dir, http_v4) == Some(3))
+            (attached == loader::SOCKET_PROGRAMS.len() && backend_count(pin_dir, http_v4) == Some(3))
                 .then_some(())
         },
     )
@@ -321,39 +381,40 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     if let Err(e) = ready {
         println!(
             "\nagent log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
+            std::fs::read_to_string(&files.log_path).unwrap_or_default()
         );
         return Err(e);
     }
     println!("          datapath ready: 8 programs attached, maps programmed\n");
 
-    let client_ns = client.netns.path();
+    Ok(())
+}
+
+/// The traffic section: TCP, UDP both ways and IPv6 through the VIPs; returns the TCP spread.
+async fn balance(world: &World, client_ns: &Path, requests: u32) -> anyhow::Result<BTreeMap<String, u32>> {
     let vip4: std::net::IpAddr = VIP_V4.parse()?;
     let vip6: std::net::IpAddr = VIP_V6.parse()?;
 
-    println!(
-        "== {} HTTP requests to {VIP_V4}:80 from the client pod (a process in the cgroup) ==",
-        args.requests
-    );
+    println!("== {requests} HTTP requests to {VIP_V4}:80 from the client pod (a process in the cgroup) ==");
     let attempts = probe(
-        &world,
-        &client_ns,
+        world,
+        client_ns,
         SocketAddr::new(vip4, 80),
         ProbeMode::Tcp,
-        args.requests,
+        requests,
     )
     .await?;
     let spread = show(&attempts);
 
     println!("\n== 6 DNS-style UDP queries to {VIP_V4}:53, unconnected socket (sendto/recvfrom) ==");
-    show(&probe(&world, &client_ns, SocketAddr::new(vip4, 53), ProbeMode::Udp, 6).await?);
+    show(&probe(world, client_ns, SocketAddr::new(vip4, 53), ProbeMode::Udp, 6).await?);
     println!("  (the reply's source is the ClusterIP: recvmsg translated it back)");
 
     println!("\n== 4 UDP queries to {VIP_V4}:53, connected socket ==");
     show(
         &probe(
-            &world,
-            &client_ns,
+            world,
+            client_ns,
             SocketAddr::new(vip4, 53),
             ProbeMode::UdpConnected,
             4,
@@ -362,13 +423,18 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     println!("\n== 6 HTTP requests to [{VIP_V6}]:80 (IPv6) ==");
-    show(&probe(&world, &client_ns, SocketAddr::new(vip6, 80), ProbeMode::Tcp, 6).await?);
+    show(&probe(world, client_ns, SocketAddr::new(vip6, 80), ProbeMode::Tcp, 6).await?);
 
+    Ok(spread)
+}
+
+/// The maps as the CLI and bpftool show them.
+async fn show_maps(agent_bin: &Path, pin_dir: &Path) -> anyhow::Result<()> {
     println!("\n== bpf-kube-proxy list --pin-dir {} ==", pin_dir.display());
-    let listed = Command::new(&agent_bin)
+    let listed = Command::new(agent_bin)
         .arg("list")
         .arg("--pin-dir")
-        .arg(&pin_dir)
+        .arg(pin_dir)
         .status()
         .await
         .context("running bpf-kube-proxy list")?;
@@ -394,46 +460,38 @@ async fn run_world(args: &DemoArgs) -> anyhow::Result<()> {
         }
     }
 
+    Ok(())
+}
+
+/// The live change: be2 leaves the EndpointSlices file; returns the spread afterwards.
+async fn remove_be2(
+    world: &mut World,
+    files: &Files,
+    client_ns: &Path,
+    http_v4: FrontendKey,
+) -> anyhow::Result<BTreeMap<String, u32>> {
     println!("\n== live change: be2 leaves the EndpointSlices ==");
     let be2 = world.topology.pod("be2").context("be2")?;
-    let edited: String = slices
+    let edited: String = files
+        .slices
         .lines()
         .filter(|l| !l.contains(&be2.ipv4.to_string()) && !l.contains(&be2.ipv6.to_string()))
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(&slices_file, edited)?;
-    let (_, took) = wait_for(
+    std::fs::write(&files.slices_file, edited)?;
+    let ((), took) = wait_for(
         &mut world.agent,
         "the agent to drop be2",
         Duration::from_secs(10),
-        || (backend_count(&pin_dir, http_v4) == Some(2)).then_some(()),
+        || (backend_count(&files.pin_dir, http_v4) == Some(2)).then_some(()),
     )
     .await?;
     println!(
         "  datapath updated {} ms after the file was written",
         took.as_millis()
     );
-    let after = show(&probe(&world, &client_ns, SocketAddr::new(vip4, 80), ProbeMode::Tcp, 12).await?);
-
-    let all_three = BACKENDS.iter().all(|b| spread.get(*b).is_some_and(|n| *n > 0));
-    let be2_gone = !after.contains_key("be2") && after.values().sum::<u32>() == 12;
-    println!(
-        "\nresult: {} answered through the VIP; after the edit {}",
-        if all_three {
-            "all 3 backends"
-        } else {
-            "NOT all backends"
-        },
-        if be2_gone {
-            "be2 received nothing"
-        } else {
-            "be2 STILL received traffic"
-        }
-    );
-    println!("teardown: stopping the agent, removing pins, cgroup and namespaces");
-    drop(world);
-    if !(all_three && be2_gone) {
-        bail!("the demo did not behave as expected");
-    }
-    Ok(())
+    let vip4: std::net::IpAddr = VIP_V4.parse()?;
+    Ok(show(
+        &probe(world, client_ns, SocketAddr::new(vip4, 80), ProbeMode::Tcp, 12).await?,
+    ))
 }

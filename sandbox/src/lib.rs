@@ -17,8 +17,7 @@ use std::{io, path::PathBuf};
 pub fn unique_suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     format!("{:06x}", (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff)
 }
 

@@ -57,13 +57,10 @@ impl Servers {
         let backend = backend.to_string();
         self.tasks.push(tokio::spawn(async move {
             loop {
-                let (mut conn, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
+                let Ok((mut conn, peer)) = listener.accept().await else {
                     // Out of descriptors or the like: back off instead of spinning.
-                    Err(_) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
                 };
                 let body = reply(&backend, peer);
                 tokio::spawn(async move {

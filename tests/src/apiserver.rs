@@ -248,6 +248,7 @@ fn event_for(change: &Change, params: &Params) -> Option<Value> {
     Some(json!({"type": kind, "object": with_type(change.kind, obj.clone())}))
 }
 
+#[expect(clippy::unnecessary_wraps, reason = "the watch body is a stream of Results")]
 fn line(event: &Value) -> Result<Bytes, std::io::Error> {
     let mut text = event.to_string();
     text.push('\n');
@@ -312,13 +313,14 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
                     yield line(&event);
                 }
                 _ = disconnect.changed() => break,
-                _ = &mut deadline => break,
+                () = &mut deadline => break,
             }
         }
     };
     Response::new(Body::from_stream(stream))
 }
 
+#[expect(clippy::unused_async, reason = "axum handlers are async")]
 async fn handle(State(shared): State<Arc<Shared>>, kind: Kind, Query(params): Query<Params>) -> Response {
     let watching = matches!(params.watch.as_deref(), Some("true" | "1"));
     shared.store.lock().unwrap().requests.push(format!(

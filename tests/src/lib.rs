@@ -157,7 +157,7 @@ impl World {
 
     /// Extra `run` flags for every agent start.
     pub fn agent_args(&mut self, args: &[&str]) -> &mut Self {
-        self.extra_args = args.iter().map(|a| a.to_string()).collect();
+        self.extra_args = args.iter().map(std::string::ToString::to_string).collect();
         self
     }
 

@@ -51,12 +51,12 @@ impl Ep {
     }
 
     pub fn for_zones(mut self, zones: &[&str]) -> Self {
-        self.zone_hints = zones.iter().map(|z| z.to_string()).collect();
+        self.zone_hints = zones.iter().map(std::string::ToString::to_string).collect();
         self
     }
 
     pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
-        self.node_hints = nodes.iter().map(|n| n.to_string()).collect();
+        self.node_hints = nodes.iter().map(std::string::ToString::to_string).collect();
         self
     }
 }

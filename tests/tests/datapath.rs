@@ -40,8 +40,9 @@ use bpf_kube_proxy::{
     telemetry::metrics::{DatapathReadings as _, Metrics},
 };
 use etherparse::{
-    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
-    Ipv6RawExtHeader, LinkSlice, NetSlice, PacketBuilder, SlicedPacket, TcpHeader, TransportSlice,
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader,
+    Ipv6Header, Ipv6RawExtHeader, LinkSlice, NetSlice, PacketBuilder, SlicedPacket, TcpHeader,
+    TransportSlice,
 };
 use integration_tests::{NODE_NAME, Pins, require_root};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -100,7 +101,7 @@ fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
-fn service(name: &str, spec: serde_json::Value, status: serde_json::Value) -> Service {
+fn service(name: &str, spec: &serde_json::Value, status: &serde_json::Value) -> Service {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "namespace": "dp"},
         "spec": spec,
@@ -146,7 +147,7 @@ fn objects() -> (Vec<Service>, Vec<EndpointSlice>) {
     let services = vec![
         service(
             "web",
-            serde_json::json!({
+            &serde_json::json!({
                 "type": "NodePort",
                 "clusterIP": CLUSTER_IP.to_string(),
                 "clusterIPs": [CLUSTER_IP.to_string(), "fd00:96::10"],
@@ -157,21 +158,21 @@ fn objects() -> (Vec<Service>, Vec<EndpointSlice>) {
                     {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": WEB_UDP_NODE_PORT},
                 ],
             }),
-            serde_json::json!({}),
+            &serde_json::json!({}),
         ),
         service(
             "remote",
-            serde_json::json!({
+            &serde_json::json!({
                 "type": "NodePort",
                 "clusterIP": "10.96.0.11",
                 "clusterIPs": ["10.96.0.11"],
                 "ports": [http_port(Some(REMOTE_NODE_PORT))],
             }),
-            serde_json::json!({}),
+            &serde_json::json!({}),
         ),
         service(
             "empty",
-            serde_json::json!({
+            &serde_json::json!({
                 "type": "NodePort",
                 "clusterIP": "10.96.0.12",
                 "clusterIPs": ["10.96.0.12", "fd00:96::12"],
@@ -182,11 +183,11 @@ fn objects() -> (Vec<Service>, Vec<EndpointSlice>) {
                     {"name": "udp", "port": 53, "protocol": "UDP", "nodePort": EMPTY_UDP_NODE_PORT},
                 ],
             }),
-            serde_json::json!({}),
+            &serde_json::json!({}),
         ),
         service(
             "ranged",
-            serde_json::json!({
+            &serde_json::json!({
                 "type": "LoadBalancer",
                 "clusterIP": "10.96.0.13",
                 "clusterIPs": ["10.96.0.13"],
@@ -194,7 +195,7 @@ fn objects() -> (Vec<Service>, Vec<EndpointSlice>) {
                 "loadBalancerSourceRanges": ["10.210.0.0/29"],
                 "ports": [http_port(None)],
             }),
-            serde_json::json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}}),
+            &serde_json::json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}}),
         ),
     ];
     let slices = vec![
@@ -234,7 +235,7 @@ impl Lab {
             ("be0", BE0_MAC, "10.200.0.1/24", REMOTE_BACKEND, REMOTE_MAC),
         ] {
             let peer = format!("{dev}p");
-            let mac = mac_text(&mac);
+            let mac = mac_text(mac);
             node.ip(&[
                 "link", "add", dev, "address", &mac, "type", "veth", "peer", "name", &peer,
             ])
@@ -250,7 +251,7 @@ impl Lab {
                 "replace",
                 &neighbour.to_string(),
                 "lladdr",
-                &mac_text(&neighbour_mac),
+                &mac_text(neighbour_mac),
                 "dev",
                 dev,
                 "nud",
@@ -405,7 +406,7 @@ fn find<V>(entries: Vec<(u32, V)>, matches: impl Fn(&V) -> bool) -> Option<u32> 
     entries.into_iter().find(|(_, v)| matches(v)).map(|(id, _)| id)
 }
 
-fn mac_text(mac: &Mac) -> String {
+fn mac_text(mac: Mac) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -517,7 +518,7 @@ impl Packet {
                 let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).expect("a header");
                 ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("an offset");
                 ip.dont_fragment = self.fragment_offset == 0;
-                IpHeaders::Ipv4(ip, Default::default())
+                IpHeaders::Ipv4(ip, Ipv4Extensions::default())
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
                 Ipv6Header {
@@ -569,15 +570,14 @@ impl Packet {
 fn assert_output(run: &TestRun, verdict: u32, expected: &Packet, what: &str) {
     assert_eq!(run.retval, verdict, "{what}: verdict");
     let want = expected.frame();
-    if run.packet != want {
-        panic!(
-            "{what}: the packet left is not the expected one\n got:  {}\n want: {}\n (want: {} → {})",
-            hex(&run.packet),
-            hex(&want),
-            expected.from,
-            expected.to
-        );
-    }
+    assert!(
+        run.packet == want,
+        "{what}: the packet left is not the expected one\n got:  {}\n want: {}\n (want: {} → {})",
+        hex(&run.packet),
+        hex(&want),
+        expected.from,
+        expected.to
+    );
     assert_checksums(&run.packet, what);
 }
 
@@ -627,7 +627,7 @@ fn assert_checksums(frame: &[u8], what: &str) {
                     .calc_checksum_ipv4_raw(s.octets(), d.octets(), udp.payload())
                     .expect("a checksum"),
                 "{what}: UDP checksum"
-            )
+            );
         }
         (Some(TransportSlice::Icmpv4(icmp)), _, _) => assert_eq!(
             icmp.checksum(),
@@ -1009,6 +1009,10 @@ fn fragments_pass_untranslated_and_are_counted() {
 }
 
 #[test]
+#[expect(
+    clippy::large_stack_arrays,
+    reason = "six test packets, each with its payload buffer"
+)]
 fn packets_for_no_external_frontend_pass_untouched() {
     let lab = Lab::new();
     for packet in [

@@ -141,7 +141,7 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
                     &[
                         "link", "add", name, "type", "ipip", "local", local, "remote", remote,
                     ],
-                )
+                );
             };
             tunnel(node, "up0", node_u, ext_u);
             tunnel(&ext, "ipip0", ext_u, node_u);

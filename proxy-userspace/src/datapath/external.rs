@@ -281,15 +281,15 @@ fn detach_filter(device: &str, record: &FilterRecord) -> Result<(), String> {
 fn remove_record(path: &Path, netns: u64) -> std::io::Result<Option<String>> {
     let note = match (read_record(path), record_name(path)) {
         (Some(Record::Netlink(record)), Some((device, program))) => {
-            if record.netns != netns {
+            if record.netns == netns {
+                detach_filter(&device, &record)
+                    .err()
+                    .map(|e| format!("{device}@{program}: removing the filter: {e}"))
+            } else {
                 Some(format!(
                     "{device}@{program}: filter left in network namespace {} (run cleanup there)",
                     record.netns
                 ))
-            } else {
-                detach_filter(&device, &record)
-                    .err()
-                    .map(|e| format!("{device}@{program}: removing the filter: {e}"))
             }
         }
         (Some(Record::Unreadable(e)), _) => Some(format!("{}: {e}", path.display())),
@@ -538,7 +538,7 @@ mod tests {
 
     #[test]
     fn filter_records_round_trip_and_refuse_other_text() {
-        let record = FilterRecord::new(TcAttachType::Egress, 4026531840);
+        let record = FilterRecord::new(TcAttachType::Egress, 4_026_531_840);
         let text = record.to_text();
         assert_eq!(text, "netlink:egress:pref=21:handle=0xb4b:netns=4026531840");
         assert_eq!(FilterRecord::parse(&text), Some(record));

@@ -72,7 +72,7 @@ impl TcAttach {
     pub fn mode(self, tcx: Option<bool>) -> TcMode {
         match (self, tcx) {
             (Self::Tcx, _) | (Self::Auto, Some(true)) => TcMode::Tcx,
-            (Self::Netlink, _) | (Self::Auto, _) => TcMode::Netlink,
+            (Self::Netlink | Self::Auto, _) => TcMode::Netlink,
         }
     }
 }

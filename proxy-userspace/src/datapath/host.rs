@@ -71,12 +71,11 @@ pub fn cgroup2_root() -> Result<PathBuf, HostError> {
     let mounts = fs::read_to_string("/proc/mounts").map_err(HostError::Mounts)?;
     mounts
         .lines()
-        .filter_map(|line| {
+        .find_map(|line| {
             let mut fields = line.split_whitespace();
             let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
             (fstype == "cgroup2").then(|| PathBuf::from(dir))
         })
-        .next()
         .ok_or(HostError::NoCgroup2)
 }
 
@@ -114,7 +113,7 @@ pub(crate) fn device_type(name: &str) -> io::Result<u16> {
         libc::ioctl(
             std::os::fd::AsRawFd::as_raw_fd(&socket),
             libc::SIOCGIFHWADDR,
-            &mut request as *mut libc::ifreq,
+            &raw mut request,
         )
     };
     if ret < 0 {

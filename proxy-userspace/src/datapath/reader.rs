@@ -149,7 +149,7 @@ where
     RevNat<A>: Pod,
     SourceRange<A>: Pod,
 {
-    for entry in map.iter() {
+    for entry in map {
         let (key, _) = entry.map_err(|source| ReadError {
             map: A::SOURCE_RANGES,
             source,

@@ -46,8 +46,7 @@ impl DatapathReadings for PinnedReadings {
                 let total = self
                     .counters
                     .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
                 (c.name(), total)
             })
             .collect()

@@ -85,16 +85,7 @@ impl StaleSockets {
             let BackendKey { addr, port, .. } = d.backend;
             wanted.entry((addr, port)).or_default().insert(d.rev_nat_id);
         }
-        let namespaces = match namespaces_of(&self.cgroup) {
-            Ok(n) => n,
-            Err(e) => {
-                out.failures.push(format!(
-                    "listing network namespaces of {}: {e}",
-                    self.cgroup.display()
-                ));
-                return out;
-            }
-        };
+        let namespaces = namespaces_of(&self.cgroup);
         out.namespaces = namespaces.len();
         for (pid, netns) in namespaces {
             match self.terminate_in(&netns, &wanted) {
@@ -152,7 +143,7 @@ where
 
 /// One network namespace per distinct namespace among the processes of `cgroup` and its
 /// descendants, with a pid that lives in it.
-fn namespaces_of(cgroup: &Path) -> io::Result<Vec<(u32, File)>> {
+fn namespaces_of(cgroup: &Path) -> Vec<(u32, File)> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut dirs = vec![cgroup.to_path_buf()];
@@ -181,7 +172,7 @@ fn namespaces_of(cgroup: &Path) -> io::Result<Vec<(u32, File)>> {
             );
         }
     }
-    Ok(out)
+    out
 }
 
 fn request(family: u8, socket_id: SocketId) -> SockDiagMessage {

@@ -141,7 +141,7 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut T as *mut libc::c_void,
+            std::ptr::from_mut::<T>(attr).cast::<libc::c_void>(),
             std::mem::size_of::<T>() as libc::c_uint,
         )
     };

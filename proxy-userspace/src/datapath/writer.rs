@@ -111,9 +111,8 @@ fn service_label(label: &Label) -> ServiceLabel {
 
 fn record(errors: &mut Vec<WriteError>, what: impl FnOnce() -> String, result: Result<(), MapError>) {
     match result {
-        Ok(()) => {}
         // Deleting what is already gone is the desired end state.
-        Err(MapError::KeyNotFound) => {}
+        Ok(()) | Err(MapError::KeyNotFound) => {}
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
         Err(source) => errors.push(WriteError { what: what(), source }),
     }

@@ -74,7 +74,10 @@ impl Health {
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         // A panic while holding this lock cannot leave the state inconsistent (plain fields).
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut state)
     }
 

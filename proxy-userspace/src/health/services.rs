@@ -54,8 +54,7 @@ async fn answer(
 ) -> (StatusCode, Json<Body>) {
     let check = check
         .read()
-        .map(|c| c.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+        .map_or_else(|p| p.into_inner().clone(), |c| c.clone());
     let body = Body {
         service: ServiceRef {
             namespace: check.service.namespace.clone(),

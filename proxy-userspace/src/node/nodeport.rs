@@ -79,7 +79,12 @@ mod tests {
     }
 
     fn parse(values: &[&str]) -> Result<NodePortAddresses, String> {
-        NodePortAddresses::parse(&values.iter().map(|v| v.to_string()).collect::<Vec<_>>())
+        NodePortAddresses::parse(
+            &values
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
     }
 
     const INTERFACES: &[&str] = &[

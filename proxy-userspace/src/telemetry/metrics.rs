@@ -164,6 +164,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    #[expect(clippy::too_many_lines, reason = "one registration per metric, nothing else")]
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
         let collector = DatapathCollector::default();
@@ -337,8 +338,7 @@ impl Metrics {
     pub(crate) fn set_last_sync_now(&self) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+            .map_or(0.0, |d| d.as_secs_f64());
         self.last_sync_timestamp.set(now);
     }
 
