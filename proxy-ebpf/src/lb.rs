@@ -125,7 +125,7 @@ fn affine<F: Family>(
     // SAFETY: bpf_ktime_get_ns takes no arguments and has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let affinity_key = AffinityKey::new(client.id, client.kind, frontend.rev_nat_id);
-    let timeout = frontend.affinity_timeout_s as u64 * NANOS_PER_SECOND;
+    let timeout = u64::from(frontend.affinity_timeout_s) * NANOS_PER_SECOND;
     // SAFETY: the pointer comes from this lookup.
     let previous = unsafe { copy_of(AFFINITY.get_ptr(affinity_key)) }
         .filter(|p| now.saturating_sub(p.last_used_ns) <= timeout)

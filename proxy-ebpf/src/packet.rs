@@ -167,7 +167,7 @@ pub fn load_into<T>(ctx: &TcContext, offset: usize, dst: &mut T) -> Result<(), i
         bpf_skb_load_bytes(
             ctx.as_ptr(),
             offset as u32,
-            dst as *mut T as *mut c_void,
+            core::ptr::from_mut::<T>(dst).cast::<c_void>(),
             size_of::<T>() as u32,
         )
     };
@@ -183,9 +183,9 @@ pub fn csum_diff<T>(from: &T, to: &T, seed: u32) -> Result<u32, i64> {
     // SAFETY: both pointers are to live values of `size` bytes; the helper only reads them.
     let diff = unsafe {
         bpf_csum_diff(
-            from as *const T as *mut u32,
+            core::ptr::from_ref::<T>(from) as *mut u32,
             size,
-            to as *const T as *mut u32,
+            core::ptr::from_ref::<T>(to) as *mut u32,
             size,
             seed,
         )
@@ -203,7 +203,7 @@ pub fn csum_of<T>(value: &T, seed: u32) -> Result<u32, i64> {
         bpf_csum_diff(
             core::ptr::null_mut(),
             0,
-            value as *const T as *mut u32,
+            core::ptr::from_ref::<T>(value) as *mut u32,
             size_of::<T>() as u32,
             seed,
         )

@@ -222,7 +222,7 @@ fn send<A, H: Copy, L: Copy>(ctx: &TcContext, packet: &Packet<A>, ip: &H, l4: &L
     let l3 = packet.ip(0);
     let len = l3 + ip_len + core::mem::size_of::<L>();
     // SAFETY: the context is this program's own skb; the helper only resizes it.
-    let resized = unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, len as u32, 0) };
+    let resized = unsafe { bpf_skb_change_tail(ctx.as_ptr().cast::<__sk_buff>(), len as u32, 0) };
     if resized != 0 {
         return Err(resized);
     }

@@ -32,7 +32,7 @@ pub fn forward<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtVa
     // SAFETY: the skb pointer is this program's context; ifindex is a readable field.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: `params` is a valid, initialised struct of the size passed, owned by this frame.
-    let found = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
+    let found = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut params, size_of::<FibParams>() as i32, 0) };
     let resolved = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
     if !resolved && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return TC_ACT_SHOT;
@@ -62,7 +62,7 @@ pub fn forward<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtVa
 #[inline(always)]
 fn add_ethernet<F: TcFamily>(ctx: &TcContext) -> Result<(), i64> {
     // SAFETY: the context is this program's own skb; the helper only grows its headroom.
-    let grown = unsafe { bpf_skb_change_head(ctx.as_ptr() as *mut __sk_buff, ETH_HLEN as u32, 0) };
+    let grown = unsafe { bpf_skb_change_head(ctx.as_ptr().cast::<__sk_buff>(), ETH_HLEN as u32, 0) };
     if grown != 0 {
         return Err(grown);
     }

@@ -84,7 +84,7 @@ fn user_port(ctx: &SockAddrContext) -> u16 {
 #[inline(always)]
 fn set_user_port(ctx: &SockAddrContext, port: u16) {
     // SAFETY: as for `user_port`; user_port is writable in these hooks.
-    unsafe { write_volatile(&raw mut (*ctx.sock_addr).user_port, port.to_be() as u32) }
+    unsafe { write_volatile(&raw mut (*ctx.sock_addr).user_port, u32::from(port.to_be())) }
 }
 
 #[inline(always)]
