@@ -12,7 +12,8 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 /// all write the same shared cache line.
 pub const REFRESH_NS: u64 = NANOS_PER_SECOND;
 
-/// How long an entry lives after its flow was last seen.
+/// How long an entry lives after its flow was last seen, in seconds, by protocol and
+/// `ct_flags`: every protocol but TCP has the UDP timeout.
 #[inline(always)]
 pub const fn lifetime_s(protocol: u8, flags: u8, config: &NodeConfig) -> u32 {
     if protocol != proto::TCP {
@@ -24,7 +25,9 @@ pub const fn lifetime_s(protocol: u8, flags: u8, config: &NodeConfig) -> u32 {
     }
 }
 
-/// Saturating, because another CPU may stamp the entry just after this one read the clock.
+/// Whether an entry last seen at `last_seen_ns` is dead at `now_ns` (both `bpf_ktime_get_ns`,
+/// CLOCK_MONOTONIC). Saturating, because another CPU may stamp the entry just after this one
+/// read the clock.
 #[inline(always)]
 pub const fn expired(now_ns: u64, last_seen_ns: u64, lifetime_s: u32) -> bool {
     now_ns.saturating_sub(last_seen_ns) > lifetime_s as u64 * NANOS_PER_SECOND

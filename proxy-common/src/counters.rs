@@ -40,6 +40,7 @@ pub enum Counter {
 }
 
 impl Counter {
+    /// Every counter in index order: what the agent sums and labels, and what `COUNT` sizes.
     pub const ALL: [Counter; 16] = [
         Counter::SockForward,
         Counter::SockReverse,

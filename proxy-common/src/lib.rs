@@ -5,6 +5,7 @@
 //! on the layout byte for byte and so that no uninitialised padding ever reaches a hash-map key.
 //! Sizes are asserted at compile time.
 #![no_std]
+#![warn(missing_docs)]
 
 pub mod checksum;
 pub mod conntrack;
@@ -17,7 +18,10 @@ pub mod proto {
     /// Not a protocol: the key of a ClusterIP's guard entry, which rejects ports and protocols
     /// the Service does not serve (kube-proxy rejects traffic to unknown ports of a ClusterIP).
     pub const ANY: u8 = 0;
+    /// TCP: served by the socket hooks and the tc path.
     pub const TCP: u8 = 6;
+    /// UDP: served by the socket hooks and the tc path.
     pub const UDP: u8 = 17;
+    /// SCTP: served by the socket hooks only; the tc path leaves SCTP packets to the stack.
     pub const SCTP: u8 = 132;
 }

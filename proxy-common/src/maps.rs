@@ -5,28 +5,56 @@
 //! - ports are `u16` in *host* order (`80`, not `20480`); the programs swap once per lookup;
 //! - every padding byte is a named `_pad` field that writers zero.
 //!
-//! Map names are at most 15 bytes so the kernel (BPF_OBJ_NAME_LEN) keeps them whole.
+//! Map names are at most 15 bytes so the kernel (BPF_OBJ_NAME_LEN) keeps them whole. The agent
+//! reads back the maps it writes, to adopt the datapath's state when it restarts and for `list`.
 
 /// IPv4 address bytes, network order.
 pub type AddrV4 = [u8; 4];
 /// IPv6 address bytes, network order.
 pub type AddrV6 = [u8; 16];
 
+/// IPv4 services map (hash), [`ServiceKey`] → [`ServiceValue`]: frontend entries and their
+/// backend slots. The agent writes it; connect/sendmsg and the tc programs read it.
 pub const SERVICES_V4: &str = "bkp_svc_v4";
+/// IPv6 services map, as [`SERVICES_V4`].
 pub const SERVICES_V6: &str = "bkp_svc_v6";
+/// IPv4 backends map (hash), backend id (`u32`, from 1) → [`Backend`]. The agent writes it;
+/// connect/sendmsg and the tc programs read it.
 pub const BACKENDS_V4: &str = "bkp_be_v4";
+/// IPv6 backends map, as [`BACKENDS_V4`].
 pub const BACKENDS_V6: &str = "bkp_be_v6";
+/// IPv4 reverse-NAT map (hash), rev-NAT id (`u32`, from 1) → [`RevNat`], one per frontend. The
+/// agent writes it; recvmsg/getpeername read it to check that a socket's frontend still exists.
 pub const REV_NAT_V4: &str = "bkp_revnat_v4";
+/// IPv6 reverse-NAT map, as [`REV_NAT_V4`].
 pub const REV_NAT_V6: &str = "bkp_revnat_v6";
+/// IPv4 socket reverse map (LRU hash), [`SockRevKey`] → [`SockRevValue`]. connect/sendmsg write
+/// it; recvmsg/getpeername read it and delete stale entries; the agent reads it to find the
+/// connected UDP sockets of a departed backend.
 pub const SOCK_REV_V4: &str = "bkp_sockrev_v4";
+/// IPv6 socket reverse map, as [`SOCK_REV_V4`].
 pub const SOCK_REV_V6: &str = "bkp_sockrev_v6";
+/// Counters map (per-CPU array), [`Counter`](crate::counters::Counter) index → `u64` events.
+/// The programs increment it; the agent sums the CPUs for its metrics.
 pub const COUNTERS: &str = "bkp_counters";
+/// Service labels map (hash, not preallocated), rev-NAT id → [`ServiceLabel`]. The agent writes
+/// it; the programs never read it.
 pub const SERVICE_LABELS: &str = "bkp_svc_names";
+/// Session affinity map (LRU hash, both families and both paths), [`AffinityKey`] →
+/// [`AffinityValue`]. Only the programs read and write it.
 pub const AFFINITY: &str = "bkp_affinity";
+/// IPv4 conntrack map of the tc path (LRU hash), [`CtKey`] → [`CtValue`], two entries per flow.
+/// The tc programs write and read it; the agent deletes expired entries.
 pub const CONNTRACK_V4: &str = "bkp_ct_v4";
+/// IPv6 conntrack map, as [`CONNTRACK_V4`].
 pub const CONNTRACK_V6: &str = "bkp_ct_v6";
+/// IPv4 source ranges map (LPM trie), [`SourceRange`] → `u32` (always 1). The agent writes it;
+/// tc ingress reads it for frontends with [`svc_flags::SOURCE_RANGES`].
 pub const SOURCE_RANGES_V4: &str = "bkp_srcrng_v4";
+/// IPv6 source ranges map, as [`SOURCE_RANGES_V4`].
 pub const SOURCE_RANGES_V6: &str = "bkp_srcrng_v6";
+/// Node settings map (array of one entry, key 0), [`NodeConfig`]. The agent writes it at start;
+/// the tc programs read it.
 pub const NODE: &str = "bkp_node";
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
@@ -49,17 +77,25 @@ pub const ALL: [&str; 16] = [
     SERVICE_LABELS,
 ];
 
-/// Default capacities, overridable at load time by the agent.
+/// Default capacities (max_entries, per family for the per-family maps). The agent overrides
+/// all but `SOURCE_RANGES` at load time from its `--map-size-*` flags.
 pub mod capacity {
+    /// One entry per frontend plus one per backend slot (`--map-size-services`).
     pub const SERVICES: u32 = 262_144;
+    /// One entry per distinct endpoint address, port and protocol (`--map-size-backends`).
     pub const BACKENDS: u32 = 262_144;
+    /// One entry per frontend (`--map-size-rev-nat`, which sizes the labels map too).
     pub const REV_NAT: u32 = 65_536;
+    /// One entry per (socket, backend) a connect or sendmsg translated; the LRU drops the
+    /// oldest (`--map-size-sock-rev`).
     pub const SOCK_REV: u32 = 262_144;
-    /// One entry per (client network namespace, frontend) with ClientIP affinity in use.
+    /// One entry per (client, frontend) with ClientIP affinity in use: a client is a network
+    /// namespace on the socket path, a source address on the tc path (`--map-size-affinity`).
     pub const AFFINITY: u32 = 65_536;
     /// One label per frontend, like rev-NAT ids.
     pub const SERVICE_LABELS: u32 = REV_NAT;
-    /// Two entries (original and reply direction) per flow through the tc path, per family.
+    /// Two entries (original and reply direction) per flow through the tc path, per family
+    /// (`--map-size-conntrack`).
     pub const CONNTRACK: u32 = 262_144;
     /// One entry per (frontend, loadBalancerSourceRanges CIDR), per family.
     pub const SOURCE_RANGES: u32 = 16_384;
@@ -71,7 +107,12 @@ pub mod capacity {
 /// has a scope-`EXTERNAL_LOCAL` entry with only this node's endpoints, which the tc path uses for
 /// traffic from outside: so a socket connect() costs one lookup whatever the policy.
 pub mod scope {
+    /// The entry every frontend has: the endpoints for traffic that starts on this node (a
+    /// ClusterIP's after internalTrafficPolicy, an external frontend's from the whole cluster).
     pub const ALL: u8 = 0;
+    /// Only this node's endpoints, for traffic from outside to an externalTrafficPolicy Local
+    /// frontend; [`EXT_LOCAL`](super::svc_flags::EXT_LOCAL) on the scope-`ALL` entry sends the
+    /// tc path here.
     pub const EXTERNAL_LOCAL: u8 = 1;
 }
 
@@ -80,15 +121,23 @@ pub mod scope {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceKey<A> {
+    /// Frontend address, network order: a ClusterIP, a NodePort address, a LoadBalancer
+    /// ingress IP or an externalIP.
     pub addr: A,
+    /// Frontend port, host order (the Service port, or the NodePort); 0 on a guard entry.
     pub port: u16,
+    /// 0: the frontend entry; `1..=count`: a backend slot.
     pub slot: u16,
+    /// [`proto`](crate::proto) number; [`proto::ANY`](crate::proto::ANY) on a guard entry.
     pub proto: u8,
+    /// [`scope`] of the entry.
     pub scope: u8,
+    /// Zero.
     pub _pad: [u8; 2],
 }
 
 impl<A: Copy> ServiceKey<A> {
+    /// The frontend entry's key (slot 0).
     pub const fn frontend(addr: A, port: u16, proto: u8, scope: u8) -> Self {
         Self {
             addr,
@@ -100,6 +149,7 @@ impl<A: Copy> ServiceKey<A> {
         }
     }
 
+    /// The same frontend's key for backend slot `slot`.
     pub const fn with_slot(self, slot: u16) -> Self {
         Self { slot, ..self }
     }
@@ -130,19 +180,26 @@ pub mod svc_flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceValue {
+    /// Slot entry: the backend's key in the backends map. 0 on a frontend entry (ids start at 1).
     pub backend_id: u32,
     /// Number of backend slots. Zero on a frontend entry means "reject": the service exists
     /// but has no usable endpoint, which kube-proxy answers with REJECT.
     pub count: u32,
+    /// The frontend's id (from 1) in the reverse-NAT, labels, affinity and source ranges maps.
     pub rev_nat_id: u32,
+    /// Frontend entry: [`svc_flags`]. 0 on a slot entry.
     pub flags: u32,
+    /// ClientIP affinity timeout in seconds (sessionAffinityConfig.clientIP.timeoutSeconds,
+    /// 10800 by default) when `flags` has [`svc_flags::AFFINITY`]; else 0.
     pub affinity_timeout_s: u32,
+    /// Zero.
     pub _pad: u32,
 }
 
 /// Backend flags.
 pub mod backend_flags {
     /// The endpoint is terminating (used only as kube-proxy's fallback when nothing is ready).
+    /// The programs ignore it: the agent has already chosen which backends get slots.
     pub const TERMINATING: u8 = 1 << 0;
     /// The endpoint runs on this node.
     pub const LOCAL: u8 = 1 << 1;
@@ -153,9 +210,13 @@ pub mod backend_flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Backend<A> {
+    /// Endpoint address, network order.
     pub addr: A,
+    /// Endpoint port (from the EndpointSlice), host order.
     pub port: u16,
+    /// [`proto`](crate::proto) number.
     pub proto: u8,
+    /// [`backend_flags`].
     pub flags: u8,
 }
 
@@ -164,8 +225,11 @@ pub struct Backend<A> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct RevNat<A> {
+    /// Frontend address, network order.
     pub addr: A,
+    /// Frontend port, host order.
     pub port: u16,
+    /// Zero.
     pub _pad: u16,
 }
 
@@ -183,13 +247,18 @@ pub const fn halves(value: u64) -> [u32; 2] {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct SockRevKey<A> {
+    /// The socket's cookie (`bpf_get_socket_cookie`, sock_diag's cookie) as [`halves`].
     pub cookie: [u32; 2],
+    /// Backend address the socket was sent to, network order.
     pub addr: A,
+    /// Backend port, host order.
     pub port: u16,
+    /// Zero.
     pub _pad: u16,
 }
 
 impl<A> SockRevKey<A> {
+    /// The key of socket `cookie` talking to backend `addr`:`port` (host order).
     pub const fn new(cookie: u64, addr: A, port: u16) -> Self {
         Self {
             cookie: halves(cookie),
@@ -199,6 +268,7 @@ impl<A> SockRevKey<A> {
         }
     }
 
+    /// The socket cookie, joined from its halves.
     pub const fn cookie(&self) -> u64 {
         (self.cookie[0] as u64) | ((self.cookie[1] as u64) << 32)
     }
@@ -209,9 +279,14 @@ impl<A> SockRevKey<A> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct SockRevValue<A> {
+    /// Frontend address the socket asked for, network order.
     pub addr: A,
+    /// Frontend port, host order.
     pub port: u16,
+    /// Zero.
     pub _pad: u16,
+    /// The frontend's rev-NAT id: the reverse hooks translate only while the reverse-NAT map
+    /// still maps it to `addr`:`port`, and the agent matches departed backends' sockets by it.
     pub rev_nat_id: u32,
 }
 
@@ -236,12 +311,16 @@ pub struct AffinityKey {
     /// A netns cookie (two halves, low first), an IPv4 address (first word) or an IPv6
     /// address, as `kind` says; unused words are zero.
     pub client: [u32; 4],
+    /// The frontend's rev-NAT id.
     pub rev_nat_id: u32,
+    /// [`affinity_client`]: what `client` holds.
     pub kind: u8,
+    /// Zero.
     pub _pad: [u8; 3],
 }
 
 impl AffinityKey {
+    /// The key of `client` (of kind `kind`) at frontend `rev_nat_id`.
     pub const fn new(client: [u32; 4], kind: u8, rev_nat_id: u32) -> Self {
         Self {
             client,
@@ -259,9 +338,13 @@ impl AffinityKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct AffinityValue {
+    /// When a connect, a sendmsg or a new tc flow of this client last used the entry.
     pub last_used_ns: u64,
+    /// The backend's id in the backends map.
     pub backend_id: u32,
+    /// The frontend slot (`1..=count`) that held `backend_id` when it was chosen.
     pub slot: u16,
+    /// Zero.
     pub _pad: u16,
 }
 
@@ -271,15 +354,23 @@ pub struct AffinityValue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct CtKey<A> {
+    /// Source address, network order.
     pub saddr: A,
+    /// Destination address, network order.
     pub daddr: A,
+    /// Source port, host order.
     pub sport: u16,
+    /// Destination port, host order.
     pub dport: u16,
+    /// [`proto::TCP`](crate::proto::TCP) or [`proto::UDP`](crate::proto::UDP), the only
+    /// protocols the tc path translates.
     pub proto: u8,
+    /// Zero.
     pub _pad: [u8; 3],
 }
 
 impl<A> CtKey<A> {
+    /// The key of a packet's tuple (ports in host order).
     pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             saddr,
@@ -309,15 +400,26 @@ pub mod ct_flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct CtValue<A> {
+    /// When the flow was last seen, refreshed at most every
+    /// [`REFRESH_NS`](crate::conntrack::REFRESH_NS) (and at the first FIN or RST).
     pub last_seen_ns: u64,
+    /// Source address a matching packet leaves with, network order: rewritten only on a reply
+    /// entry or under SNAT.
     pub saddr: A,
+    /// Destination address a matching packet leaves with, network order: rewritten unless on a
+    /// reply entry without SNAT.
     pub daddr: A,
+    /// Source port a matching packet leaves with, host order.
     pub sport: u16,
+    /// Destination port a matching packet leaves with, host order.
     pub dport: u16,
+    /// The flow's frontend.
     pub rev_nat_id: u32,
     /// The backend of the flow, so a packet of a flow whose backend was removed re-selects.
     pub backend_id: u32,
+    /// [`ct_flags`].
     pub flags: u8,
+    /// Zero.
     pub _pad: [u8; 3],
 }
 
@@ -339,10 +441,12 @@ impl<A: Copy> CtValue<A> {
 pub struct SourceRange<A> {
     /// Big-endian, so the trie compares it byte by byte like the address.
     pub rev_nat_id_be: u32,
+    /// The CIDR's network address (a lookup's: the client's address), network order.
     pub addr: A,
 }
 
 impl<A> SourceRange<A> {
+    /// Key data for frontend `rev_nat_id` (host order, stored big-endian) and address `addr`.
     pub const fn new(rev_nat_id: u32, addr: A) -> Self {
         Self {
             rev_nat_id_be: rev_nat_id.to_be(),
@@ -364,20 +468,27 @@ pub struct NodeConfig {
     /// Source address for NodePort/LB/externalIP traffic sent to a backend on another node
     /// (externalTrafficPolicy Cluster); all zero: no IPv4 SNAT (such traffic is dropped).
     pub snat_v4: AddrV4,
+    /// As `snat_v4`, for IPv6; all zero: no IPv6 SNAT.
     pub snat_v6: AddrV6,
-    /// Conntrack timeouts in seconds: established TCP, TCP after FIN/RST, UDP.
+    /// Idle timeout of an established TCP flow, seconds (kube-proxy's
+    /// conntrack.tcpEstablishedTimeout, 24 h by default).
     pub ct_tcp_timeout_s: u32,
+    /// Idle timeout of a TCP flow after FIN or RST, seconds (10, Cilium's default).
     pub ct_tcp_closing_timeout_s: u32,
+    /// Idle timeout of a UDP flow, seconds (conntrack.udpTimeout; by default 120, the kernel's
+    /// nf_conntrack_udp_timeout_stream).
     pub ct_udp_timeout_s: u32,
 }
 
-/// Source ports the tc path picks from when a client's own port is taken on the SNAT address
-/// (the top of Linux's default ephemeral range is left to the node's own sockets).
+/// First of the source ports the tc path picks from when a client's own port is taken on the
+/// SNAT address: `SNAT_PORT_MIN..=SNAT_PORT_MAX` is the upper part of Linux's default
+/// ephemeral range (`ip_local_port_range`, 32768-60999).
 pub const SNAT_PORT_MIN: u16 = 40_000;
+/// Last SNAT source port (inclusive).
 pub const SNAT_PORT_MAX: u16 = 60_999;
 
 /// Service labels map value, keyed by rev-NAT id: which Service port a frontend belongs to.
-/// Only tools read it (the programs never do), so `list` can name Services from the pins alone.
+/// The programs never read it: it lets `list` name Services from the pins alone.
 /// Both fields are UTF-8, NUL-padded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
