@@ -9,16 +9,16 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::{
-    core::v1::{Service, ServiceSpec},
+    core::v1::{Node, Service, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 
 use crate::pipeline::model::{
-    Hints, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
+    Hints, NodeInfo, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
     TrafficDistribution, TrafficPolicy,
 };
 use crate::source::meta::{
-    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, namespace_or_default,
+    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, namespace_or_default,
 };
 
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds.
@@ -49,6 +49,17 @@ pub enum TranslateError {
         name: String,
         value: String,
     },
+}
+
+impl TranslateError {
+    /// An EndpointSlice made for another consumer (no service label, FQDN addresses): not
+    /// ours, so not an error to report.
+    pub fn is_foreign(&self) -> bool {
+        matches!(
+            self,
+            Self::SliceWithoutService { .. } | Self::UnsupportedAddressType { .. }
+        )
+    }
 }
 
 /// A dropped item inside an otherwise usable object.
@@ -486,6 +497,18 @@ pub fn translate_slice(
         ports,
         endpoints,
     })
+}
+
+/// This node as the pipeline sees it; `node`: its Node object, once known.
+pub fn translate_node(node_name: &str, node: Option<&Node>, node_port_addresses: Vec<IpAddr>) -> NodeInfo {
+    NodeInfo {
+        name: node_name.to_string(),
+        zone: node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(LABEL_ZONE))
+            .cloned(),
+        node_port_addresses,
+    }
 }
 
 #[cfg(test)]

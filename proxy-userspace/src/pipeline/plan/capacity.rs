@@ -192,8 +192,8 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Planner, fixtures::*};
     use super::*;
+    use crate::pipeline::plan::{Planner, fixtures::*};
 
     #[test]
     fn a_service_that_would_overflow_a_map_is_refused_whole_and_keeps_its_previous_state() {

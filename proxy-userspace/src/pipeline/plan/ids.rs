@@ -43,8 +43,8 @@ impl Ids {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Planner, fixtures::*};
     use super::*;
+    use crate::pipeline::plan::{Planner, fixtures::*};
 
     #[test]
     fn ids_are_not_reused_after_release() {
