@@ -15,7 +15,7 @@ use k8s_openapi::api::{
 
 use crate::pipeline::model::{
     Hints, NodeInfo, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
-    TrafficDistribution, TrafficPolicy,
+    TrafficPolicy,
 };
 use crate::source::meta::{
     LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, namespace_or_default,
@@ -189,7 +189,6 @@ pub fn translate_service(
         internal_policy: traffic_policy(spec.internal_traffic_policy.as_deref()),
         external_policy: TrafficPolicy::Cluster,
         health_check_node_port: spec.health_check_node_port.and_then(|p| port_number(p).ok()),
-        traffic_distribution: traffic_distribution(spec),
     };
     // kube-proxy ignores externalTrafficPolicy on a Service nothing outside can reach.
     if info.externally_accessible() {
@@ -378,15 +377,6 @@ fn traffic_policy(value: Option<&str>) -> TrafficPolicy {
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
     }
-}
-
-fn traffic_distribution(spec: &ServiceSpec) -> Option<TrafficDistribution> {
-    spec.traffic_distribution.as_deref().map(|d| match d {
-        "PreferClose" => TrafficDistribution::PreferClose,
-        "PreferSameZone" => TrafficDistribution::PreferSameZone,
-        "PreferSameNode" => TrafficDistribution::PreferSameNode,
-        other => TrafficDistribution::Other(other.to_string()),
-    })
 }
 
 pub fn translate_slice(

@@ -175,10 +175,13 @@ impl Planner {
         planner
     }
 
+    // Only tests look into the planner's state: the agent and the tools read the maps.
+    #[cfg(test)]
     pub fn frontend(&self, key: &FrontendKey) -> Option<&ProgrammedFrontend> {
         self.frontends.get(key)
     }
 
+    #[cfg(test)]
     pub fn owner(&self, key: &FrontendKey) -> Option<&ServiceName> {
         self.owners.get(key).and_then(Option::as_ref)
     }
