@@ -4,8 +4,6 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
 };
 
 use super::drift::{Drift, drift};
@@ -19,13 +17,10 @@ use bpf_kube_proxy::{
         maps::{PinnedMaps, typed},
         reader::{FrontendView, Snapshot},
     },
-    health::proxy::Health,
     pipeline::model::{ServiceEntry, ServiceName},
-    pipeline::plan::{Plan, PlanSink, Planner},
+    pipeline::snapshot::desired_service,
     pipeline::translate::TranslateOptions,
     source,
-    sync::proxier::Proxier,
-    telemetry::metrics::Metrics,
 };
 use proxy_common::{
     counters::Counter,
@@ -85,15 +80,6 @@ pub struct ExplainSource {
     pub service_proxy_name: Option<String>,
 }
 
-/// Plans are never applied here: `explain` only asks the proxier what it would program.
-struct Discard;
-
-impl PlanSink for Discard {
-    fn apply(&mut self, _plan: &Plan) -> Vec<String> {
-        Vec::new()
-    }
-}
-
 /// `node_port_addresses`: the agent's, as the maps show them (the addresses of NodePort
 /// frontends), so that `explain` judges NodePorts by the agent's flags rather than its own.
 async fn desired(
@@ -123,18 +109,14 @@ async fn desired(
     let opts = TranslateOptions {
         service_proxy_name: source.service_proxy_name.clone(),
     };
-    let metrics = Metrics::new();
-    let mut proxier = Proxier::new(
-        &node,
-        node_port_addresses,
-        opts,
-        Planner::new(),
-        Discard,
-        Arc::clone(&metrics),
-        Arc::new(Health::new(Duration::from_secs(60))),
-    );
-    proxier.replace_all(&snapshot);
-    Ok(proxier.inventory().desired(service))
+    let desired = desired_service(&snapshot, &node, node_port_addresses, &opts, service);
+    for issue in &desired.issues {
+        tracing::warn!("{issue}");
+    }
+    for error in &desired.invalid {
+        tracing::error!("{error}; ignored");
+    }
+    Ok(desired.entry)
 }
 
 #[derive(Serialize)]

@@ -46,10 +46,6 @@ impl Inventory {
         self.services.get(name)
     }
 
-    pub fn service_names(&self) -> impl Iterator<Item = &ServiceName> {
-        self.services.keys()
-    }
-
     pub fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &SliceInfo> {
         self.slices.get(name).into_iter().flatten()
     }
@@ -403,7 +399,6 @@ mod tests {
             internal_policy: TrafficPolicy::Cluster,
             external_policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
-            traffic_distribution: None,
         }
     }
 

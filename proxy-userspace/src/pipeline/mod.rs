@@ -1,9 +1,11 @@
 //! The pure pipeline, no I/O and no BPF: Kubernetes objects are validated into the service
 //! model (`translate` → `model`), joined and filtered per frontend (`inventory`, `policy`), and
-//! diffed into ordered map operations (`plan`).
+//! diffed into ordered map operations (`plan`). `snapshot` runs the same steps on a complete
+//! set of objects for tools that need one Service's desired state without an agent.
 
 pub mod inventory;
 pub mod model;
 pub mod plan;
 pub mod policy;
+pub mod snapshot;
 pub mod translate;

@@ -90,17 +90,6 @@ pub enum TrafficPolicy {
     Local,
 }
 
-/// spec.trafficDistribution. Upstream kube-proxy does not read this field itself: the
-/// EndpointSlice controller turns it into hints, which kube-proxy follows. It is kept so that
-/// `explain` can say why hints are (not) present.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TrafficDistribution {
-    PreferClose,
-    PreferSameZone,
-    PreferSameNode,
-    Other(String),
-}
-
 /// One port of a validated Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
@@ -127,7 +116,6 @@ pub struct ServiceInfo {
     pub internal_policy: TrafficPolicy,
     pub external_policy: TrafficPolicy,
     pub health_check_node_port: Option<u16>,
-    pub traffic_distribution: Option<TrafficDistribution>,
 }
 
 impl ServiceInfo {

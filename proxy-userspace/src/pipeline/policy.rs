@@ -4,9 +4,8 @@
 use crate::pipeline::model::{Endpoint, NodeInfo, ServiceInfo, TrafficPolicy};
 
 /// Topology hints kube-proxy follows, strongest first.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TopologyMode {
-    #[default]
     None,
     /// forNodes hints (trafficDistribution PreferSameNode).
     NodeHints,
@@ -22,9 +21,6 @@ pub struct Categorized<'a> {
     pub cluster: Vec<&'a Endpoint>,
     /// Endpoints for traffic policy Local: local ready ones, else local serving+terminating.
     pub local: Vec<&'a Endpoint>,
-    /// Whether any usable endpoint exists anywhere (decides REJECT vs. DROP upstream).
-    pub has_any: bool,
-    pub topology: TopologyMode,
 }
 
 fn uses_cluster(svc: &ServiceInfo) -> bool {
@@ -81,23 +77,20 @@ fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) ->
 pub fn categorize<'a>(svc: &ServiceInfo, endpoints: &'a [Endpoint], node: &NodeInfo) -> Categorized<'a> {
     let mut out = Categorized::default();
     if uses_cluster(svc) {
-        out.topology = topology_mode(endpoints, node);
+        let topology = topology_mode(endpoints, node);
         out.cluster = endpoints
             .iter()
-            .filter(|e| e.ready && available_for_topology(e, out.topology, node))
+            .filter(|e| e.ready && available_for_topology(e, topology, node))
             .collect();
         // No ready endpoint anywhere (topology would have been dropped if the zone had none):
         // fall back to endpoints that still serve while terminating.
         if out.cluster.is_empty() {
             out.cluster = endpoints.iter().filter(|e| e.serving && e.terminating).collect();
         }
-        out.has_any = !out.cluster.is_empty();
     }
     if !uses_local(svc) {
         return out;
     }
-    let usable = |e: &&Endpoint| e.ready || (e.serving && e.terminating);
-    out.has_any |= endpoints.iter().any(|e| usable(&e));
     let local_ready = endpoints.iter().any(|e| e.local && e.ready);
     out.local = endpoints
         .iter()
@@ -137,7 +130,6 @@ mod tests {
             internal_policy: internal,
             external_policy: external,
             health_check_node_port: None,
-            traffic_distribution: None,
         }
     }
 
@@ -183,7 +175,6 @@ mod tests {
         let eps = [ep(1, "R", "", ""), ep(2, "", "", ""), ep(3, "STR", "", "")];
         let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(None));
         assert_eq!(octets(&c.cluster), [1, 3]);
-        assert!(c.has_any);
     }
 
     #[test]
@@ -203,7 +194,7 @@ mod tests {
     #[test]
     fn no_endpoints_means_nothing_to_use() {
         let c = categorize(&svc(CLUSTER, CLUSTER, false), &[], &node(None));
-        assert!(c.cluster.is_empty() && !c.has_any);
+        assert!(c.cluster.is_empty() && c.local.is_empty());
     }
 
     #[test]
@@ -214,10 +205,6 @@ mod tests {
         let eps = [ep(2, "R", "", "")];
         let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
         assert!(c.local.is_empty());
-        assert!(
-            c.has_any,
-            "endpoints exist elsewhere (upstream drops rather than rejects)"
-        );
     }
 
     #[test]
@@ -239,7 +226,7 @@ mod tests {
     fn topology_zone_hints_are_used_when_every_endpoint_has_them_and_one_matches() {
         let eps = [ep(1, "R", "z1", ""), ep(2, "R", "z2", "")];
         let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(Some("z1")));
-        assert_eq!(c.topology, TopologyMode::ZoneHints);
+        assert_eq!(topology_mode(&eps, &node(Some("z1"))), TopologyMode::ZoneHints);
         assert_eq!(octets(&c.cluster), [1]);
     }
 
@@ -247,7 +234,7 @@ mod tests {
     fn topology_hints_are_ignored_when_one_endpoint_lacks_them() {
         let eps = [ep(1, "R", "z1", ""), ep(2, "R", "", "")];
         let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(Some("z1")));
-        assert_eq!(c.topology, TopologyMode::None);
+        assert_eq!(topology_mode(&eps, &node(Some("z1"))), TopologyMode::None);
         assert_eq!(octets(&c.cluster), [1, 2]);
     }
 
@@ -262,7 +249,7 @@ mod tests {
     fn prefer_same_node_hints_win_over_zone_hints() {
         let eps = [ep(1, "R", "z1", "n1"), ep(2, "R", "z1", "n2")];
         let c = categorize(&svc(CLUSTER, CLUSTER, false), &eps, &node(Some("z1")));
-        assert_eq!(c.topology, TopologyMode::NodeHints);
+        assert_eq!(topology_mode(&eps, &node(Some("z1"))), TopologyMode::NodeHints);
         assert_eq!(octets(&c.cluster), [1]);
     }
 

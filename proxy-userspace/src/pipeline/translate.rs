@@ -8,14 +8,17 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::pipeline::model::{
-    Hints, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
-    TrafficDistribution, TrafficPolicy,
+    Hints, NodeInfo, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
+    TrafficPolicy,
 };
 use crate::source::meta::{
-    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, namespace_or_default,
+    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, namespace_or_default,
 };
 
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds.
@@ -46,6 +49,17 @@ pub enum TranslateError {
         name: String,
         value: String,
     },
+}
+
+impl TranslateError {
+    /// An EndpointSlice made for another consumer (no service label, FQDN addresses): not
+    /// ours, so not an error to report.
+    pub fn is_foreign(&self) -> bool {
+        matches!(
+            self,
+            Self::SliceWithoutService { .. } | Self::UnsupportedAddressType { .. }
+        )
+    }
 }
 
 /// A dropped item inside an otherwise usable object.
@@ -112,76 +126,134 @@ fn port_number(value: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("{value} is outside 1-65535"))
 }
 
+/// Item issues of one object, which is named once for all of them.
+struct Issues<'a> {
+    object: String,
+    out: &'a mut Vec<ItemIssue>,
+}
+
+impl Issues<'_> {
+    fn push(&mut self, field: String, problem: String) {
+        self.out.push(ItemIssue {
+            object: self.object.clone(),
+            field,
+            problem,
+        });
+    }
+}
+
+/// kube-proxy's rules for one Service, in its order: whether it is ours at all, its cluster
+/// IPs, its ports, the addresses it is reachable on from outside, session affinity and the
+/// traffic policies.
 pub fn translate_service(
     svc: &Service,
     opts: &TranslateOptions,
     issues: &mut Vec<ItemIssue>,
 ) -> Result<ServiceOutcome, TranslateError> {
-    let meta = &svc.metadata;
     let name = ServiceName::new(
-        namespace_or_default(meta.namespace.as_deref()),
-        meta.name
+        namespace_or_default(svc.metadata.namespace.as_deref()),
+        svc.metadata
+            .name
             .clone()
             .ok_or(TranslateError::MissingName { kind: "Service" })?,
     );
-    let labels = meta.labels.as_ref();
+    let spec = match proxied_spec(svc, opts) {
+        Ok(spec) => spec,
+        Err(reason) => return Ok(ServiceOutcome::Skipped(name, reason)),
+    };
+    let cluster_ips = cluster_ips(&name, spec)?;
+    let mut issues = Issues {
+        object: format!("Service {name}"),
+        out: issues,
+    };
+    let ports = service_ports(spec, &mut issues);
+    if ports.is_empty() {
+        return Err(TranslateError::NoUsablePort { service: name });
+    }
+    let external_ips = parse_ips(
+        "spec.externalIPs",
+        spec.external_ips.iter().flatten(),
+        &mut issues,
+    );
+    let load_balancer_ips = load_balancer_ips(svc, &mut issues);
+    let load_balancer_source_ranges = source_ranges(spec, &mut issues);
+    let session_affinity_timeout = affinity_timeout(spec, &mut issues);
+    let mut info = ServiceInfo {
+        name,
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        ports,
+        session_affinity_timeout,
+        internal_policy: traffic_policy(spec.internal_traffic_policy.as_deref()),
+        external_policy: TrafficPolicy::Cluster,
+        health_check_node_port: spec.health_check_node_port.and_then(|p| port_number(p).ok()),
+    };
+    // kube-proxy ignores externalTrafficPolicy on a Service nothing outside can reach.
+    if info.externally_accessible() {
+        info.external_policy = traffic_policy(spec.external_traffic_policy.as_deref());
+    }
+    Ok(ServiceOutcome::Proxied(info))
+}
+
+/// The label filters (service-proxy-name, headless) and kube-proxy's ShouldSkipService: the
+/// spec of a Service to proxy, or why it is not proxied.
+fn proxied_spec<'a>(svc: &'a Service, opts: &TranslateOptions) -> Result<&'a ServiceSpec, SkipReason> {
+    let labels = svc.metadata.labels.as_ref();
     if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
         && opts.service_proxy_name.as_deref() != Some(proxy.as_str())
     {
-        return Ok(ServiceOutcome::Skipped(
-            name,
-            SkipReason::OtherProxy(proxy.clone()),
-        ));
+        return Err(SkipReason::OtherProxy(proxy.clone()));
     }
     if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-        return Ok(ServiceOutcome::Skipped(name, SkipReason::HeadlessLabel));
+        return Err(SkipReason::HeadlessLabel);
     }
-    let Some(spec) = svc.spec.as_ref() else {
-        return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp));
-    };
+    let spec = svc.spec.as_ref().ok_or(SkipReason::NoClusterIp)?;
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(ServiceOutcome::Skipped(name, SkipReason::ExternalName));
+        return Err(SkipReason::ExternalName);
     }
-    let cluster_ip_strings: Vec<(&'static str, &String)> = match spec.cluster_ips.as_deref() {
+    match cluster_ip_fields(spec).first() {
+        None => Err(SkipReason::NoClusterIp),
+        Some((_, ip)) if ip.is_empty() => Err(SkipReason::NoClusterIp),
+        Some((_, ip)) if ip.as_str() == "None" => Err(SkipReason::Headless),
+        _ => Ok(spec),
+    }
+}
+
+/// spec.clusterIPs, or spec.clusterIP where clusterIPs is unset, each with its field name.
+fn cluster_ip_fields(spec: &ServiceSpec) -> Vec<(&'static str, &String)> {
+    match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().map(|ip| ("spec.clusterIPs", ip)).collect(),
         _ => spec.cluster_ip.iter().map(|ip| ("spec.clusterIP", ip)).collect(),
-    };
-    match cluster_ip_strings.first() {
-        None => return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp)),
-        Some((_, ip)) if ip.is_empty() => {
-            return Ok(ServiceOutcome::Skipped(name, SkipReason::NoClusterIp));
-        }
-        Some((_, ip)) if ip.as_str() == "None" => {
-            return Ok(ServiceOutcome::Skipped(name, SkipReason::Headless));
-        }
-        _ => {}
     }
+}
+
+/// One cluster IP per family; a bad one rejects the Service, which cannot work without it.
+fn cluster_ips(name: &ServiceName, spec: &ServiceSpec) -> Result<Vec<IpAddr>, TranslateError> {
     let mut cluster_ips = Vec::new();
-    for (field, ip) in cluster_ip_strings {
+    for (field, ip) in cluster_ip_fields(spec) {
         let addr: IpAddr = ip.parse().map_err(|_| TranslateError::InvalidClusterIp {
             service: name.clone(),
             field,
             value: ip.clone(),
         })?;
         if cluster_ips.iter().any(|a: &IpAddr| a.is_ipv4() == addr.is_ipv4()) {
-            return Err(TranslateError::DuplicateClusterIpFamily { service: name });
+            return Err(TranslateError::DuplicateClusterIpFamily {
+                service: name.clone(),
+            });
         }
         cluster_ips.push(addr);
     }
+    Ok(cluster_ips)
+}
 
-    let object = format!("Service {name}");
-    let mut issue = |field: String, problem: String| {
-        issues.push(ItemIssue {
-            object: object.clone(),
-            field,
-            problem,
-        })
-    };
-
+/// spec.ports, less those with a bad protocol or number and duplicates of an earlier one.
+fn service_ports(spec: &ServiceSpec, issues: &mut Issues) -> Vec<ServicePort> {
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
-            issue(
+            issues.push(
                 format!("spec.ports[{i}].protocol"),
                 format!("unknown protocol {:?}", p.protocol.as_deref().unwrap_or_default()),
             );
@@ -190,7 +262,7 @@ pub fn translate_service(
         let port = match port_number(p.port) {
             Ok(port) => port,
             Err(problem) => {
-                issue(format!("spec.ports[{i}].port"), problem);
+                issues.push(format!("spec.ports[{i}].port"), problem);
                 continue;
             }
         };
@@ -199,7 +271,7 @@ pub fn translate_service(
             Some(n) => match port_number(n) {
                 Ok(n) => Some(n),
                 Err(problem) => {
-                    issue(format!("spec.ports[{i}].nodePort"), problem);
+                    issues.push(format!("spec.ports[{i}].nodePort"), problem);
                     None
                 }
             },
@@ -209,7 +281,7 @@ pub fn translate_service(
             .iter()
             .any(|q: &ServicePort| q.port == port && q.protocol == protocol)
         {
-            issue(
+            issues.push(
                 format!("spec.ports[{i}]"),
                 format!("duplicate of port {port}/{protocol}"),
             );
@@ -222,104 +294,89 @@ pub fn translate_service(
             node_port,
         });
     }
-    if ports.is_empty() {
-        return Err(TranslateError::NoUsablePort { service: name });
-    }
+    ports
+}
 
-    let mut parse_ips = |field: &str, values: &mut dyn Iterator<Item = &String>| -> Vec<IpAddr> {
-        values
-            .enumerate()
-            .filter_map(|(i, v)| match v.parse() {
-                Ok(ip) => Some(ip),
-                Err(_) => {
-                    issue(format!("{field}[{i}]"), format!("{v:?} is not an IP address"));
-                    None
-                }
-            })
-            .collect()
-    };
-    let external_ips = parse_ips("spec.externalIPs", &mut spec.external_ips.iter().flatten());
+fn parse_ips<'a>(field: &str, values: impl Iterator<Item = &'a String>, issues: &mut Issues) -> Vec<IpAddr> {
+    values
+        .enumerate()
+        .filter_map(|(i, v)| match v.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                issues.push(format!("{field}[{i}]"), format!("{v:?} is not an IP address"));
+                None
+            }
+        })
+        .collect()
+}
+
+/// status.loadBalancer.ingress IPs. ipMode Proxy means the load balancer delivers to the node
+/// with its own address as destination, so the node must not short-circuit the LB IP
+/// (upstream KEP-1860).
+fn load_balancer_ips(svc: &Service, issues: &mut Issues) -> Vec<IpAddr> {
     let ingress = svc
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
-    // ipMode Proxy means the load balancer delivers to the node with its own address as
-    // destination, so the node must not short-circuit the LB IP (upstream KEP-1860).
-    let load_balancer_ips = parse_ips(
+    parse_ips(
         "status.loadBalancer.ingress[].ip",
-        &mut ingress
+        ingress
             .into_iter()
             .flatten()
             .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.as_ref()),
-    );
-    let load_balancer_source_ranges = spec
-        .load_balancer_source_ranges
+        issues,
+    )
+}
+
+/// spec.loadBalancerSourceRanges, with host bits cleared.
+fn source_ranges(spec: &ServiceSpec, issues: &mut Issues) -> Vec<IpNet> {
+    spec.load_balancer_source_ranges
         .iter()
         .flatten()
         .enumerate()
         .filter_map(|(i, cidr)| match cidr.trim().parse::<IpNet>() {
             Ok(net) => Some(net.trunc()),
             Err(_) => {
-                issue(
+                issues.push(
                     format!("spec.loadBalancerSourceRanges[{i}]"),
                     format!("{cidr:?} is not a CIDR"),
                 );
                 None
             }
         })
-        .collect();
+        .collect()
+}
 
-    let session_affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        let configured = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds);
-        match configured {
-            None => DEFAULT_AFFINITY_TIMEOUT,
-            Some(t) if (1..=MAX_AFFINITY_TIMEOUT as i32).contains(&t) => t as u32,
-            Some(t) => {
-                issue(
-                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
-                    format!("{t} is outside 1-{MAX_AFFINITY_TIMEOUT}, using {DEFAULT_AFFINITY_TIMEOUT}"),
-                );
-                DEFAULT_AFFINITY_TIMEOUT
-            }
+/// sessionAffinity ClientIP's timeout; `None` without affinity.
+fn affinity_timeout(spec: &ServiceSpec, issues: &mut Issues) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let configured = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    Some(match configured {
+        None => DEFAULT_AFFINITY_TIMEOUT,
+        Some(t) if (1..=MAX_AFFINITY_TIMEOUT as i32).contains(&t) => t as u32,
+        Some(t) => {
+            issues.push(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                format!("{t} is outside 1-{MAX_AFFINITY_TIMEOUT}, using {DEFAULT_AFFINITY_TIMEOUT}"),
+            );
+            DEFAULT_AFFINITY_TIMEOUT
         }
-    });
+    })
+}
 
-    let policy = |value: Option<&str>| match value {
+fn traffic_policy(value: Option<&str>) -> TrafficPolicy {
+    match value {
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
-    };
-    let health_check_node_port = spec.health_check_node_port.and_then(|p| port_number(p).ok());
-    let traffic_distribution = spec.traffic_distribution.as_deref().map(|d| match d {
-        "PreferClose" => TrafficDistribution::PreferClose,
-        "PreferSameZone" => TrafficDistribution::PreferSameZone,
-        "PreferSameNode" => TrafficDistribution::PreferSameNode,
-        other => TrafficDistribution::Other(other.to_string()),
-    });
-
-    let mut info = ServiceInfo {
-        name,
-        cluster_ips,
-        external_ips,
-        load_balancer_ips,
-        load_balancer_source_ranges,
-        ports,
-        session_affinity_timeout,
-        internal_policy: policy(spec.internal_traffic_policy.as_deref()),
-        external_policy: TrafficPolicy::Cluster,
-        health_check_node_port,
-        traffic_distribution,
-    };
-    // kube-proxy ignores externalTrafficPolicy on a Service nothing outside can reach.
-    if info.externally_accessible() {
-        info.external_policy = policy(spec.external_traffic_policy.as_deref());
     }
-    Ok(ServiceOutcome::Proxied(info))
 }
 
 pub fn translate_slice(
@@ -345,19 +402,15 @@ pub fn translate_slice(
             });
         }
     };
-    let object = format!("EndpointSlice {namespace}/{name}");
-    let mut issue = |field: String, problem: String| {
-        issues.push(ItemIssue {
-            object: object.clone(),
-            field,
-            problem,
-        })
+    let mut issues = Issues {
+        object: format!("EndpointSlice {namespace}/{name}"),
+        out: issues,
     };
 
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
-            issue(
+            issues.push(
                 format!("ports[{i}].protocol"),
                 format!("unknown protocol {:?}", p.protocol.as_deref().unwrap_or_default()),
             );
@@ -371,7 +424,7 @@ pub fn translate_slice(
                 port,
                 protocol,
             }),
-            Err(problem) => issue(format!("ports[{i}].port"), problem),
+            Err(problem) => issues.push(format!("ports[{i}].port"), problem),
         }
     }
 
@@ -381,13 +434,13 @@ pub fn translate_slice(
     for (i, ep) in slice.endpoints.iter().enumerate() {
         // kube-proxy uses the first address only (the API allows exactly one today).
         let Some(raw) = ep.addresses.first() else {
-            issue(format!("endpoints[{i}].addresses"), "empty".into());
+            issues.push(format!("endpoints[{i}].addresses"), "empty".into());
             continue;
         };
         let addr: IpAddr = match raw.parse() {
             Ok(a) => a,
             Err(_) => {
-                issue(
+                issues.push(
                     format!("endpoints[{i}].addresses[0]"),
                     format!("{raw:?} is not an IP address"),
                 );
@@ -395,7 +448,7 @@ pub fn translate_slice(
             }
         };
         if addr.is_ipv4() != want_v4 {
-            issue(
+            issues.push(
                 format!("endpoints[{i}].addresses[0]"),
                 format!("{addr} does not match addressType {}", slice.address_type),
             );
@@ -434,6 +487,18 @@ pub fn translate_slice(
         ports,
         endpoints,
     })
+}
+
+/// This node as the pipeline sees it; `node`: its Node object, once known.
+pub fn translate_node(node_name: &str, node: Option<&Node>, node_port_addresses: Vec<IpAddr>) -> NodeInfo {
+    NodeInfo {
+        name: node_name.to_string(),
+        zone: node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(LABEL_ZONE))
+            .cloned(),
+        node_port_addresses,
+    }
 }
 
 #[cfg(test)]

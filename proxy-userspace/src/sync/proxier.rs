@@ -19,13 +19,13 @@ use crate::{
     health::proxy::Health,
     pipeline::inventory::Inventory,
     pipeline::model::{
-        FrontendKind, NodeInfo, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
+        FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
     pipeline::plan::{Outcome, Plan, PlanIssue, PlanSink, Planner},
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
         Change, Listed, Object, ObjectKind, Snapshot,
-        meta::{ANNOTATION_TRIGGER_TIME, LABEL_ZONE, TAINT_TO_BE_DELETED, namespace_or_default},
+        meta::{ANNOTATION_TRIGGER_TIME, TAINT_TO_BE_DELETED, namespace_or_default},
     },
     telemetry::metrics::{KindLabel, Metrics, PolicyLabel},
 };
@@ -81,17 +81,6 @@ fn node_eligible(node: &Node) -> bool {
     !deleting && !autoscaler
 }
 
-fn node_info(node_name: &str, node: Option<&Node>, node_port_addresses: Vec<IpAddr>) -> NodeInfo {
-    NodeInfo {
-        name: node_name.to_string(),
-        zone: node
-            .and_then(|n| n.metadata.labels.as_ref())
-            .and_then(|l| l.get(LABEL_ZONE))
-            .cloned(),
-        node_port_addresses,
-    }
-}
-
 impl<S: PlanSink> Proxier<S> {
     /// `node_port_addresses`: the node's addresses that serve NodePorts.
     pub fn new(
@@ -104,7 +93,7 @@ impl<S: PlanSink> Proxier<S> {
         health: Arc<Health>,
     ) -> Self {
         Self {
-            inventory: Inventory::new(node_info(node_name, None, node_port_addresses)),
+            inventory: Inventory::new(translate::translate_node(node_name, None, node_port_addresses)),
             planner,
             sink,
             opts,
@@ -189,12 +178,12 @@ impl<S: PlanSink> Proxier<S> {
         let mut issues = Vec::new();
         let outcome = translate::translate_slice(slice, &mut issues);
         self.report_issues("EndpointSlice", issues);
-        outcome.map_err(|e| match e {
-            // Slices for other consumers (no service label, FQDN) are not errors to report.
-            TranslateError::SliceWithoutService { .. } | TranslateError::UnsupportedAddressType { .. } => {
+        outcome.map_err(|e| {
+            if e.is_foreign() {
                 tracing::debug!("{e}");
+            } else {
+                self.report_invalid("EndpointSlice", &e, false);
             }
-            e => self.report_invalid("EndpointSlice", &e, false),
         })
     }
 
@@ -264,7 +253,7 @@ impl<S: PlanSink> Proxier<S> {
 
     pub fn set_node(&mut self, node: Option<&Node>) {
         let current = self.inventory.node();
-        let info = node_info(&current.name, node, current.node_port_addresses.clone());
+        let info = translate::translate_node(&current.name, node, current.node_port_addresses.clone());
         self.health.set_node_eligible(node.is_none_or(node_eligible));
         let touched = self.inventory.set_node(info);
         self.record_service_changes(touched);

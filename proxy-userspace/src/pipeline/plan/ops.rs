@@ -1,0 +1,190 @@
+//! What a plan asks of the datapath: the map operations the writer applies and the state the
+//! reader hands back after a restart. The contract between the planner and `datapath/`.
+//!
+//! The writer applies the phases of a [`Plan`] in field order:
+//! 1. new and changed backends;
+//! 2. reverse-NAT entries;
+//! 3. backend slots and new source ranges;
+//! 4. frontend entries (the slot count last, so a grown Service is complete before it shows;
+//!    the source-ranges flag only once its ranges are there);
+//! 5. frontend deletions, then source ranges no longer wanted;
+//! 6. slot deletions beyond the new count;
+//! 7. reverse-NAT deletions;
+//! 8. backends no longer referenced.
+
+use foldhash::HashMap;
+use ipnet::IpNet;
+
+use crate::pipeline::model::{BackendKey, BackendState, FrontendKey};
+
+pub type BackendId = u32;
+pub type RevNatId = u32;
+
+/// The datapath stores at most this many backend slots per frontend (slot numbers are u16).
+pub const MAX_SLOTS: usize = u16::MAX as usize;
+
+/// Where plans go: the BPF map writer in the agent, a recorder in tests. `Send`: a large sync
+/// writes from a second thread while it plans.
+pub trait PlanSink: Send {
+    /// Applies `plan` in its phase order; returns a description of each operation that failed.
+    fn apply(&mut self, plan: &Plan) -> Vec<String>;
+}
+
+/// Which Service port a frontend belongs to, as stored for tools beside the rev-NAT entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Label {
+    /// `namespace/name`.
+    pub service: String,
+    pub port: String,
+}
+
+/// What the datapath holds for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedFrontend {
+    pub rev_nat_id: RevNatId,
+    /// `slots[i]` is the backend in slot `i + 1`.
+    pub slots: Vec<BackendId>,
+    pub affinity_timeout: Option<u32>,
+    /// `Frontend::flags` as written.
+    pub flags: u32,
+    /// Sorted.
+    pub source_ranges: Vec<IpNet>,
+    pub label: Label,
+}
+
+/// What the datapath holds for one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgrammedBackend {
+    pub id: BackendId,
+    pub state: BackendState,
+}
+
+/// Datapath contents read back from pinned maps after a restart.
+#[derive(Clone, Debug, Default)]
+pub struct Programmed {
+    pub frontends: HashMap<FrontendKey, ProgrammedFrontend>,
+    pub backends: HashMap<BackendKey, ProgrammedBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevNatWrite {
+    pub id: RevNatId,
+    pub frontend: FrontendKey,
+    pub label: Label,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotWrite {
+    pub frontend: FrontendKey,
+    pub slot: u16,
+    pub backend_id: BackendId,
+    pub rev_nat_id: RevNatId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendWrite {
+    pub frontend: FrontendKey,
+    pub count: u16,
+    pub rev_nat_id: RevNatId,
+    pub affinity_timeout: Option<u32>,
+    pub flags: u32,
+}
+
+/// A UDP backend that stopped serving a frontend. Connected UDP sockets that a client opened
+/// through the frontend stay pinned to the backend's address; once the maps no longer send new
+/// traffic there, those sockets are ended so the client opens a new one (see
+/// `datapath::sockets`). TCP is left alone, as kube-proxy leaves established TCP flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Departure {
+    pub rev_nat_id: RevNatId,
+    pub backend: BackendKey,
+}
+
+/// Ordered map operations. Fields are phases, applied top to bottom; `departed` is acted on
+/// last, once no map entry leads to those backends any more.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub upsert_backends: Vec<(BackendId, BackendKey, BackendState)>,
+    pub upsert_rev_nats: Vec<RevNatWrite>,
+    pub upsert_slots: Vec<SlotWrite>,
+    pub upsert_source_ranges: Vec<(RevNatId, IpNet)>,
+    pub upsert_frontends: Vec<FrontendWrite>,
+    pub delete_frontends: Vec<FrontendKey>,
+    pub delete_source_ranges: Vec<(RevNatId, IpNet)>,
+    pub delete_slots: Vec<(FrontendKey, u16)>,
+    pub delete_rev_nats: Vec<(RevNatId, FrontendKey)>,
+    pub delete_backends: Vec<(BackendId, BackendKey)>,
+    pub departed: Vec<Departure>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.op_count() == 0
+    }
+
+    pub fn op_count(&self) -> usize {
+        self.upsert_backends.len()
+            + self.upsert_rev_nats.len()
+            + self.upsert_slots.len()
+            + self.upsert_source_ranges.len()
+            + self.upsert_frontends.len()
+            + self.delete_frontends.len()
+            + self.delete_source_ranges.len()
+            + self.delete_slots.len()
+            + self.delete_rev_nats.len()
+            + self.delete_backends.len()
+    }
+
+    pub fn extend(&mut self, other: Plan) {
+        self.upsert_backends.extend(other.upsert_backends);
+        self.upsert_rev_nats.extend(other.upsert_rev_nats);
+        self.upsert_slots.extend(other.upsert_slots);
+        self.upsert_source_ranges.extend(other.upsert_source_ranges);
+        self.upsert_frontends.extend(other.upsert_frontends);
+        self.delete_frontends.extend(other.delete_frontends);
+        self.delete_source_ranges.extend(other.delete_source_ranges);
+        self.delete_slots.extend(other.delete_slots);
+        self.delete_rev_nats.extend(other.delete_rev_nats);
+        self.delete_backends.extend(other.delete_backends);
+        self.departed.extend(other.departed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::model::Protocol;
+
+    #[test]
+    fn departures_are_not_map_operations_but_travel_with_the_plan() {
+        let frontend = FrontendKey::new("10.96.0.10".parse().unwrap(), 53, Protocol::Udp);
+        let backend = BackendKey {
+            addr: "10.0.0.1".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        let mut plan = Plan {
+            delete_frontends: vec![frontend],
+            ..Plan::default()
+        };
+        plan.extend(Plan {
+            delete_backends: vec![(1, backend)],
+            departed: vec![Departure {
+                rev_nat_id: 1,
+                backend,
+            }],
+            ..Plan::default()
+        });
+        assert_eq!(plan.op_count(), 2);
+        assert_eq!(plan.departed.len(), 1);
+        assert!(!plan.is_empty());
+        assert!(
+            Plan {
+                departed: plan.departed,
+                ..Plan::default()
+            }
+            .is_empty(),
+            "departures alone write nothing"
+        );
+    }
+}
