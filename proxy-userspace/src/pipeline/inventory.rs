@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use proxy_common::maps::svc_flags;
 
 #[derive(Debug, Default)]
-pub struct Inventory {
+pub(crate) struct Inventory {
     services: HashMap<ServiceName, ServiceInfo>,
     /// Slices by the Service they name, sorted by slice name so merging is stable. A Service has
     /// a slice or a few: a sorted Vec holds them without a B-tree node per Service.
@@ -46,16 +46,16 @@ impl Inventory {
         self.services.get(name)
     }
 
-    pub fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &SliceInfo> {
+    pub(crate) fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &SliceInfo> {
         self.slices.get(name).into_iter().flatten()
     }
 
-    pub fn service_count(&self) -> usize {
+    pub(crate) fn service_count(&self) -> usize {
         self.services.len()
     }
 
     /// Returns the Service if this changed it.
-    pub fn upsert_service(&mut self, info: ServiceInfo) -> Option<ServiceName> {
+    pub(crate) fn upsert_service(&mut self, info: ServiceInfo) -> Option<ServiceName> {
         if self.services.get(&info.name) == Some(&info) {
             return None;
         }
@@ -69,7 +69,7 @@ impl Inventory {
         Some(name)
     }
 
-    pub fn remove_service(&mut self, name: &ServiceName) -> Option<ServiceName> {
+    pub(crate) fn remove_service(&mut self, name: &ServiceName) -> Option<ServiceName> {
         self.health_checked.remove(name);
         self.services.remove(name).map(|_| name.clone())
     }
@@ -101,7 +101,7 @@ impl Inventory {
         touched
     }
 
-    pub fn remove_slice(&mut self, namespace: &str, name: &str) -> Option<ServiceName> {
+    pub(crate) fn remove_slice(&mut self, namespace: &str, name: &str) -> Option<ServiceName> {
         let owner = self
             .slice_owner
             .remove(&(namespace.to_string(), name.to_string()))?;
@@ -115,7 +115,7 @@ impl Inventory {
     }
 
     /// A node change (name or zone) can change every Service's endpoint choice.
-    pub fn set_node(&mut self, node: NodeInfo) -> Vec<ServiceName> {
+    pub(crate) fn set_node(&mut self, node: NodeInfo) -> Vec<ServiceName> {
         if self.node == node {
             return Vec::new();
         }
@@ -168,7 +168,7 @@ impl Inventory {
     /// Endpoints of one service port from every slice of the Service, matched by port name and
     /// protocol, one entry per address and port (kube-proxy dedupes by "ip:port"; the first
     /// slice in name order wins).
-    pub fn endpoints_for(&self, svc: &ServiceInfo, port: &ServicePort) -> Vec<Endpoint> {
+    pub(crate) fn endpoints_for(&self, svc: &ServiceInfo, port: &ServicePort) -> Vec<Endpoint> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for slice in self.slices_of(&svc.name) {
@@ -324,17 +324,17 @@ impl Inventory {
 
 /// A healthCheckNodePort this node must serve, and what it answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthCheck {
+pub(crate) struct HealthCheck {
     pub port: u16,
     pub service: ServiceName,
     /// Ready endpoints on this node, counted as kube-proxy's LocalReadyEndpoints does: distinct
     /// `address:port` pairs over all of the Service's ports.
-    pub local_endpoints: usize,
+    pub(crate) local_endpoints: usize,
 }
 
 impl Inventory {
     /// The healthCheckNodePorts of Services with externalTrafficPolicy Local, by port.
-    pub fn health_checks(&self) -> Vec<HealthCheck> {
+    pub(crate) fn health_checks(&self) -> Vec<HealthCheck> {
         let mut out: Vec<HealthCheck> = self
             .health_checked
             .iter()
@@ -368,7 +368,7 @@ fn health_check_port(svc: &ServiceInfo) -> Option<u16> {
 }
 
 /// Port name shown for a ClusterIP's guard frontend (real port names cannot contain `*`).
-pub const GUARD_PORT_NAME: &str = "*";
+pub(crate) const GUARD_PORT_NAME: &str = "*";
 
 #[cfg(test)]
 mod tests {
@@ -423,7 +423,7 @@ mod tests {
                     serving: true,
                     terminating: false,
                     node_name: Some("n1".into()),
-                    hints: Default::default(),
+                    hints: crate::pipeline::model::Hints::default(),
                 })
                 .collect(),
         }

@@ -3,7 +3,7 @@
 //! diffed into ordered map operations (`plan`). `snapshot` runs the same steps on a complete
 //! set of objects for tools that need one Service's desired state without an agent.
 
-pub mod inventory;
+pub(crate) mod inventory;
 pub mod model;
 pub mod plan;
 pub mod policy;

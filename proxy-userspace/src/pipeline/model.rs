@@ -41,7 +41,7 @@ pub enum Protocol {
 
 impl Protocol {
     /// Kubernetes spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
-    pub fn from_k8s(value: Option<&str>) -> Option<Self> {
+    pub(crate) fn from_k8s(value: Option<&str>) -> Option<Self> {
         match value.unwrap_or("TCP") {
             "TCP" => Some(Self::Tcp),
             "UDP" => Some(Self::Udp),
@@ -51,7 +51,7 @@ impl Protocol {
     }
 
     /// IANA protocol number.
-    pub const fn number(self) -> u8 {
+    pub(crate) const fn number(self) -> u8 {
         match self {
             Self::Tcp => proxy_common::proto::TCP,
             Self::Udp => proxy_common::proto::UDP,
@@ -60,7 +60,7 @@ impl Protocol {
         }
     }
 
-    pub const fn from_number(number: u8) -> Option<Self> {
+    pub(crate) const fn from_number(number: u8) -> Option<Self> {
         match number {
             proxy_common::proto::TCP => Some(Self::Tcp),
             proxy_common::proto::UDP => Some(Self::Udp),
@@ -84,7 +84,7 @@ impl fmt::Display for Protocol {
 
 /// internalTrafficPolicy / externalTrafficPolicy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TrafficPolicy {
+pub(crate) enum TrafficPolicy {
     #[default]
     Cluster,
     Local,
@@ -92,7 +92,7 @@ pub enum TrafficPolicy {
 
 /// One port of a validated Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServicePort {
+pub(crate) struct ServicePort {
     /// Port name, "" for a single unnamed port; EndpointSlice ports are matched by it.
     pub name: String,
     pub port: u16,
@@ -102,25 +102,25 @@ pub struct ServicePort {
 
 /// A Service after validation: what kube-proxy's ServiceChangeTracker would hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceInfo {
+pub(crate) struct ServiceInfo {
     pub name: ServiceName,
     /// spec.clusterIPs (one per family).
     pub cluster_ips: Vec<IpAddr>,
-    pub external_ips: Vec<IpAddr>,
+    pub(crate) external_ips: Vec<IpAddr>,
     /// status.loadBalancer.ingress IPs, minus those with ipMode Proxy.
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub(crate) load_balancer_ips: Vec<IpAddr>,
+    pub(crate) load_balancer_source_ranges: Vec<IpNet>,
     pub ports: Vec<ServicePort>,
     /// sessionAffinity ClientIP timeout in seconds.
-    pub session_affinity_timeout: Option<u32>,
-    pub internal_policy: TrafficPolicy,
-    pub external_policy: TrafficPolicy,
-    pub health_check_node_port: Option<u16>,
+    pub(crate) session_affinity_timeout: Option<u32>,
+    pub(crate) internal_policy: TrafficPolicy,
+    pub(crate) external_policy: TrafficPolicy,
+    pub(crate) health_check_node_port: Option<u16>,
 }
 
 impl ServiceInfo {
     /// kube-proxy's ExternallyAccessible: NodePort, LoadBalancer IPs or externalIPs.
-    pub fn externally_accessible(&self) -> bool {
+    pub(crate) fn externally_accessible(&self) -> bool {
         !self.external_ips.is_empty()
             || !self.load_balancer_ips.is_empty()
             || self.ports.iter().any(|p| p.node_port.is_some())
@@ -129,7 +129,7 @@ impl ServiceInfo {
 
 /// A port of an EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlicePort {
+pub(crate) struct SlicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
@@ -137,12 +137,12 @@ pub struct SlicePort {
 
 /// An endpoint of an EndpointSlice (one address: kube-proxy uses the first).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceEndpoint {
+pub(crate) struct SliceEndpoint {
     pub addr: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    pub(crate) node_name: Option<String>,
     // The endpoint's own zone is not kept: kube-proxy routes by the hints, never by it.
     pub hints: Hints,
 }
@@ -150,7 +150,7 @@ pub struct SliceEndpoint {
 /// An endpoint's topology hints (forZones, forNodes). Most endpoints have none, so both sets
 /// sit behind one pointer: 100 000 endpoints would otherwise carry 48 bytes of empty sets each.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Hints(Option<Box<HintSets>>);
+pub(crate) struct Hints(Option<Box<HintSets>>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct HintSets {
@@ -168,18 +168,18 @@ impl Hints {
         Self(Some(Box::new(HintSets { zones, nodes })))
     }
 
-    pub fn zones(&self) -> &BTreeSet<String> {
+    pub(crate) fn zones(&self) -> &BTreeSet<String> {
         self.0.as_ref().map_or(&NO_HINTS, |h| &h.zones)
     }
 
-    pub fn nodes(&self) -> &BTreeSet<String> {
+    pub(crate) fn nodes(&self) -> &BTreeSet<String> {
         self.0.as_ref().map_or(&NO_HINTS, |h| &h.nodes)
     }
 }
 
 /// A validated EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceInfo {
+pub(crate) struct SliceInfo {
     pub namespace: String,
     pub name: String,
     /// From the `kubernetes.io/service-name` label.
@@ -190,7 +190,7 @@ pub struct SliceInfo {
 
 /// One endpoint of one service port, after merging slices.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub addr: IpAddr,
     pub port: u16,
     pub ready: bool,
@@ -203,7 +203,7 @@ pub struct Endpoint {
 
 /// What this node is, for traffic policies and topology.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeInfo {
+pub(crate) struct NodeInfo {
     pub name: String,
     /// `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
@@ -223,7 +223,7 @@ pub enum FrontendKind {
 
 impl FrontendKind {
     /// Reachable from outside the node (served by the tc path as well as the socket hooks).
-    pub const fn is_external(self) -> bool {
+    pub(crate) const fn is_external(self) -> bool {
         !matches!(self, Self::ClusterIp)
     }
 
@@ -249,14 +249,14 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const fn number(self) -> u8 {
+    pub(crate) const fn number(self) -> u8 {
         match self {
             Self::All => scope::ALL,
             Self::ExternalLocal => scope::EXTERNAL_LOCAL,
         }
     }
 
-    pub const fn from_number(number: u8) -> Option<Self> {
+    pub(crate) const fn from_number(number: u8) -> Option<Self> {
         match number {
             scope::ALL => Some(Self::All),
             scope::EXTERNAL_LOCAL => Some(Self::ExternalLocal),

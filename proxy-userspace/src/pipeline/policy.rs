@@ -5,7 +5,7 @@ use crate::pipeline::model::{Endpoint, NodeInfo, ServiceInfo, TrafficPolicy};
 
 /// Topology hints kube-proxy follows, strongest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TopologyMode {
+pub(crate) enum TopologyMode {
     None,
     /// forNodes hints (trafficDistribution PreferSameNode).
     NodeHints,
@@ -15,7 +15,7 @@ pub enum TopologyMode {
 
 /// The endpoint sets of one service port, as kube-proxy computes them.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Categorized<'a> {
+pub(crate) struct Categorized<'a> {
     /// Endpoints for traffic policy Cluster: ready ones (topology-filtered), else
     /// serving+terminating ones.
     pub cluster: Vec<&'a Endpoint>,
@@ -36,7 +36,7 @@ fn uses_local(svc: &ServiceInfo) -> bool {
 /// Upstream topologyModeFromHints: hints are used only when every ready endpoint carries them
 /// and at least one is meant for this node (or its zone); otherwise they are ignored entirely,
 /// so a half-hinted Service never narrows to nothing.
-pub fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
+pub(crate) fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
     let mut all_node_hints = true;
     let mut node_hit = false;
     let mut all_zone_hints = true;
@@ -74,7 +74,11 @@ fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) ->
     }
 }
 
-pub fn categorize<'a>(svc: &ServiceInfo, endpoints: &'a [Endpoint], node: &NodeInfo) -> Categorized<'a> {
+pub(crate) fn categorize<'a>(
+    svc: &ServiceInfo,
+    endpoints: &'a [Endpoint],
+    node: &NodeInfo,
+) -> Categorized<'a> {
     let mut out = Categorized::default();
     if uses_cluster(svc) {
         let topology = topology_mode(endpoints, node);

@@ -22,9 +22,9 @@ use crate::source::meta::{
 };
 
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds.
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 /// Upper bound the API server enforces on the affinity timeout (one day).
-pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+pub(crate) const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 /// An object that cannot be used at all.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub enum TranslateError {
 impl TranslateError {
     /// An EndpointSlice made for another consumer (no service label, FQDN addresses): not
     /// ours, so not an error to report.
-    pub fn is_foreign(&self) -> bool {
+    pub(crate) fn is_foreign(&self) -> bool {
         matches!(
             self,
             Self::SliceWithoutService { .. } | Self::UnsupportedAddressType { .. }
@@ -69,7 +69,7 @@ pub struct ItemIssue {
     pub object: String,
     /// JSON-path-like field, e.g. `spec.ports[1].port`.
     pub field: String,
-    pub problem: String,
+    pub(crate) problem: String,
 }
 
 impl std::fmt::Display for ItemIssue {
@@ -84,7 +84,7 @@ impl std::fmt::Display for ItemIssue {
 
 /// Why a Service is deliberately not proxied (kube-proxy's ShouldSkipService and label filters).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SkipReason {
+pub(crate) enum SkipReason {
     Headless,
     ExternalName,
     NoClusterIp,
@@ -106,7 +106,7 @@ impl std::fmt::Display for SkipReason {
 
 /// The outcome of translating a Service.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ServiceOutcome {
+pub(crate) enum ServiceOutcome {
     Proxied(ServiceInfo),
     Skipped(ServiceName, SkipReason),
 }
@@ -145,7 +145,7 @@ impl Issues<'_> {
 /// kube-proxy's rules for one Service, in its order: whether it is ours at all, its cluster
 /// IPs, its ports, the addresses it is reachable on from outside, session affinity and the
 /// traffic policies.
-pub fn translate_service(
+pub(crate) fn translate_service(
     svc: &Service,
     opts: &TranslateOptions,
     issues: &mut Vec<ItemIssue>,
@@ -379,7 +379,7 @@ fn traffic_policy(value: Option<&str>) -> TrafficPolicy {
     }
 }
 
-pub fn translate_slice(
+pub(crate) fn translate_slice(
     slice: &EndpointSlice,
     issues: &mut Vec<ItemIssue>,
 ) -> Result<SliceInfo, TranslateError> {
@@ -490,7 +490,11 @@ pub fn translate_slice(
 }
 
 /// This node as the pipeline sees it; `node`: its Node object, once known.
-pub fn translate_node(node_name: &str, node: Option<&Node>, node_port_addresses: Vec<IpAddr>) -> NodeInfo {
+pub(crate) fn translate_node(
+    node_name: &str,
+    node: Option<&Node>,
+    node_port_addresses: Vec<IpAddr>,
+) -> NodeInfo {
     NodeInfo {
         name: node_name.to_string(),
         zone: node

@@ -24,7 +24,7 @@ use crate::{
     pipeline::plan::{Outcome, Plan, PlanIssue, PlanSink, Planner},
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
-        Change, Listed, Object, ObjectKind, Snapshot,
+        Change, Listed, Object, ObjectKind,
         meta::{ANNOTATION_TRIGGER_TIME, TAINT_TO_BE_DELETED, namespace_or_default},
     },
     telemetry::metrics::{KindLabel, Metrics, PolicyLabel},
@@ -107,25 +107,27 @@ impl<S: PlanSink> Proxier<S> {
         }
     }
 
-    pub fn inventory(&self) -> &Inventory {
+    pub(crate) fn inventory(&self) -> &Inventory {
         &self.inventory
     }
 
-    pub fn planner(&self) -> &Planner {
+    pub(crate) fn planner(&self) -> &Planner {
         &self.planner
     }
 
-    pub fn sink(&self) -> &S {
+    /// Tests read what their recording sink received.
+    #[cfg(test)]
+    fn sink(&self) -> &S {
         &self.sink
     }
 
     /// kube-proxy's periodic sync counts as a queued change for health: if it cannot
     /// complete, `/healthz` fails after the health timeout.
-    pub fn note_periodic_sync(&self) {
+    pub(crate) fn note_periodic_sync(&self) {
         self.health.queued(SystemTime::now());
     }
 
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
     }
 
@@ -222,7 +224,7 @@ impl<S: PlanSink> Proxier<S> {
         }
     }
 
-    pub fn upsert_service(&mut self, svc: &Service) {
+    pub(crate) fn upsert_service(&mut self, svc: &Service) {
         let changed = match self.translate_service(svc) {
             Ok(Some(info)) => self.inventory.upsert_service(info),
             Ok(None) => service_name(svc).and_then(|n| self.inventory.remove_service(&n)),
@@ -231,7 +233,7 @@ impl<S: PlanSink> Proxier<S> {
         self.record_service_changes(changed);
     }
 
-    pub fn remove_service(&mut self, name: &ServiceName) {
+    pub(crate) fn remove_service(&mut self, name: &ServiceName) {
         let changed = self.inventory.remove_service(name);
         self.record_service_changes(changed);
     }
@@ -244,14 +246,14 @@ impl<S: PlanSink> Proxier<S> {
         }
     }
 
-    pub fn remove_slice(&mut self, namespace: &str, name: &str) {
+    pub(crate) fn remove_slice(&mut self, namespace: &str, name: &str) {
         let owner = self.inventory.remove_slice(namespace, name);
         self.seen_triggers
             .remove(&(namespace.to_string(), name.to_string()));
         self.record_endpoint_changes(owner);
     }
 
-    pub fn set_node(&mut self, node: Option<&Node>) {
+    pub(crate) fn set_node(&mut self, node: Option<&Node>) {
         let current = self.inventory.node();
         let info = translate::translate_node(&current.name, node, current.node_port_addresses.clone());
         self.health.set_node_eligible(node.is_none_or(node_eligible));
@@ -259,8 +261,9 @@ impl<S: PlanSink> Proxier<S> {
         self.record_service_changes(touched);
     }
 
-    /// Replaces all objects with a complete snapshot (for tools and tests).
-    pub fn replace_all(&mut self, snap: &Snapshot) {
+    /// Replaces all objects with a complete snapshot, as tests set a scene.
+    #[cfg(test)]
+    fn replace_all(&mut self, snap: &crate::source::Snapshot) {
         self.replace_services(&snap.services);
         self.replace_slices(&snap.slices);
         let node = self.this_node(&snap.nodes);
@@ -288,7 +291,7 @@ impl<S: PlanSink> Proxier<S> {
             }
             Change::Delete(identity) => match identity.kind {
                 ObjectKind::Service => {
-                    self.remove_service(&ServiceName::new(&identity.namespace, &identity.name))
+                    self.remove_service(&ServiceName::new(&identity.namespace, &identity.name));
                 }
                 ObjectKind::EndpointSlice => self.remove_slice(&identity.namespace, &identity.name),
                 ObjectKind::Node => {
@@ -440,7 +443,7 @@ impl<S: PlanSink> Proxier<S> {
 
     /// After the first complete sync following a restart: drops datapath state that no
     /// Service claimed.
-    pub fn release_unclaimed(&mut self) -> SyncReport {
+    pub(crate) fn release_unclaimed(&mut self) -> SyncReport {
         let mut report = SyncReport::default();
         let Outcome { plan, issues, .. } = self.planner.release_unclaimed();
         report.issues = issues;
@@ -566,6 +569,7 @@ fn service_name(svc: &Service) -> Option<ServiceName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::Snapshot;
 
     /// Records every plan instead of writing maps.
     #[derive(Default)]

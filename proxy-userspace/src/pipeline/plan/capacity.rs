@@ -72,7 +72,7 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    pub const UNLIMITED: Self = Self {
+    pub(crate) const UNLIMITED: Self = Self {
         services: u32::MAX,
         backends: u32::MAX,
         rev_nat: u32::MAX,

@@ -21,11 +21,11 @@ use crate::pipeline::{
 
 /// The result of planning one Service.
 #[derive(Debug, Default)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub plan: Plan,
     pub issues: Vec<PlanIssue>,
     /// Services that wanted a frontend this change released: plan them again.
-    pub retry: Vec<ServiceName>,
+    pub(crate) retry: Vec<ServiceName>,
 }
 
 #[derive(Debug)]
@@ -79,7 +79,7 @@ impl Planner {
     }
 
     /// Counts what the maps hold now; call before planning a sync's Services.
-    pub fn begin_sync(&mut self) {
+    pub(crate) fn begin_sync(&mut self) {
         self.ledger.begin_sync();
     }
 
@@ -141,7 +141,7 @@ impl Planner {
     /// Starts from what pinned maps already hold, so the first sync after a restart changes
     /// only what really changed. Adopted frontends have no owner until a Service claims them;
     /// [`Planner::release_unclaimed`] removes the rest once the source has listed everything.
-    pub fn adopt(programmed: Programmed) -> Self {
+    pub(crate) fn adopt(programmed: Programmed) -> Self {
         let mut planner = Self::new();
         for (key, backend) in programmed.backends {
             planner.backend_ids.adopt(backend.id);
@@ -182,11 +182,11 @@ impl Planner {
     }
 
     #[cfg(test)]
-    pub fn owner(&self, key: &FrontendKey) -> Option<&ServiceName> {
+    pub(crate) fn owner(&self, key: &FrontendKey) -> Option<&ServiceName> {
         self.owners.get(key).and_then(Option::as_ref)
     }
 
-    pub fn frontend_count(&self) -> usize {
+    pub(crate) fn frontend_count(&self) -> usize {
         self.frontends.len()
     }
 
@@ -194,12 +194,12 @@ impl Planner {
         self.backends.len()
     }
 
-    pub fn service_count(&self) -> usize {
+    pub(crate) fn service_count(&self) -> usize {
         self.by_service.len()
     }
 
     /// Moves `service` to `desired` (`None`: the Service is gone or no longer proxied).
-    pub fn plan_service(&mut self, service: &ServiceName, desired: Option<&ServiceEntry>) -> Outcome {
+    pub(crate) fn plan_service(&mut self, service: &ServiceName, desired: Option<&ServiceEntry>) -> Outcome {
         let mut out = Outcome::default();
         if let Some(desired) = desired {
             let adds = self.additions(service, desired);
@@ -254,7 +254,7 @@ impl Planner {
     }
 
     /// Removes adopted frontends that no Service claimed (call after the first full sync).
-    pub fn release_unclaimed(&mut self) -> Outcome {
+    pub(crate) fn release_unclaimed(&mut self) -> Outcome {
         let mut out = Outcome::default();
         let mut deltas = HashMap::new();
         let unclaimed: Vec<FrontendKey> = self
@@ -465,7 +465,7 @@ impl Planner {
             let Some(b) = self.backends.get_mut(&key) else {
                 continue;
             };
-            b.refs = (b.refs as i64 + delta).max(0) as u32;
+            b.refs = (i64::from(b.refs) + delta).max(0) as u32;
             if b.refs == 0 {
                 self.drop_backend(key, plan);
             }

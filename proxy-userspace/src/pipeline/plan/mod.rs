@@ -10,9 +10,15 @@ mod fixtures;
 mod ids;
 mod ops;
 
-pub use capacity::{Capacity, PlanIssue};
-pub use diff::{Outcome, Planner};
-pub use ops::{
-    BackendId, Departure, FrontendWrite, Label, Plan, PlanSink, Programmed, ProgrammedBackend,
-    ProgrammedFrontend, RevNatId, RevNatWrite, SlotWrite,
-};
+pub use capacity::Capacity;
+pub use capacity::PlanIssue;
+pub(crate) use diff::Outcome;
+pub use diff::Planner;
+pub use ops::Departure;
+pub use ops::Label;
+pub use ops::Plan;
+pub use ops::PlanSink;
+pub use ops::Programmed;
+pub use ops::ProgrammedBackend;
+pub use ops::ProgrammedFrontend;
+pub(crate) use ops::{BackendId, FrontendWrite, RevNatId, RevNatWrite, SlotWrite};

@@ -17,11 +17,11 @@ use ipnet::IpNet;
 
 use crate::pipeline::model::{BackendKey, BackendState, FrontendKey};
 
-pub type BackendId = u32;
-pub type RevNatId = u32;
+pub(crate) type BackendId = u32;
+pub(crate) type RevNatId = u32;
 
 /// The datapath stores at most this many backend slots per frontend (slot numbers are u16).
-pub const MAX_SLOTS: usize = u16::MAX as usize;
+pub(crate) const MAX_SLOTS: usize = u16::MAX as usize;
 
 /// Where plans go: the BPF map writer in the agent, a recorder in tests. `Send`: a large sync
 /// writes from a second thread while it plans.
@@ -67,14 +67,14 @@ pub struct Programmed {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RevNatWrite {
+pub(crate) struct RevNatWrite {
     pub id: RevNatId,
     pub frontend: FrontendKey,
     pub label: Label,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotWrite {
+pub(crate) struct SlotWrite {
     pub frontend: FrontendKey,
     pub slot: u16,
     pub backend_id: BackendId,
@@ -82,7 +82,7 @@ pub struct SlotWrite {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendWrite {
+pub(crate) struct FrontendWrite {
     pub frontend: FrontendKey,
     pub count: u16,
     pub rev_nat_id: RevNatId,
@@ -104,16 +104,16 @@ pub struct Departure {
 /// last, once no map entry leads to those backends any more.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub upsert_backends: Vec<(BackendId, BackendKey, BackendState)>,
-    pub upsert_rev_nats: Vec<RevNatWrite>,
-    pub upsert_slots: Vec<SlotWrite>,
-    pub upsert_source_ranges: Vec<(RevNatId, IpNet)>,
-    pub upsert_frontends: Vec<FrontendWrite>,
-    pub delete_frontends: Vec<FrontendKey>,
-    pub delete_source_ranges: Vec<(RevNatId, IpNet)>,
-    pub delete_slots: Vec<(FrontendKey, u16)>,
-    pub delete_rev_nats: Vec<(RevNatId, FrontendKey)>,
-    pub delete_backends: Vec<(BackendId, BackendKey)>,
+    pub(crate) upsert_backends: Vec<(BackendId, BackendKey, BackendState)>,
+    pub(crate) upsert_rev_nats: Vec<RevNatWrite>,
+    pub(crate) upsert_slots: Vec<SlotWrite>,
+    pub(crate) upsert_source_ranges: Vec<(RevNatId, IpNet)>,
+    pub(crate) upsert_frontends: Vec<FrontendWrite>,
+    pub(crate) delete_frontends: Vec<FrontendKey>,
+    pub(crate) delete_source_ranges: Vec<(RevNatId, IpNet)>,
+    pub(crate) delete_slots: Vec<(FrontendKey, u16)>,
+    pub(crate) delete_rev_nats: Vec<(RevNatId, FrontendKey)>,
+    pub(crate) delete_backends: Vec<(BackendId, BackendKey)>,
     pub departed: Vec<Departure>,
 }
 
@@ -122,7 +122,7 @@ impl Plan {
         self.op_count() == 0
     }
 
-    pub fn op_count(&self) -> usize {
+    pub(crate) fn op_count(&self) -> usize {
         self.upsert_backends.len()
             + self.upsert_rev_nats.len()
             + self.upsert_slots.len()
