@@ -1,17 +1,17 @@
 //! The only code that touches BPF: loading, attaching, writing and reading maps.
 
-pub mod conntrack;
+pub(crate) mod conntrack;
 pub mod external;
-pub mod features;
+pub(crate) mod features;
 pub mod host;
-pub mod links;
+pub(crate) mod links;
 pub mod loader;
 pub mod maps;
 pub mod reader;
 pub mod readings;
-pub mod report;
+pub(crate) mod report;
 pub(crate) mod sink;
-pub mod sockets;
+pub(crate) mod sockets;
 #[cfg(test)]
 mod stack_limit;
 pub mod sys;

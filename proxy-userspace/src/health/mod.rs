@@ -2,5 +2,5 @@
 //! externalTrafficPolicy Local Service's healthCheckNodePort.
 
 pub mod proxy;
-pub mod server;
-pub mod services;
+pub(crate) mod server;
+pub(crate) mod services;

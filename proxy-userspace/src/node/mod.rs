@@ -1,5 +1,5 @@
 //! This node's side of Service traffic: which devices carry it from outside, which addresses serve NodePorts, and what the datapath is configured with for them.
 
-pub mod devices;
+pub(crate) mod devices;
 pub mod external;
-pub mod nodeport;
+pub(crate) mod nodeport;

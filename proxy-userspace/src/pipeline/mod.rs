@@ -6,6 +6,6 @@
 pub(crate) mod inventory;
 pub mod model;
 pub mod plan;
-pub mod policy;
+pub(crate) mod policy;
 pub mod snapshot;
 pub mod translate;

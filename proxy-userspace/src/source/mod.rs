@@ -1,10 +1,10 @@
 //! Where Kubernetes objects come from: manifest files, or the API server. Both sources speak
 //! one language to the proxier, [`Change`].
 
-pub mod files;
+pub(crate) mod files;
 pub mod kube;
 pub mod manifests;
-pub mod meta;
+pub(crate) mod meta;
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
 //! The sync loop's core: source changes in, plans out to a [`crate::pipeline::plan::PlanSink`].
 
 pub mod proxier;
-pub mod report;
+pub(crate) mod report;
