@@ -8,9 +8,10 @@ pub mod manifests;
 pub mod tun;
 
 use std::{
+    io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -396,7 +397,7 @@ impl World {
     }
 
     pub fn probe_from(&self, pod: &str, target: &str, mode: ProbeMode, count: u32) -> Vec<Attempt> {
-        Prober(
+        Prober::new(
             self.probe_command(pod, target, mode, count, 0)
                 .spawn()
                 .expect("running the probe"),
@@ -406,7 +407,7 @@ impl World {
 
     /// Starts probing in the background: `count` attempts `interval_ms` apart.
     pub fn spawn_probe(&self, target: &str, mode: ProbeMode, count: u32, interval_ms: u64) -> Prober {
-        Prober(
+        Prober::new(
             self.probe_command("client", target, mode, count, interval_ms)
                 .spawn()
                 .expect("starting the probe"),
@@ -461,22 +462,45 @@ impl World {
     }
 }
 
-/// A probe running in the background.
-pub struct Prober(Child);
+/// A probe running in the background, whose attempts are read as it prints them.
+pub struct Prober {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+    seen: Vec<Attempt>,
+}
 
 impl Prober {
+    fn new(mut child: Child) -> Self {
+        let stdout = child.stdout.take().expect("the probe's stdout is piped");
+        Self {
+            child,
+            lines: BufReader::new(stdout).lines(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Blocks until `n` attempts have succeeded (or the probe ended) and returns them all so
+    /// far. A test that changes something "while traffic flows" waits on this rather than on
+    /// a sleep: on an emulated VM the probe can take longer than any fixed sleep to start.
+    pub fn answered(&mut self, n: usize) -> &[Attempt] {
+        while self.seen.iter().filter(|a| a.ok).count() < n {
+            let Some(line) = self.lines.next() else { break };
+            let line = line.expect("reading the probe's output");
+            self.seen.push(serde_json::from_str(&line).expect("probe JSON"));
+        }
+        &self.seen
+    }
+
     /// Waits for the probe to finish and returns its attempts.
-    pub fn results(self) -> Vec<Attempt> {
-        let out = self.0.wait_with_output().expect("waiting for the probe");
+    pub fn results(mut self) -> Vec<Attempt> {
+        self.answered(usize::MAX);
+        let out = self.child.wait_with_output().expect("waiting for the probe");
         assert!(
             out.status.success(),
             "probe failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("probe JSON"))
-            .collect()
+        self.seen
     }
 }
 

@@ -430,8 +430,13 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_i
     // pod keeps running here, so without help the socket would keep talking to it): the agent
     // must end the socket so the client reconnects to the new backend.
     let world = started(&["be1", "be2"], |w| web("", &ready(w, &["be1"])), 1);
-    let prober = world.spawn_probe(&addr(VIP, 53), ProbeMode::UdpSession, 60, 100);
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut prober = world.spawn_probe(&addr(VIP, 53), ProbeMode::UdpSession, 60, 100);
+    // The socket must be talking to be1 before be1 is replaced.
+    let before = prober.answered(3);
+    assert!(
+        before.iter().filter(|a| a.ok).all(|a| identity(a).backend == "be1"),
+        "{before:?}"
+    );
     world.write("svc.yaml", &web("", &ready(&world, &["be2"])));
     let attempts = prober.results();
     let answered: Vec<(u32, String)> = attempts
