@@ -106,7 +106,8 @@ impl Prepared {
             ),
             metrics,
             health.clone(),
-        );
+        )
+        .with_sync_period(opts.sync_period);
         Ok(Self {
             datapath,
             proxier,
@@ -123,7 +124,7 @@ impl Prepared {
     /// Syncs; the first time, once the source has listed everything, also drops state no
     /// Service claims and only then attaches (or switches over) the programs.
     /// `periodic`: kube-proxy's sync-period tick, which syncs (and so reports health) even
-    /// when nothing changed.
+    /// when nothing changed, and compares every map with the desired state.
     fn sync(&mut self, cgroup: &Path, periodic: bool) -> Result<(), AgentError> {
         if self.live {
             if periodic {
@@ -133,6 +134,13 @@ impl Prepared {
                 finish_sync("sync", &self.proxier.sync());
                 self.health_checks
                     .update(self.proxier.inventory().health_checks());
+            }
+            let repair_due = self
+                .proxier
+                .repair_due()
+                .is_some_and(|at| at <= std::time::Instant::now());
+            if periodic || repair_due {
+                self.proxier.repair();
             }
             return Ok(());
         }
@@ -185,6 +193,14 @@ async fn periodic_sync(period: Duration) -> tokio::time::Interval {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
     interval
+}
+
+/// Resolves when a repair pass is due after a failure; never while nothing is known wrong.
+async fn repair_due(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -249,6 +265,7 @@ async fn run_manifests(
             () = files.changed() => reload(&mut manifests, &mut prepared.proxier),
             _ = resync.tick() => reload(&mut manifests, &mut prepared.proxier),
             _ = periodic.tick() => full = true,
+            () = repair_due(prepared.proxier.repair_due()) => {}
             () = &mut stop => return Ok(()),
         }
         prepared.sync(&opts.cgroup, full)?;
@@ -311,6 +328,7 @@ async fn run_kube(
                     apply_watch(&mut watches, event, &mut prepared.proxier, &metrics);
                 }
             }
+            () = repair_due(prepared.proxier.repair_due()) => {}
             () = &mut stop => return Ok(()),
         }
         if watches.listed() {

@@ -103,6 +103,46 @@ fn sigterm_leaves_the_datapath_serving_and_cleanup_removes_everything() {
 }
 
 #[test]
+fn a_slot_deleted_with_bpftool_comes_back_within_one_sync_period() {
+    let mut world = started(&["be1", "be2", "be3"], "", &["--sync-period", "2s"]);
+    // What an operator (or another tool) might do: delete slot 2 of 10.96.0.10:80/TCP. The
+    // key is ServiceKey's bytes: address, port and slot in host order, proto, scope, padding.
+    let map = world.pin_dir().join(proxy_common::maps::SERVICES_V4);
+    let key = ["10", "96", "0", "10", "80", "0", "2", "0", "6", "0", "0", "0"];
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(&map)
+        .arg("key")
+        .args(key)
+        .output()
+        .expect("running bpftool (Debian package bpftool)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deleted = std::time::Instant::now();
+    let frontend = bpf_kube_proxy::pipeline::model::FrontendKey::new(VIP.parse().unwrap(), 80, Protocol::Tcp);
+    world.wait_until("the deleted slot to be rewritten", Duration::from_secs(6), |w| {
+        let snapshot = w.snapshot()?;
+        let f = snapshot.frontends.iter().find(|f| f.frontend == frontend)?;
+        (f.missing_slots.is_empty() && f.backends.len() == 3).then_some(())
+    });
+    let took = deleted.elapsed();
+    eprintln!(
+        "slot 2 rewritten {} ms after bpftool deleted it (sync period 2 s)",
+        took.as_millis()
+    );
+    // One period, and the slack of a loaded (or emulated) machine.
+    assert!(took < Duration::from_millis(3000), "took {took:?}");
+    let attempts = world.probe(&addr(VIP, 80), ProbeMode::Tcp, 20);
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+    assert!(
+        world
+            .agent_log()
+            .contains("repairing map entries that differ from the desired state"),
+        "{}",
+        world.agent_log()
+    );
+}
+
+#[test]
 fn health_and_metrics_are_served_like_kube_proxy() {
     let world = started(&["be1", "be2"], "", &["--sync-period", "1s"]);
     let (status, body) = world.http_get("/healthz", "/healthz");

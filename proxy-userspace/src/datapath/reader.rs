@@ -1,7 +1,10 @@
 //! Reads the pinned maps back into model terms: for `list`, and for adopting the datapath's
 //! state when the agent restarts.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use aya::{
     Pod,
@@ -127,6 +130,29 @@ impl Snapshot {
         }
         programmed
     }
+}
+
+/// What the maps hold, as the planner sees it, reverse-NAT entries included.
+pub fn read_programmed(maps: &PinnedMaps) -> Result<Programmed, ReadError> {
+    let mut programmed = Snapshot::read(maps)?.programmed();
+    read_rev_nats(&maps.v4, &mut programmed.rev_nats)?;
+    read_rev_nats(&maps.v6, &mut programmed.rev_nats)?;
+    Ok(programmed)
+}
+
+fn read_rev_nats<A: FamilyAddr + Eq + std::hash::Hash>(
+    maps: &FamilyMaps<A>,
+    out: &mut foldhash::HashMap<RevNatId, (IpAddr, u16)>,
+) -> Result<(), ReadError>
+where
+    ServiceKey<A>: Pod,
+    Backend<A>: Pod,
+    RevNat<A>: Pod,
+{
+    for (id, rev_nat) in read_all(&maps.rev_nat, A::REV_NAT)? {
+        out.insert(id, (rev_nat.addr.to_ip(), rev_nat.port));
+    }
+    Ok(())
 }
 
 fn read_all<K: Pod + Eq + std::hash::Hash, V: Pod>(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::{
     datapath::{sockets::StaleSockets, writer::Writer},
-    pipeline::plan::{Plan, PlanSink},
+    pipeline::plan::{Plan, PlanSink, Programmed, ReadBackError, WriteFailure},
     telemetry::metrics::Metrics,
 };
 
@@ -25,7 +25,7 @@ impl DatapathSink {
 }
 
 impl PlanSink for DatapathSink {
-    fn apply(&mut self, plan: &Plan) -> Vec<String> {
+    fn apply(&mut self, plan: &Plan) -> Vec<WriteFailure> {
         let failed = PlanSink::apply(&mut self.writer, plan);
         if !plan.departed.is_empty() {
             let done = self.stale.terminate(&plan.departed);
@@ -45,5 +45,9 @@ impl PlanSink for DatapathSink {
             }
         }
         failed
+    }
+
+    fn read_back(&mut self) -> Result<Programmed, ReadBackError> {
+        self.writer.read_back()
     }
 }

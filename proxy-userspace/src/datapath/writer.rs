@@ -12,17 +12,21 @@ use proxy_common::maps::{
 use crate::{
     datapath::{
         maps::{FamilyAddr, FamilyMaps, PinnedMaps},
+        reader::read_programmed,
         sys,
     },
     pipeline::model::{BackendKey, BackendState, FrontendKey},
-    pipeline::plan::{FrontendWrite, Label, Plan, PlanSink, RevNatId, RevNatWrite, SlotWrite},
+    pipeline::plan::{
+        FrontendWrite, Label, Op, Plan, PlanSink, Programmed, ReadBackError, RevNatId, RevNatWrite,
+        SlotWrite, WriteFailure,
+    },
 };
 
 /// One map operation that failed; the rest of the plan is still applied.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+#[error("{op}: {source}")]
 pub struct WriteError {
-    pub what: String,
+    pub op: Op,
     pub source: MapError,
 }
 
@@ -54,11 +58,18 @@ impl Writer {
 }
 
 impl PlanSink for Writer {
-    fn apply(&mut self, plan: &Plan) -> Vec<String> {
+    fn apply(&mut self, plan: &Plan) -> Vec<WriteFailure> {
         Writer::apply(self, plan)
             .into_iter()
-            .map(|e| e.to_string())
+            .map(|e| WriteFailure {
+                reason: e.source.to_string(),
+                op: e.op,
+            })
             .collect()
+    }
+
+    fn read_back(&mut self) -> Result<Programmed, ReadBackError> {
+        read_programmed(&self.maps).map_err(|e| ReadBackError(e.to_string()))
     }
 }
 
@@ -109,12 +120,12 @@ fn service_label(label: &Label) -> ServiceLabel {
     }
 }
 
-fn record(errors: &mut Vec<WriteError>, what: impl FnOnce() -> String, result: Result<(), MapError>) {
+fn record(errors: &mut Vec<WriteError>, op: impl FnOnce() -> Op, result: Result<(), MapError>) {
     match result {
         // Deleting what is already gone is the desired end state.
         Ok(()) | Err(MapError::KeyNotFound) => {}
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-        Err(source) => errors.push(WriteError { what: what(), source }),
+        Err(source) => errors.push(WriteError { op: op(), source }),
     }
 }
 
@@ -128,7 +139,7 @@ fn upsert_all<K: Pod, V: Pod, T>(
     map: &mut HashMap<MapData, K, V>,
     raw: &MapData,
     entries: Vec<(K, V, &T)>,
-    describe: impl Fn(&T) -> String,
+    describe: impl Fn(&T) -> Op,
     errors: &mut Vec<WriteError>,
 ) {
     let mut start = 0;
@@ -170,25 +181,31 @@ where
         }
     }
 
-    fn entries(items: &[(RevNatId, IpNet)]) -> impl Iterator<Item = (Key<SourceRange<A>>, String)> + '_ {
+    fn entries(
+        items: &[(RevNatId, IpNet)],
+    ) -> impl Iterator<Item = (Key<SourceRange<A>>, RevNatId, IpNet)> + '_ {
         items.iter().filter_map(|(id, net)| {
             let key = Key::new(
                 SourceRange::<A>::prefix_len(net.prefix_len()),
                 SourceRange::new(*id, A::from_ip(net.network())?),
             );
-            Some((key, format!("source range {net} of rev-NAT {id}")))
+            Some((key, *id, *net))
         })
     }
 
     fn upsert(&mut self, errors: &mut Vec<WriteError>) {
-        for (key, what) in Self::entries(self.upserts) {
-            record(errors, || what, self.map.insert(&key, 1, 0));
+        for (key, id, net) in Self::entries(self.upserts) {
+            record(
+                errors,
+                || Op::UpsertSourceRange(id, net),
+                self.map.insert(&key, 1, 0),
+            );
         }
     }
 
     fn delete(&mut self, errors: &mut Vec<WriteError>) {
-        for (key, what) in Self::entries(self.deletes) {
-            record(errors, || format!("delete {what}"), self.map.remove(&key));
+        for (key, id, net) in Self::entries(self.deletes) {
+            record(errors, || Op::DeleteSourceRange(id, net), self.map.remove(&key));
         }
     }
 }
@@ -220,7 +237,7 @@ fn apply_family<A: FamilyAddr>(
             Some((*id, value, item))
         })
         .collect();
-    let describe = |(id, key, _): &(u32, BackendKey, BackendState)| format!("backend {id} ({key})");
+    let describe = |(id, key, _): &(u32, BackendKey, BackendState)| Op::UpsertBackend(*id, *key);
     upsert_all(&mut maps.backends, &maps.raw.backends, backends, describe, errors);
 
     let rev_nats: Vec<_> = plan
@@ -239,7 +256,7 @@ fn apply_family<A: FamilyAddr>(
         .iter()
         .map(|(id, _, w)| (*id, service_label(&w.label), *w))
         .collect();
-    let describe = |w: &RevNatWrite| format!("rev-NAT {} ({})", w.id, w.frontend);
+    let describe = |w: &RevNatWrite| Op::UpsertRevNat(w.id, w.frontend);
     upsert_all(&mut maps.rev_nat, &maps.raw.rev_nat, rev_nats, describe, errors);
     upsert_all(labels, labels_raw, service_labels, describe, errors);
 
@@ -255,7 +272,7 @@ fn apply_family<A: FamilyAddr>(
             Some((frontend_key::<A>(&w.frontend, w.slot)?, value, w))
         })
         .collect();
-    let describe = |w: &SlotWrite| format!("frontend {} slot {}", w.frontend, w.slot);
+    let describe = |w: &SlotWrite| Op::UpsertSlot(w.frontend, w.slot);
     upsert_all(&mut maps.services, &maps.raw.services, slots, describe, errors);
     ranges.upsert(errors);
 
@@ -279,7 +296,7 @@ fn apply_family<A: FamilyAddr>(
             Some((frontend_key::<A>(&w.frontend, 0)?, value, w))
         })
         .collect();
-    let describe = |w: &FrontendWrite| format!("frontend {}", w.frontend);
+    let describe = |w: &FrontendWrite| Op::UpsertFrontend(w.frontend);
     upsert_all(
         &mut maps.services,
         &maps.raw.services,
@@ -294,7 +311,7 @@ fn apply_family<A: FamilyAddr>(
         };
         record(
             errors,
-            || format!("delete frontend {frontend}"),
+            || Op::DeleteFrontend(*frontend),
             maps.services.remove(&key),
         );
     }
@@ -305,7 +322,7 @@ fn apply_family<A: FamilyAddr>(
         };
         record(
             errors,
-            || format!("delete frontend {frontend} slot {slot}"),
+            || Op::DeleteSlot(*frontend, *slot),
             maps.services.remove(&key),
         );
     }
@@ -313,7 +330,7 @@ fn apply_family<A: FamilyAddr>(
         if A::from_ip(frontend.addr).is_none() {
             continue;
         }
-        let what = || format!("delete rev-NAT {id} ({frontend})");
+        let what = || Op::DeleteRevNat(*id, *frontend);
         record(errors, what, maps.rev_nat.remove(id));
         record(errors, what, labels.remove(id));
     }
@@ -321,10 +338,6 @@ fn apply_family<A: FamilyAddr>(
         if A::from_ip(key.addr).is_none() {
             continue;
         }
-        record(
-            errors,
-            || format!("delete backend {id} ({key})"),
-            maps.backends.remove(id),
-        );
+        record(errors, || Op::DeleteBackend(*id, *key), maps.backends.remove(id));
     }
 }

@@ -13,6 +13,12 @@
 //! traffic that load balancers send to this node's NodePorts is not served, so `/healthz`
 //! answers 503 and they drain the node, as they do for a node being deleted. `/livez` ignores
 //! it: a restart would not make the kernel accept the program.
+//!
+//! Unrepaired datapath: while the maps are known to differ from the desired state (a write
+//! failed, or the periodic repair pass found an entry someone changed), `/healthz` answers 503
+//! and names the count in `unrepaired`, until a repair pass writes every difference back.
+//! `/livez` follows kube-proxy's timeout rule only: the pending change that could not be
+//! written makes it fail after the health timeout, not at once.
 
 use std::{
     sync::Mutex,
@@ -28,6 +34,7 @@ struct State {
     node_eligible: bool,
     degraded: Vec<String>,
     external_down: bool,
+    unrepaired: usize,
 }
 
 #[derive(Debug)]
@@ -49,8 +56,19 @@ pub struct Report {
     /// everything runs, so the body is kube-proxy's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub degraded: Vec<String>,
+    /// Map entries known to differ from the desired state (absent when there are none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unrepaired: usize,
     #[serde(skip)]
     pub(crate) healthy: bool,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -68,6 +86,7 @@ impl Health {
                 node_eligible: true,
                 degraded: Vec::new(),
                 external_down: false,
+                unrepaired: 0,
             }),
         }
     }
@@ -109,6 +128,11 @@ impl Health {
         });
     }
 
+    /// How many map entries are known to differ from the desired state.
+    pub(crate) fn set_unrepaired(&self, unrepaired: usize) {
+        self.with(|s| s.unrepaired = unrepaired);
+    }
+
     /// `/healthz` when `include_node` is true, `/livez` when false.
     pub fn report(&self, now: SystemTime, include_node: bool) -> Report {
         self.with(|s| {
@@ -120,7 +144,9 @@ impl Health {
                 current_time: rfc3339(now),
                 node_eligible: s.node_eligible,
                 degraded: s.degraded.clone(),
-                healthy: synced && (!include_node || (s.node_eligible && !s.external_down)),
+                unrepaired: s.unrepaired,
+                healthy: synced
+                    && (!include_node || (s.node_eligible && !s.external_down && s.unrepaired == 0)),
             }
         })
     }
@@ -195,6 +221,28 @@ mod tests {
         assert_eq!(
             json["degraded"][0],
             "tc: program bkp_tc_ingress not loaded: stack too large"
+        );
+    }
+
+    #[test]
+    fn unrepaired_map_entries_fail_healthz_at_once_and_livez_only_after_the_timeout() {
+        let h = Health::new(2 * PERIOD);
+        h.updated(at(0));
+        h.queued(at(1));
+        h.set_unrepaired(3);
+        let healthz = h.report(at(2), true);
+        assert!(!healthz.healthy);
+        assert_eq!(serde_json::to_value(&healthz).unwrap()["unrepaired"], 3);
+        assert!(h.report(at(2), false).healthy);
+        assert!(!h.report(at(61), false).healthy);
+        h.set_unrepaired(0);
+        h.updated(at(62));
+        assert!(h.report(at(62), true).healthy);
+        assert!(
+            serde_json::to_value(h.report(at(62), true))
+                .unwrap()
+                .get("unrepaired")
+                .is_none()
         );
     }
 

@@ -1,12 +1,14 @@
 //! The sync core: Kubernetes objects in, plans out. It owns the inventory and the planner and
 //! hands plans to a [`PlanSink`] (the BPF map writer in production, a recorder in tests), so
-//! every rule here is unit-tested without root.
+//! every rule here is unit-tested without root. It is also the reconciler: a repair pass
+//! reads the maps back and rewrites whatever differs from the planner's state, after a failed
+//! write (with backoff) and on every periodic sync.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use foldhash::{HashMap, HashMapExt as _, HashSet};
@@ -21,12 +23,13 @@ use crate::{
     pipeline::model::{
         FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
-    pipeline::plan::{Outcome, Plan, PlanIssue, PlanSink, Planner},
+    pipeline::plan::{Op, Outcome, Plan, PlanIssue, PlanSink, Planner, WriteFailure},
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
         Change, Listed, Object, ObjectKind,
         meta::{ANNOTATION_TRIGGER_TIME, TAINT_TO_BE_DELETED, namespace_or_default},
     },
+    sync::repair::{RepairReport, Schedule},
     telemetry::metrics::{KindLabel, Metrics, PolicyLabel},
 };
 
@@ -35,7 +38,9 @@ use crate::{
 pub struct SyncReport {
     pub services: usize,
     pub ops: usize,
-    pub failed: Vec<String>,
+    pub failed: Vec<WriteFailure>,
+    /// The writer thread panicked: which of its writes landed is unknown.
+    pub writer_lost: bool,
     pub issues: Vec<PlanIssue>,
     /// Services not programmed because a map would overflow (kept pending).
     pub refused: usize,
@@ -58,7 +63,12 @@ pub struct Proxier<S> {
     no_local: BTreeMap<ServiceName, usize>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    repair: Schedule,
 }
+
+/// kube-proxy's default sync period, the longest a failed write waits for its next retry
+/// unless [`Proxier::with_sync_period`] says otherwise.
+const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 
 fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
     let value = slice
@@ -104,7 +114,21 @@ impl<S: PlanSink> Proxier<S> {
             no_local: BTreeMap::new(),
             metrics,
             health,
+            repair: Schedule::new(DEFAULT_SYNC_PERIOD),
         }
+    }
+
+    /// Failed writes are retried with a backoff capped at `period`, where the periodic repair
+    /// pass comes anyway.
+    #[must_use]
+    pub fn with_sync_period(mut self, period: Duration) -> Self {
+        self.repair = Schedule::new(period);
+        self
+    }
+
+    /// When the next repair pass is due after a failure (`None`: nothing known to be wrong).
+    pub(crate) fn repair_due(&self) -> Option<Instant> {
+        self.repair.due()
     }
 
     pub(crate) fn inventory(&self) -> &Inventory {
@@ -113,12 +137,6 @@ impl<S: PlanSink> Proxier<S> {
 
     pub(crate) fn planner(&self) -> &Planner {
         &self.planner
-    }
-
-    /// Tests read what their recording sink received.
-    #[cfg(test)]
-    fn sink(&self) -> &S {
-        &self.sink
     }
 
     /// kube-proxy's periodic sync counts as a queued change for health: if it cannot
@@ -383,15 +401,13 @@ impl<S: PlanSink> Proxier<S> {
                     let _ = plans.send(plan);
                 });
                 drop(plans);
-                let failed = writer
-                    .join()
-                    .unwrap_or_else(|_| vec!["the map writer thread panicked".to_string()]);
+                let failed = writer.join().ok();
                 (ops, failed)
             })
         } else {
             let mut failed = Vec::new();
             let ops = planning.plan_all(queue, usize::MAX, |plan| failed.extend(sink.apply(&plan)));
-            (ops, failed)
+            (ops, Some(failed))
         };
         let Planning {
             planned,
@@ -402,7 +418,8 @@ impl<S: PlanSink> Proxier<S> {
         report.services = planned.len();
         report.issues = issues;
         report.ops = ops;
-        report.failed = failed;
+        report.writer_lost = failed.is_none();
+        report.failed = failed.unwrap_or_default();
         // Summed once per sync: per Service it would make a full sync quadratic.
         self.metrics
             .no_local_endpoints
@@ -428,7 +445,7 @@ impl<S: PlanSink> Proxier<S> {
                 }
             }
         }
-        if report.failed.is_empty() && report.refused == 0 {
+        if report.refused == 0 && self.repair.due().is_none() {
             self.health.updated(now);
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -455,6 +472,82 @@ impl<S: PlanSink> Proxier<S> {
         report
     }
 
+    /// Reads the maps back and rewrites every entry that differs from the planner's state:
+    /// after a failed write (when [`Proxier::repair_due`] says), and on every periodic sync,
+    /// which also catches entries someone else changed or deleted.
+    pub fn repair(&mut self) -> RepairReport {
+        let mut report = RepairReport::default();
+        match self.sink.read_back() {
+            Err(e) => report.unread = Some(e),
+            Ok(actual) => {
+                let plan = self.planner.repair(&actual);
+                report.differences = plan.op_count();
+                if !plan.is_empty() {
+                    report.failed = self.sink.apply(&plan);
+                }
+            }
+        }
+        if report.differences > 0 {
+            tracing::warn!(
+                differences = report.differences,
+                failed = report.failed.len(),
+                "repairing map entries that differ from the desired state"
+            );
+        }
+        self.metrics
+            .repaired_entries
+            .inc_by((report.differences - report.failed.len()) as u64);
+        if let Some(e) = &report.unread {
+            tracing::error!("{e}; retrying");
+        }
+        self.record_failures(&report.failed, false);
+        if report.clean() {
+            self.repair.succeeded();
+            self.set_unrepaired(0);
+            if self.dirty.is_empty() {
+                self.health.updated(SystemTime::now());
+            }
+        }
+        report
+    }
+
+    fn set_unrepaired(&self, count: usize) {
+        self.health.set_unrepaired(count);
+        self.metrics.unrepaired_entries.set(count as i64);
+    }
+
+    /// Logs each failed write with the Service it belongs to, and schedules a repair pass.
+    fn record_failures(&mut self, failed: &[WriteFailure], writer_lost: bool) {
+        for failure in failed {
+            match self.service_of(&failure.op) {
+                Some(service) => tracing::error!(%service, "map update failed: {failure}"),
+                None => tracing::error!("map update failed: {failure}"),
+            }
+        }
+        if writer_lost {
+            tracing::error!("the map writer thread panicked; which of its writes landed is unknown");
+        }
+        self.metrics.map_write_errors.inc_by(failed.len() as u64);
+        if !failed.is_empty() || writer_lost {
+            self.repair.failed(Instant::now());
+            self.set_unrepaired(failed.len().max(1));
+        }
+    }
+
+    /// The Service a failed operation was for, when a frontend names it (backends are shared).
+    fn service_of(&self, op: &Op) -> Option<&ServiceName> {
+        match op {
+            Op::UpsertRevNat(_, key)
+            | Op::UpsertSlot(key, _)
+            | Op::UpsertFrontend(key)
+            | Op::DeleteFrontend(key)
+            | Op::DeleteSlot(key, _)
+            | Op::DeleteRevNat(_, key) => self.planner.owner_of(key),
+            Op::UpsertSourceRange(id, _) | Op::DeleteSourceRange(id, _) => self.planner.owner_of_rev_nat(*id),
+            Op::UpsertBackend(..) | Op::DeleteBackend(..) => None,
+        }
+    }
+
     fn record_outcome(&mut self, report: &SyncReport) {
         for issue in &report.issues {
             tracing::warn!("{issue}");
@@ -464,10 +557,7 @@ impl<S: PlanSink> Proxier<S> {
                 PlanIssue::TooManyBackends { .. } => 0,
             };
         }
-        for failure in &report.failed {
-            tracing::error!("map update failed: {failure}");
-        }
-        self.metrics.map_write_errors.inc_by(report.failed.len() as u64);
+        self.record_failures(&report.failed, report.writer_lost);
         self.metrics.set_last_sync_now();
     }
 }
@@ -569,31 +659,19 @@ fn service_name(svc: &Service) -> Option<ServiceName> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::Snapshot;
+    use crate::{pipeline::plan::memory::MemoryMaps, source::Snapshot};
 
-    /// Records every plan instead of writing maps.
-    #[derive(Default)]
-    struct Recorder {
-        plans: Vec<Plan>,
-    }
-
-    impl PlanSink for Recorder {
-        fn apply(&mut self, plan: &Plan) -> Vec<String> {
-            self.plans.push(plan.clone());
-            Vec::new()
-        }
-    }
-
-    fn proxier() -> Proxier<Recorder> {
+    fn proxier() -> Proxier<MemoryMaps> {
         Proxier::new(
             "n1",
             vec!["192.168.1.10".parse().unwrap()],
             TranslateOptions::default(),
             Planner::new(),
-            Recorder::default(),
+            MemoryMaps::default(),
             Metrics::new(),
             Arc::new(Health::new(std::time::Duration::from_secs(60))),
         )
+        .with_sync_period(Duration::from_secs(2))
     }
 
     fn service(name: &str, ip: &str) -> Service {
@@ -616,7 +694,7 @@ mod tests {
         .unwrap()
     }
 
-    fn backends_of(p: &Proxier<Recorder>, vip: &str) -> usize {
+    fn backends_of(p: &Proxier<MemoryMaps>, vip: &str) -> usize {
         let key = crate::pipeline::model::FrontendKey::new(
             vip.parse().unwrap(),
             80,
@@ -730,7 +808,7 @@ mod tests {
         p.upsert_service(&labelled);
         let report = p.sync();
         // Its port and its ClusterIP's guard.
-        assert_eq!(p.sink().plans.last().unwrap().delete_frontends.len(), 2);
+        assert_eq!(p.sink.plans.last().unwrap().delete_frontends.len(), 2);
         assert_eq!(report.services, 1);
     }
 
@@ -753,11 +831,11 @@ mod tests {
             80,
             crate::pipeline::model::Protocol::Tcp,
         );
-        let owner = p.planner().owner(&key).cloned().expect("an owner");
+        let owner = p.planner().owner_of(&key).cloned().expect("an owner");
         let waiting = if owner.name == "a" { "b" } else { "a" };
         p.remove_service(&owner);
         p.sync();
-        assert_eq!(p.planner().owner(&key).map(|n| n.name.as_str()), Some(waiting));
+        assert_eq!(p.planner().owner_of(&key).map(|n| n.name.as_str()), Some(waiting));
         let keys = services_map_after(&p.sink.plans);
         assert!(
             keys.contains(&(key, 0)) && keys.contains(&(key, 1)),
@@ -776,5 +854,84 @@ mod tests {
         let report = p.sync();
         assert_eq!(report.services, 1);
         assert_eq!(backends_of(&p, "10.96.1.7"), 1);
+    }
+
+    fn healthz(p: &Proxier<MemoryMaps>) -> crate::health::proxy::Report {
+        p.health.report(SystemTime::now(), true)
+    }
+
+    /// The repair pass a proxier would run next finds nothing to do.
+    fn maps_match(p: &mut Proxier<MemoryMaps>) -> bool {
+        let actual = p.sink.read_back().unwrap();
+        p.planner.repair(&actual).is_empty()
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_with_backoff_and_healthz_fails_until_it_lands() {
+        let mut p = proxier();
+        p.upsert_service(&service("web", "10.96.0.10"));
+        p.upsert_slice(&slice("web-a", "web", &["10.0.0.1", "10.0.0.2"]));
+        p.sink.failing = 1;
+        let report = p.sync();
+        assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+        assert!(!maps_match(&mut p), "the failed write left the maps behind");
+        let first_retry = p.repair_due().expect("a retry is scheduled");
+        let report = healthz(&p);
+        assert!(!report.healthy && report.unrepaired == 1, "{report:?}");
+
+        // The retry fails too: still unhealthy, and the next retry waits longer.
+        p.sink.failing = 1;
+        assert_eq!(p.repair().failed.len(), 1);
+        assert!(!healthz(&p).healthy);
+        let second_retry = p.repair_due().expect("still scheduled");
+        assert!(
+            second_retry - first_retry >= Duration::from_millis(200),
+            "backs off: 200 ms, then 400 ms"
+        );
+
+        let report = p.repair();
+        assert!(report.clean() && report.differences >= 1, "{report:?}");
+        assert!(maps_match(&mut p));
+        assert_eq!(p.repair_due(), None);
+        let report = healthz(&p);
+        assert!(report.healthy && report.unrepaired == 0, "{report:?}");
+        assert_eq!(p.metrics.map_write_errors.get(), 2);
+        assert_eq!(p.metrics.unrepaired_entries.get(), 0);
+    }
+
+    #[test]
+    fn the_periodic_repair_rewrites_an_entry_deleted_behind_the_agents_back() {
+        let mut p = proxier();
+        p.upsert_service(&service("web", "10.96.0.10"));
+        p.upsert_slice(&slice("web-a", "web", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+        p.sync();
+        assert!(maps_match(&mut p));
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        let slot = p.sink.slots.remove(&(key, 2)).expect("slot 2 was written");
+        let stray = crate::pipeline::model::FrontendKey::new(
+            "10.96.9.9".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        let mut foreign = p.sink.frontends[&key].clone();
+        foreign.frontend = stray;
+        p.sink.frontends.insert(stray, foreign);
+
+        // Nothing changed in the cluster: an ordinary sync plans nothing.
+        assert_eq!(p.sync().ops, 0);
+        let report = p.repair();
+        assert!(report.clean() && report.differences > 0, "{report:?}");
+        assert_eq!(p.sink.slots.get(&(key, 2)), Some(&slot));
+        assert!(
+            !p.sink.frontends.contains_key(&stray),
+            "a frontend nobody wants is removed"
+        );
+        assert!(maps_match(&mut p));
+        assert_eq!(p.repair().differences, 0, "a second pass finds nothing");
+        assert_eq!(p.metrics.repaired_entries.get(), report.differences as u64);
     }
 }

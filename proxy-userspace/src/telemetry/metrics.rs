@@ -152,6 +152,8 @@ pub struct Metrics {
     pub(crate) invalid_objects: Family<KindLabel, Counter>,
     pub(crate) skipped_items: Family<KindLabel, Counter>,
     pub(crate) map_write_errors: Counter,
+    pub(crate) repaired_entries: Counter,
+    pub(crate) unrepaired_entries: Gauge,
     pub(crate) frontend_conflicts: Counter,
     pub(crate) source_errors: Family<KindLabel, Counter>,
     pub(crate) stale_udp_sockets_destroyed: Counter,
@@ -190,6 +192,8 @@ impl Metrics {
             invalid_objects: Family::default(),
             skipped_items: Family::default(),
             map_write_errors: Counter::default(),
+            repaired_entries: Counter::default(),
+            unrepaired_entries: Gauge::default(),
             frontend_conflicts: Counter::default(),
             source_errors: Family::default(),
             stale_udp_sockets_destroyed: Counter::default(),
@@ -280,6 +284,16 @@ impl Metrics {
                 "map_write_errors",
                 "BPF map operations that failed",
                 m.map_write_errors.clone(),
+            );
+            own.register(
+                "datapath_repaired_entries",
+                "Map entries the repair pass rewrote or removed because they differed from the desired state",
+                m.repaired_entries.clone(),
+            );
+            own.register(
+                "datapath_unrepaired_entries",
+                "Map entries known to differ from the desired state and not repaired yet",
+                m.unrepaired_entries.clone(),
             );
             own.register(
                 "frontend_conflicts",

@@ -1,6 +1,8 @@
 //! The diff: desired frontends of a Service → the [`Plan`] that takes the datapath there from
 //! what it holds now, in an order that never lets a connect() see a half-written Service.
 
+mod repair;
+
 use std::collections::BTreeSet;
 
 // foldhash: randomly seeded like std's SipHash, so keys from the API server cannot be crafted
@@ -181,9 +183,15 @@ impl Planner {
         self.frontends.get(key)
     }
 
-    #[cfg(test)]
-    pub(crate) fn owner(&self, key: &FrontendKey) -> Option<&ServiceName> {
+    /// The Service a frontend is programmed for (`None`: adopted and not claimed yet).
+    pub(crate) fn owner_of(&self, key: &FrontendKey) -> Option<&ServiceName> {
         self.owners.get(key).and_then(Option::as_ref)
+    }
+
+    /// The Service whose frontend holds rev-NAT `id`; a scan, for naming failures only.
+    pub(crate) fn owner_of_rev_nat(&self, id: RevNatId) -> Option<&ServiceName> {
+        let key = self.frontends.iter().find(|(_, f)| f.rev_nat_id == id)?.0;
+        self.owner_of(key)
     }
 
     pub(crate) fn frontend_count(&self) -> usize {
@@ -683,12 +691,17 @@ mod tests {
         let released = p.plan_service(&svc("first"), None);
         assert_eq!(released.retry, vec![svc("second")]);
         p.plan_service(&svc("second"), Some(&entry(&[("10.96.0.10", 80, &["10.0.0.2"])])));
-        assert_eq!(p.owner(&key), Some(&svc("second")));
+        assert_eq!(p.owner_of(&key), Some(&svc("second")));
     }
 
     /// What pinned maps would hold after `planner`'s plans, as the reader returns it.
-    fn programmed_of(planner: &Planner) -> Programmed {
+    pub(super) fn programmed_of(planner: &Planner) -> Programmed {
         Programmed {
+            rev_nats: planner
+                .frontends
+                .iter()
+                .map(|(k, f)| (f.rev_nat_id, (k.addr, k.port)))
+                .collect(),
             frontends: planner.frontends.clone(),
             backends: planner
                 .backends

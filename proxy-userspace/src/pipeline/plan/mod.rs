@@ -8,6 +8,8 @@ mod diff;
 #[cfg(test)]
 mod fixtures;
 mod ids;
+#[cfg(test)]
+pub(crate) mod memory;
 mod ops;
 
 pub use capacity::Capacity;
@@ -16,9 +18,12 @@ pub(crate) use diff::Outcome;
 pub use diff::Planner;
 pub use ops::Departure;
 pub use ops::Label;
+pub use ops::Op;
 pub use ops::Plan;
 pub use ops::PlanSink;
 pub use ops::Programmed;
 pub use ops::ProgrammedBackend;
 pub use ops::ProgrammedFrontend;
+pub use ops::ReadBackError;
+pub use ops::WriteFailure;
 pub(crate) use ops::{BackendId, FrontendWrite, RevNatId, RevNatWrite, SlotWrite};

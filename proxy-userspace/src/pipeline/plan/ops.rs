@@ -12,6 +12,8 @@
 //! 7. reverse-NAT deletions;
 //! 8. backends no longer referenced.
 
+use std::{fmt, net::IpAddr};
+
 use foldhash::HashMap;
 use ipnet::IpNet;
 
@@ -26,9 +28,58 @@ pub(crate) const MAX_SLOTS: usize = u16::MAX as usize;
 /// Where plans go: the BPF map writer in the agent, a recorder in tests. `Send`: a large sync
 /// writes from a second thread while it plans.
 pub trait PlanSink: Send {
-    /// Applies `plan` in its phase order; returns a description of each operation that failed.
-    fn apply(&mut self, plan: &Plan) -> Vec<String>;
+    /// Applies `plan` in its phase order, going on past a failed operation; returns each
+    /// operation that failed.
+    fn apply(&mut self, plan: &Plan) -> Vec<WriteFailure>;
+
+    /// What the datapath holds now, for the repair pass to compare with what it should hold.
+    fn read_back(&mut self) -> Result<Programmed, ReadBackError>;
 }
+
+/// One map operation of a plan, named for logs and repair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpsertBackend(BackendId, BackendKey),
+    UpsertRevNat(RevNatId, FrontendKey),
+    UpsertSlot(FrontendKey, u16),
+    UpsertSourceRange(RevNatId, IpNet),
+    UpsertFrontend(FrontendKey),
+    DeleteFrontend(FrontendKey),
+    DeleteSourceRange(RevNatId, IpNet),
+    DeleteSlot(FrontendKey, u16),
+    DeleteRevNat(RevNatId, FrontendKey),
+    DeleteBackend(BackendId, BackendKey),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::UpsertBackend(id, key) => write!(f, "write backend {id} ({key})"),
+            Op::UpsertRevNat(id, frontend) => write!(f, "write rev-NAT {id} ({frontend})"),
+            Op::UpsertSlot(frontend, slot) => write!(f, "write frontend {frontend} slot {slot}"),
+            Op::UpsertSourceRange(id, net) => write!(f, "write source range {net} of rev-NAT {id}"),
+            Op::UpsertFrontend(frontend) => write!(f, "write frontend {frontend}"),
+            Op::DeleteFrontend(frontend) => write!(f, "delete frontend {frontend}"),
+            Op::DeleteSourceRange(id, net) => write!(f, "delete source range {net} of rev-NAT {id}"),
+            Op::DeleteSlot(frontend, slot) => write!(f, "delete frontend {frontend} slot {slot}"),
+            Op::DeleteRevNat(id, frontend) => write!(f, "delete rev-NAT {id} ({frontend})"),
+            Op::DeleteBackend(id, key) => write!(f, "delete backend {id} ({key})"),
+        }
+    }
+}
+
+/// A map operation the datapath refused; the rest of its plan was still applied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{op}: {reason}")]
+pub struct WriteFailure {
+    pub op: Op,
+    pub reason: String,
+}
+
+/// The datapath's contents could not be read back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("reading the datapath back: {0}")]
+pub struct ReadBackError(pub String);
 
 /// Which Service port a frontend belongs to, as stored for tools beside the rev-NAT entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,11 +110,14 @@ pub struct ProgrammedBackend {
     pub state: BackendState,
 }
 
-/// Datapath contents read back from pinned maps after a restart.
+/// Datapath contents read back from pinned maps: adopted after a restart, compared with the
+/// planner's state by the repair pass.
 #[derive(Clone, Debug, Default)]
 pub struct Programmed {
     pub frontends: HashMap<FrontendKey, ProgrammedFrontend>,
     pub backends: HashMap<BackendKey, ProgrammedBackend>,
+    /// Reverse-NAT entries: the frontend address and port replies are rewritten to.
+    pub rev_nats: HashMap<RevNatId, (IpAddr, u16)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,6 +187,57 @@ impl Plan {
             + self.delete_slots.len()
             + self.delete_rev_nats.len()
             + self.delete_backends.len()
+    }
+
+    /// Every map operation, in phase order (the writer goes through the phases once per family).
+    pub fn ops(&self) -> impl Iterator<Item = Op> + '_ {
+        let backends = self
+            .upsert_backends
+            .iter()
+            .map(|(id, key, _)| Op::UpsertBackend(*id, *key));
+        let rev_nats = self
+            .upsert_rev_nats
+            .iter()
+            .map(|w| Op::UpsertRevNat(w.id, w.frontend));
+        let slots = self
+            .upsert_slots
+            .iter()
+            .map(|w| Op::UpsertSlot(w.frontend, w.slot));
+        let ranges = self
+            .upsert_source_ranges
+            .iter()
+            .map(|(id, net)| Op::UpsertSourceRange(*id, *net));
+        let frontends = self
+            .upsert_frontends
+            .iter()
+            .map(|w| Op::UpsertFrontend(w.frontend));
+        let gone_frontends = self.delete_frontends.iter().map(|k| Op::DeleteFrontend(*k));
+        let gone_ranges = self
+            .delete_source_ranges
+            .iter()
+            .map(|(id, net)| Op::DeleteSourceRange(*id, *net));
+        let gone_slots = self
+            .delete_slots
+            .iter()
+            .map(|(k, slot)| Op::DeleteSlot(*k, *slot));
+        let gone_rev_nats = self
+            .delete_rev_nats
+            .iter()
+            .map(|(id, k)| Op::DeleteRevNat(*id, *k));
+        let gone_backends = self
+            .delete_backends
+            .iter()
+            .map(|(id, key)| Op::DeleteBackend(*id, *key));
+        backends
+            .chain(rev_nats)
+            .chain(slots)
+            .chain(ranges)
+            .chain(frontends)
+            .chain(gone_frontends)
+            .chain(gone_ranges)
+            .chain(gone_slots)
+            .chain(gone_rev_nats)
+            .chain(gone_backends)
     }
 
     pub fn extend(&mut self, other: Plan) {
