@@ -177,6 +177,19 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
         }
         current[i] = after;
     }
+    // The periodic repair pass over the same state: every map read back and compared with the
+    // planner's state, nothing to write.
+    let mut passes = Vec::new();
+    for _ in 0..opts.repeats.max(3) {
+        let started = Instant::now();
+        let report = datapath.proxier.repair();
+        passes.push(ms(started.elapsed()));
+        anyhow::ensure!(
+            report.clean() && report.differences == 0,
+            "the repair pass found differences in maps it just wrote: {report:?}"
+        );
+    }
+    results.add("repair_pass", "ours", n, "median", median(passes), "ms");
     for (name, mut values) in [("ours", ours), ("iptables", ipt), ("nftables", nft)] {
         results.add(
             "endpoint_change",

@@ -1,5 +1,5 @@
 //! The sync loop's core: source changes in, plans out to a [`crate::pipeline::plan::PlanSink`].
 
 pub mod proxier;
-pub(crate) mod repair;
+pub mod repair;
 pub(crate) mod report;

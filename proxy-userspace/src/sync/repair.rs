@@ -23,7 +23,7 @@ pub struct RepairReport {
 }
 
 impl RepairReport {
-    pub(crate) fn clean(&self) -> bool {
+    pub fn clean(&self) -> bool {
         self.failed.is_empty() && self.unread.is_none()
     }
 }
