@@ -229,8 +229,11 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
     let stop = shutdown()?;
     match &opts.source {
         SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, stop).await?,
-        SourceConfig::Kubernetes { kubeconfig } => {
-            let client = kube_source::client(kubeconfig.as_deref()).await?;
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            watch_liveness,
+        } => {
+            let client = kube_source::client(kubeconfig.as_deref(), Some(*watch_liveness)).await?;
             run_kube(client, &opts, prepared, metrics, stop).await?;
         }
     }
@@ -296,6 +299,13 @@ fn apply_watch(
                 .inc();
         }
         Some(WatchHealth::Recovered(kind)) => tracing::info!(%kind, "watch recovered"),
+        Some(WatchHealth::Silent { kind, after }) => {
+            tracing::warn!(%kind, "watch silent for {}s, restarting", after.as_secs());
+            metrics
+                .watch_silent_restarts
+                .get_or_create(&KindLabel::new(kind.as_str()))
+                .inc();
+        }
         None => {}
     }
 }

@@ -285,7 +285,11 @@ pub enum SourceConfig {
     /// YAML/JSON files, watched for changes.
     Manifests(PathBuf),
     /// The API server: `--kubeconfig`, else in-cluster config, else the usual kubeconfig.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        /// A watch that shows nothing, not even a bookmark, for this long is restarted.
+        watch_liveness: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -336,6 +340,11 @@ pub struct RunFlags {
     /// ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Restart a watch that has shown nothing, not even a bookmark, for this long: the API
+    /// server sends a bookmark about once a minute, and a half-dead connection would otherwise
+    /// hang until the watch's server-side timeout. Not a kube-proxy flag.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
+    watch_liveness_timeout: Duration,
     /// cgroup v2 directory whose processes get socket load balancing (default: the root of the
     /// cgroup2 mount, i.e. the whole node).
     #[arg(long)]
@@ -484,6 +493,7 @@ pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions
             Some(path) => SourceConfig::Manifests(path),
             None => SourceConfig::Kubernetes {
                 kubeconfig: flags.kubeconfig.or(file.kubeconfig),
+                watch_liveness: flags.watch_liveness_timeout,
             },
         },
         map_sizes: MapSizes {
@@ -835,7 +845,8 @@ nodePortAddresses: null
         assert_eq!(
             o.source,
             SourceConfig::Kubernetes {
-                kubeconfig: Some(PathBuf::from("/flag"))
+                kubeconfig: Some(PathBuf::from("/flag")),
+                watch_liveness: Duration::from_secs(90),
             }
         );
         let o = resolved(&["--manifests", "/m"], file).unwrap();

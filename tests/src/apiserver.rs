@@ -8,15 +8,19 @@
 //!   stop (start) matching the selector arriving as DELETED (ADDED), BOOKMARK events when asked,
 //!   `timeoutSeconds`, and an ERROR event with a 410 Expired Status when the resourceVersion
 //!   is older than the compacted history;
-//! - outages: `stop` closes the listener and every open connection, `start` comes back on the
-//!   same port with the same store, as a restarted API server backed by etcd would.
+//! - outages: `stop` closes the listener and every open connection, `restart` comes back on the
+//!   same port with the same store, as a restarted API server backed by etcd would: its watch
+//!   cache starts at the current resourceVersion (older watches get 410), and its authorizer
+//!   answers 403 Forbidden for a warm-up period (`set_warmup`) before it has synced its RBAC;
+//! - half-dead connections: `silence_watches` makes every open watch send nothing more (no
+//!   events, no bookmarks) while its connection stays open; watches opened after it work.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -90,6 +94,10 @@ struct Store {
     next_page: u64,
     uid: u64,
     requests: Vec<String>,
+    bookmark_every: Duration,
+    /// How long after `restart` every request is forbidden.
+    warmup: Duration,
+    forbidden_until: Option<Instant>,
 }
 
 struct Shared {
@@ -97,7 +105,8 @@ struct Shared {
     changes: broadcast::Sender<Arc<Change>>,
     /// Bumped to end every open watch.
     disconnect: watch::Sender<u64>,
-    bookmark_every: Duration,
+    /// Bumped to make every open watch go silent.
+    silence: watch::Sender<u64>,
 }
 
 pub struct ApiServer {
@@ -261,7 +270,7 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
         .as_deref()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let (replay, mut live, current) = {
+    let (replay, mut live, current, every) = {
         let store = shared.store.lock().unwrap();
         if from != 0 && from < store.compacted {
             let message = format!("too old resource version: {from} ({})", store.compacted);
@@ -274,13 +283,14 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
             .filter(|c| c.rv > from && c.kind == kind)
             .cloned()
             .collect();
-        (replay, shared.changes.subscribe(), store.rv)
+        (replay, shared.changes.subscribe(), store.rv, store.bookmark_every)
     };
     let mut disconnect = shared.disconnect.subscribe();
     disconnect.mark_unchanged();
+    let mut silence = shared.silence.subscribe();
+    silence.mark_unchanged();
     let timeout = Duration::from_secs(params.timeout_seconds.unwrap_or(1800));
     let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
-    let every = shared.bookmark_every;
     let stream = async_stream::stream! {
         // Everything up to `current` is in `replay`; the live feed may repeat some of it.
         for change in replay {
@@ -312,6 +322,12 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
                         "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}});
                     yield line(&event);
                 }
+                _ = silence.changed() => {
+                    // Half-dead: the connection stays open, nothing more is sent, not even the
+                    // close at `timeoutSeconds`.
+                    let _ = disconnect.changed().await;
+                    break;
+                }
                 _ = disconnect.changed() => break,
                 () = &mut deadline => break,
             }
@@ -323,12 +339,35 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
 #[expect(clippy::unused_async, reason = "axum handlers are async")]
 async fn handle(State(shared): State<Arc<Shared>>, kind: Kind, Query(params): Query<Params>) -> Response {
     let watching = matches!(params.watch.as_deref(), Some("true" | "1"));
-    shared.store.lock().unwrap().requests.push(format!(
-        "{} {} rv={}",
-        if watching { "WATCH" } else { "LIST" },
-        kind.kind(),
-        params.resource_version.as_deref().unwrap_or("")
-    ));
+    let forbidden = {
+        let mut store = shared.store.lock().unwrap();
+        store.requests.push(format!(
+            "{} {} rv={}{}",
+            if watching { "WATCH" } else { "LIST" },
+            kind.kind(),
+            params.resource_version.as_deref().unwrap_or(""),
+            if params.allow_watch_bookmarks == Some(true) {
+                " bookmarks"
+            } else {
+                ""
+            },
+        ));
+        store.forbidden_until.is_some_and(|until| Instant::now() < until)
+    };
+    if forbidden {
+        let resource = format!("{}s", kind.kind().to_lowercase());
+        let group = kind.api_version().rsplit_once('/').map_or("", |(group, _)| group);
+        let message = format!(
+            "{resource} is forbidden: User \"system:serviceaccount:kube-system:bpf-kube-proxy\" \
+             cannot {} resource \"{resource}\" in API group \"{group}\" at the cluster scope",
+            if watching { "watch" } else { "list" },
+        );
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(status(403, "Forbidden", &message)),
+        )
+            .into_response();
+    }
     if watching {
         watch_stream(shared, kind, params)
     } else {
@@ -378,8 +417,9 @@ impl ApiServer {
             store: Mutex::new(Store::default()),
             changes,
             disconnect: watch::channel(0).0,
-            bookmark_every: Duration::from_secs(1),
+            silence: watch::channel(0).0,
         });
+        shared.store.lock().unwrap().bookmark_every = Duration::from_secs(1);
         let listener = handle
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("binding the test API server");
@@ -484,9 +524,39 @@ impl ApiServer {
         self.disconnect_watches();
     }
 
-    /// Comes back on the same address with the same store.
+    /// BOOKMARK events on each watch that asks for them this often (a real API server: about
+    /// once a minute), for watches opened from now on.
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        self.shared.store.lock().unwrap().bookmark_every = every;
+    }
+
+    /// How long each `restart` answers every request with 403 Forbidden.
+    pub fn set_warmup(&self, warmup: Duration) {
+        self.shared.store.lock().unwrap().warmup = warmup;
+    }
+
+    /// When the last `restart`'s warm-up ends (now, if there was none).
+    pub fn ready_at(&self) -> Instant {
+        let store = self.shared.store.lock().unwrap();
+        store.forbidden_until.unwrap_or_else(Instant::now)
+    }
+
+    /// Every watch open now goes silent with its connection held open, as behind a dead NAT
+    /// entry or a hung proxy: no events, no bookmarks, no close.
+    pub fn silence_watches(&self) {
+        self.shared.silence.send_modify(|g| *g += 1);
+    }
+
+    /// Comes back on the same address with the same store, a fresh watch cache (starting at
+    /// the current resourceVersion) and the authorizer warming up (see `set_warmup`).
     pub fn restart(&mut self) {
         self.stop();
+        {
+            let mut store = self.shared.store.lock().unwrap();
+            store.compacted = store.rv;
+            store.history.clear();
+            store.forbidden_until = Some(Instant::now() + store.warmup);
+        }
         let listener = self
             .handle
             .block_on(tokio::net::TcpListener::bind(self.addr))
@@ -494,7 +564,8 @@ impl ApiServer {
         self.server = Some(self.handle.spawn(serve(listener, router(self.shared.clone()))));
     }
 
-    /// Requests seen so far, e.g. `LIST Service rv=0`, `WATCH Service rv=12`.
+    /// Requests seen so far, e.g. `LIST Service rv=0`, `WATCH Service rv=12 bookmarks` (the
+    /// watch asked for bookmarks).
     pub fn requests(&self) -> Vec<String> {
         self.shared.store.lock().unwrap().requests.clone()
     }

@@ -2,7 +2,7 @@
 //! the real kube-rs list/watch code path: objects created, changed and deleted are served; an
 //! outage or an expired resourceVersion never flushes the datapath.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bkp_sandbox::probe::{Attempt, ProbeMode};
 use bpf_kube_proxy::pipeline::model::Protocol;
@@ -24,8 +24,13 @@ fn web_slice(world: &World, backends: &[&str]) -> String {
 
 /// An agent watching a test API server that holds `web` with `backends`.
 fn started(backends: &[&str]) -> World {
+    started_with(backends, &[])
+}
+
+fn started_with(backends: &[&str], agent_args: &[&str]) -> World {
     let mut world = World::new(&["be1", "be2", "be3"]);
     world.use_api_server();
+    world.agent_args(agent_args);
     world.apply(&docs(&[
         node("z1"),
         service("web", &[VIP], &[("http", 80, "TCP")], ""),
@@ -206,5 +211,91 @@ fn bad_objects_from_the_api_are_logged_and_skipped_and_the_rest_is_served() {
         services.into_iter().collect::<Vec<_>>(),
         ["test/good", "test/huge"],
         "only good and huge are programmed"
+    );
+}
+
+/// `web`'s backends in the maps are exactly `backend`'s.
+fn serves_only(world: &World, backend: &str) -> bool {
+    world.backends_of(VIP, 80, Protocol::Tcp) == Some(vec![format!("{}:{HTTP_PORT}", world.ip(backend))])
+}
+
+#[test]
+fn a_change_made_as_a_restarted_api_server_becomes_ready_is_served_within_3s() {
+    const WARMUP: Duration = Duration::from_secs(3);
+    let mut world = started(&["be1", "be2"]);
+    world.api().set_warmup(WARMUP);
+    world.api_mut().stop();
+    // A restart that takes a while, as a control-plane node's does: the watches fail again
+    // and again (connection refused, then 403 while the authorizer warms up).
+    std::thread::sleep(Duration::from_secs(8));
+    world.api_mut().restart();
+    let ready = world.api().ready_at();
+    std::thread::sleep(ready.saturating_duration_since(Instant::now()));
+
+    world.apply(&web_slice(&world, &["be3"]));
+    world.wait_until("the change to reach the maps", Duration::from_secs(30), |w| {
+        serves_only(w, "be3").then_some(())
+    });
+    let took = ready.elapsed();
+    println!("API server ready -> change in the maps: {took:.2?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "a change made when the API server was ready took {took:.2?} to reach the maps"
+    );
+    assert_eq!(
+        identity(&world.probe(&addr(VIP, 80), ProbeMode::Tcp, 1)[0]).backend,
+        "be3"
+    );
+}
+
+#[test]
+fn a_silent_watch_is_restarted_after_the_liveness_window_and_the_change_arrives() {
+    const LIVENESS: Duration = Duration::from_secs(3);
+    let mut world = started_with(&["be1", "be2"], &["--watch-liveness-timeout", "3s"]);
+    // Quiet but healthy watches (bookmarks every second, nothing else) are left alone.
+    std::thread::sleep(2 * LIVENESS);
+    assert!(
+        !world.agent_log().contains("watch silent"),
+        "{}",
+        world.agent_log()
+    );
+    let requests = world.api().requests();
+    let watches: Vec<&String> = requests.iter().filter(|r| r.starts_with("WATCH")).collect();
+    assert!(
+        !watches.is_empty() && watches.iter().all(|r| r.ends_with(" bookmarks")),
+        "every watch asks for bookmarks: {requests:?}"
+    );
+
+    let silenced = Instant::now();
+    world.api().silence_watches();
+    world.apply(&web_slice(&world, &["be3"]));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        world.backends_of(VIP, 80, Protocol::Tcp).map(|b| b.len()),
+        Some(2),
+        "a silent watch delivers nothing"
+    );
+    world.wait_until(
+        "the change to reach the maps",
+        LIVENESS + Duration::from_secs(10),
+        |w| serves_only(w, "be3").then_some(()),
+    );
+    let took = silenced.elapsed();
+    println!("watches silenced -> change in the maps: {took:.2?} (liveness window {LIVENESS:?})");
+    assert!(
+        took < LIVENESS + Duration::from_secs(3),
+        "the change took {took:.2?} after the watches went silent"
+    );
+    let log = world.agent_log();
+    assert!(
+        log.contains("watch silent for 3s, restarting"),
+        "log lacks the restart:\n{log}"
+    );
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("bpf_kube_proxy_watch_silent_restarts_total{kind=\"EndpointSlice\"} ")
+            && !l.ends_with(" 0")),
+        "{metrics}"
     );
 }

@@ -100,7 +100,7 @@ async fn desired(
             snapshot
         }
         None => {
-            let client = source::kube::client(source.kubeconfig.as_deref()).await?;
+            let client = source::kube::client(source.kubeconfig.as_deref(), None).await?;
             source::kube::list_once(client, &node, source.service_proxy_name.as_deref())
                 .await
                 .context("listing from the API server")?

@@ -1,13 +1,15 @@
 //! Services, EndpointSlices and this node's Node from the API server, through kube-rs watchers:
 //! list, then watch from the list's resourceVersion, with bookmarks; on a watch error, an
 //! expired resourceVersion (410 Gone) or a lost connection the watcher backs off and relists.
+//! A watch that shows nothing, not even a bookmark, for the liveness window is dropped and
+//! watched again (see [`super::liveness`]).
 //!
 //! [`Watches`] never flushes on a relist: `Init` starts a buffer, `InitApply` fills it, and
 //! `InitDone` replaces that kind's objects in one [`Change::Replace`] (kube-runtime's reflector
 //! buffers the same way), so the datapath keeps serving the last known state for as long as the
 //! API server is gone.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use futures::{Stream, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
@@ -16,10 +18,12 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config,
+    client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
 
+use super::liveness::{self, LivenessLayer};
 use super::meta::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 use super::{Change, Listed, Object, ObjectKind, Snapshot};
 
@@ -47,10 +51,20 @@ pub(crate) enum KubeEvent {
         kind: ObjectKind,
         error: String,
     },
+    /// The watch for `kind` showed nothing for `after`; it is watched again.
+    Silent {
+        kind: ObjectKind,
+        after: Duration,
+    },
 }
 
-/// A client from `--kubeconfig`, or in-cluster config, or the usual kubeconfig lookup.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+/// A client from `--kubeconfig`, or in-cluster config, or the usual kubeconfig lookup. With
+/// `watch_liveness`, its watches are restarted when they are silent that long (a client that
+/// only lists needs none).
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    watch_liveness: Option<Duration>,
+) -> Result<Client, KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
             let err = |source| KubeSourceError::Kubeconfig {
@@ -64,7 +78,11 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
         }
         None => Config::infer().await.map_err(KubeSourceError::Infer)?,
     };
-    Client::try_from(config).map_err(KubeSourceError::Client)
+    let builder = ClientBuilder::try_from(config).map_err(KubeSourceError::Client)?;
+    Ok(match watch_liveness {
+        Some(window) => builder.with_layer(&LivenessLayer(window)).build(),
+        None => builder.build(),
+    })
 }
 
 /// kube-proxy's server-side filter: Services (and their slices, which inherit the labels) that
@@ -77,6 +95,21 @@ pub(crate) fn label_selector(service_proxy_name: Option<&str>) -> String {
     }
 }
 
+/// Retries 200 ms apart at first, then at most a second apart (jittered, so that nodes do not
+/// retry in step), back to 200 ms after anything succeeds. kube-rs's default, client-go's
+/// reflector backoff, doubles from 0.8 s to 30 s: a restart of the API server that takes ten
+/// seconds, plus its 403s while the authorizer warms up, spaced the retries so far apart that
+/// a change made when it was ready took 5 to 16 s more to arrive.
+fn retry_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_millis(500))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -87,12 +120,15 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     watcher(api, config)
-        .default_backoff()
+        .backoff(retry_backoff())
         .map(move |item| match item {
             Ok(event) => wrap(Box::new(event)),
-            Err(e) => KubeEvent::Error {
-                kind,
-                error: e.to_string(),
+            Err(e) => match liveness::silent_for(&e) {
+                Some(after) => KubeEvent::Silent { kind, after },
+                None => KubeEvent::Error {
+                    kind,
+                    error: e.to_string(),
+                },
             },
         })
         .boxed()
@@ -196,6 +232,9 @@ pub(crate) enum WatchHealth {
     },
     /// The first event of a watch that had failed.
     Recovered(ObjectKind),
+    /// The watch showed nothing, not even a bookmark, for `after`, and is watched again from
+    /// its last resourceVersion.
+    Silent { kind: ObjectKind, after: Duration },
 }
 
 /// What one [`KubeEvent`] did.
@@ -232,6 +271,14 @@ impl Watches {
                 return Step {
                     change: None,
                     health: Some(WatchHealth::Failed { kind, error, first }),
+                };
+            }
+            // Not a failure: the new watch may well stay quiet, and "recovered" would then
+            // wait for the next change.
+            KubeEvent::Silent { kind, after } => {
+                return Step {
+                    change: None,
+                    health: Some(WatchHealth::Silent { kind, after }),
                 };
             }
         };
@@ -483,6 +530,40 @@ mod tests {
             health(&mut watches, KubeEvent::Node(Box::new(watcher::Event::Init))),
             Some(WatchHealth::Recovered(ObjectKind::Node))
         );
+    }
+
+    #[test]
+    fn a_silent_watch_is_reported_and_is_not_a_failure_to_recover_from() {
+        let mut watches = Watches::default();
+        let after = Duration::from_secs(90);
+        let step = watches.feed(KubeEvent::Silent {
+            kind: ObjectKind::EndpointSlice,
+            after,
+        });
+        assert_eq!(
+            step,
+            Step {
+                change: None,
+                health: Some(WatchHealth::Silent {
+                    kind: ObjectKind::EndpointSlice,
+                    after
+                }),
+            }
+        );
+        let next = watches.feed(KubeEvent::Slice(Box::new(watcher::Event::Apply(slice("web-a")))));
+        assert_eq!(next.health, None, "no recovery from what was not a failure");
+    }
+
+    #[test]
+    fn retries_start_within_half_a_second_and_never_wait_more_than_one() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = retry_backoff();
+        for _ in 0..3 {
+            let delays: Vec<Duration> = backoff.by_ref().take(50).collect();
+            assert!(delays[0] < Duration::from_millis(400), "{delays:?}");
+            assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)), "{delays:?}");
+            backoff.reset();
+        }
     }
 
     #[test]

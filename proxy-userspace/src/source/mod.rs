@@ -3,6 +3,7 @@
 
 pub(crate) mod files;
 pub mod kube;
+mod liveness;
 pub mod manifests;
 pub(crate) mod meta;
 

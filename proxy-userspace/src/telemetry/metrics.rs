@@ -156,6 +156,7 @@ pub struct Metrics {
     pub(crate) unrepaired_entries: Gauge,
     pub(crate) frontend_conflicts: Counter,
     pub(crate) source_errors: Family<KindLabel, Counter>,
+    pub(crate) watch_silent_restarts: Family<KindLabel, Counter>,
     pub(crate) stale_udp_sockets_destroyed: Counter,
     pub(crate) stale_udp_failures: Counter,
     pub(crate) conntrack_collected: Counter,
@@ -196,6 +197,7 @@ impl Metrics {
             unrepaired_entries: Gauge::default(),
             frontend_conflicts: Counter::default(),
             source_errors: Family::default(),
+            watch_silent_restarts: Family::default(),
             stale_udp_sockets_destroyed: Counter::default(),
             stale_udp_failures: Counter::default(),
             conntrack_collected: Counter::default(),
@@ -304,6 +306,11 @@ impl Metrics {
                 "source_errors",
                 "Failed list/watch attempts against the API server (each is retried with backoff)",
                 m.source_errors.clone(),
+            );
+            own.register(
+                "watch_silent_restarts",
+                "Watches restarted because they showed nothing, not even a bookmark, for --watch-liveness-timeout",
+                m.watch_silent_restarts.clone(),
             );
             own.register(
                 "stale_udp_sockets_destroyed",
