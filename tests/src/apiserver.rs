@@ -304,7 +304,16 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
+            // Biased, silence first: a change applied right after `silence_watches` must not
+            // win a random draw against it.
             tokio::select! {
+                biased;
+                _ = silence.changed() => {
+                    // Half-dead: the connection stays open, nothing more is sent, not even the
+                    // close at `timeoutSeconds`.
+                    let _ = disconnect.changed().await;
+                    break;
+                }
                 received = live.recv() => match received {
                     Ok(change) if change.rv <= last || change.kind != kind => {}
                     Ok(change) => {
@@ -321,12 +330,6 @@ fn watch_stream(shared: Arc<Shared>, kind: Kind, params: Params) -> Response {
                     let event = json!({"type": "BOOKMARK", "object": {"kind": kind.kind(),
                         "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}});
                     yield line(&event);
-                }
-                _ = silence.changed() => {
-                    // Half-dead: the connection stays open, nothing more is sent, not even the
-                    // close at `timeoutSeconds`.
-                    let _ = disconnect.changed().await;
-                    break;
                 }
                 _ = disconnect.changed() => break,
                 () = &mut deadline => break,
