@@ -241,9 +241,16 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
     Ok(())
 }
 
-fn reload(manifests: &mut ManifestSet, proxier: &mut Proxier<DatapathSink>) {
-    for e in manifests.reload(|change| proxier.apply(change)) {
+fn reload(manifests: &mut ManifestSet, prepared: &mut Prepared) {
+    for e in manifests.reload(|change| prepared.proxier.apply(change)) {
         tracing::error!("{e}");
+        if let Some(kind) = e.invalid_kind() {
+            prepared
+                .metrics
+                .invalid_objects
+                .get_or_create(&KindLabel::new(kind))
+                .inc();
+        }
     }
 }
 
@@ -255,7 +262,7 @@ async fn run_manifests(
 ) -> Result<(), AgentError> {
     let mut files = FileWatch::new(path)?;
     let mut manifests = ManifestSet::new(path);
-    reload(&mut manifests, &mut prepared.proxier);
+    reload(&mut manifests, &mut prepared);
     prepared.sync(&opts.cgroup, false)?;
 
     let mut resync = tokio::time::interval(opts.resync_period);
@@ -265,8 +272,8 @@ async fn run_manifests(
     loop {
         let mut full = false;
         tokio::select! {
-            () = files.changed() => reload(&mut manifests, &mut prepared.proxier),
-            _ = resync.tick() => reload(&mut manifests, &mut prepared.proxier),
+            () = files.changed() => reload(&mut manifests, &mut prepared),
+            _ = resync.tick() => reload(&mut manifests, &mut prepared),
             _ = periodic.tick() => full = true,
             () = repair_due(prepared.proxier.repair_due()) => {}
             () = &mut stop => return Ok(()),

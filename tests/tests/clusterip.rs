@@ -202,7 +202,24 @@ fn bad_input_is_skipped_and_the_rest_keeps_working() {
         slice("good-1", "good", false, &ports, &[Ep::ready(&world.ip("be1"))]),
     ]);
     world.write("good.yaml", &good);
-    world.write("garbage.yaml", "kind: Service\nmetadata: {name: [unclosed\n");
+    // A document that does not parse, between two that do: it alone is skipped.
+    let unclosed = "kind: Service\nmetadata: {name: [unclosed\n";
+    let garbage = docs(&[
+        service("before", &["10.96.0.22"], &[("http", 80, "TCP")], ""),
+        slice(
+            "before-1",
+            "before",
+            false,
+            &ports,
+            &[Ep::ready(&world.ip("be1"))],
+        ),
+        unclosed.to_string(),
+        service("after", &["10.96.0.23"], &[("http", 80, "TCP")], ""),
+        slice("after-1", "after", false, &ports, &[Ep::ready(&world.ip("be2"))]),
+    ]);
+    // Its `---` is the last line before it.
+    let garbage_line = garbage[..garbage.find(unclosed).unwrap()].lines().count();
+    world.write("garbage.yaml", &garbage);
     world.write(
         "bad-ip.yaml",
         &service("bad-ip", &["10.96.0.300"], &[("http", 80, "TCP")], ""),
@@ -226,6 +243,13 @@ fn bad_input_is_skipped_and_the_rest_keeps_working() {
     world.start_agent();
     world.wait_for_backends("10.96.0.20", 80, Protocol::Tcp, 1);
     world.wait_for_backends("10.96.0.21", 80, Protocol::Tcp, 1);
+    world.wait_for_backends("10.96.0.22", 80, Protocol::Tcp, 1);
+    world.wait_for_backends("10.96.0.23", 80, Protocol::Tcp, 1);
+    assert_eq!(
+        identity(&world.probe(&addr("10.96.0.23", 80), ProbeMode::Tcp, 1)[0]).backend,
+        "be2",
+        "the Service after the broken document is served"
+    );
     assert_eq!(
         identity(&world.probe(&addr("10.96.0.21", 80), ProbeMode::Tcp, 1)[0]).backend,
         "be2"
@@ -233,13 +257,19 @@ fn bad_input_is_skipped_and_the_rest_keeps_working() {
 
     let log = world.agent_log();
     for expected in [
-        "garbage.yaml: not valid YAML/JSON",
+        &format!("garbage.yaml: document at line {garbage_line}: not valid YAML/JSON, skipped"),
         "Service test/bad-ip: spec.clusterIPs \"10.96.0.300\" is not a valid IP address",
         "Service test/mixed: spec.ports[1].port: 65536 is outside 1-65535",
         "Service test/mixed: spec.ports[2].protocol: unknown protocol \"QUIC\"",
     ] {
         assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
     }
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    let skipped_documents = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bpf_kube_proxy_invalid_objects_total{kind=\"document\"} "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(skipped_documents >= Some(1), "{metrics}");
 
     // Breaking a working Service keeps its last good version serving.
     world.write("good.yaml", &good.replace("10.96.0.20", "10.96.0.999"));

@@ -109,10 +109,8 @@ pub fn drift(desired: Option<&ServiceEntry>, programmed: &[&FrontendView]) -> Ve
             out.push(Drift::MissingFrontend { frontend: f.key });
             continue;
         };
-        let mut ranges = f.source_ranges.clone();
-        ranges.sort();
-        // Only the IPv4 tc path reads source ranges, so IPv6 ones are never written.
-        ranges.retain(|r| matches!(r, IpNet::V4(_)));
+        // The plan writes each range once, in either family: both tc paths read them.
+        let ranges = f.written_source_ranges();
         if (view.flags, &view.source_ranges) != (f.flags, &ranges) {
             out.push(Drift::Settings {
                 frontend: f.key,
@@ -271,6 +269,45 @@ mod tests {
                 "10.96.0.10:81/TCP: wanted, not in the maps",
                 "10.96.0.10:82/TCP: in the maps, not wanted",
             ]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_load_balancer_frontend_compares_its_ipv6_source_ranges() {
+        use proxy_common::maps::svc_flags;
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let key = FrontendKey::new("2001:db8::10".parse().unwrap(), 80, Protocol::Tcp);
+        let flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        let mut desired = wanted(80, &["10.0.0.1"]);
+        desired.key = key;
+        desired.kind = FrontendKind::LoadBalancer;
+        desired.flags = flags;
+        // Unsorted, with a duplicate: the plan writes each range once.
+        desired.source_ranges = vec![
+            net("2001:db8:2::/48"),
+            net("2001:db8:1::/48"),
+            net("2001:db8:2::/48"),
+        ];
+        let entry = ServiceEntry {
+            frontends: vec![desired],
+        };
+        let mut programmed = view(80, &[Some("10.0.0.1")]);
+        programmed.frontend = key;
+        programmed.flags = flags;
+        programmed.source_ranges = vec![net("2001:db8:1::/48"), net("2001:db8:2::/48")];
+        assert_eq!(
+            drift(Some(&entry), &[&programmed]),
+            [],
+            "the IPv6 tc path reads these ranges, so the agent writes them"
+        );
+        programmed.source_ranges.pop();
+        assert_eq!(
+            drift(Some(&entry), &[&programmed]),
+            [Drift::Settings {
+                frontend: key,
+                desired: (flags, vec![net("2001:db8:1::/48"), net("2001:db8:2::/48")]),
+                programmed: (flags, vec![net("2001:db8:1::/48")]),
+            }]
         );
     }
 

@@ -328,7 +328,7 @@ pub(crate) struct HealthCheck {
     pub port: u16,
     pub service: ServiceName,
     /// Ready endpoints on this node, counted as kube-proxy's LocalReadyEndpoints does: distinct
-    /// `address:port` pairs over all of the Service's ports.
+    /// addresses over all of the Service's ports, so a multi-port endpoint counts once.
     pub(crate) local_endpoints: usize,
 }
 
@@ -345,7 +345,7 @@ impl Inventory {
                     .iter()
                     .flat_map(|port| self.endpoints_for(svc, port))
                     .filter(|e| e.local && e.ready)
-                    .map(|e| (e.addr, e.port))
+                    .map(|e| e.addr)
                     .collect::<BTreeSet<_>>()
                     .len();
                 Some(HealthCheck {
@@ -685,6 +685,38 @@ mod tests {
             inv.health_checks().is_empty(),
             "no health check under policy Cluster"
         );
+    }
+
+    /// Upstream LocalReadyEndpoints (pkg/proxy/endpointschangetracker.go) squashes a Service's
+    /// endpoints by IP over all its ports: 10.0.0.1:8080 and 10.0.0.1:8443 are one endpoint.
+    #[test]
+    fn local_ready_endpoints_count_each_endpoint_once_over_all_service_ports() {
+        let mut inv = inventory();
+        let mut svc = external_service(TrafficPolicy::Local);
+        svc.ports = vec![
+            ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: TCP,
+                node_port: Some(30080),
+            },
+            ServicePort {
+                name: "https".into(),
+                port: 443,
+                protocol: TCP,
+                node_port: Some(30443),
+            },
+        ];
+        inv.upsert_service(svc);
+        let mut s = slice(
+            "a",
+            "web",
+            &[("http", 8080, TCP), ("https", 8443, TCP)],
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+        );
+        s.endpoints[2].node_name = Some("n2".into());
+        inv.upsert_slice(s);
+        assert_eq!(inv.health_checks()[0].local_endpoints, 2);
     }
 
     #[test]

@@ -344,6 +344,16 @@ pub struct Frontend {
     pub source_ranges: Vec<IpNet>,
 }
 
+impl Frontend {
+    /// The source-range map entries this frontend needs: its ranges sorted, each once.
+    pub fn written_source_ranges(&self) -> Vec<IpNet> {
+        let mut ranges = self.source_ranges.clone();
+        ranges.sort();
+        ranges.dedup();
+        ranges
+    }
+}
+
 /// The desired datapath state of one Service: all of its frontends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceEntry {

@@ -206,9 +206,24 @@ mod tests {
         let eps = [ep(1, "RL", "", ""), ep(2, "R", "", "")];
         let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
         assert_eq!(octets(&c.local), [1]);
-        let eps = [ep(2, "R", "", "")];
-        let c = categorize(&svc(LOCAL, CLUSTER, false), &eps, &node(None));
-        assert!(c.local.is_empty());
+    }
+
+    /// Upstream's CategorizeEndpoints (pkg/proxy/topology.go) also returns hasAnyEndpoints, and
+    /// its proxiers DROP internalTrafficPolicy Local traffic when the Service has endpoints but
+    /// none on this node, keeping REJECT for a Service without any. Ours rejects both: a drop
+    /// in a socket hook leaves connect() hanging until the SYN times out, where a reject fails
+    /// it at once with ECONNREFUSED, and the tc path answers the same way. The model cannot
+    /// tell the two apart: both are an empty local set, a frontend without backends.
+    #[test]
+    fn internal_local_with_only_remote_endpoints_is_rejected_where_upstream_drops() {
+        let remote_only = [ep(2, "R", "", ""), ep(3, "ST", "", "")];
+        let c = categorize(&svc(LOCAL, CLUSTER, false), &remote_only, &node(None));
+        assert!(c.local.is_empty() && c.cluster.is_empty(), "{c:?}");
+        assert_eq!(
+            c,
+            categorize(&svc(LOCAL, CLUSTER, false), &[], &node(None)),
+            "the same outcome as a Service without endpoints: reject"
+        );
     }
 
     #[test]

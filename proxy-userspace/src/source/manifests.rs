@@ -1,14 +1,16 @@
 //! Services, EndpointSlices and Nodes from YAML or JSON files: one file or a directory tree,
 //! several documents per file, `kind: List` wrappers (as `kubectl get -o yaml` prints).
 //!
-//! A file that stops parsing keeps contributing its last good objects, and a document that
-//! stops matching its schema keeps its last good version, so an editing mistake never removes
-//! a working Service from the datapath. Deleting a file or a document does remove its objects.
+//! A document that does not parse is skipped, named by the line it starts on, and the file's
+//! other documents are read; until it parses again nothing the file defined is removed (the
+//! broken document may be any of them). A document that stops matching its schema keeps its
+//! last good version. So an editing mistake never removes a working Service from the
+//! datapath; deleting a file or a document does remove its objects.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{BufReader, Read},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -21,16 +23,35 @@ use super::{Change, Identity, Object, ObjectKind, Objects, Snapshot};
 pub enum ManifestError {
     #[error("{path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not valid YAML/JSON, keeping its last good objects: {message}")]
-    Syntax { path: PathBuf, message: String },
-    #[error("{path}: document {index}: {kind} {name}: {message}")]
+    #[error(
+        "{path}: document at line {line}: not valid YAML/JSON, skipped; nothing the file \
+         defined is removed until it parses: {message}"
+    )]
+    Syntax {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
+    #[error("{path}: document at line {line}: {kind} {name}: {message}")]
     Document {
         path: PathBuf,
-        index: usize,
+        line: u64,
         kind: String,
         name: String,
         message: String,
     },
+}
+
+impl ManifestError {
+    /// The kind of object found invalid, as `bpf_kube_proxy_invalid_objects{kind}` counts it
+    /// (`document` for one that does not parse); `None` for a file that could not be read.
+    pub(crate) fn invalid_kind(&self) -> Option<&str> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Syntax { .. } => Some("document"),
+            Self::Document { kind, .. } => Some(kind),
+        }
+    }
 }
 
 /// The objects of a file are not kept: the agent's inventory holds what it needs of them, and
@@ -209,12 +230,11 @@ pub fn read_once(path: &Path) -> (Snapshot, Vec<ManifestError>) {
     (objects.snapshot(), errors)
 }
 
-/// The parser's resource limits, raised from its defaults (1 024 documents, 250 000 nodes),
-/// which guard against hostile input: one file may hold a whole cluster's Services and
-/// EndpointSlices (10 000 of each is about 20 000 documents and 2 million nodes).
+/// The parser's resource limits for one document, raised from its defaults (250 000 nodes),
+/// which guard against hostile input: one `kind: List` may hold a whole cluster's Services and
+/// EndpointSlices (10 000 of each is about 2 million nodes).
 fn parse_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::budget::Budget::default();
-    budget.max_documents = 1_000_000;
     budget.max_nodes = 50_000_000;
     budget.max_events = 200_000_000;
     budget.max_total_scalar_bytes = 4 << 30;
@@ -223,62 +243,141 @@ fn parse_options() -> serde_saphyr::Options {
     options
 }
 
+/// One YAML document's text, and where it sits in its file.
+struct DocumentText {
+    /// The file's line number of the text's first line (blank and comment lines included).
+    first_line: u64,
+    /// The line the document starts on: its `---`, else its first line of content.
+    start: Option<u64>,
+    text: Vec<u8>,
+}
+
+impl DocumentText {
+    fn at(first_line: u64) -> Self {
+        Self {
+            first_line,
+            start: None,
+            text: Vec::new(),
+        }
+    }
+}
+
+/// Whether `line` is a YAML document marker (`---` or `...`, alone or followed by a space).
+fn is_marker(line: &[u8], marker: &[u8]) -> bool {
+    line.strip_prefix(marker)
+        .is_some_and(|rest| rest.first().is_none_or(u8::is_ascii_whitespace))
+}
+
+/// Cuts a YAML stream into its documents at their markers and hands each one with content to
+/// `each`, so that one that does not parse cannot hide the ones after it. YAML forbids a
+/// marker at the start of a line inside any scalar or collection, so this cuts where the
+/// parser would; comments and directives before a `---` stay with its document. One
+/// document's text is held at a time.
+fn split_documents(reader: &mut impl BufRead, mut each: impl FnMut(DocumentText)) -> std::io::Result<()> {
+    let mut doc = DocumentText::at(1);
+    let mut line = Vec::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        number += 1;
+        let starts = is_marker(&line, b"---");
+        let ends = is_marker(&line, b"...");
+        if starts && doc.start.is_some() {
+            each(std::mem::replace(&mut doc, DocumentText::at(number)));
+        }
+        let trimmed = line.trim_ascii_start();
+        let content =
+            starts || !(ends || trimmed.is_empty() || trimmed.starts_with(b"#") || line.starts_with(b"%"));
+        if content && doc.start.is_none() {
+            doc.start = Some(number);
+        }
+        doc.text.extend_from_slice(&line);
+        if ends {
+            let done = std::mem::replace(&mut doc, DocumentText::at(number + 1));
+            if done.start.is_some() {
+                each(done);
+            }
+        }
+    }
+    if doc.start.is_some() {
+        each(doc);
+    }
+    Ok(())
+}
+
 /// Parses one file's documents one at a time, handing each valid object to `sink` as it goes,
 /// so that a file of 20 000 Services and slices is never held parsed all at once. Returns the
-/// identities the file now defines: those it had before (`before`) stay when a document stops
-/// matching its schema (its last good version stays in the sink) or when the file stops
-/// parsing partway (every document after the error keeps its last good version).
+/// identities the file now defines: a document that stops matching its schema keeps its
+/// identity (its last good version stays in the sink), and while any document does not parse
+/// or the file cannot be read to its end, every identity it had before (`before`) stays, since
+/// the unreadable part may define any of them.
 fn parse_file(
     path: &Path,
-    reader: &mut impl Read,
+    reader: &mut impl BufRead,
     before: &BTreeSet<Identity>,
     sink: &mut impl FnMut(Change),
     errors: &mut Vec<ManifestError>,
 ) -> BTreeSet<Identity> {
     let mut identities = BTreeSet::new();
-    let mut index = 0;
-    for parsed in serde_saphyr::read_with_options::<_, Value>(reader, parse_options()) {
-        let doc = match parsed {
-            Ok(doc) => doc,
-            // Any document parses as a Value, so an error is a syntax or budget error, after
-            // which the parser stops.
-            Err(e) => {
-                errors.push(ManifestError::Syntax {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                });
-                identities.extend(before.iter().cloned());
-                return identities;
-            }
-        };
-        let mut flat = Vec::new();
-        flatten(doc, &mut flat);
-        for doc in flat {
-            let at = index;
-            index += 1;
-            let Some(identity) = identity_of(&doc) else {
-                // Other kinds (Deployments, ConfigMaps...) may share the file; they are not ours.
-                continue;
-            };
-            match typed(&identity, doc) {
-                Ok(object) => {
-                    sink(Change::Apply(object));
-                    identities.insert(identity);
-                }
+    let mut unreadable = false;
+    let read = split_documents(reader, |doc| {
+        let line = doc.start.unwrap_or(doc.first_line);
+        for parsed in serde_saphyr::read_with_options::<_, Value>(&mut doc.text.as_slice(), parse_options()) {
+            let value = match parsed {
+                Ok(value) => value,
+                // Any document parses as a Value, so this is a syntax or budget error.
                 Err(e) => {
-                    errors.push(ManifestError::Document {
+                    unreadable = true;
+                    let line_offset = doc.first_line - 1;
+                    errors.push(ManifestError::Syntax {
                         path: path.to_path_buf(),
-                        index: at,
-                        kind: identity.kind.to_string(),
-                        name: format!("{}/{}", identity.namespace, identity.name),
-                        message: format!("{e}; keeping its last good version"),
+                        line,
+                        message: e
+                            .render_with_options(serde_saphyr::render_options! { line_offset: line_offset }),
                     });
-                    if before.contains(&identity) {
+                    continue;
+                }
+            };
+            let mut flat = Vec::new();
+            flatten(value, &mut flat);
+            for item in flat {
+                let Some(identity) = identity_of(&item) else {
+                    // Other kinds (Deployments, ConfigMaps...) may share the file; they are not ours.
+                    continue;
+                };
+                match typed(&identity, item) {
+                    Ok(object) => {
+                        sink(Change::Apply(object));
                         identities.insert(identity);
+                    }
+                    Err(e) => {
+                        errors.push(ManifestError::Document {
+                            path: path.to_path_buf(),
+                            line,
+                            kind: identity.kind.to_string(),
+                            name: format!("{}/{}", identity.namespace, identity.name),
+                            message: format!("{e}; keeping its last good version"),
+                        });
+                        if before.contains(&identity) {
+                            identities.insert(identity);
+                        }
                     }
                 }
             }
         }
+    });
+    if let Err(source) = read {
+        unreadable = true;
+        errors.push(ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    if unreadable {
+        identities.extend(before.iter().cloned());
     }
     identities
 }
@@ -440,6 +539,77 @@ endpoints: [{addresses: [10.0.0.1]}]
         assert_eq!(names(&set.snapshot()), ["slice:web-a", "svc:web"]);
     }
 
+    /// Three Services, the middle one broken: its document starts at line 6 (the `---`).
+    const MIDDLE_BROKEN: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: first, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+# the next document does not parse
+---
+apiVersion: v1
+kind: Service
+metadata: {name: [unclosed
+---
+apiVersion: v1
+kind: Service
+metadata: {name: third, namespace: shop}
+spec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}
+";
+
+    #[test]
+    fn a_document_that_does_not_parse_is_skipped_by_its_line_and_the_rest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shop.yaml");
+        fs::write(&file, MIDDLE_BROKEN).unwrap();
+        let (snap, errors) = read_once(dir.path());
+        assert_eq!(names(&snap), ["svc:first", "svc:third"]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            message.starts_with(&format!("{}: document at line 6: ", file.display())),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn breaking_one_document_keeps_its_last_good_version_and_updates_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shop.yaml");
+        let good = MIDDLE_BROKEN.replace(
+            "{name: [unclosed",
+            "{name: second, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}",
+        );
+        fs::write(&file, &good).unwrap();
+        let mut set = Watched::new(dir.path());
+        set.reload();
+        assert_eq!(names(&set.snapshot()), ["svc:first", "svc:second", "svc:third"]);
+        rewrite(&file, &MIDDLE_BROKEN.replace("10.96.0.12", "10.96.0.13"));
+        let (_, errors) = set.reload();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].to_string().contains("document at line 6"),
+            "{}",
+            errors[0]
+        );
+        let snap = set.snapshot();
+        assert_eq!(
+            names(&snap),
+            ["svc:first", "svc:second", "svc:third"],
+            "nothing is removed"
+        );
+        let third = snap
+            .services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some("third"))
+            .unwrap();
+        assert_eq!(
+            third.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.13"),
+            "the document after the broken one is read"
+        );
+    }
+
     #[test]
     fn a_file_cut_short_applies_the_documents_before_the_error_and_removes_nothing() {
         let (_dir, file, mut set) = web_read_once();
@@ -492,7 +662,10 @@ endpoints: [{addresses: [10.0.0.1]}]
         let (_, errors) = set.reload();
         assert_eq!(errors.len(), 1, "{errors:?}");
         let message = errors[0].to_string();
-        assert!(message.contains("document 0: Service shop/web"), "{message}");
+        assert!(
+            message.contains("document at line 2: Service shop/web"),
+            "{message}"
+        );
         let snap = set.snapshot();
         assert_eq!(first_port(&snap), 80);
         assert_eq!(

@@ -354,9 +354,7 @@ impl Planner {
                 (id, Vec::new(), None, Vec::new())
             }
         };
-        let mut source_ranges = frontend.source_ranges.clone();
-        source_ranges.sort();
-        source_ranges.dedup();
+        let source_ranges = frontend.written_source_ranges();
         plan.upsert_source_ranges.extend(
             source_ranges
                 .iter()
