@@ -434,7 +434,10 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_i
     // The socket must be talking to be1 before be1 is replaced.
     let before = prober.answered(3);
     assert!(
-        before.iter().filter(|a| a.ok).all(|a| identity(a).backend == "be1"),
+        before
+            .iter()
+            .filter(|a| a.ok)
+            .all(|a| identity(a).backend == "be1"),
         "{before:?}"
     );
     world.write("svc.yaml", &web("", &ready(&world, &["be2"])));
