@@ -16,7 +16,7 @@ use crate::{
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
         readings::PinnedReadings,
-        report::{probe_kernel, report_attachments, report_programs},
+        report::{probe_kernel, report_attachments, report_programs, report_recreated},
         sink::DatapathSink,
         sockets::StaleSockets,
         writer::Writer,
@@ -73,6 +73,7 @@ impl Prepared {
         let external = ExternalSide::resolve(&opts.external)?;
         let tc_mode = probe_kernel(opts.tc_attach, &metrics);
         let datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
+        report_recreated(datapath.recreated(), &metrics);
         let degraded = report_programs(datapath.tc_programs(), &metrics);
         health.set_degraded(degraded.clone(), false);
         external::write_node_config(&opts.pin_dir, &external.config)?;

@@ -27,7 +27,7 @@ use bkp_sandbox::{netns::Netns, unique_suffix};
 use bpf_kube_proxy::{
     datapath::{
         external::write_node_config,
-        loader::{Datapath, MapSizes},
+        loader::{Datapath, MapSizes, Mismatch},
         maps::{PinnedMaps, typed},
         readings::PinnedReadings,
         sys::{TestRun, prog_test_run},
@@ -1082,4 +1082,211 @@ fn an_l3_device_packet_is_translated_from_its_ip_header() {
     ));
     want.sort();
     assert_eq!(lab.conntrack(), want);
+}
+
+/// A BTF blob (the kernel's format: header, type records, strings) from type records.
+fn btf_blob(types: &[&[u32]], strings: &[u8]) -> Vec<u8> {
+    let types: Vec<u8> = types
+        .iter()
+        .flat_map(|t| t.iter())
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    let mut raw = Vec::new();
+    raw.extend_from_slice(&0xeb9f_u16.to_ne_bytes());
+    raw.extend_from_slice(&[1, 0]);
+    for word in [
+        24,
+        0,
+        types.len() as u32,
+        types.len() as u32,
+        strings.len() as u32,
+    ] {
+        raw.extend_from_slice(&word.to_ne_bytes());
+    }
+    raw.extend_from_slice(&types);
+    raw.extend_from_slice(strings);
+    raw
+}
+
+/// Creates, as an older build would have, the IPv4 conntrack map with this build's sizes but
+/// the frontend and backend ids in each other's place in the value, and pins it at `path`.
+fn pin_conntrack_of_an_older_build(path: &std::path::Path) {
+    const INT: u32 = 1 << 24;
+    const ARRAY: u32 = 3 << 24;
+    const STRUCT: u32 = 4 << 24;
+    let strings = b"\0u8\0u16\0u32\0u64\0CtKey\0CtValue\0saddr\0daddr\0sport\0dport\0proto\0_pad\0\
+                    last_seen_ns\0backend_id\0rev_nat_id\0flags\0";
+    let at = |name: &str| {
+        let needle = format!("\0{name}\0");
+        strings
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .expect("a name in the string table") as u32
+            + 1
+    };
+    let (u8_, u16_, u32_, u64_, addr, pad) = (1, 2, 3, 4, 5, 6);
+    let member = |name, ty, bits: u32| [at(name), ty, bits];
+    let key: Vec<u32> = [at("CtKey"), STRUCT | 6, 16]
+        .into_iter()
+        .chain(member("saddr", addr, 0))
+        .chain(member("daddr", addr, 32))
+        .chain(member("sport", u16_, 64))
+        .chain(member("dport", u16_, 80))
+        .chain(member("proto", u8_, 96))
+        .chain(member("_pad", pad, 104))
+        .collect();
+    let value: Vec<u32> = [at("CtValue"), STRUCT | 9, 32]
+        .into_iter()
+        .chain(member("last_seen_ns", u64_, 0))
+        .chain(member("saddr", addr, 64))
+        .chain(member("daddr", addr, 96))
+        .chain(member("sport", u16_, 128))
+        .chain(member("dport", u16_, 144))
+        .chain(member("backend_id", u32_, 160))
+        .chain(member("rev_nat_id", u32_, 192))
+        .chain(member("flags", u8_, 224))
+        .chain(member("_pad", pad, 232))
+        .collect();
+    let btf = btf_blob(
+        &[
+            &[at("u8"), INT, 1, 8],
+            &[at("u16"), INT, 2, 16],
+            &[at("u32"), INT, 4, 32],
+            &[at("u64"), INT, 8, 64],
+            &[0, ARRAY, 0, u8_, u32_, 4],
+            &[0, ARRAY, 0, u8_, u32_, 3],
+            &key,
+            &value,
+        ],
+        strings,
+    );
+    let (key_type, value_type) = (7, 8);
+
+    /// `union bpf_attr` for BPF_BTF_LOAD.
+    #[repr(C)]
+    struct BtfLoad {
+        btf: u64,
+        log_buf: u64,
+        btf_size: u32,
+        log_size: u32,
+        log_level: u32,
+    }
+    /// `union bpf_attr` for BPF_MAP_CREATE, up to the BTF ids.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        map_ifindex: u32,
+        btf_fd: u32,
+        btf_key_type_id: u32,
+        btf_value_type_id: u32,
+    }
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: `attr` is the bpf_attr member for `cmd`, with its addresses valid for the
+        // lengths it names.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr).cast::<libc::c_void>(),
+                size_of::<T>(),
+            )
+        };
+        assert!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        // SAFETY: both commands return a new file descriptor, which we now own.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    }
+    let btf_fd = bpf(
+        18,
+        &mut BtfLoad {
+            btf: btf.as_ptr() as u64,
+            log_buf: 0,
+            btf_size: btf.len() as u32,
+            log_size: 0,
+            log_level: 0,
+        },
+    );
+    let mut map_name = [0u8; 16];
+    map_name[..names::CONNTRACK_V4.len()].copy_from_slice(names::CONNTRACK_V4.as_bytes());
+    let map = bpf(
+        0,
+        &mut MapCreate {
+            map_type: 9, // BPF_MAP_TYPE_LRU_HASH
+            key_size: size_of::<CtKey<AddrV4>>() as u32,
+            value_size: size_of::<CtValue<AddrV4>>() as u32,
+            max_entries: SIZES.conntrack,
+            map_flags: 0,
+            inner_map_fd: 0,
+            numa_node: 0,
+            map_name,
+            map_ifindex: 0,
+            btf_fd: std::os::fd::AsRawFd::as_raw_fd(&btf_fd) as u32,
+            btf_key_type_id: key_type,
+            btf_value_type_id: value_type,
+        },
+    );
+    MapData::from_fd(map)
+        .expect("a map handle")
+        .pin(path)
+        .expect("pinning the older build's map");
+}
+
+/// An agent upgraded to a build whose map has the same sizes but other fields must not read
+/// the old entries with the new layout: it replaces the map, names it, and on a restart of the
+/// same build keeps the map and its entries.
+#[test]
+fn a_pinned_map_with_other_fields_of_the_same_sizes_is_recreated_and_one_of_this_build_is_kept() {
+    require_root();
+    let pins = Pins::unique("bkl");
+    std::fs::create_dir_all(pins.path()).expect("creating the pin directory");
+    let path = pins.path().join(names::CONNTRACK_V4);
+    pin_conntrack_of_an_older_build(&path);
+    let old_flow = CtKey::new(CLIENT.octets(), NODE.octets(), 40_000, WEB_NODE_PORT, proto::TCP);
+    let mut old: HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+        typed(pins.path(), names::CONNTRACK_V4).expect("opening the older build's map");
+    old.insert(old_flow, CtValue::default(), 0)
+        .expect("an entry of the older build");
+    let old_id = aya::maps::MapInfo::from_pin(&path).expect("the pinned map").id();
+
+    let datapath = Datapath::load(pins.path(), SIZES).expect("loading the datapath");
+    let new_id = aya::maps::MapInfo::from_pin(&path).expect("the pinned map").id();
+    assert_ne!(new_id, old_id, "the older build's map is still pinned");
+    let mut map: HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+        typed(pins.path(), names::CONNTRACK_V4).expect("opening the pinned map");
+    assert_eq!(
+        map.keys().count(),
+        0,
+        "the older build's entries are read with this layout"
+    );
+    let recreated = datapath.recreated();
+    assert_eq!(
+        recreated.iter().map(|r| (r.map, r.mismatch)).collect::<Vec<_>>(),
+        [(names::CONNTRACK_V4, Mismatch::Layout)],
+        "{recreated:?}"
+    );
+    assert_ne!(recreated[0].pinned, recreated[0].built);
+
+    // A restart of the same build adopts every map, entries and all.
+    let flow = CtKey::new(CLIENT.octets(), NODE.octets(), 40_001, WEB_NODE_PORT, proto::TCP);
+    map.insert(flow, CtValue::default(), 0).expect("a flow");
+    drop((map, datapath));
+    let datapath = Datapath::load(pins.path(), SIZES).expect("reloading the datapath");
+    assert_eq!(datapath.recreated(), [], "a map of this very build was recreated");
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(&path).expect("the pinned map").id(),
+        new_id
+    );
+    let map: HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+        typed(pins.path(), names::CONNTRACK_V4).expect("opening the pinned map");
+    assert_eq!(
+        map.keys().collect::<Result<Vec<_>, _>>().expect("reading keys"),
+        [flow]
+    );
 }

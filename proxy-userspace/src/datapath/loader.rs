@@ -14,7 +14,6 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
 use proxy_common::maps::{self as names, capacity};
@@ -23,6 +22,7 @@ use crate::datapath::{
     external,
     features::TcMode,
     host,
+    layout::{self, Btf},
     links::{self, PinnedLinkError},
     sys,
 };
@@ -102,6 +102,11 @@ pub enum LoadError {
     MissingProgram { name: &'static str },
     #[error("opening cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("describing map {map} from the embedded object's BTF: {source}")]
+    ObjectBtf {
+        map: &'static str,
+        source: layout::BtfError,
+    },
     #[error("{what} {path}: {source}")]
     Pin {
         what: &'static str,
@@ -123,6 +128,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     tc_programs: Vec<(&'static str, external::ProgramState)>,
+    recreated: Vec<Recreated>,
 }
 
 impl Datapath {
@@ -132,7 +138,7 @@ impl Datapath {
     /// [`Self::tc_programs`], and the rest of the datapath serves without it.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
         host::ensure_pin_dir(pin_dir)?;
-        drop_incompatible_pins(pin_dir, sizes)?;
+        let recreated = drop_incompatible_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
         for (name, path) in &paths {
@@ -160,6 +166,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             tc_programs,
+            recreated,
         })
     }
 
@@ -174,6 +181,11 @@ impl Datapath {
             .ok_or(LoadError::MissingProgram { name })?
             .fd()
             .map_err(|source| LoadError::Program { name, source })
+    }
+
+    /// The pinned maps that did not match this build and were replaced by empty ones.
+    pub fn recreated(&self) -> &[Recreated] {
+        &self.recreated
     }
 
     /// Whether each tc program loaded.
@@ -253,11 +265,61 @@ fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
         .map_err(|source| LoadError::Program { name, source })
 }
 
+/// Why a pinned map was not adopted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    /// Another kind, key size, value size, capacity or flags.
+    Shape,
+    /// The same sizes, other fields (names, offsets or types, per the map's BTF).
+    Layout,
+    /// The pin could not be read as a map.
+    Unreadable,
+}
+
+impl Mismatch {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Shape => "shape",
+            Self::Layout => "layout",
+            Self::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// A pinned map that was replaced by an empty one at load, losing its entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recreated {
+    pub map: &'static str,
+    pub mismatch: Mismatch,
+    /// What the pinned map was, and what this build makes, in the terms of `mismatch`.
+    pub pinned: String,
+    pub built: String,
+}
+
+/// A map's key and value layouts, described from BTF.
+fn layout(btf: &Btf<'_>, key: u32, value: u32) -> Result<String, layout::BtfError> {
+    Ok(format!(
+        "key {} value {}",
+        btf.describe(key)?,
+        btf.describe(value)?
+    ))
+}
+
 /// aya reuses a pinned map by name without comparing its layout. A map from an older build
-/// (other key or value size) or with another capacity is unpinned here so a new one is made;
-/// the old one lives on, still serving the old programs, until the links switch over.
-fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<(), LoadError> {
+/// (another kind, key or value size, capacity, or fields: the kernel keeps the BTF a map was
+/// made with, so a field renamed, retyped or moved within the same size shows) is unpinned
+/// here so a new one is made; the old one lives on, still serving the old programs, until the
+/// links switch over. A pin made without BTF (a kernel that refused the object's BTF makes
+/// every map so) can only be checked by shape.
+fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<Vec<Recreated>, LoadError> {
     let object = aya_obj::Object::parse(EBPF_OBJECT)?;
+    let object_btf = object.btf.as_ref().map(aya_obj::btf::Btf::to_bytes);
+    let object_btf = object_btf
+        .as_deref()
+        .map(Btf::parse)
+        .transpose()
+        .map_err(|source| LoadError::ObjectBtf { map: "(all)", source })?;
+    let mut recreated = Vec::new();
     for name in names::ALL {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -266,29 +328,69 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<(), LoadErr
         let Some(def) = object.maps.get(name) else {
             continue;
         };
-        let want = (
+        let shape = (
+            def.map_type(),
             def.key_size(),
             def.value_size(),
             sizes.of(name).unwrap_or(def.max_entries()),
+            def.map_flags(),
         );
-        let have = MapInfo::from_pin(&path)
-            .map(|i| (i.key_size(), i.value_size(), i.max_entries()))
-            .ok();
-        if have != Some(want) {
-            tracing::warn!(
-                map = name,
-                ?have,
-                ?want,
-                "pinned map has another layout or capacity (key, value, max entries); recreating it"
-            );
-            fs::remove_file(&path).map_err(|source| LoadError::Pin {
-                what: "unpinning",
-                path: path.clone(),
-                source,
-            })?;
-        }
+        let built_layout = match (def, &object_btf) {
+            (aya_obj::Map::Btf(m), Some(btf)) => Some(
+                layout(btf, m.def.btf_key_type_id, m.def.btf_value_type_id)
+                    .map_err(|source| LoadError::ObjectBtf { map: name, source })?,
+            ),
+            _ => None,
+        };
+        let mismatch = match sys::pinned_map_info(&path) {
+            Err(e) => Some((Mismatch::Unreadable, e.to_string(), format!("{shape:?}"))),
+            Ok(info) => {
+                let pinned_shape = (
+                    info.map_type,
+                    info.key_size,
+                    info.value_size,
+                    info.max_entries,
+                    info.map_flags,
+                );
+                if pinned_shape != shape {
+                    Some((Mismatch::Shape, format!("{pinned_shape:?}"), format!("{shape:?}")))
+                } else if let (Some(pinned), Some(built)) = (&info.btf, built_layout) {
+                    let pinned = Btf::parse(&pinned.raw)
+                        .and_then(|btf| layout(&btf, pinned.key_type, pinned.value_type))
+                        .unwrap_or_else(|e| format!("unreadable BTF: {e}"));
+                    (pinned != built).then_some((Mismatch::Layout, pinned, built))
+                } else {
+                    if info.btf.is_none() {
+                        tracing::info!(map = name, "pinned map has no BTF: only its shape is checked");
+                    }
+                    None
+                }
+            }
+        };
+        let Some((mismatch, pinned, built)) = mismatch else {
+            continue;
+        };
+        tracing::warn!(
+            map = name,
+            mismatch = mismatch.as_str(),
+            pinned = %pinned,
+            built = %built,
+            "pinned map does not match this build (shape: type, key size, value size, max entries, flags); \
+             recreating it, its entries are lost"
+        );
+        fs::remove_file(&path).map_err(|source| LoadError::Pin {
+            what: "unpinning",
+            path: path.clone(),
+            source,
+        })?;
+        recreated.push(Recreated {
+            map: name,
+            mismatch,
+            pinned,
+            built,
+        });
     }
-    Ok(())
+    Ok(recreated)
 }
 
 /// What `cleanup` did.
@@ -489,6 +591,23 @@ mod tests {
         let mut checked: Vec<&str> = expected().iter().map(|e| e.name).collect();
         checked.sort_unstable();
         assert_eq!(checked, pinned);
+    }
+
+    #[test]
+    fn every_map_s_layout_is_described_from_the_object_s_btf_in_kinds_the_kernel_keeps() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        let raw = object.btf.as_ref().expect("the object carries BTF").to_bytes();
+        let btf = Btf::parse(&raw).expect("the object's BTF parses");
+        for name in names::ALL {
+            let Some(aya_obj::Map::Btf(map)) = object.maps.get(name) else {
+                panic!("{name} is not a BTF map: its layout could not be checked on restart");
+            };
+            let described = layout(&btf, map.def.btf_key_type_id, map.def.btf_value_type_id)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            // Kinds outside the description's vocabulary (pointers, floats, anything aya may
+            // rewrite for an older kernel) would make a pin and its build disagree.
+            assert!(!described.contains(['*', '~', '(', '?']), "{name}: {described}");
+        }
     }
 
     #[test]

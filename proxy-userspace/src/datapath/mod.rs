@@ -4,6 +4,7 @@ pub(crate) mod conntrack;
 pub mod external;
 pub(crate) mod features;
 pub mod host;
+pub mod layout;
 pub(crate) mod links;
 pub mod loader;
 pub mod maps;

@@ -1,12 +1,13 @@
 //! What the kernel and the loaded datapath offer, logged and exported once at start: kernel
-//! features, tc program load states, tc attachments.
+//! features, pinned maps replaced, tc program load states, tc attachments.
 
 use crate::{
     datapath::{
         external::{Attachment, ProgramState},
         features::{KernelFeatures, TcAttach, TcMode},
+        loader::Recreated,
     },
-    telemetry::metrics::{AttachmentLabel, FeatureLabel, Metrics, ProgramLabel},
+    telemetry::metrics::{AttachmentLabel, FeatureLabel, Metrics, ProgramLabel, RecreatedLabel},
 };
 
 /// Probes the kernel once, logs the one line and exports it; returns the tc attach mode.
@@ -25,6 +26,19 @@ pub(crate) fn probe_kernel(tc_attach: TcAttach, metrics: &Metrics) -> TcMode {
         }
     }
     mode
+}
+
+/// Exports the pinned maps the load replaced (the loader logged each with both layouts).
+pub(crate) fn report_recreated(recreated: &[Recreated], metrics: &Metrics) {
+    for r in recreated {
+        metrics
+            .maps_recreated
+            .get_or_create(&RecreatedLabel {
+                map: r.map.to_string(),
+                mismatch: r.mismatch.as_str(),
+            })
+            .inc();
+    }
 }
 
 /// Exports the tc programs' load states; returns the problems, for `/healthz`.
@@ -77,4 +91,29 @@ pub(crate) fn report_attachments(attachments: &[Attachment], metrics: &Metrics) 
             .set(1);
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::maps as names;
+
+    use super::*;
+    use crate::datapath::loader::Mismatch;
+
+    #[test]
+    fn a_recreated_map_is_counted_by_name_and_mismatch() {
+        let metrics = Metrics::new();
+        let recreated = Recreated {
+            map: names::CONNTRACK_V4,
+            mismatch: Mismatch::Layout,
+            pinned: "key {a:u32@0}4 value {b:u32@0}4".into(),
+            built: "key {a:u32@0}4 value {c:u32@0}4".into(),
+        };
+        report_recreated(&[recreated], &metrics);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"bpf_kube_proxy_maps_recreated_total{map="bkp_ct_v4",mismatch="layout"} 1"#),
+            "{text}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The bpf(2) commands aya does not wrap: opening a pinned object by path, swapping the
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
 //! no instant where the hook is detached, detaching a link for good (BPF_LINK_DETACH), walking any map's keys without knowing its types,
-//! batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries), and running a
+//! batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries), reading the BTF a
+//! pinned map was made with (aya's `MapInfo` keeps its BTF ids to itself), and running a
 //! program on a synthetic packet (BPF_PROG_TEST_RUN), for the benchmark and the datapath tests.
 
 use std::{
@@ -19,6 +20,8 @@ use aya::maps::MapInfo;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -164,6 +167,124 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `union bpf_attr` member for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_map_info` up to the BTF ids (the kernel fills as much as it is given).
+#[repr(C)]
+#[derive(Default)]
+struct MapInfoHead {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    name: [u8; 16],
+    ifindex: u32,
+    btf_vmlinux_value_type_id: u32,
+    netns_dev: u64,
+    netns_ino: u64,
+    btf_id: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+    btf_vmlinux_id: u32,
+}
+
+/// `struct bpf_btf_info`.
+#[repr(C)]
+#[derive(Default)]
+struct BtfInfo {
+    btf: u64,
+    btf_size: u32,
+    id: u32,
+    name: u64,
+    name_len: u32,
+    kernel_btf: u32,
+}
+
+/// # Safety
+/// `T` must be the info struct (or a head of it) of the object `fd` refers to, and any
+/// address in it must point to memory the kernel may write for the length it names.
+unsafe fn obj_info<T>(fd: impl AsFd, info: &mut T) -> io::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of::<T>() as u32,
+        info: std::ptr::from_mut::<T>(info) as u64,
+    };
+    // SAFETY: `info` is `info_len` bytes the kernel may write, and matches the object (caller).
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.map(drop)
+}
+
+/// A pinned map as the kernel made it.
+#[derive(Debug)]
+pub(crate) struct PinnedMapInfo {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+    /// The BTF the map was made with, if any.
+    pub btf: Option<MapBtf>,
+}
+
+/// The BTF object a map was made with and its key and value types in it.
+#[derive(Debug)]
+pub(crate) struct MapBtf {
+    pub raw: Vec<u8>,
+    pub key_type: u32,
+    pub value_type: u32,
+}
+
+/// Reads the map pinned at `path`: its sizes and kind, and its BTF.
+pub(crate) fn pinned_map_info(path: &Path) -> io::Result<PinnedMapInfo> {
+    let map = obj_get(path)?;
+    let mut info = MapInfoHead::default();
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which holds no address
+    // (a pin of another kind of object fills it with that object's info, harmlessly).
+    unsafe { obj_info(&map, &mut info) }?;
+    let btf = if info.btf_id == 0 {
+        None
+    } else {
+        let mut attr = [info.btf_id, 0, 0];
+        // SAFETY: BPF_BTF_GET_FD_BY_ID reads the id (and next_id, open_flags: 0) only.
+        let fd = unsafe { bpf(BPF_BTF_GET_FD_BY_ID, &mut attr) }?;
+        // SAFETY: on success it returns a new file descriptor that we now own.
+        let btf_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // The first call, with no buffer, reports the size of the raw BTF.
+        let mut btf_info = BtfInfo::default();
+        // SAFETY: a BTF's info, with no buffer to write.
+        unsafe { obj_info(&btf_fd, &mut btf_info) }?;
+        let mut raw = vec![0u8; btf_info.btf_size as usize];
+        let mut btf_info = BtfInfo {
+            btf: raw.as_mut_ptr() as u64,
+            btf_size: raw.len() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `raw` is `btf_size` bytes the kernel may write (a BTF object never changes).
+        unsafe { obj_info(&btf_fd, &mut btf_info) }?;
+        Some(MapBtf {
+            raw,
+            key_type: info.btf_key_type_id,
+            value_type: info.btf_value_type_id,
+        })
+    };
+    Ok(PinnedMapInfo {
+        map_type: info.map_type,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+        map_flags: info.map_flags,
+        btf,
+    })
 }
 
 /// Points an existing link at a new program of the same type and attach type.

@@ -52,6 +52,13 @@ pub(crate) struct AttachmentLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RecreatedLabel {
+    pub map: String,
+    /// `shape`, `layout` or `unreadable`.
+    pub mismatch: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct FeatureLabel {
     pub feature: &'static str,
 }
@@ -164,6 +171,7 @@ pub struct Metrics {
     pub(crate) datapath_programs: Family<ProgramLabel, Gauge>,
     pub(crate) tc_attachments: Family<AttachmentLabel, Gauge>,
     pub(crate) kernel_features: Family<FeatureLabel, Gauge>,
+    pub(crate) maps_recreated: Family<RecreatedLabel, Counter>,
 }
 
 impl Metrics {
@@ -205,6 +213,7 @@ impl Metrics {
             datapath_programs: Family::default(),
             tc_attachments: Family::default(),
             kernel_features: Family::default(),
+            maps_recreated: Family::default(),
             registry: Registry::default(),
         };
         {
@@ -346,6 +355,11 @@ impl Metrics {
                 "kernel_feature",
                 "Kernel features probed at start (1 present, 0 absent; unprobed ones are not listed)",
                 m.kernel_features.clone(),
+            );
+            own.register(
+                "maps_recreated",
+                "Pinned maps replaced by empty ones at start because they did not match this build",
+                m.maps_recreated.clone(),
             );
             own.register(
                 "map_full",
