@@ -229,6 +229,13 @@ fn health_and_metrics_are_served_like_kube_proxy() {
     std::thread::sleep(Duration::from_millis(1500));
     let (_, later) = world.http_get("/metrics", "/metrics");
     assert!(sample(&later, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > last);
+    // Each periodic sync ran the repair pass over maps nobody touched: it found nothing.
+    assert_eq!(
+        sample(&later, "bpf_kube_proxy_datapath_repaired_entries_total"),
+        Some(0.0),
+        "{later}"
+    );
+    assert!(!world.agent_log().contains("repairing map entries"));
 }
 
 /// One connect to a port the Service does not serve; true when it was refused.
