@@ -1162,7 +1162,9 @@ fn pin_conntrack_of_an_older_build(path: &std::path::Path) {
     );
     let (key_type, value_type) = (7, 8);
 
-    /// `union bpf_attr` for BPF_BTF_LOAD.
+    /// `union bpf_attr` for BPF_BTF_LOAD. `log_true_size` (an output since 6.4) is spelled out
+    /// so the struct has no padding: a kernel before it checks that the bytes after
+    /// `log_level` are zero, and padding is not (6.1 answered EINVAL).
     #[repr(C)]
     struct BtfLoad {
         btf: u64,
@@ -1170,6 +1172,7 @@ fn pin_conntrack_of_an_older_build(path: &std::path::Path) {
         btf_size: u32,
         log_size: u32,
         log_level: u32,
+        log_true_size: u32,
     }
     /// `union bpf_attr` for BPF_MAP_CREATE, up to the BTF ids.
     #[repr(C)]
@@ -1211,6 +1214,7 @@ fn pin_conntrack_of_an_older_build(path: &std::path::Path) {
             btf_size: btf.len() as u32,
             log_size: 0,
             log_level: 0,
+            log_true_size: 0,
         },
     );
     let mut map_name = [0u8; 16];
