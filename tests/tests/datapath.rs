@@ -1108,6 +1108,54 @@ fn btf_blob(types: &[&[u32]], strings: &[u8]) -> Vec<u8> {
     raw
 }
 
+/// `union bpf_attr` for BPF_BTF_LOAD. `log_true_size` (an output since 6.4) is spelled out
+/// so the struct has no padding: a kernel before it checks that the bytes after
+/// `log_level` are zero, and padding is not (6.1 answered EINVAL).
+#[repr(C)]
+struct BtfLoad {
+    btf: u64,
+    log_buf: u64,
+    btf_size: u32,
+    log_size: u32,
+    log_level: u32,
+    log_true_size: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_CREATE, up to the BTF ids.
+#[repr(C)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+}
+
+/// bpf(2) for a command that answers with a new file descriptor (BTF_LOAD, MAP_CREATE).
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `attr` is the bpf_attr member for `cmd`, with its addresses valid for the
+    // lengths it names.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            size_of::<T>(),
+        )
+    };
+    assert!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    // SAFETY: both commands return a new file descriptor, which we now own.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
 /// Creates, as an older build would have, the IPv4 conntrack map with this build's sizes but
 /// the frontend and backend ids in each other's place in the value, and pins it at `path`.
 fn pin_conntrack_of_an_older_build(path: &std::path::Path) {
@@ -1162,50 +1210,6 @@ fn pin_conntrack_of_an_older_build(path: &std::path::Path) {
     );
     let (key_type, value_type) = (7, 8);
 
-    /// `union bpf_attr` for BPF_BTF_LOAD. `log_true_size` (an output since 6.4) is spelled out
-    /// so the struct has no padding: a kernel before it checks that the bytes after
-    /// `log_level` are zero, and padding is not (6.1 answered EINVAL).
-    #[repr(C)]
-    struct BtfLoad {
-        btf: u64,
-        log_buf: u64,
-        btf_size: u32,
-        log_size: u32,
-        log_level: u32,
-        log_true_size: u32,
-    }
-    /// `union bpf_attr` for BPF_MAP_CREATE, up to the BTF ids.
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-        numa_node: u32,
-        map_name: [u8; 16],
-        map_ifindex: u32,
-        btf_fd: u32,
-        btf_key_type_id: u32,
-        btf_value_type_id: u32,
-    }
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
-        use std::os::fd::FromRawFd as _;
-        // SAFETY: `attr` is the bpf_attr member for `cmd`, with its addresses valid for the
-        // lengths it names.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                std::ptr::from_mut(attr).cast::<libc::c_void>(),
-                size_of::<T>(),
-            )
-        };
-        assert!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
-        // SAFETY: both commands return a new file descriptor, which we now own.
-        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
-    }
     let btf_fd = bpf(
         18,
         &mut BtfLoad {
