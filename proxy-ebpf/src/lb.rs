@@ -29,6 +29,17 @@ pub struct Selected<A> {
     pub rev_nat_id: u32,
 }
 
+/// Where a backend is drawn from when no affinity entry decides.
+#[derive(Clone, Copy)]
+pub enum Draw {
+    /// A fresh random number: each connection or flow is balanced on its own.
+    Random,
+    /// A hash of this socket's cookie: every datagram of one unconnected UDP socket reaches
+    /// the same backend while the frontend's backends stay the same, as kube-proxy's
+    /// conntrack keeps one 5-tuple on one backend (Cilium's sock_select_slot does the same).
+    Socket(u64),
+}
+
 /// Who a client is for ClientIP affinity: an `AffinityKey` without its frontend.
 pub struct Client {
     pub id: [u32; 4],
@@ -55,19 +66,20 @@ pub unsafe fn copy_of<V: Copy>(map_get: Option<*const V>) -> Option<V> {
 }
 
 /// Looks `key` (a slot-0 frontend key) up and picks one of its backends: the client's previous
-/// one under ClientIP affinity, else one at random. `client` names the client for affinity and
-/// is only called when the frontend has it. `Ok(None)` means the address is not a frontend
-/// and must be left alone.
+/// one under ClientIP affinity, else one drawn as `draw` says. `client` names the client for
+/// affinity and is only called when the frontend has it. `Ok(None)` means the address is not
+/// a frontend and must be left alone.
 #[inline(always)]
 pub fn select<F: Family>(
     key: &ServiceKey<F::Addr>,
     client: impl FnOnce() -> Client,
+    draw: Draw,
 ) -> Result<Option<Selected<F::Addr>>, Reason> {
     // SAFETY: the pointer comes from this lookup.
     let Some(frontend) = (unsafe { copy_of(F::services().get_ptr(key)) }) else {
         return Ok(None);
     };
-    choose::<F>(key, &frontend, client).map(Some)
+    choose::<F>(key, &frontend, client, draw).map(Some)
 }
 
 /// Picks a backend of the frontend entry `frontend`, found at `key`.
@@ -76,14 +88,15 @@ pub fn choose<F: Family>(
     key: &ServiceKey<F::Addr>,
     frontend: &ServiceValue,
     client: impl FnOnce() -> Client,
+    draw: Draw,
 ) -> Result<Selected<F::Addr>, Reason> {
     if frontend.count == 0 {
         return Err(Reason::NoBackend);
     }
     let choice = if frontend.flags & svc_flags::AFFINITY != 0 {
-        affine::<F>(key, frontend, client())?
+        affine::<F>(key, frontend, client(), draw)?
     } else {
-        at_random::<F>(key, frontend.count)?
+        drawn::<F>(key, frontend, draw)?
     };
     Ok(Selected {
         backend: choice.backend,
@@ -93,10 +106,17 @@ pub fn choose<F: Family>(
 }
 
 #[inline(always)]
-fn at_random<F: Family>(key: &ServiceKey<F::Addr>, count: u32) -> Result<Choice<F::Addr>, Reason> {
-    // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
-    let entropy = unsafe { bpf_get_prandom_u32() };
-    through_slot::<F>(key, select::slot(entropy, count))
+fn drawn<F: Family>(
+    key: &ServiceKey<F::Addr>,
+    frontend: &ServiceValue,
+    draw: Draw,
+) -> Result<Choice<F::Addr>, Reason> {
+    let value = match draw {
+        // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
+        Draw::Random => unsafe { bpf_get_prandom_u32() },
+        Draw::Socket(cookie) => select::by_socket(cookie, frontend.rev_nat_id),
+    };
+    through_slot::<F>(key, select::slot(value, frontend.count))
 }
 
 #[inline(always)]
@@ -121,6 +141,7 @@ fn affine<F: Family>(
     key: &ServiceKey<F::Addr>,
     frontend: &ServiceValue,
     client: Client,
+    draw: Draw,
 ) -> Result<Choice<F::Addr>, Reason> {
     // SAFETY: bpf_ktime_get_ns takes no arguments and has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -140,7 +161,7 @@ fn affine<F: Family>(
             bump(Counter::AffinityHit);
             choice
         }
-        None => at_random::<F>(key, frontend.count)?,
+        None => drawn::<F>(key, frontend, draw)?,
     };
     let value = AffinityValue {
         last_used_ns: now,

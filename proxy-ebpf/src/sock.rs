@@ -19,7 +19,7 @@ use proxy_common::{
 use crate::{
     counters::bump,
     family::{Family, V4, V6},
-    lb::{self, Client, Reason, Selected, copy_of},
+    lb::{self, Client, Draw, Reason, Selected, copy_of},
 };
 
 const ALLOW: i32 = 1;
@@ -156,7 +156,14 @@ fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let frontend_addr = F::user_addr(ctx);
     let frontend_port = user_port(ctx);
     let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(ctx), scope::ALL);
-    let Some(selected) = lb::select::<F>(&key, || netns_client(ctx))? else {
+    // A TCP socket connects once, so a random draw spreads connections; an unconnected UDP
+    // socket comes here with every datagram, and its cookie keeps them on one backend.
+    let draw = if protocol(ctx) == proto::TCP {
+        Draw::Random
+    } else {
+        Draw::Socket(cookie(ctx))
+    };
+    let Some(selected) = lb::select::<F>(&key, || netns_client(ctx), draw)? else {
         let guard = ServiceKey::frontend(frontend_addr, 0, proto::ANY, scope::ALL);
         if F::services().get_ptr(guard).is_some() {
             return Err(Refusal::UnknownPort);

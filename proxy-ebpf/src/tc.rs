@@ -25,7 +25,7 @@ use crate::{
     NODE,
     counters::bump,
     family::{V4, V6},
-    lb::{self, Client, Reason, Selected, copy_of},
+    lb::{self, Client, Draw, Reason, Selected, copy_of},
     packet::{Head, Link, Packet, Parsed, TcFamily, csum_diff},
     route,
 };
@@ -234,7 +234,7 @@ fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Ad
         id: F::client_id(&packet.saddr),
         kind: F::AFFINITY_CLIENT,
     };
-    match lb::choose::<F>(&key, &frontend, client) {
+    match lb::choose::<F>(&key, &frontend, client, Draw::Random) {
         Ok(chosen) => {
             *selected = chosen;
             if !external_local && selected.backend.flags & backend_flags::LOCAL == 0 {

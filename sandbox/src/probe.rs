@@ -23,6 +23,9 @@ pub enum ProbeMode {
     /// Connected UDP on one long-lived socket, as a resolver keeps it; a new socket is opened
     /// only after an attempt fails.
     UdpSession,
+    /// Unconnected UDP on one long-lived socket: sendto() and recvfrom() every time, as a
+    /// resolver that never connects; a new socket only after an attempt fails.
+    UdpSharedUnconnected,
 }
 
 impl ProbeMode {
@@ -33,6 +36,7 @@ impl ProbeMode {
             Self::Udp => "udp",
             Self::UdpConnected => "udp-connected",
             Self::UdpSession => "udp-session",
+            Self::UdpSharedUnconnected => "udp-shared-unconnected",
         }
     }
 }
@@ -83,7 +87,8 @@ fn attempt_once(args: &ProbeArgs, n: u32, session: &mut Option<UdpSocket>) -> At
         ProbeMode::Tcp => tcp(args.target, timeout, n),
         ProbeMode::Udp => udp(args.target, timeout, n, false),
         ProbeMode::UdpConnected => udp(args.target, timeout, n, true),
-        ProbeMode::UdpSession => udp_session(args.target, timeout, n, session),
+        ProbeMode::UdpSession => udp_session(args.target, timeout, n, true, session),
+        ProbeMode::UdpSharedUnconnected => udp_session(args.target, timeout, n, false, session),
     };
     let micros = started.elapsed().as_micros() as u64;
     match result {
@@ -120,7 +125,8 @@ fn tcp(target: SocketAddr, timeout: Duration, n: u32) -> std::io::Result<(String
     Ok((body.trim().to_string(), peer))
 }
 
-fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
+/// A UDP socket for `target`, connected to it if `connected`.
+fn udp_socket(target: SocketAddr, timeout: Duration, connected: bool) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = if target.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -128,17 +134,30 @@ fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocke
     };
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(timeout))?;
+    if connected {
+        socket.connect(target)?;
+    }
     Ok(socket)
 }
 
-fn exchange_connected(socket: &UdpSocket, n: u32) -> std::io::Result<(String, SocketAddr)> {
+/// One datagram and its answer: send()/recv() with the peer from getpeername() on a connected
+/// socket, sendto()/recvfrom() with the reply's source as the peer otherwise.
+fn exchange(
+    socket: &UdpSocket,
+    target: SocketAddr,
+    n: u32,
+    connected: bool,
+) -> std::io::Result<(String, SocketAddr)> {
     let mut buf = [0u8; 1500];
-    socket.send(format!("probe {n}").as_bytes())?;
-    let len = socket.recv(&mut buf)?;
-    Ok((
-        String::from_utf8_lossy(&buf[..len]).trim().to_string(),
-        socket.peer_addr()?,
-    ))
+    let request = format!("probe {n}");
+    let (len, peer) = if connected {
+        socket.send(request.as_bytes())?;
+        (socket.recv(&mut buf)?, socket.peer_addr()?)
+    } else {
+        socket.send_to(request.as_bytes(), target)?;
+        socket.recv_from(&mut buf)?
+    };
+    Ok((String::from_utf8_lossy(&buf[..len]).trim().to_string(), peer))
 }
 
 fn udp(
@@ -147,32 +166,21 @@ fn udp(
     n: u32,
     connected: bool,
 ) -> std::io::Result<(String, SocketAddr)> {
-    let socket = udp_socket(target, timeout)?;
-    if connected {
-        socket.connect(target)?;
-        return exchange_connected(&socket, n);
-    }
-    let mut buf = [0u8; 1500];
-    socket.send_to(format!("probe {n}").as_bytes(), target)?;
-    let (len, peer) = socket.recv_from(&mut buf)?;
-    Ok((String::from_utf8_lossy(&buf[..len]).trim().to_string(), peer))
+    exchange(&udp_socket(target, timeout, connected)?, target, n, connected)
 }
 
 fn udp_session(
     target: SocketAddr,
     timeout: Duration,
     n: u32,
+    connected: bool,
     session: &mut Option<UdpSocket>,
 ) -> std::io::Result<(String, SocketAddr)> {
     let socket = match session.take() {
         Some(socket) => socket,
-        None => {
-            let socket = udp_socket(target, timeout)?;
-            socket.connect(target)?;
-            socket
-        }
+        None => udp_socket(target, timeout, connected)?,
     };
-    let result = exchange_connected(&socket, n);
+    let result = exchange(&socket, target, n, connected);
     if result.is_ok() {
         *session = Some(socket);
     }

@@ -137,6 +137,23 @@ fn connections_spread_across_three_backends() {
 }
 
 #[test]
+fn one_unconnected_udp_socket_keeps_every_datagram_on_one_backend() {
+    let world = started(&["be1", "be2", "be3"]);
+    let shared = world.probe(&addr(VIP, 53), ProbeMode::UdpSharedUnconnected, 20);
+    assert!(shared.iter().all(|a| a.ok), "{shared:?}");
+    let spread_of_one = spread(&shared);
+    // Drawn per datagram, 20 datagrams would all reach one of 3 backends with probability 3^-19.
+    assert_eq!(
+        spread_of_one.len(),
+        1,
+        "one socket's datagrams spread: {spread_of_one:?}"
+    );
+    // A socket per datagram is still balanced: stickiness is per socket, not per Service.
+    let fresh = spread(&world.probe(&addr(VIP, 53), ProbeMode::Udp, 20));
+    assert!(fresh.len() > 1, "20 sockets all reached one backend: {fresh:?}");
+}
+
+#[test]
 fn manifest_edits_are_reflected_in_new_connections() {
     let mut world = started(&["be1", "be2", "be3"]);
 
