@@ -6,7 +6,7 @@
 //! Egress translates replies of local backends on their way back to the client.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::TcContext,
@@ -14,10 +14,7 @@ use aya_ebpf::{
 use proxy_common::{
     conntrack,
     counters::Counter,
-    maps::{
-        Backend, CtKey, CtValue, NodeConfig, ServiceKey, SourceRange, backend_flags, ct_flags, scope,
-        svc_flags,
-    },
+    maps::{CtKey, CtValue, NodeConfig, ServiceKey, SourceRange, backend_flags, ct_flags, scope, svc_flags},
     proto,
 };
 
@@ -92,8 +89,9 @@ fn translate<F: TcFamily>(ctx: &TcContext, link: Link, head: &Head, hook: Hook) 
         Start::Refuse => return F::refuse(ctx, &packet),
         Start::Open => (false, 0),
         // Called from here, not from `open_flow`: nested, the two frames would take the IPv6
-        // chain past Linux 6.1's stack bound (it rounds each frame up to 32 bytes).
-        Start::OpenSnat => match snat_port::<F>(&packet, &selected.backend) {
+        // chain past Linux 6.1's stack bound (it rounds each frame up to 32 bytes). The claim
+        // inserts the flow's reply entry; `open_flow` then adds the original direction.
+        Start::OpenSnat => match claim_snat::<F>(&packet, &selected) {
             Some(port) => (true, port),
             None => {
                 bump(Counter::TcSnatFailed);
@@ -269,33 +267,37 @@ fn open_flow<F: TcFamily>(
     let Some((config, now)) = clock() else {
         return false;
     };
-    let backend = &selected.backend;
     let flags = if snat { ct_flags::SNAT } else { 0 };
     // One key and one value, each turned from one direction into the other, keep this frame
-    // small enough for IPv6. First the original direction, to find its source.
-    let mut entry = CtValue {
-        last_seen_ns: now,
-        saddr: packet.saddr,
-        daddr: backend.addr,
-        sport: packet.sport,
-        dport: backend.port,
-        rev_nat_id: selected.rev_nat_id,
-        backend_id: selected.backend_id,
-        flags,
-        _pad: [0; 3],
-    };
+    // small enough for IPv6. First the reply direction.
+    let mut key = CtKey::default();
+    let mut entry = CtValue::default();
     if snat {
-        entry.saddr = F::snat_address(config);
-        entry.sport = snat_port;
+        reply_entry::<F>(
+            packet,
+            selected,
+            &F::snat_address(config),
+            snat_port,
+            flags,
+            now,
+            &mut key,
+            &mut entry,
+        );
+    } else {
+        reply_entry::<F>(
+            packet,
+            selected,
+            &packet.saddr,
+            packet.sport,
+            flags,
+            now,
+            &mut key,
+            &mut entry,
+        );
     }
-    let mut key = entry.reverse_key(packet.proto);
-    entry.saddr = packet.daddr;
-    entry.daddr = packet.saddr;
-    entry.sport = packet.dport;
-    entry.dport = packet.sport;
-    entry.flags = flags | ct_flags::REPLY;
     // The reply entry first: a reply can never race ahead of the entry that translates it.
-    let recorded = F::conntrack().insert(&key, &entry, 0).is_ok() && {
+    // A SNATed flow's was inserted when its port was claimed.
+    let recorded = (snat || F::conntrack().insert(&key, &entry, 0).is_ok()) && {
         entry.saddr = key.daddr;
         entry.daddr = key.saddr;
         entry.sport = key.dport;
@@ -312,43 +314,83 @@ fn open_flow<F: TcFamily>(
         F::conntrack().insert(&key, &entry, 0).is_ok()
     };
     if !recorded {
+        // Give the claimed port back rather than hold it until the agent's GC: nobody else
+        // can have taken it while this entry existed.
+        if snat {
+            let _ = F::conntrack().remove(&entry.reverse_key(packet.proto));
+        }
         bump(Counter::TcCtUpdateFailed);
     }
     recorded
 }
 
-/// A source port for a flow to `backend` SNATed to the node's address, whose reply tuple no
-/// live flow holds: the client's own port when free (most flows keep their port), else a few
-/// random ones. `None` when the node has no address of this family or every try is taken.
+/// Fills in a new flow's reply entry: replies from the backend to (`source`, `source_port`)
+/// (the client, or the node's SNAT address and port) are rewritten to come from the frontend
+/// and go to the client. Out parameters, so the caller's one key and value are reused.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn reply_entry<F: TcFamily>(
+    packet: &Packet<F::Addr>,
+    selected: &Selected<F::Addr>,
+    source: &F::Addr,
+    source_port: u16,
+    flags: u8,
+    now: u64,
+    key: &mut CtKey<F::Addr>,
+    entry: &mut CtValue<F::Addr>,
+) {
+    let backend = &selected.backend;
+    *key = CtKey::new(backend.addr, *source, backend.port, source_port, packet.proto);
+    *entry = CtValue {
+        last_seen_ns: now,
+        saddr: packet.daddr,
+        daddr: packet.saddr,
+        sport: packet.dport,
+        dport: packet.sport,
+        rev_nat_id: selected.rev_nat_id,
+        backend_id: selected.backend_id,
+        flags: flags | ct_flags::REPLY,
+        _pad: [0; 3],
+    };
+}
+
+/// Claims a source port for a flow to `selected` SNATed to the node's address, by inserting
+/// the flow's reply entry only where none exists (BPF_NOEXIST): two CPUs opening flows at once
+/// can never both take one reply tuple, as they could when a lookup chose and a later insert
+/// took (Cilium's `__snat_create` claims the same way). The client's own port first (most
+/// flows keep their port), then a few random ones. A tuple held by an expired entry stays
+/// taken until the agent's GC or the LRU frees it: deleting it here could delete another CPU's
+/// fresh claim. `None` when the node has no address of this family or every try is taken.
 #[inline(never)]
-fn snat_port<F: TcFamily>(packet: &Packet<F::Addr>, backend: &Backend<F::Addr>) -> Option<u16> {
+// By reference, as in `open_flow`: by value, the key and value each get another stack copy.
+#[allow(clippy::needless_borrows_for_generic_args)]
+fn claim_snat<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr>) -> Option<u16> {
     let (config, now) = clock()?;
     let source = F::snat_address(config);
     if source == F::Addr::default() {
         return None;
     }
-    let mut port = packet.sport;
+    let mut key = CtKey::default();
+    let mut entry = CtValue::default();
+    reply_entry::<F>(
+        packet,
+        selected,
+        &source,
+        packet.sport,
+        ct_flags::SNAT,
+        now,
+        &mut key,
+        &mut entry,
+    );
     for _ in 0..SNAT_ATTEMPTS {
-        let reply_key = CtKey::new(backend.addr, source, backend.port, port, packet.proto);
-        // Read in place: a copy of an IPv6 entry would cost this frame its size again.
-        let free = match F::conntrack().get_ptr(reply_key) {
-            None => true,
-            Some(entry) => {
-                // SAFETY: the pointer comes from a successful lookup and stays valid for this
-                // program run (RCU); a concurrent refresh is seen as its old or new value.
-                let (flags, last_seen_ns) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
-                conntrack::expired(
-                    now,
-                    last_seen_ns,
-                    conntrack::lifetime_s(packet.proto, flags, config),
-                )
-            }
-        };
-        if free {
-            return Some(port);
+        if F::conntrack()
+            .insert(&key, &entry, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Some(key.dport);
         }
         // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
-        port = conntrack::snat_port(unsafe { bpf_get_prandom_u32() });
+        key.dport = conntrack::snat_port(unsafe { bpf_get_prandom_u32() });
     }
     None
 }

@@ -324,6 +324,16 @@ impl Lab {
         all
     }
 
+    /// Empties the IPv4 conntrack map.
+    fn forget_conntrack(&self) {
+        let mut map: HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+            typed(self.pins.path(), names::CONNTRACK_V4).expect("opening a pinned map");
+        let keys: Vec<_> = map.keys().map(|k| k.expect("reading a key")).collect();
+        for key in keys {
+            map.remove(&key).expect("removing an entry");
+        }
+    }
+
     /// The id the writer gave the backend at `addr`.
     fn backend_id(&self, addr: SocketAddr) -> u32 {
         let found = match addr.ip() {
@@ -796,6 +806,71 @@ fn a_second_client_on_a_taken_source_port_gets_another_snat_port() {
     want.extend(lab.flow(proto::TCP, second, frontend, snat, backend, ct_flags::SNAT));
     want.sort();
     assert_eq!(tracked, want);
+}
+
+/// Two CPUs open SNATed flows at the same moment from two clients on the same source port, so
+/// both want the same reply tuple (the node's address on that port). Each flow must keep a
+/// reply entry of its own: before the reply entry was claimed with BPF_NOEXIST, a lookup chose
+/// the port and a later insert took it, and the second CPU overwrote the first flow's entry.
+#[test]
+fn two_cpus_opening_flows_at_once_never_share_a_snat_reply_tuple() {
+    const ROUNDS: u16 = 40;
+    // 4 entries per pair of flows: a round stays well inside the 1024-entry LRU.
+    const PAIRS_PER_ROUND: u16 = 200;
+    let lab = Lab::new();
+    if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+        println!("SKIPPED: the race needs two CPUs");
+        return;
+    }
+    let frontend = sa(NODE, REMOTE_NODE_PORT);
+    let fd = lab
+        .datapath
+        .program_fd("bkp_tc_ingress")
+        .expect("a loaded program");
+    let start = std::sync::Barrier::new(2);
+    let mut stolen = Vec::new();
+    for round in 0..ROUNDS {
+        let first_port = 20_000 + round * PAIRS_PER_ROUND;
+        std::thread::scope(|scope| {
+            for (cpu, client) in [(0, CLIENT), (1, OTHER_CLIENT)] {
+                let (start, node) = (&start, &lab.node);
+                scope.spawn(move || {
+                    node.run(|| {
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(cpu).map_err(std::io::Error::from)?;
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .map_err(std::io::Error::from)?;
+                        for port in first_port..first_port + PAIRS_PER_ROUND {
+                            let frame = Packet::tcp(sa(client, port), frontend, SYN).frame();
+                            start.wait();
+                            let run = prog_test_run(fd, &frame, 1)?;
+                            assert_eq!(run.retval, TC_ACT_REDIRECT, "SYN from {client}:{port}");
+                        }
+                        Ok(())
+                    })
+                    .expect("test runs on one CPU");
+                });
+            }
+        });
+        let tracked = lab.conntrack();
+        for flow in tracked.iter().filter(|t| t.flags & ct_flags::REPLY == 0) {
+            let reply = tracked
+                .iter()
+                .find(|t| t.from == flow.new_to && t.to == flow.new_from);
+            if reply.is_none_or(|r| r.new_to != flow.from) {
+                stolen.push((*flow, reply.copied()));
+            }
+        }
+        lab.forget_conntrack();
+    }
+    assert_eq!(lab.counter("tc_snat_failed"), 0);
+    assert!(
+        stolen.is_empty(),
+        "{} of {} flows lost their reply entry to another flow, e.g. {:?}",
+        stolen.len(),
+        2 * u32::from(ROUNDS) * u32::from(PAIRS_PER_ROUND),
+        stolen.first()
+    );
 }
 
 #[test]
