@@ -1,7 +1,7 @@
 //! The long-running agent: loads the datapath, adopts what pinned maps already hold, keeps the
 //! maps in sync with the source, and leaves everything in place when it stops.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::signal::unix::SignalKind;
@@ -10,7 +10,7 @@ use crate::{
     config::{AgentOptions, SourceConfig},
     datapath::{
         conntrack::Conntrack,
-        external,
+        external::{self, Attached, Attachment},
         features::TcMode,
         loader::{Datapath, LoadError},
         maps::{OpenError, PinnedMaps},
@@ -22,7 +22,11 @@ use crate::{
         writer::Writer,
     },
     health::{self, proxy::Health, services::HealthCheckServers},
-    node::external::{ExternalError, ExternalSide},
+    node::{
+        devices::Devices,
+        external::{ExternalError, ExternalSide},
+        link_events::LinkEvents,
+    },
     pipeline::plan::{Capacity, Planner},
     source::{
         files::{FileWatch, WatchError},
@@ -52,6 +56,8 @@ pub enum AgentError {
     Watch(#[from] WatchError),
     #[error(transparent)]
     External(#[from] ExternalError),
+    #[error("subscribing to the node's link notifications: {0}")]
+    LinkEvents(std::io::Error),
 }
 
 /// The datapath, loaded and with its pinned state adopted, but not attached yet.
@@ -65,6 +71,11 @@ struct Prepared {
     health: Arc<Health>,
     /// tc programs that did not load (for `/healthz`).
     degraded: Vec<String>,
+    /// `--devices`, selected again whenever the node's links or addresses change.
+    devices: Devices,
+    /// The devices the tc programs were last attached to, with their ifindexes.
+    present: BTreeMap<String, u32>,
+    attachments: Vec<Attachment>,
     live: bool,
 }
 
@@ -118,8 +129,64 @@ impl Prepared {
             metrics: metrics_for_prepared,
             health,
             degraded,
+            devices: opts.external.devices.clone(),
+            present: BTreeMap::new(),
+            attachments: Vec::new(),
             live: false,
         })
+    }
+
+    /// Attaches the tc programs to `present` (the devices `--devices` selects now), reports
+    /// the attachments and updates `/healthz`.
+    fn attach_devices(&mut self, present: std::io::Result<BTreeMap<String, u32>>) {
+        let attached = present
+            .map_err(|e| format!("listing the node's devices: {e}"))
+            .and_then(|present| {
+                let names: Vec<String> = present.keys().cloned().collect();
+                let attachments = self
+                    .datapath
+                    .attach_devices(&names, self.tc_mode)
+                    .map_err(|e| e.to_string())?;
+                Ok((present, attachments))
+            });
+        let tc_problems = match attached {
+            Ok((present, attachments)) => {
+                let problems = report_attachments(&self.attachments, &attachments, &self.metrics);
+                self.present = present;
+                self.attachments = attachments;
+                problems
+            }
+            Err(e) => {
+                // The socket programs are attached: they serve whatever happens to tc.
+                tracing::error!("tc programs not attached: {e}");
+                // The next link notification tries again.
+                self.present.clear();
+                vec![format!("tc: {e}")]
+            }
+        };
+        let external_down = !self.external.devices.is_empty() && !tc_problems.is_empty();
+        let mut problems = self.degraded.clone();
+        problems.extend(tc_problems);
+        self.health.set_degraded(problems, external_down);
+    }
+
+    /// After link or address notifications: attaches again when a device was deleted,
+    /// recreated (a new ifindex under its name), or is now selected or no longer.
+    fn follow_devices(&mut self) {
+        if !self.live {
+            // The first attach, still to come, selects the devices then.
+            return;
+        }
+        let now = match self.devices.present() {
+            Ok(now) if now == self.present => return,
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!("listing the node's devices after a link notification: {e}");
+                return;
+            }
+        };
+        tracing::info!(was = ?self.present, now = ?now, "devices changed (name: ifindex), attaching the tc programs again");
+        self.attach_devices(Ok(now));
     }
 
     /// Syncs; the first time, once the source has listed everything, also drops state no
@@ -153,22 +220,8 @@ impl Prepared {
             &self.proxier.release_unclaimed(),
         );
         let attached = self.datapath.attach(cgroup)?;
-        let (attachments, mut tc_problems) =
-            match self.datapath.attach_devices(&self.external.devices, self.tc_mode) {
-                Ok(attachments) => (attachments, Vec::new()),
-                Err(e) => {
-                    // The socket programs are attached: they serve whatever happens to tc.
-                    tracing::error!("tc programs not attached: {e}");
-                    (Vec::new(), vec![format!("tc: {e}")])
-                }
-            };
-        tc_problems.extend(report_attachments(&attachments, &self.metrics));
-        let external_down = !self.external.devices.is_empty() && !tc_problems.is_empty();
-        let mut problems = self.degraded.clone();
-        problems.extend(tc_problems);
-        self.health.set_degraded(problems, external_down);
-        let tc_updated = attachments.iter().filter(|a| a.outcome == Ok(true)).count();
-        let tc_created = attachments.iter().filter(|a| a.outcome == Ok(false)).count();
+        self.attach_devices(self.devices.present());
+        let tc_count = |how| self.attachments.iter().filter(|a| a.outcome == Ok(how)).count();
         let planner = self.proxier.planner();
         tracing::info!(
             cgroup = %cgroup.display(),
@@ -176,8 +229,9 @@ impl Prepared {
             links_updated = attached.updated,
             links_created = attached.created,
             tc_mode = self.tc_mode.as_str(),
-            tc_links_updated = tc_updated,
-            tc_links_created = tc_created,
+            tc_links_updated = tc_count(Attached::Updated),
+            tc_links_created = tc_count(Attached::Created),
+            tc_links_reattached = tc_count(Attached::Reattached),
             services = planner.service_count(),
             frontends = planner.frontend_count(),
             backends = planner.backend_count(),
@@ -220,6 +274,11 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
     // kube-proxy's health timeout: a change may wait two sync periods before `/healthz` fails.
     let health = Arc::new(Health::new(2 * opts.sync_period));
     let prepared = Prepared::load(&opts, metrics.clone(), health.clone())?;
+    // Before the first attach, so that no change after it goes unseen.
+    let links = match opts.external.devices {
+        Devices::None => LinkEvents::none(),
+        _ => LinkEvents::subscribe().map_err(AgentError::LinkEvents)?,
+    };
     metrics.attach_datapath(Box::new(PinnedReadings::open(&opts.pin_dir)?));
     if let Some(addr) = opts.healthz_addr {
         health::server::start(health, metrics.clone(), addr).await?;
@@ -229,13 +288,13 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
     }
     let stop = shutdown()?;
     match &opts.source {
-        SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, stop).await?,
+        SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, links, stop).await?,
         SourceConfig::Kubernetes {
             kubeconfig,
             watch_liveness,
         } => {
             let client = kube_source::client(kubeconfig.as_deref(), Some(*watch_liveness)).await?;
-            run_kube(client, &opts, prepared, metrics, stop).await?;
+            run_kube(client, &opts, prepared, links, metrics, stop).await?;
         }
     }
     tracing::info!("stopping; the datapath stays in place (run `bpf-kube-proxy cleanup` to remove it)");
@@ -259,6 +318,7 @@ async fn run_manifests(
     path: &Path,
     opts: &AgentOptions,
     mut prepared: Prepared,
+    mut links: LinkEvents,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let mut files = FileWatch::new(path)?;
@@ -277,6 +337,7 @@ async fn run_manifests(
             _ = resync.tick() => reload(&mut manifests, &mut prepared),
             _ = periodic.tick() => full = true,
             () = repair_due(prepared.proxier.repair_due()) => {}
+            () = links.changed() => prepared.follow_devices(),
             () = &mut stop => return Ok(()),
         }
         prepared.sync(&opts.cgroup, full)?;
@@ -322,6 +383,7 @@ async fn run_kube(
     client: kube::Client,
     opts: &AgentOptions,
     mut prepared: Prepared,
+    mut links: LinkEvents,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -347,6 +409,7 @@ async fn run_kube(
                 }
             }
             () = repair_due(prepared.proxier.repair_due()) => {}
+            () = links.changed() => prepared.follow_devices(),
             () = &mut stop => return Ok(()),
         }
         if watches.listed() {

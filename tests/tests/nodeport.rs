@@ -95,6 +95,28 @@ fn with_forced_tc_attach(mut args: Vec<&str>) -> Vec<&str> {
     args
 }
 
+/// Gives the uplink `device` of the node and `client_dev` of the client their addresses (IPv6
+/// too with `ipv6`), brings them up and routes the client through the node.
+fn address_uplink(node: &Netns, device: &str, ext: &Netns, client_dev: &str, ipv6: bool) {
+    let link = |ns: &Netns, args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    link(node, &["addr", "add", &format!("{NODE_IP}/24"), "dev", device]);
+    link(node, &["link", "set", device, "up"]);
+    link(
+        ext,
+        &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", client_dev],
+    );
+    link(ext, &["link", "set", client_dev, "up"]);
+    link(ext, &["route", "add", "default", "via", NODE_IP]);
+    if ipv6 {
+        // Usable at once (no duplicate address detection), as on the pods.
+        let addr6 =
+            |ns: &Netns, cidr: &str, dev: &str| link(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+        addr6(node, &format!("{NODE_IP6}/64"), device);
+        addr6(ext, &format!("{CLIENT_IP6}/64"), client_dev);
+        link(ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
+    }
+}
+
 /// Builds the topology around a world with `local` backend pods; the agent is not started.
 fn outside(local: &[&str], agent_args: &[&str]) -> Outside {
     outside_over(Uplink::Veth, local, agent_args)
@@ -148,20 +170,8 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
             (Link::Kernel, "ipip0")
         }
     };
-    link(node, &["addr", "add", &format!("{NODE_IP}/24"), "dev", "up0"]);
-    link(node, &["link", "set", "up0", "up"]);
-    link(
-        &ext,
-        &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", client_dev],
-    );
-    link(&ext, &["link", "set", client_dev, "up"]);
-    link(&ext, &["route", "add", "default", "via", NODE_IP]);
     // IPIP carries IPv4 only.
-    if !matches!(uplink, Uplink::Ipip) {
-        addr6(node, &format!("{NODE_IP6}/64"), "up0");
-        addr6(&ext, &format!("{CLIENT_IP6}/64"), client_dev);
-        link(&ext, &["-6", "route", "add", "default", "via", NODE_IP6]);
-    }
+    address_uplink(node, "up0", &ext, client_dev, !matches!(uplink, Uplink::Ipip));
 
     let node2 = Netns::create(&format!("{prefix}-n2")).expect("second node namespace");
     forwarding(&node2);
@@ -202,8 +212,10 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
             .expect("remote udp server");
     });
 
-    let mut args = vec!["--devices", "up0,n2"];
-    args.extend_from_slice(agent_args);
+    let mut args = agent_args.to_vec();
+    if !args.contains(&"--devices") {
+        args.extend(["--devices", "up0,n2"]);
+    }
     world.agent_in_node().agent_args(&with_forced_tc_attach(args));
     Outside {
         link: uplink_state,
@@ -1033,4 +1045,138 @@ fn devices_without_a_link_layer_header_get_the_l3_programs() {
             .any(|l| l.contains("device=\"tun0\",program=\"bkp_tc_ingress_l3\"")),
         "{attached:?}"
     );
+}
+
+/// Deletes the node's `up0` (its peer, the client's `eth0`, goes with it), as a lab's
+/// namespaces torn down do or flannel does to `flannel.1` when it restarts.
+fn delete_uplink(o: &Outside) {
+    o.world
+        .topology
+        .node
+        .ip(&["link", "del", "up0"])
+        .expect("deleting up0");
+}
+
+/// Makes the uplink again as `device` (a new ifindex, under the old name or another), with the
+/// addresses and routes it had.
+fn create_uplink(o: &Outside, device: &str) {
+    let node = &o.world.topology.node;
+    node.veth_to(device, &o.ext).expect("veth");
+    address_uplink(node, device, &o.ext, "eth0", true);
+}
+
+/// The state whose `bpf_kube_proxy_tc_attachments` series is 1 for `device` and `program`,
+/// whichever the attach mode.
+fn attachment_state(world: &World, device: &str, program: &str) -> Option<String> {
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    let series = format!("bpf_kube_proxy_tc_attachments{{device=\"{device}\",program=\"{program}\",");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&series) && l.ends_with(" 1"))
+        .find_map(|l| Some(l.split("state=\"").nth(1)?.split('"').next()?.to_string()))
+}
+
+fn reattached(world: &World, device: &str, program: &str) -> Option<f64> {
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    metric_sample(
+        &metrics,
+        &format!("bpf_kube_proxy_tc_reattached_total{{device=\"{device}\",program=\"{program}\"}}"),
+    )
+}
+
+/// Waits until the NodePort answers through the uplink again: only the tc programs on it
+/// serve it (the node has no socket on the NodePort).
+fn wait_for_nodeport(o: &mut Outside) {
+    let Outside { ext, world, .. } = o;
+    world.wait_until(
+        "the NodePort to answer through the new uplink",
+        Duration::from_secs(10),
+        |_| http_get(ext, target(NODE_IP, NODE_PORT)).ok(),
+    );
+}
+
+/// A device deleted and created again under its name while the agent is stopped leaves its
+/// pinned TCX link severed (its netlink filter gone): the next agent starts, attaches the
+/// programs to the device of that name afresh, and counts it.
+#[test]
+fn a_device_recreated_while_the_agent_is_stopped_gets_its_programs_at_start() {
+    let mut o = outside(&["a"], &[]);
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    o.world.stop_agent(Signal::SIGTERM);
+    delete_uplink(&o);
+    create_uplink(&o, "up0");
+    o.world.start_agent();
+    assert_local_and_remote_reached(&o, &IPV4);
+    let log = o.world.agent_log();
+    let ready = log
+        .lines()
+        .rfind(|l| l.contains("datapath ready"))
+        .expect("ready line");
+    assert!(
+        ready.contains("tc_links_reattached=2") && ready.contains("tc_links_updated=2"),
+        "up0's two attached afresh, n2's updated: {ready}"
+    );
+    for program in ["bkp_tc_ingress", "bkp_tc_egress"] {
+        assert_eq!(reattached(&o.world, "up0", program), Some(1.0), "{program}");
+        assert_eq!(reattached(&o.world, "n2", program), None, "{program}");
+    }
+}
+
+/// A listed device deleted while the agent runs is reported absent (the agent goes on
+/// serving), and once created again it gets its programs back without a restart.
+#[test]
+fn a_listed_device_recreated_while_running_gets_its_programs_again() {
+    let mut o = outside(&["a"], &[]);
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    who(&o, target(NODE_IP, NODE_PORT));
+    delete_uplink(&o);
+    o.world
+        .wait_until("up0 reported absent", Duration::from_secs(10), |w| {
+            (attachment_state(w, "up0", "bkp_tc_ingress")? == "absent").then_some(())
+        });
+    assert_eq!(
+        attachment_state(&o.world, "n2", "bkp_tc_ingress").as_deref(),
+        Some("attached")
+    );
+    let (status, body) = o.world.http_get("/healthz", "/healthz");
+    assert_eq!(status, 200, "a device that is gone is no failure: {body}");
+
+    create_uplink(&o, "up0");
+    wait_for_nodeport(&mut o);
+    assert_local_and_remote_reached(&o, &IPV4);
+    for program in ["bkp_tc_ingress", "bkp_tc_egress"] {
+        assert_eq!(
+            attachment_state(&o.world, "up0", program).as_deref(),
+            Some("attached"),
+            "{program}"
+        );
+    }
+}
+
+/// `--devices auto` picks a device added while the agent runs once it has a global address,
+/// and lets go of one that went away: the uplink comes back as `wan0` with up0's addresses
+/// (NodePort addresses are those the node had at start).
+#[test]
+fn auto_picks_a_device_added_while_running() {
+    let mut o = outside(&["a"], &["--devices", "auto", "--node-ip", NODE_IP]);
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    delete_uplink(&o);
+    create_uplink(&o, "wan0");
+    wait_for_nodeport(&mut o);
+    assert_local_and_remote_reached(&o, &IPV4);
+    for program in ["bkp_tc_ingress", "bkp_tc_egress"] {
+        assert_eq!(
+            attachment_state(&o.world, "wan0", program).as_deref(),
+            Some("attached"),
+            "{program}"
+        );
+        assert_eq!(
+            attachment_state(&o.world, "up0", program).as_deref(),
+            Some("absent"),
+            "{program}"
+        );
+    }
 }

@@ -17,6 +17,7 @@ use aya::{
 };
 use proxy_common::maps::{self as names, NodeConfig};
 
+pub use crate::datapath::links::Attached;
 use crate::datapath::{features::TcMode, host, links, loader::LoadError, maps::typed, sys};
 
 /// Writes the node settings the tc programs read.
@@ -325,15 +326,16 @@ pub struct Attachment {
     pub device: String,
     pub program: &'static str,
     pub mode: TcMode,
-    /// `Ok(true)`: an existing attachment now runs the new program (restart); `Ok(false)`:
-    /// created; `Err`: why it is not attached.
-    pub outcome: Result<bool, String>,
+    /// How it is attached, or why it is not.
+    pub outcome: Result<Attached, String>,
 }
 
 /// Attaches the tc programs to `devices` in `mode`, each device getting the pair for its link
 /// type. Attachments are recorded under `<pin dir>/tc/<device>@<program>` (a pinned TCX link,
 /// or a record of the netlink filter) and replaced in place on a restart, so that there is no
-/// instant without translation; those of devices no longer listed are removed. A failure on
+/// instant without translation; those of devices no longer listed (or gone) are removed. A
+/// severed TCX link or a filter gone with its device (the device was deleted, and maybe
+/// recreated under the same name) is attached afresh. A failure on
 /// one device or program is returned in its [`Attachment`] and stops nothing else.
 pub fn attach(
     ebpf: &mut Ebpf,
@@ -368,7 +370,7 @@ pub fn attach(
         let path = entry.map_err(pin_err("listing", &dir))?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if !wanted.iter().any(|w| *w == name) {
-            tracing::info!(record = %path.display(), "detaching tc from a device no longer listed");
+            tracing::info!(record = %path.display(), "detaching tc from a device no longer listed or gone");
             if let Some(note) = remove_record(&path, netns).map_err(pin_err("removing", &path))? {
                 tracing::warn!("{note}");
             }
@@ -412,7 +414,7 @@ fn attach_one(
     p: &TcProgram,
     mode: TcMode,
     netns: u64,
-) -> Result<bool, String> {
+) -> Result<Attached, String> {
     let program = tc_program(ebpf, p.name).map_err(|e| e.to_string())?;
     if program.fd().is_err() {
         return Err(format!("program {} did not load", p.name));
@@ -451,7 +453,15 @@ fn attach_one(
                 std::os::unix::fs::symlink(FilterRecord::new(p.direction, netns).to_text(), path)
                     .map_err(|e| format!("recording the filter at {}: {e}", path.display()))?;
             }
-            Ok(replaced)
+            Ok(match (replaced, existing) {
+                (true, _) => Attached::Updated,
+                // Recorded, but not on the device: it went with the device it was on.
+                (false, Some(Record::Netlink(_))) => {
+                    tracing::info!(record = %path.display(), "recorded filter gone (its device was deleted): attached afresh");
+                    Attached::Reattached
+                }
+                (false, _) => Attached::Created,
+            })
         }
     }
 }

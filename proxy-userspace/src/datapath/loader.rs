@@ -248,7 +248,7 @@ impl Datapath {
                 PinnedLinkError::Program(source) => prog_err(source),
                 PinnedLinkError::Attach(e) => e,
             })?;
-            if updated {
+            if updated == links::Attached::Updated {
                 report.updated += 1;
             } else {
                 report.created += 1;

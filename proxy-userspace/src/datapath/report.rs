@@ -3,11 +3,13 @@
 
 use crate::{
     datapath::{
-        external::{Attachment, ProgramState},
+        external::{Attached, Attachment, ProgramState},
         features::{KernelFeatures, TcAttach, TcMode},
         loader::Recreated,
     },
-    telemetry::metrics::{AttachmentLabel, FeatureLabel, Metrics, ProgramLabel, RecreatedLabel},
+    telemetry::metrics::{
+        AttachmentLabel, DeviceProgramLabel, FeatureLabel, Metrics, ProgramLabel, RecreatedLabel,
+    },
 };
 
 /// Probes the kernel once, logs the one line and exports it; returns the tc attach mode.
@@ -63,32 +65,81 @@ pub(crate) fn report_programs(programs: &[(&'static str, ProgramState)], metrics
     problems
 }
 
-/// Logs and exports the tc attachments; returns the problems, for `/healthz`.
-pub(crate) fn report_attachments(attachments: &[Attachment], metrics: &Metrics) -> Vec<String> {
+/// The states of `bpf_kube_proxy_tc_attachments`; a series is 1 in the state it is in.
+const ATTACHMENT_STATES: [&str; 3] = ["attached", "failed", "absent"];
+
+fn set_attachment_state(metrics: &Metrics, a: &Attachment, state: &'static str) {
+    for s in ATTACHMENT_STATES {
+        let label = AttachmentLabel {
+            device: a.device.clone(),
+            program: a.program.to_string(),
+            mode: a.mode.as_str(),
+            state: s,
+        };
+        // Only the series of a state it was ever in exist: the others need no zero.
+        if s == state {
+            metrics.tc_attachments.get_or_create(&label).set(1);
+        } else if let Some(gauge) = metrics.tc_attachments.get(&label) {
+            gauge.set(0);
+        }
+    }
+}
+
+/// Logs and exports the tc attachments, `previous` being those of the last attach (empty at
+/// start): an attachment of `previous` that is not in `attachments` went with its device.
+/// A failure is logged when it first occurs. Returns the problems, for `/healthz`.
+pub(crate) fn report_attachments(
+    previous: &[Attachment],
+    attachments: &[Attachment],
+    metrics: &Metrics,
+) -> Vec<String> {
+    let same = |a: &Attachment, b: &Attachment| a.device == b.device && a.program == b.program;
     let mut problems = Vec::new();
     for a in attachments {
         let state = match &a.outcome {
-            Ok(_) => "attached",
+            Ok(attached) => {
+                if *attached == Attached::Reattached {
+                    tracing::info!(
+                        device = %a.device,
+                        program = a.program,
+                        mode = a.mode.as_str(),
+                        "tc program attached afresh: its device had been deleted (and is back)"
+                    );
+                    metrics
+                        .tc_reattached
+                        .get_or_create(&DeviceProgramLabel {
+                            device: a.device.clone(),
+                            program: a.program.to_string(),
+                        })
+                        .inc();
+                }
+                "attached"
+            }
             Err(e) => {
-                tracing::error!(
-                    device = %a.device,
-                    program = a.program,
-                    mode = a.mode.as_str(),
-                    "tc program not attached; traffic from outside arriving on this device is not served: {e}"
-                );
+                if !previous.iter().any(|p| same(p, a) && p.outcome == a.outcome) {
+                    tracing::error!(
+                        device = %a.device,
+                        program = a.program,
+                        mode = a.mode.as_str(),
+                        "tc program not attached; traffic from outside arriving on this device is not served: {e}"
+                    );
+                }
                 problems.push(format!("tc: {e}"));
                 "failed"
             }
         };
-        metrics
-            .tc_attachments
-            .get_or_create(&AttachmentLabel {
-                device: a.device.clone(),
-                program: a.program.to_string(),
-                mode: a.mode.as_str(),
-                state,
-            })
-            .set(1);
+        set_attachment_state(metrics, a, state);
+    }
+    for gone in previous
+        .iter()
+        .filter(|p| !attachments.iter().any(|a| same(p, a)))
+    {
+        tracing::warn!(
+            device = %gone.device,
+            program = gone.program,
+            "device gone (or no longer selected): its tc program is detached"
+        );
+        set_attachment_state(metrics, gone, "absent");
     }
     problems
 }
@@ -99,6 +150,43 @@ mod tests {
 
     use super::*;
     use crate::datapath::loader::Mismatch;
+
+    #[test]
+    fn an_attachment_whose_device_went_is_absent_and_one_attached_afresh_is_counted() {
+        let metrics = Metrics::new();
+        let on = |device: &str, outcome| Attachment {
+            device: device.into(),
+            program: "bkp_tc_ingress",
+            mode: TcMode::Tcx,
+            outcome,
+        };
+        let series = |device: &str, state: &str| {
+            format!(
+                r#"bpf_kube_proxy_tc_attachments{{device="{device}",program="bkp_tc_ingress",mode="tcx",state="{state}"}}"#
+            )
+        };
+        let first = [on("eth0", Ok(Attached::Created)), on("eth1", Err("busy".into()))];
+        assert_eq!(report_attachments(&[], &first, &metrics), ["tc: busy"]);
+        let second = [on("eth1", Ok(Attached::Reattached))];
+        assert!(report_attachments(&first, &second, &metrics).is_empty());
+        let text = metrics.encode();
+        for (line, value) in [
+            (series("eth0", "attached"), 0),
+            (series("eth0", "absent"), 1),
+            (series("eth1", "failed"), 0),
+            (series("eth1", "attached"), 1),
+            (
+                r#"bpf_kube_proxy_tc_reattached_total{device="eth1",program="bkp_tc_ingress"}"#.into(),
+                1,
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("{line} {value}\n")),
+                "{line} {value}: {text}"
+            );
+        }
+        assert!(!text.contains(&series("eth1", "absent")), "{text}");
+    }
 
     #[test]
     fn a_recreated_map_is_counted_by_name_and_mismatch() {

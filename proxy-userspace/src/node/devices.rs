@@ -79,6 +79,24 @@ impl Devices {
                 .collect(),
         }
     }
+
+    /// The devices this selects now, each with its ifindex (which changes when a device is
+    /// deleted and created again under its name); a listed device that does not exist is left
+    /// out.
+    pub(crate) fn present(&self) -> std::io::Result<BTreeMap<String, u32>> {
+        let names = match self {
+            Self::None => return Ok(BTreeMap::new()),
+            Self::Named(names) => names.clone(),
+            Self::Auto => self.resolve(&interface_addresses()?),
+        };
+        Ok(names
+            .into_iter()
+            .filter_map(|name| {
+                let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+                Some((name, index))
+            })
+            .collect())
+    }
 }
 
 /// The node's primary addresses (one per family): `--node-ip` values first, else the first

@@ -2,4 +2,5 @@
 
 pub(crate) mod devices;
 pub mod external;
+pub(crate) mod link_events;
 pub(crate) mod nodeport;

@@ -47,8 +47,14 @@ pub(crate) struct AttachmentLabel {
     pub program: String,
     /// `tcx` or `netlink`.
     pub mode: &'static str,
-    /// `attached` or `failed`.
+    /// `attached`, `failed`, or `absent` (the device went away).
     pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DeviceProgramLabel {
+    pub device: String,
+    pub program: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -170,6 +176,7 @@ pub struct Metrics {
     pub(crate) health_check_bind_failures: Counter,
     pub(crate) datapath_programs: Family<ProgramLabel, Gauge>,
     pub(crate) tc_attachments: Family<AttachmentLabel, Gauge>,
+    pub(crate) tc_reattached: Family<DeviceProgramLabel, Counter>,
     pub(crate) kernel_features: Family<FeatureLabel, Gauge>,
     pub(crate) maps_recreated: Family<RecreatedLabel, Counter>,
 }
@@ -212,6 +219,7 @@ impl Metrics {
             health_check_bind_failures: Counter::default(),
             datapath_programs: Family::default(),
             tc_attachments: Family::default(),
+            tc_reattached: Family::default(),
             kernel_features: Family::default(),
             maps_recreated: Family::default(),
             registry: Registry::default(),
@@ -350,6 +358,11 @@ impl Metrics {
                 "tc_attachments",
                 "tc programs on --devices by device, attach mode and state (1 for the state each is in)",
                 m.tc_attachments.clone(),
+            );
+            own.register(
+                "tc_reattached",
+                "tc programs attached afresh because their device had been deleted (a severed pinned link, a filter gone with its device)",
+                m.tc_reattached.clone(),
             );
             own.register(
                 "kernel_feature",
