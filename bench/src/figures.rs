@@ -14,8 +14,14 @@ use anyhow::Context as _;
 use bkp_sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
 use serde::Serialize;
 
+use aya::maps::MapData;
+use bpf_kube_proxy::datapath::{loader::MapSizes, maps::typed, readings::PinnedReadings};
+use bpf_kube_proxy::telemetry::metrics::DatapathReadings as _;
+use proxy_common::maps::{self as names, AddrV4, AddrV6, CtKey, CtValue};
+
 use crate::{
-    Opts, rulesets,
+    Opts,
+    rulesets::{self, Svc},
     world::{self, BACKEND_PORT, ENDPOINTS, Ours, RunningAgent, median, percentile, scratch_netns, timed_in},
 };
 
@@ -100,6 +106,9 @@ pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
         if opts.wants("tc") {
             tc_cost_figure(n, &mut results)?;
         }
+        if opts.wants("scrape") {
+            scrape_figure(opts, n, &mut results)?;
+        }
     }
     if opts.wants("connect") {
         connect_figure(opts, &mut results)?;
@@ -147,19 +156,8 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
     let mut current = svcs.clone();
     let (mut ours, mut ipt, mut nft) = (Vec::new(), Vec::new(), Vec::new());
     for k in 0..opts.changes {
-        let i = (k * 7919) % n;
-        let before = current[i].clone();
-        let mut after = before.clone();
-        after.endpoints[k % ENDPOINTS].0 = Ipv4Addr::from(0x0b00_0000 + k as u32 + 1);
-        let slice = world::k8s_slice(&after);
-        let started = Instant::now();
-        datapath.proxier.upsert_slice(&slice);
-        let report = datapath.proxier.sync();
-        ours.push(ms(started.elapsed()));
-        anyhow::ensure!(
-            report.failed.is_empty() && report.ops > 0,
-            "endpoint change not programmed"
-        );
+        let (i, before, after) = endpoint_change(&current, k);
+        ours.push(ms(program_change(&mut datapath, &after)?));
         // kube-proxy's subprocesses are part of its cost, as they are in production.
         if k < opts.changes.min(50) {
             ipt.push(ms(timed_in(
@@ -208,6 +206,172 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
             "ms",
         );
     }
+    Ok(())
+}
+
+/// The `k`th endpoint change of a run: one endpoint of one Service replaced.
+fn endpoint_change(current: &[Svc], k: usize) -> (usize, Svc, Svc) {
+    let i = (k * 7919) % current.len();
+    let before = current[i].clone();
+    let mut after = before.clone();
+    after.endpoints[k % ENDPOINTS].0 = Ipv4Addr::from(0x0b00_0000 + k as u32 + 1);
+    (i, before, after)
+}
+
+/// Programs one changed Service's slice, as a watch event does; returns how long it took.
+fn program_change(datapath: &mut Ours, after: &Svc) -> anyhow::Result<Duration> {
+    let slice = world::k8s_slice(after);
+    let started = Instant::now();
+    datapath.proxier.upsert_slice(&slice);
+    let report = datapath.proxier.sync();
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        report.failed.is_empty() && report.ops > 0,
+        "endpoint change not programmed"
+    );
+    Ok(elapsed)
+}
+
+/// A conntrack entry that stays live for the whole run.
+fn live_flow<A>(saddr: A, daddr: A) -> CtValue<A> {
+    CtValue {
+        last_seen_ns: u64::MAX / 2,
+        saddr,
+        daddr,
+        sport: 40_000,
+        dport: 8080,
+        rev_nat_id: 1,
+        backend_id: 1,
+        flags: 0,
+        _pad: [0; 3],
+    }
+}
+
+/// Fills both conntrack maps to capacity with live-looking flows.
+fn fill_conntrack(pin_dir: &std::path::Path) -> anyhow::Result<u32> {
+    let capacity = MapSizes::default().conntrack;
+    let mut v4: aya::maps::HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+        typed(pin_dir, names::CONNTRACK_V4)?;
+    let mut v6: aya::maps::HashMap<MapData, CtKey<AddrV6>, CtValue<AddrV6>> =
+        typed(pin_dir, names::CONNTRACK_V6)?;
+    for i in 0..capacity {
+        let [a, b, c, d] = i.to_be_bytes();
+        let client4 = [10, b, c, d];
+        let mut client6 = [0u8; 16];
+        client6[..2].copy_from_slice(&[0xfd, 0x00]);
+        client6[12..].copy_from_slice(&[a, b, c, d]);
+        v4.insert(
+            CtKey::new(client4, [10, 0, 0, 1], 40_000, 80, 6),
+            live_flow(client4, [10, 0, 0, 2]),
+            0,
+        )?;
+        v6.insert(
+            CtKey::new(client6, [0xfd; 16], 40_000, 80, 6),
+            live_flow(client6, [0xfe; 16]),
+            0,
+        )?;
+    }
+    Ok(capacity)
+}
+
+/// Figure: with N Services programmed and both conntrack tables full, a `/metrics` scrape's
+/// datapath readings (the counters, the walker's latest fill counts), the map walker's count of
+/// every map (batched), beside the key-by-key walk of the conntrack tables alone that scrapes
+/// did before; and endpoint changes programmed while the walker counts back to back on
+/// another thread, as it does in the agent.
+fn scrape_figure(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<()> {
+    let svcs = world::services(n, world::unique_endpoint);
+    let services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
+    let slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+    let mut datapath = Ours::load()?;
+    datapath.full_sync(&services, &slices)?;
+    let capacity = fill_conntrack(datapath.pin_dir())?;
+    let readings = PinnedReadings::open(datapath.pin_dir())?;
+    let (mut walks, mut scrapes) = (Vec::new(), Vec::new());
+    for _ in 0..opts.repeats.max(5) {
+        let started = Instant::now();
+        readings.refresh_fill();
+        walks.push(ms(started.elapsed()));
+        let started = Instant::now();
+        let counters = readings.counters();
+        let fill = readings.map_fill();
+        scrapes.push(ms(started.elapsed()));
+        let conntrack: u64 = fill
+            .iter()
+            .filter(|f| f.map == names::CONNTRACK_V4 || f.map == names::CONNTRACK_V6)
+            .map(|f| f.entries)
+            .sum();
+        anyhow::ensure!(
+            !counters.is_empty() && conntrack == 2 * u64::from(capacity),
+            "the walker counted {conntrack} conntrack entries of {}",
+            2 * capacity
+        );
+    }
+    results.add("map_walk", "ours", n, "median", median(walks), "ms");
+    results.add("scrape", "ours", n, "median", median(scrapes), "ms");
+    let mut key_walks = Vec::new();
+    for _ in 0..opts.repeats.max(3) {
+        let v4: aya::maps::HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+            typed(datapath.pin_dir(), names::CONNTRACK_V4)?;
+        let v6: aya::maps::HashMap<MapData, CtKey<AddrV6>, CtValue<AddrV6>> =
+            typed(datapath.pin_dir(), names::CONNTRACK_V6)?;
+        let started = Instant::now();
+        let walked = v4.keys().count() + v6.keys().count();
+        key_walks.push(ms(started.elapsed()));
+        anyhow::ensure!(walked == 2 * capacity as usize, "walked {walked} keys");
+    }
+    results.add(
+        "map_walk",
+        "key_walk",
+        n,
+        "conntrack_only",
+        median(key_walks),
+        "ms",
+    );
+
+    let mut current = svcs;
+    let (mut quiet, mut scraping) = (Vec::new(), Vec::new());
+    for k in 0..opts.changes {
+        let (i, _, after) = endpoint_change(&current, k);
+        quiet.push(ms(program_change(&mut datapath, &after)?));
+        current[i] = after;
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let scraped = std::thread::scope(|scope| -> anyhow::Result<usize> {
+        let scraper = scope.spawn(|| {
+            let mut count = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                readings.refresh_fill();
+                count += 1;
+            }
+            count
+        });
+        let programmed = (opts.changes..2 * opts.changes).try_for_each(|k| {
+            let (i, _, after) = endpoint_change(&current, k);
+            scraping.push(ms(program_change(&mut datapath, &after)?));
+            current[i] = after;
+            Ok::<_, anyhow::Error>(())
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        programmed?;
+        scraper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scraper panicked"))
+    })?;
+    for (name, values) in [("ours", &mut quiet), ("ours_while_walking", &mut scraping)] {
+        results.add(
+            "endpoint_change_scrape",
+            name,
+            n,
+            "p99",
+            percentile(values, 99.0),
+            "ms",
+        );
+    }
+    results.notes.push(format!(
+        "N={n}: the map walker counted every map {scraped} times while {} endpoint changes were programmed",
+        opts.changes
+    ));
     Ok(())
 }
 

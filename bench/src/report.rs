@@ -213,6 +213,27 @@ fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
         format!("{} ms", cell(repair)),
         repair.map(|c| c <= 50.0),
     ));
+    let scrape = r.get("scrape", "ours", big, "median");
+    let walk = r.get("map_walk", "ours", big, "median");
+    let key_walk = r.get("map_walk", "key_walk", big, "conntrack_only");
+    out.push((
+        format!("a /metrics scrape's datapath readings <= 50 ms at N={big} with both conntrack tables full"),
+        format!(
+            "{} ms (the map walker's count of every map, on its own thread: {} ms; the key-by-key walk of the conntrack tables alone: {} ms, {} slower)",
+            cell(scrape),
+            cell(walk),
+            cell(key_walk),
+            ratio(key_walk, walk)
+        ),
+        scrape.map(|s| s <= 50.0),
+    ));
+    let quiet = r.get("endpoint_change_scrape", "ours", big, "p99");
+    let busy = r.get("endpoint_change_scrape", "ours_while_walking", big, "p99");
+    out.push((
+        format!("an endpoint change does not wait behind map walks: p99 while the walker counts <= 2 ms at N={big}"),
+        format!("{} ms while the walker counts back to back; {} ms quiet", cell(busy), cell(quiet)),
+        busy.map(|b| b <= 2.0),
+    ));
     let costs: Vec<(&str, Option<f64>)> = SOCKET_HOOKS
         .iter()
         .map(|h| (*h, r.get("prog_cost", "ours", big, h)))

@@ -19,6 +19,7 @@ use crate::{
         report::{probe_kernel, report_attachments, report_programs, report_recreated},
         sink::DatapathSink,
         sockets::StaleSockets,
+        walker,
         writer::Writer,
     },
     health::{self, proxy::Health, services::HealthCheckServers},
@@ -56,6 +57,8 @@ pub enum AgentError {
     Watch(#[from] WatchError),
     #[error(transparent)]
     External(#[from] ExternalError),
+    #[error("starting the map walker thread: {0}")]
+    Walker(std::io::Error),
     #[error("subscribing to the node's link notifications: {0}")]
     LinkEvents(std::io::Error),
 }
@@ -89,7 +92,15 @@ impl Prepared {
         health.set_degraded(degraded.clone(), false);
         external::write_node_config(&opts.pin_dir, &external.config)?;
         let conntrack = Conntrack::open(&opts.pin_dir, external.config)?;
-        tokio::spawn(conntrack.collect_forever(metrics.clone()));
+        let readings = PinnedReadings::open(&opts.pin_dir)?;
+        let walker = walker::spawn(
+            conntrack,
+            readings.fill_cache(),
+            opts.pin_dir.clone(),
+            metrics.clone(),
+        )
+        .map_err(AgentError::Walker)?;
+        metrics.attach_datapath(Box::new(readings));
         let maps = PinnedMaps::open(&opts.pin_dir)?;
         let existing = Snapshot::read(&maps)?;
         if !existing.frontends.is_empty() {
@@ -115,6 +126,7 @@ impl Prepared {
                 Writer::new(maps),
                 StaleSockets::open(&opts.pin_dir, &opts.cgroup)?,
                 metrics.clone(),
+                walker,
             ),
             metrics,
             health.clone(),
@@ -279,7 +291,6 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
         Devices::None => LinkEvents::none(),
         _ => LinkEvents::subscribe().map_err(AgentError::LinkEvents)?,
     };
-    metrics.attach_datapath(Box::new(PinnedReadings::open(&opts.pin_dir)?));
     if let Some(addr) = opts.healthz_addr {
         health::server::start(health, metrics.clone(), addr).await?;
     }

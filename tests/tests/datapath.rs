@@ -26,6 +26,7 @@ use aya::{
 use bkp_sandbox::{netns::Netns, unique_suffix};
 use bpf_kube_proxy::{
     datapath::{
+        conntrack::Conntrack,
         external::write_node_config,
         loader::{Datapath, MapSizes, Mismatch},
         maps::{PinnedMaps, typed},
@@ -871,6 +872,81 @@ fn two_cpus_opening_flows_at_once_never_share_a_snat_reply_tuple() {
         2 * u32::from(ROUNDS) * u32::from(PAIRS_PER_ROUND),
         stolen.first()
     );
+}
+
+/// The map walker's conntrack garbage collection over more entries than one batch holds
+/// (4096): every expired entry goes, with the other direction of a closing flow, and nothing
+/// live; the fill count it keeps for `/metrics` then matches.
+#[test]
+fn conntrack_gc_reads_and_deletes_in_batches_and_keeps_every_live_entry() {
+    require_root();
+    let pins = Pins::unique("bkgc");
+    let sizes = MapSizes {
+        conntrack: 16_384,
+        ..SIZES
+    };
+    let _datapath = Datapath::load(pins.path(), sizes).expect("loading the datapath");
+    let config = NodeConfig {
+        snat_v4: NODE.octets(),
+        snat_v6: NODE6.octets(),
+        ct_tcp_timeout_s: 3600,
+        ct_tcp_closing_timeout_s: 10,
+        ct_udp_timeout_s: 120,
+    };
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("the clock");
+    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let an_hour_ago = now.saturating_sub(3601 * 1_000_000_000);
+    let key = |i: u32| {
+        let [_, b, c, d] = i.to_be_bytes();
+        CtKey::new([10, b, c, d], NODE.octets(), 40_000, 30_080, proto::TCP)
+    };
+    let mut map: HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
+        typed(pins.path(), names::CONNTRACK_V4).expect("opening conntrack");
+    // i % 3: 0 live, 1 expired, 2 a closing flow seen an hour ago whose other direction
+    // (key i + 100 000) is still fresh: both must go.
+    let mut live = std::collections::HashSet::new();
+    for i in 0..9000u32 {
+        let (last_seen_ns, flags) = match i % 3 {
+            0 => (now, 0),
+            1 => (an_hour_ago, 0),
+            _ => (an_hour_ago, ct_flags::CLOSING),
+        };
+        let other = key(i + 100_000);
+        let value = CtValue {
+            last_seen_ns,
+            saddr: other.daddr,
+            daddr: other.saddr,
+            sport: other.dport,
+            dport: other.sport,
+            rev_nat_id: 1,
+            backend_id: 1,
+            flags,
+            _pad: [0; 3],
+        };
+        map.insert(key(i), value, 0).expect("an entry");
+        if i % 3 == 0 {
+            live.insert(key(i));
+        } else if i % 3 == 2 {
+            let reply = CtValue {
+                last_seen_ns: now,
+                flags: ct_flags::REPLY | ct_flags::CLOSING,
+                ..value
+            };
+            map.insert(other, reply, 0).expect("an entry");
+        }
+    }
+    let mut gc = Conntrack::open(pins.path(), config).expect("opening conntrack");
+    assert_eq!(gc.collect(), 3000 + 2 * 3000);
+    let left: std::collections::HashSet<_> = map.keys().map(|k| k.expect("a key")).collect();
+    assert_eq!(left, live);
+    let readings = PinnedReadings::open(pins.path()).expect("opening the readings");
+    readings.refresh_fill();
+    let fill = readings.map_fill();
+    let counted = fill
+        .iter()
+        .find(|f| f.map == names::CONNTRACK_V4)
+        .map(|f| f.entries);
+    assert_eq!(counted, Some(3000));
 }
 
 #[test]

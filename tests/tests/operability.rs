@@ -144,7 +144,7 @@ fn a_slot_deleted_with_bpftool_comes_back_within_one_sync_period() {
 
 #[test]
 fn health_and_metrics_are_served_like_kube_proxy() {
-    let world = started(&["be1", "be2"], "", &["--sync-period", "1s"]);
+    let mut world = started(&["be1", "be2"], "", &["--sync-period", "1s"]);
     let (status, body) = world.http_get("/healthz", "/healthz");
     assert_eq!(status, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
@@ -217,11 +217,24 @@ fn health_and_metrics_are_served_like_kube_proxy() {
         "bpf_kube_proxy_datapath_events_total{reason=\"sock_reject_unknown_port\"}",
     );
     assert!(unknown.is_some_and(|n| n >= 1.0), "{unknown:?}");
-    // 2 ports + the ClusterIP guard, plus 2 slots each for the ports.
-    let entries = sample(&metrics, "bpf_kube_proxy_map_entries{map=\"bkp_svc_v4\"}");
-    assert_eq!(entries, Some(7.0));
+    // 2 ports + the ClusterIP guard, plus 2 slots each for the ports. The map walker counts
+    // the maps after each sync that wrote them, at most once a second.
+    let counted = world.wait_until(
+        "the map walker's count after the sync",
+        Duration::from_secs(3),
+        |w| {
+            let (_, m) = w.http_get("/metrics", "/metrics");
+            sample(&m, "bpf_kube_proxy_map_entries{map=\"bkp_svc_v4\"}")
+                .is_some_and(|n| n > 0.0)
+                .then_some(m)
+        },
+    );
     assert_eq!(
-        sample(&metrics, "bpf_kube_proxy_map_entries{map=\"bkp_be_v4\"}"),
+        sample(&counted, "bpf_kube_proxy_map_entries{map=\"bkp_svc_v4\"}"),
+        Some(7.0)
+    );
+    assert_eq!(
+        sample(&counted, "bpf_kube_proxy_map_entries{map=\"bkp_be_v4\"}"),
         Some(4.0)
     );
     // The periodic sync runs every second.

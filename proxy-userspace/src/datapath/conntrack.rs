@@ -2,11 +2,11 @@
 //! dead flows are removed here with the same expiry arithmetic the programs use; `dump` and
 //! the fill metric then show live flows only.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{os::fd::AsFd as _, path::Path, time::Duration};
 
 use aya::{
     Pod,
-    maps::{HashMap, MapData},
+    maps::{HashMap, IterableMap as _, MapData},
 };
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
@@ -14,9 +14,9 @@ use proxy_common::{
     maps::{self as names, AddrV4, AddrV6, CtKey, CtValue, NodeConfig, ct_flags},
 };
 
-use crate::{
-    datapath::maps::{OpenError, typed},
-    telemetry::metrics::Metrics,
+use crate::datapath::{
+    maps::{OpenError, typed},
+    sys,
 };
 
 type CtMap<A> = HashMap<MapData, CtKey<A>, CtValue<A>>;
@@ -49,22 +49,8 @@ impl Conntrack {
 
     /// How often dead entries are collected: often enough that a UDP flow is gone soon after
     /// its timeout, rarely enough to cost nothing.
-    fn gc_period(&self) -> Duration {
+    pub(crate) fn gc_period(&self) -> Duration {
         Duration::from_secs(u64::from(self.config.ct_udp_timeout_s).clamp(1, 30))
-    }
-
-    /// Collects dead entries forever.
-    pub(crate) async fn collect_forever(mut self, metrics: Arc<Metrics>) {
-        let mut interval = tokio::time::interval(self.gc_period());
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            let collected = self.collect();
-            metrics.conntrack_collected.inc_by(collected as u64);
-            if collected > 0 {
-                tracing::debug!(collected, "removed expired conntrack entries");
-            }
-        }
     }
 }
 
@@ -73,8 +59,18 @@ where
     CtKey<A>: Pod + PartialEq,
     CtValue<A>: Pod,
 {
+    let fd = map.map().fd().as_fd();
+    let entries = match sys::lookup_all::<CtKey<A>, CtValue<A>>(fd) {
+        Ok(Some(entries)) => entries,
+        // A kernel without batch lookups: key by key.
+        Ok(None) => map.iter().filter_map(Result::ok).collect(),
+        Err(e) => {
+            tracing::warn!("reading conntrack for garbage collection: {e}");
+            return 0;
+        }
+    };
     let mut dead = Vec::new();
-    for (key, value) in map.iter().filter_map(Result::ok) {
+    for (key, value) in entries {
         let lifetime = conntrack::lifetime_s(key.proto, value.flags, config);
         if conntrack::expired(now, value.last_seen_ns, lifetime) {
             dead.push(key);
@@ -85,5 +81,10 @@ where
     }
     dead.sort_unstable_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport, k.proto));
     dead.dedup();
-    dead.iter().filter(|k| map.remove(k).is_ok()).count()
+    // SAFETY: the keys are `CtKey<A>`, this map's key type.
+    match unsafe { sys::delete_batch(fd, &dead) } {
+        Ok(deleted) => deleted,
+        // A kernel without batch deletes: one by one.
+        Err(_) => dead.iter().filter(|k| map.remove(k).is_ok()).count(),
+    }
 }

@@ -1,6 +1,6 @@
 //! The only code that touches BPF: loading, attaching, writing and reading maps.
 
-pub(crate) mod conntrack;
+pub mod conntrack;
 pub mod external;
 pub(crate) mod features;
 pub mod host;
@@ -16,4 +16,5 @@ pub(crate) mod sockets;
 #[cfg(test)]
 mod stack_limit;
 pub mod sys;
+pub(crate) mod walker;
 pub mod writer;

@@ -4,18 +4,22 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    os::fd::AsFd as _,
 };
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError},
+    maps::{HashMap as BpfHashMap, IterableMap as _, LpmTrie, MapData, MapError},
 };
 use ipnet::IpNet;
 use proxy_common::maps::{Backend, RevNat, ServiceKey, ServiceLabel, SourceRange, backend_flags, svc_flags};
 use serde::Serialize;
 
 use crate::{
-    datapath::maps::{FamilyAddr, FamilyMaps, PinnedMaps},
+    datapath::{
+        maps::{FamilyAddr, FamilyMaps, PinnedMaps},
+        sys,
+    },
     pipeline::model::{BackendKey, BackendState, FrontendKey, Protocol, Scope},
     pipeline::plan::{BackendId, Label, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId},
 };
@@ -159,6 +163,21 @@ fn read_all<K: Pod + Eq + std::hash::Hash, V: Pod>(
     map: &BpfHashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<HashMap<K, V>, ReadError> {
+    // In chunks where the kernel can (64 syscalls for a full map instead of two per entry),
+    // since the repair pass reads every map on every sync period.
+    match sys::lookup_all::<K, V>(map.map().fd().as_fd()) {
+        Ok(Some(entries)) => return Ok(entries.into_iter().collect()),
+        Ok(None) => {}
+        Err(io_error) => {
+            return Err(ReadError {
+                map: name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "BPF_MAP_LOOKUP_BATCH",
+                    io_error,
+                }),
+            });
+        }
+    }
     map.iter()
         .collect::<Result<HashMap<K, V>, MapError>>()
         .map_err(|source| ReadError { map: name, source })

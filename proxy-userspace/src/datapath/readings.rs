@@ -1,7 +1,11 @@
-//! The datapath's own figures for `/metrics`, read at scrape time: the per-CPU decision
-//! counters and how full each pinned map is.
+//! The datapath's own figures for `/metrics`: the per-CPU decision counters, read at scrape
+//! time (sixteen lookups), and how full each pinned map is, counted by the map walker thread
+//! and only copied by a scrape (a count reads every entry: 0.3 s with full conntrack tables).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use aya::maps::{MapData, MapInfo, PerCpuArray};
 use proxy_common::{counters::Counter, maps as names};
@@ -14,27 +18,63 @@ use crate::{
     telemetry::metrics::{DatapathReadings, MapFill},
 };
 
+/// How full each map was at the map walker's last count, shared with the scrapes.
+#[derive(Clone, Default)]
+pub struct FillCache(Arc<Mutex<Vec<MapFill>>>);
+
+impl FillCache {
+    /// Counts every hash map of `pin_dir` now (an array is always full, so the counters map is
+    /// left out) and keeps the result for the scrapes.
+    pub fn refresh(&self, pin_dir: &Path) {
+        let fill: Vec<MapFill> = names::ALL
+            .iter()
+            .filter(|m| **m != names::COUNTERS)
+            .filter_map(|m| count(pin_dir, m))
+            .collect();
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fill;
+    }
+
+    fn get(&self) -> Vec<MapFill> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn count(pin_dir: &Path, map: &'static str) -> Option<MapFill> {
+    let info = MapInfo::from_pin(pin_dir.join(map)).ok()?;
+    let entries = sys::map_entries(&info).ok()?;
+    Some(MapFill {
+        map,
+        entries,
+        capacity: u64::from(info.max_entries()),
+    })
+}
+
 pub struct PinnedReadings {
-    pin_dir: PathBuf,
     counters: PerCpuArray<MapData, u64>,
+    fill: FillCache,
+    pin_dir: PathBuf,
 }
 
 impl PinnedReadings {
     pub fn open(pin_dir: &Path) -> Result<Self, OpenError> {
         Ok(Self {
-            pin_dir: pin_dir.to_path_buf(),
             counters: typed(pin_dir, names::COUNTERS)?,
+            fill: FillCache::default(),
+            pin_dir: pin_dir.to_path_buf(),
         })
     }
 
-    fn fill(&self, map: &'static str) -> Option<MapFill> {
-        let info = MapInfo::from_pin(self.pin_dir.join(map)).ok()?;
-        let entries = sys::map_entries(&info).ok()?;
-        Some(MapFill {
-            map,
-            entries,
-            capacity: u64::from(info.max_entries()),
-        })
+    /// The fill counts the scrapes show, for the map walker to refresh.
+    pub fn fill_cache(&self) -> FillCache {
+        self.fill.clone()
+    }
+
+    /// Counts the maps on the calling thread, as the map walker does.
+    pub fn refresh_fill(&self) {
+        self.fill.refresh(&self.pin_dir);
     }
 }
 
@@ -52,12 +92,8 @@ impl DatapathReadings for PinnedReadings {
             .collect()
     }
 
-    /// Every hash map (an array is always full, so the counters map is left out).
+    /// As of the map walker's last count.
     fn map_fill(&self) -> Vec<MapFill> {
-        names::ALL
-            .iter()
-            .filter(|m| **m != names::COUNTERS)
-            .filter_map(|m| self.fill(m))
-            .collect()
+        self.fill.get()
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::{
-    datapath::{sockets::StaleSockets, writer::Writer},
+    datapath::{sockets::StaleSockets, walker::Walker, writer::Writer},
     pipeline::plan::{Plan, PlanSink, Programmed, ReadBackError, WriteFailure},
     telemetry::metrics::Metrics,
 };
@@ -12,14 +12,17 @@ pub(crate) struct DatapathSink {
     writer: Writer,
     stale: StaleSockets,
     metrics: Arc<Metrics>,
+    /// Recounts the maps for `/metrics` after a write.
+    walker: Walker,
 }
 
 impl DatapathSink {
-    pub fn new(writer: Writer, stale: StaleSockets, metrics: Arc<Metrics>) -> Self {
+    pub fn new(writer: Writer, stale: StaleSockets, metrics: Arc<Metrics>, walker: Walker) -> Self {
         Self {
             writer,
             stale,
             metrics,
+            walker,
         }
     }
 }
@@ -27,6 +30,9 @@ impl DatapathSink {
 impl PlanSink for DatapathSink {
     fn apply(&mut self, plan: &Plan) -> Vec<WriteFailure> {
         let failed = PlanSink::apply(&mut self.writer, plan);
+        if !plan.is_empty() {
+            self.walker.recount();
+        }
         if !plan.departed.is_empty() {
             let done = self.stale.terminate(&plan.departed);
             self.metrics

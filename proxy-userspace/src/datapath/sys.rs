@@ -1,7 +1,7 @@
 //! The bpf(2) commands aya does not wrap: opening a pinned object by path, swapping the
 //! program behind an existing link (BPF_LINK_UPDATE), which replaces programs on restart with
 //! no instant where the hook is detached, detaching a link for good (BPF_LINK_DETACH), walking any map's keys without knowing its types,
-//! batched updates (BPF_MAP_UPDATE_BATCH, one syscall for many entries), reading the BTF a
+//! batched reads, updates and deletes (BPF_MAP_*_BATCH, one syscall for many entries), reading the BTF a
 //! pinned map was made with (aya's `MapInfo` keeps its BTF ids to itself), and running a
 //! program on a synthetic packet (BPF_PROG_TEST_RUN), for the benchmark and the datapath tests.
 
@@ -9,20 +9,22 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsFd, AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
 };
 
-use aya::maps::MapInfo;
+use aya::{Pod, maps::MapInfo};
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -314,15 +316,129 @@ pub(crate) fn unpin_link(path: &Path) -> io::Result<()> {
     std::fs::remove_file(path)
 }
 
-/// Counts a hash map's entries by walking its keys (one syscall per entry). At most
-/// `max_entries` steps: a walk that races deletions may restart, and must still end.
+/// Entries read per BPF_MAP_LOOKUP_BATCH call: large enough that a full 262 144-entry
+/// conntrack map takes 64 calls, small enough that the buffers stay under a megabyte.
+const LOOKUP_CHUNK: usize = 4096;
+
+/// Reads every entry of a hash map, a chunk per syscall (BPF_MAP_LOOKUP_BATCH, Linux ≥ 5.6),
+/// and hands each chunk's keys and values, as raw bytes, to `chunk`. `Ok(false)` when the map
+/// has no batch lookup (an LPM trie, a kernel without it): nothing was read, walk it key by key.
+pub(crate) fn lookup_batch(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut chunk: impl FnMut(&[u8], &[u8]),
+) -> io::Result<bool> {
+    let mut keys = vec![0u8; key_size * LOOKUP_CHUNK];
+    let mut values = vec![0u8; value_size * LOOKUP_CHUNK];
+    // The kernel's resume token: a hash map's is a bucket index (u32), other maps' a key.
+    let mut token_in = vec![0u8; key_size.max(8)];
+    let mut token_out = vec![0u8; key_size.max(8)];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: LOOKUP_CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `keys` and `values` hold `count` entries of the map's key and value sizes
+        // (caller), the tokens a key or a bucket index, as the kernel writes and reads.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let read = (attr.count as usize).min(LOOKUP_CHUNK);
+        match result {
+            Ok(_) => {}
+            // The last chunk: the kernel says ENOENT and still reports what it copied.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                chunk(&keys[..read * key_size], &values[..read * value_size]);
+                return Ok(true);
+            }
+            Err(e)
+                if first && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        chunk(&keys[..read * key_size], &values[..read * value_size]);
+        // Each call moves on by at least one bucket of a table sized to its capacity: the walk
+        // ends even if entries come and go meanwhile.
+        std::mem::swap(&mut token_in, &mut token_out);
+        first = false;
+    }
+}
+
+/// The kernel's ENOTSUPP (524), what a map without batch operations answers.
+const ENOTSUPP: i32 = 524;
+
+/// Every entry of a hash map, read in chunks with [`lookup_batch`]; `None` when the map has
+/// no batch lookup.
+pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Option<Vec<(K, V)>>> {
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
+    let mut out = Vec::new();
+    let batched = lookup_batch(map, key_size, value_size, |keys, values| {
+        for (key, value) in keys.chunks_exact(key_size).zip(values.chunks_exact(value_size)) {
+            // SAFETY: each chunk holds exactly one `K` or `V`, and `Pod` types are plain data
+            // for which every bit pattern is a value; the reads need no alignment.
+            out.push(unsafe {
+                (
+                    key.as_ptr().cast::<K>().read_unaligned(),
+                    value.as_ptr().cast::<V>().read_unaligned(),
+                )
+            });
+        }
+    })?;
+    Ok(batched.then_some(out))
+}
+
+/// Deletes `keys` from a hash map, as many per syscall as it takes (BPF_MAP_DELETE_BATCH).
+/// A key already gone (an LRU eviction, the datapath's own delete) is skipped. Returns how
+/// many were deleted.
+///
+/// # Safety
+/// `K` must have the map's key size: the kernel reads `keys.len()` of them.
+pub(crate) unsafe fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `rest` holds `count` keys of the map's key size (caller).
+        let result = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) };
+        let done = (attr.count as usize).min(rest.len());
+        deleted += done;
+        match result {
+            Ok(_) => break,
+            // The kernel stops at a missing key, having deleted the ones before it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(done + 1).min(rest.len())..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Counts a hash map's entries: in chunks where the map has batch lookups, else by walking
+/// its keys (one syscall per entry, at most `max_entries` steps: a walk that races deletions
+/// may restart, and must still end).
 pub(crate) fn map_entries(info: &MapInfo) -> io::Result<u64> {
     let map = info.fd().map_err(io::Error::other)?;
     let key_size = info.key_size() as usize;
+    let mut count = 0u64;
+    if lookup_batch(map.as_fd(), key_size, info.value_size() as usize, |keys, _| {
+        count += (keys.len() / key_size) as u64;
+    })? {
+        return Ok(count);
+    }
     let max_entries = info.max_entries();
     let mut key = vec![0u8; key_size];
     let mut next = vec![0u8; key_size];
-    let mut count = 0u64;
     let mut first = true;
     while count < u64::from(max_entries) {
         let mut attr = NextKeyAttr {

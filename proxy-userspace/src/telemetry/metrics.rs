@@ -87,11 +87,12 @@ pub struct MapFill {
     pub(crate) capacity: u64,
 }
 
-/// Figures read from the datapath itself at scrape time (its per-CPU counters and maps), so
-/// that they are never older than the scrape.
+/// Figures from the datapath itself: its per-CPU counters, read at scrape time, and how full
+/// its maps are, as last counted off the scrape path (a count reads every entry).
 pub trait DatapathReadings: Send + Sync {
     /// `(reason, total over CPUs)`, reasons in `Counter::ALL` order.
     fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// Entries per map at the last count.
     fn map_fill(&self) -> Vec<MapFill>;
 }
 
