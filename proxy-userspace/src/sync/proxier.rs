@@ -131,6 +131,12 @@ impl<S: PlanSink> Proxier<S> {
         self.repair.due()
     }
 
+    /// The sink, for the fuzz targets' checks between syncs.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
     pub(crate) fn inventory(&self) -> &Inventory {
         &self.inventory
     }

@@ -5,12 +5,16 @@
 
 mod capacity;
 mod diff;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use diff::audit;
 #[cfg(test)]
 mod fixtures;
 mod ids;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod memory;
 mod ops;
+#[cfg(test)]
+mod properties;
 
 pub use capacity::Capacity;
 pub use capacity::PlanIssue;
