@@ -63,10 +63,12 @@ pub fn run(seconds: u64, targets: &[&str]) -> anyhow::Result<()> {
         let log = fs::File::create(&log_path)?;
         let started = Instant::now();
         let mut cmd = cargo_fuzz();
-        cmd.args(["run", "--sanitizer", "none", target])
-            .arg(&corpus)
-            .arg(root.join("fuzz/seeds").join(target))
-            .arg("--")
+        cmd.args(["run", "--sanitizer", "none", target]).arg(&corpus);
+        let seeds = root.join("fuzz/seeds").join(target);
+        if seeds.is_dir() {
+            cmd.arg(seeds);
+        }
+        cmd.arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .args(["-timeout=30", "-print_final_stats=1"]);
         let dict = root.join("fuzz/seeds").join(format!("{target}.dict"));

@@ -140,6 +140,7 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup::all()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
             run(cargo()
                 .args([
                     "clippy",
@@ -147,6 +148,17 @@ fn main() -> anyhow::Result<()> {
                     "--all-targets",
                     "--exclude",
                     "proxy-ebpf",
+                ])
+                .args(["--", "-D", "warnings"]))?;
+            // The fuzz targets' entry points, which the product build leaves out.
+            run(cargo()
+                .args([
+                    "clippy",
+                    "--package",
+                    "proxy-userspace",
+                    "--lib",
+                    "--features",
+                    "fuzzing",
                 ])
                 .args(["--", "-D", "warnings"]))?;
             // The programs only build for BPF, with nightly and build-std.

@@ -623,7 +623,10 @@ impl Planning<'_> {
                 // deletion is written first: in one plan the deletions come after the
                 // additions, and would remove the new owner's entries for the same keys.
                 flush(&mut plan);
-                queue.extend(retry.into_iter().filter(|r| !self.planned.contains(r)));
+                // Planned already in this sync means refused the frontend: plan it again.
+                // Those still queued get it when their turn comes.
+                let waiting: Vec<ServiceName> = retry.into_iter().filter(|r| !queue.contains(r)).collect();
+                queue.extend(waiting);
             }
             if plan.op_count() >= chunk_ops {
                 flush(&mut plan);
@@ -847,6 +850,28 @@ mod tests {
             keys.contains(&(key, 0)) && keys.contains(&(key, 1)),
             "the new owner's frontend and slot survive the old owner's deletion of the same keys: {keys:?}"
         );
+    }
+
+    #[test]
+    fn a_frontend_freed_in_a_sync_goes_to_a_service_refused_it_earlier_in_that_sync() {
+        let mut p = proxier();
+        p.upsert_service(&service("a", "10.96.0.10"));
+        p.upsert_slice(&slice("a-1", "a", &["10.0.0.1"]));
+        p.sync();
+        // One sync: "b" (planned first: the queue is taken from the end) asks for a's
+        // ClusterIP and is refused; then "a" moves away from it.
+        p.upsert_service(&service("b", "10.96.0.10"));
+        p.upsert_slice(&slice("b-1", "b", &["10.0.0.2"]));
+        p.upsert_service(&service("a", "10.96.0.11"));
+        p.sync();
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        assert_eq!(p.planner().owner_of(&key).map(|n| n.name.as_str()), Some("b"));
+        assert_eq!(backends_of(&p, "10.96.0.10"), 1);
+        assert_eq!(backends_of(&p, "10.96.0.11"), 1);
     }
 
     #[test]
