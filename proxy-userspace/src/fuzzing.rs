@@ -51,7 +51,7 @@ pub fn manifests(data: &[u8]) {
         &mut errors,
     );
     assert_eq!(defined, applied, "defined identities differ from those applied");
-    let lines = data.iter().filter(|b| **b == b'\n').count() as u64 + 1;
+    let lines = data.split(|b| *b == b'\n').count() as u64;
     for error in &errors {
         let (manifests::ManifestError::Syntax { line, .. } | manifests::ManifestError::Document { line, .. }) =
             error
@@ -287,7 +287,7 @@ fn slice_object(i: u8, spec: &SliceSpec) -> EndpointSlice {
             let mut ep = json!({
                 "addresses": [pool[addr]],
                 "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
-                "nodeName": if addr % 2 == 0 { "n1" } else { "n2" },
+                "nodeName": if addr.is_multiple_of(2) { "n1" } else { "n2" },
             });
             if let Some(same) = e.zone_hint {
                 ep["hints"] = json!({"forZones": [{"name": if same { "z1" } else { "z2" }}]});

@@ -968,6 +968,29 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_of_a_frontend_left_without_backends_is_repaired() {
+        let mut p = proxier();
+        p.upsert_service(&service("web", "10.96.0.10"));
+        p.upsert_slice(&slice("web-a", "web", &["10.0.0.1"]));
+        p.sync();
+        // The frontend's new count (0: reject) fails to land; its slot is deleted all the same,
+        // so the entry still counts a slot the map no longer has.
+        p.upsert_slice(&slice("web-a", "web", &[]));
+        p.sink.failing = 1;
+        assert_eq!(p.sync().failed.len(), 1);
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        assert_eq!(p.sink.frontends[&key].count, 1);
+        let report = p.repair();
+        assert!(report.clean() && report.differences > 0, "{report:?}");
+        assert_eq!(p.sink.frontends[&key].count, 0, "the repair pass left the count");
+        assert!(maps_match(&mut p));
+    }
+
+    #[test]
     fn the_periodic_repair_rewrites_an_entry_deleted_behind_the_agents_back() {
         let mut p = proxier();
         p.upsert_service(&service("web", "10.96.0.10"));

@@ -30,4 +30,4 @@ pub use ops::ProgrammedBackend;
 pub use ops::ProgrammedFrontend;
 pub use ops::ReadBackError;
 pub use ops::WriteFailure;
-pub(crate) use ops::{BackendId, FrontendWrite, RevNatId, RevNatWrite, SlotWrite};
+pub(crate) use ops::{BackendId, FrontendWrite, NO_BACKEND, RevNatId, RevNatWrite, SlotWrite};

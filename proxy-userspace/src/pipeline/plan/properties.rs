@@ -209,7 +209,7 @@ impl World {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 256,
+        cases: 1024,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
