@@ -7,6 +7,8 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod health;
 pub mod node;
 pub mod pipeline;

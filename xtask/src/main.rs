@@ -1,9 +1,11 @@
 //! `cargo xtask <task>`: everything a fresh machine needs, in one place.
 //!
 //! `setup` is idempotent and quick when done: it installs only what is missing (Debian
-//! packages, nightly's rust-src, a bpf-linker built against nightly's own LLVM, cargo-nextest).
+//! packages, nightly's rust-src, a bpf-linker built against nightly's own LLVM, cargo-nextest,
+//! cargo-fuzz).
 //! Every other task runs it first.
 
+mod fuzz;
 mod setup;
 mod vmtest;
 
@@ -58,6 +60,16 @@ enum Task {
     },
     /// Build and run the self-contained demo (root).
     Demo,
+    /// The cargo-fuzz targets (manifests, translate, planner, config), each for a set time;
+    /// fails on a crash. Needs nightly (cargo-fuzz is installed by setup).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks beside kube-proxy's iptables and nftables rulesets (root): figures in
     /// bench/results/, summary in BENCHMARKS.md.
     Bench {
@@ -128,6 +140,7 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup::all()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
             run(cargo()
                 .args([
                     "clippy",
@@ -135,6 +148,17 @@ fn main() -> anyhow::Result<()> {
                     "--all-targets",
                     "--exclude",
                     "proxy-ebpf",
+                ])
+                .args(["--", "-D", "warnings"]))?;
+            // The fuzz targets' entry points, which the product build leaves out.
+            run(cargo()
+                .args([
+                    "clippy",
+                    "--package",
+                    "proxy-userspace",
+                    "--lib",
+                    "--features",
+                    "fuzzing",
                 ])
                 .args(["--", "-D", "warnings"]))?;
             // The programs only build for BPF, with nightly and build-std.
@@ -191,6 +215,17 @@ fn main() -> anyhow::Result<()> {
                 bench.arg("--quick");
             }
             run(bench.args(args))
+        }
+        Task::Fuzz { seconds, target } => {
+            let targets: Vec<&str> = match &target {
+                Some(t) => {
+                    fuzz::check_target(t)?;
+                    vec![t.as_str()]
+                }
+                None => fuzz::TARGETS.to_vec(),
+            };
+            setup::all()?;
+            fuzz::run(seconds, &targets)
         }
         Task::Demo => {
             require_root("the demo")?;

@@ -191,6 +191,19 @@ fn nextest() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, which builds and runs the fuzz targets of `cargo xtask fuzz` with nightly.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        println!("setup: installing cargo-fuzz");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--version", "^0.13", "--locked"]))?;
+    }
+    Ok(())
+}
+
 /// nightly's rust-src and a matching bpf-linker; returns nightly's sysroot.
 pub fn toolchain() -> anyhow::Result<PathBuf> {
     let sysroot = rust_src()?;
@@ -210,5 +223,6 @@ pub fn all() -> anyhow::Result<()> {
     toolchain()?;
     kubernetes_validate()?;
     virtme_ng()?;
-    nextest()
+    nextest()?;
+    cargo_fuzz()
 }

@@ -21,7 +21,9 @@ use crate::{
         sys,
     },
     pipeline::model::{BackendKey, BackendState, FrontendKey, Protocol, Scope},
-    pipeline::plan::{BackendId, Label, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId},
+    pipeline::plan::{
+        BackendId, Label, NO_BACKEND, Programmed, ProgrammedBackend, ProgrammedFrontend, RevNatId,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,26 @@ pub struct FrontendView {
     pub backends: Vec<BackendView>,
     /// Slots the frontend's count promises but the map lacks.
     pub missing_slots: Vec<u16>,
+}
+
+impl FrontendView {
+    /// The backend id in each slot the count promises, [`NO_BACKEND`] where the map lacks the
+    /// slot: the count stays the entry's, so the repair pass rewrites the slot and, when the
+    /// wanted count differs, the entry (read back as no slots at all, a gap at a wanted count
+    /// of 0 looked right and stayed), and a restarted planner knows where the gap is.
+    fn slot_ids(&self) -> Vec<BackendId> {
+        let count = self.backends.len() + self.missing_slots.len();
+        let mut present = self.backends.iter();
+        (1..=count as u16)
+            .map(|slot| {
+                if self.missing_slots.contains(&slot) {
+                    NO_BACKEND
+                } else {
+                    present.next().map_or(NO_BACKEND, |b| b.id)
+                }
+            })
+            .collect()
+    }
 }
 
 /// Everything the pinned service maps hold, both families.
@@ -101,13 +123,7 @@ impl Snapshot {
                 fe.frontend,
                 ProgrammedFrontend {
                     rev_nat_id: fe.rev_nat_id,
-                    // A gap makes the rest unreachable by slot number: keep what precedes it
-                    // and let the first plan rewrite the remainder.
-                    slots: if fe.missing_slots.is_empty() {
-                        fe.backends.iter().map(|b| b.id).collect()
-                    } else {
-                        Vec::new()
-                    },
+                    slots: fe.slot_ids(),
                     affinity_timeout: fe.affinity_timeout,
                     flags: fe.flags,
                     source_ranges: fe.source_ranges.clone(),
@@ -295,4 +311,36 @@ where
             .map(|id| backend_view(*id)),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_slot_reads_back_as_no_backend_in_its_place_and_keeps_the_count() {
+        let backend = |id| BackendView {
+            id,
+            addr: None,
+            terminating: false,
+            local: false,
+        };
+        let view = FrontendView {
+            frontend: FrontendKey::new("10.96.0.10".parse().unwrap(), 80, Protocol::Tcp),
+            service: "ns/web".into(),
+            port_name: "http".into(),
+            rev_nat_id: 1,
+            affinity_timeout: None,
+            flags: 0,
+            source_ranges: Vec::new(),
+            backends: vec![backend(7), backend(9)],
+            missing_slots: vec![2],
+        };
+        assert_eq!(view.slot_ids(), [7, NO_BACKEND, 9]);
+        let whole = FrontendView {
+            missing_slots: Vec::new(),
+            ..view
+        };
+        assert_eq!(whole.slot_ids(), [7, 9]);
+    }
 }

@@ -314,7 +314,7 @@ fn split_documents(reader: &mut impl BufRead, mut each: impl FnMut(DocumentText)
 /// identity (its last good version stays in the sink), and while any document does not parse
 /// or the file cannot be read to its end, every identity it had before (`before`) stays, since
 /// the unreadable part may define any of them.
-fn parse_file(
+pub(crate) fn parse_file(
     path: &Path,
     reader: &mut impl BufRead,
     before: &BTreeSet<Identity>,

@@ -21,7 +21,7 @@ use crate::{
     health::proxy::Health,
     pipeline::inventory::Inventory,
     pipeline::model::{
-        FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
+        FrontendKey, FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
     pipeline::plan::{Op, Outcome, Plan, PlanIssue, PlanSink, Planner, WriteFailure},
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
@@ -129,6 +129,12 @@ impl<S: PlanSink> Proxier<S> {
     /// When the next repair pass is due after a failure (`None`: nothing known to be wrong).
     pub(crate) fn repair_due(&self) -> Option<Instant> {
         self.repair.due()
+    }
+
+    /// The sink, for the fuzz targets' checks between syncs.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
     }
 
     pub(crate) fn inventory(&self) -> &Inventory {
@@ -590,8 +596,11 @@ impl Planning<'_> {
         mut emit: impl FnMut(Plan),
     ) -> usize {
         let mut plan = Plan::default();
+        // The frontends `plan` deletes.
+        let mut released: HashSet<FrontendKey> = HashSet::default();
         let mut ops = 0;
-        let mut flush = |plan: &mut Plan| {
+        let mut flush = |plan: &mut Plan, released: &mut HashSet<FrontendKey>| {
+            released.clear();
             if !plan.is_empty() {
                 ops += plan.op_count();
                 emit(std::mem::take(plan));
@@ -610,20 +619,32 @@ impl Planning<'_> {
                 self.refused.push(name.clone());
             }
             self.planned.insert(name);
+            // A frontend one Service released in this plan and this one takes (a Service that
+            // waited for it, or one that simply moved onto it in the same sync): the deletion
+            // is written first, since in one plan the deletions come after the additions and
+            // would remove the new owner's entries for the same keys.
+            let takes_released = p
+                .upsert_frontends
+                .iter()
+                .map(|w| &w.frontend)
+                .chain(p.upsert_slots.iter().map(|w| &w.frontend))
+                .any(|key| released.contains(key));
+            if takes_released {
+                flush(&mut plan, &mut released);
+            }
+            released.extend(p.delete_frontends.iter().copied());
             plan.extend(p);
             self.issues.extend(issues);
-            if !retry.is_empty() {
-                // A released frontend goes to a Service that wanted it, in this same sync. Its
-                // deletion is written first: in one plan the deletions come after the
-                // additions, and would remove the new owner's entries for the same keys.
-                flush(&mut plan);
-                queue.extend(retry.into_iter().filter(|r| !self.planned.contains(r)));
-            }
+            // A released frontend goes to a Service that wanted it, in this same sync. One
+            // planned already in this sync was refused it: plan it again. Those still queued
+            // get it when their turn comes.
+            let waiting: Vec<ServiceName> = retry.into_iter().filter(|r| !queue.contains(r)).collect();
+            queue.extend(waiting);
             if plan.op_count() >= chunk_ops {
-                flush(&mut plan);
+                flush(&mut plan, &mut released);
             }
         }
-        flush(&mut plan);
+        flush(&mut plan, &mut released);
         ops
     }
 
@@ -844,6 +865,53 @@ mod tests {
     }
 
     #[test]
+    fn a_frontend_freed_in_a_sync_goes_to_a_service_refused_it_earlier_in_that_sync() {
+        let mut p = proxier();
+        p.upsert_service(&service("a", "10.96.0.10"));
+        p.upsert_slice(&slice("a-1", "a", &["10.0.0.1"]));
+        p.sync();
+        // One sync: "b" (planned first: the queue is taken from the end) asks for a's
+        // ClusterIP and is refused; then "a" moves away from it.
+        p.upsert_service(&service("b", "10.96.0.10"));
+        p.upsert_slice(&slice("b-1", "b", &["10.0.0.2"]));
+        p.upsert_service(&service("a", "10.96.0.11"));
+        p.sync();
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        assert_eq!(p.planner().owner_of(&key).map(|n| n.name.as_str()), Some("b"));
+        assert_eq!(backends_of(&p, "10.96.0.10"), 1);
+        assert_eq!(backends_of(&p, "10.96.0.11"), 1);
+    }
+
+    #[test]
+    fn a_frontend_one_service_leaves_and_another_takes_in_one_sync_keeps_the_new_owners_entries() {
+        let mut p = proxier();
+        p.upsert_service(&service("b", "10.96.0.10"));
+        p.upsert_slice(&slice("b-1", "b", &["10.0.0.1"]));
+        p.sync();
+        // One sync: "b" (planned first: the queue is taken from the end) is deleted, and "a",
+        // which never asked for the ClusterIP while b held it, takes it.
+        p.remove_service(&crate::pipeline::model::ServiceName::new("ns", "b"));
+        p.upsert_service(&service("a", "10.96.0.10"));
+        p.upsert_slice(&slice("a-1", "a", &["10.0.0.2"]));
+        p.sync();
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        let keys = services_map_after(&p.sink.plans);
+        assert!(
+            keys.contains(&(key, 0)) && keys.contains(&(key, 1)),
+            "b's deletion removed a's frontend and slot: {keys:?}"
+        );
+        assert!(maps_match(&mut p));
+    }
+
+    #[test]
     fn only_changed_services_are_planned() {
         let mut p = proxier();
         for i in 0..50 {
@@ -897,6 +965,29 @@ mod tests {
         assert!(report.healthy && report.unrepaired == 0, "{report:?}");
         assert_eq!(p.metrics.map_write_errors.get(), 2);
         assert_eq!(p.metrics.unrepaired_entries.get(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_of_a_frontend_left_without_backends_is_repaired() {
+        let mut p = proxier();
+        p.upsert_service(&service("web", "10.96.0.10"));
+        p.upsert_slice(&slice("web-a", "web", &["10.0.0.1"]));
+        p.sync();
+        // The frontend's new count (0: reject) fails to land; its slot is deleted all the same,
+        // so the entry still counts a slot the map no longer has.
+        p.upsert_slice(&slice("web-a", "web", &[]));
+        p.sink.failing = 1;
+        assert_eq!(p.sync().failed.len(), 1);
+        let key = crate::pipeline::model::FrontendKey::new(
+            "10.96.0.10".parse().unwrap(),
+            80,
+            crate::pipeline::model::Protocol::Tcp,
+        );
+        assert_eq!(p.sink.frontends[&key].count, 1);
+        let report = p.repair();
+        assert!(report.clean() && report.differences > 0, "{report:?}");
+        assert_eq!(p.sink.frontends[&key].count, 0, "the repair pass left the count");
+        assert!(maps_match(&mut p));
     }
 
     #[test]

@@ -184,7 +184,7 @@ impl Ledger {
         Ok(())
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(super) fn held(&self) -> [Usage; 2] {
         self.held
     }

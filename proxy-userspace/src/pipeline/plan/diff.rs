@@ -1,6 +1,8 @@
 //! The diff: desired frontends of a Service → the [`Plan`] that takes the datapath there from
 //! what it holds now, in an order that never lets a connect() see a half-written Service.
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod audit;
 mod repair;
 
 use std::collections::BTreeSet;
@@ -158,9 +160,17 @@ impl Planner {
             );
         }
         for (key, mut frontend) in programmed.frontends {
-            // A slot naming an unknown backend cannot be served: drop it so the next plan for
-            // this frontend rewrites the slot list.
-            frontend.slots.retain(|id| planner.backend_keys.contains_key(id));
+            // A slot naming an unknown backend cannot be served. Only the slots before it are
+            // known to hold what they say; the plan rewrites it and those after it. (Dropping
+            // it alone shifted the later slots down a place, so a plan that wanted them wrote
+            // nothing and the slot naming nothing stayed in the count.)
+            if let Some(gap) = frontend
+                .slots
+                .iter()
+                .position(|id| !planner.backend_keys.contains_key(id))
+            {
+                frontend.slots.truncate(gap);
+            }
             for id in &frontend.slots {
                 if let Some(b) = planner
                     .backend_keys
@@ -493,6 +503,7 @@ mod tests {
 
     use ipnet::IpNet;
 
+    use super::audit::recount;
     use super::*;
     use crate::pipeline::plan::{fixtures::*, ops::ProgrammedBackend};
 
@@ -717,20 +728,6 @@ mod tests {
         }
     }
 
-    /// The entries `planner` holds, counted from scratch.
-    fn recount(planner: &Planner) -> [Usage; 2] {
-        let mut used = [Usage::default(); 2];
-        for (key, f) in &planner.frontends {
-            let u = &mut used[family(key.addr)];
-            u.services += 1 + f.slots.len() as u64;
-            u.rev_nat += 1;
-        }
-        for key in planner.backends.keys() {
-            used[family(key.addr)].backends += 1;
-        }
-        used
-    }
-
     #[test]
     fn held_entries_stay_equal_to_a_recount_through_changes_deletions_and_adoption() {
         let mut p = Planner::new();
@@ -794,6 +791,38 @@ mod tests {
             .plan;
         let adopted_max = first.backends.values().map(|b| b.id).max().unwrap();
         assert!(fresh.upsert_backends[0].0 > adopted_max);
+    }
+
+    #[test]
+    fn an_adopted_slot_naming_an_unknown_backend_is_rewritten_with_those_after_it() {
+        let mut first = Planner::new();
+        let e = entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])]);
+        first.plan_service(&svc("web"), Some(&e));
+        // The write of the first backend failed before the agent restarted: slot 1 names an
+        // id the backends map lacks.
+        let mut programmed = programmed_of(&first);
+        let gone = programmed
+            .backends
+            .remove(&e.frontends[0].backends[0].key)
+            .unwrap();
+        let mut restarted = Planner::adopt(programmed);
+        let want = entry(&[("10.96.0.10", 80, &["10.0.0.2"])]);
+        let plan = restarted.plan_service(&svc("web"), Some(&want)).plan;
+        let key = fkey("10.96.0.10", 80);
+        let kept = restarted.frontend(&key).unwrap().slots[0];
+        assert_ne!(kept, gone.id);
+        assert_eq!(
+            plan.upsert_slots
+                .iter()
+                .map(|w| (w.slot, w.backend_id))
+                .collect::<Vec<_>>(),
+            [(1, kept)],
+            "slot 1 still names the missing backend: {plan:?}"
+        );
+        assert_eq!(
+            plan.upsert_frontends.iter().map(|w| w.count).collect::<Vec<_>>(),
+            [1]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use crate::pipeline::{
     model::{BackendKey, BackendState, FrontendKey},
     plan::ops::{
-        BackendId, FrontendWrite, Label, Op, Plan, PlanSink, Programmed, ProgrammedBackend,
+        BackendId, FrontendWrite, Label, NO_BACKEND, Op, Plan, PlanSink, Programmed, ProgrammedBackend,
         ProgrammedFrontend, ReadBackError, RevNatId, WriteFailure,
     },
 };
@@ -89,18 +89,18 @@ impl PlanSink for MemoryMaps {
         failed
     }
 
-    /// As the BPF reader: a frontend missing a slot reads back with no slots.
+    /// As the BPF reader: a missing slot reads back as [`NO_BACKEND`].
     fn read_back(&mut self) -> Result<Programmed, ReadBackError> {
         let mut programmed = Programmed::default();
         for (key, f) in &self.frontends {
-            let slots: Option<Vec<BackendId>> = (1..=f.count)
-                .map(|slot| self.slots.get(&(*key, slot)).copied())
+            let slots: Vec<BackendId> = (1..=f.count)
+                .map(|slot| self.slots.get(&(*key, slot)).copied().unwrap_or(NO_BACKEND))
                 .collect();
             programmed.frontends.insert(
                 *key,
                 ProgrammedFrontend {
                     rev_nat_id: f.rev_nat_id,
-                    slots: slots.unwrap_or_default(),
+                    slots,
                     affinity_timeout: f.affinity_timeout,
                     flags: f.flags,
                     source_ranges: self

@@ -5,12 +5,16 @@
 
 mod capacity;
 mod diff;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use diff::audit;
 #[cfg(test)]
 mod fixtures;
 mod ids;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod memory;
 mod ops;
+#[cfg(test)]
+mod properties;
 
 pub use capacity::Capacity;
 pub use capacity::PlanIssue;
@@ -26,4 +30,4 @@ pub use ops::ProgrammedBackend;
 pub use ops::ProgrammedFrontend;
 pub use ops::ReadBackError;
 pub use ops::WriteFailure;
-pub(crate) use ops::{BackendId, FrontendWrite, RevNatId, RevNatWrite, SlotWrite};
+pub(crate) use ops::{BackendId, FrontendWrite, NO_BACKEND, RevNatId, RevNatWrite, SlotWrite};

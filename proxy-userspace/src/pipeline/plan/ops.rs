@@ -22,6 +22,9 @@ use crate::pipeline::model::{BackendKey, BackendState, FrontendKey};
 pub(crate) type BackendId = u32;
 pub(crate) type RevNatId = u32;
 
+/// No backend has id 0 (see `ids`): a slot the maps lack reads back as this id.
+pub(crate) const NO_BACKEND: BackendId = 0;
+
 /// The datapath stores at most this many backend slots per frontend (slot numbers are u16).
 pub(crate) const MAX_SLOTS: usize = u16::MAX as usize;
 
