@@ -937,7 +937,11 @@ fn conntrack_gc_reads_and_deletes_in_batches_and_keeps_every_live_entry() {
             map.insert(other, reply, 0).expect("an entry");
         }
     }
-    assert_eq!(map.keys().count(), 12_000, "every entry written is there to collect");
+    assert_eq!(
+        map.keys().count(),
+        12_000,
+        "every entry written is there to collect"
+    );
     let mut gc = Conntrack::open(pins.path(), config).expect("opening conntrack");
     assert_eq!(gc.collect(), 3000 + 2 * 3000);
     let left: std::collections::HashSet<_> = map.keys().map(|k| k.expect("a key")).collect();
