@@ -874,11 +874,11 @@ fn two_cpus_opening_flows_at_once_never_share_a_snat_reply_tuple() {
     );
 }
 
-/// The map walker's conntrack garbage collection over more entries than one batch holds
-/// (4096): every expired entry goes, with the other direction of a closing flow, and nothing
-/// live; the fill count it keeps for `/metrics` then matches.
+/// The map walker's conntrack garbage collection over 12 000 entries: every expired entry
+/// goes, with the other direction of a closing flow, and nothing live; the fill count it keeps
+/// for `/metrics` then matches. More entries than one batch read holds (4096).
 #[test]
-fn conntrack_gc_reads_and_deletes_in_batches_and_keeps_every_live_entry() {
+fn conntrack_gc_removes_every_expired_entry_and_keeps_every_live_one() {
     require_root();
     let pins = Pins::unique("bkgc");
     // Far from full: an LRU map may evict before it is full (Linux 6.1 did so at 12 000 of
@@ -891,27 +891,30 @@ fn conntrack_gc_reads_and_deletes_in_batches_and_keeps_every_live_entry() {
     let config = NodeConfig {
         snat_v4: NODE.octets(),
         snat_v6: NODE6.octets(),
-        ct_tcp_timeout_s: 3600,
-        ct_tcp_closing_timeout_s: 10,
-        ct_udp_timeout_s: 120,
+        ct_tcp_timeout_s: 1,
+        ct_tcp_closing_timeout_s: 1,
+        ct_udp_timeout_s: 1,
     };
+    // Seen at boot, so expired whenever the test runs (CLOCK_MONOTONIC starts at boot: a VM
+    // booted a minute ago has no "an hour ago"), or an hour from now, so live however slowly
+    // the entries are written.
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("the clock");
     let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-    let an_hour_ago = now.saturating_sub(3601 * 1_000_000_000);
+    let (expired, live_until) = (0, now + 3600 * 1_000_000_000);
     let key = |i: u32| {
         let [_, b, c, d] = i.to_be_bytes();
         CtKey::new([10, b, c, d], NODE.octets(), 40_000, 30_080, proto::TCP)
     };
     let mut map: HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
         typed(pins.path(), names::CONNTRACK_V4).expect("opening conntrack");
-    // i % 3: 0 live, 1 expired, 2 a closing flow seen an hour ago whose other direction
+    // i % 3: 0 live, 1 expired, 2 an expired closing flow whose other direction
     // (key i + 100 000) is still fresh: both must go.
     let mut live = std::collections::HashSet::new();
     for i in 0..9000u32 {
         let (last_seen_ns, flags) = match i % 3 {
-            0 => (now, 0),
-            1 => (an_hour_ago, 0),
-            _ => (an_hour_ago, ct_flags::CLOSING),
+            0 => (live_until, 0),
+            1 => (expired, 0),
+            _ => (expired, ct_flags::CLOSING),
         };
         let other = key(i + 100_000);
         let value = CtValue {
@@ -930,7 +933,7 @@ fn conntrack_gc_reads_and_deletes_in_batches_and_keeps_every_live_entry() {
             live.insert(key(i));
         } else if i % 3 == 2 {
             let reply = CtValue {
-                last_seen_ns: now,
+                last_seen_ns: live_until,
                 flags: ct_flags::REPLY | ct_flags::CLOSING,
                 ..value
             };
