@@ -1076,6 +1076,17 @@ fn attachment_state(world: &World, device: &str, program: &str) -> Option<String
         .find_map(|l| Some(l.split("state=\"").nth(1)?.split('"').next()?.to_string()))
 }
 
+/// Waits until `program` on `device` is reported in `state`. The programs serve a device
+/// before the agent reports them: the report follows the last device's attach, and each TCX
+/// attach or detach waits for an RCU grace period, longer than a test's requests may take.
+fn wait_for_state(world: &mut World, device: &str, program: &str, state: &str) {
+    world.wait_until(
+        &format!("{device}@{program} reported {state}"),
+        Duration::from_secs(5),
+        |w| (attachment_state(w, device, program)? == state).then_some(()),
+    );
+}
+
 fn reattached(world: &World, device: &str, program: &str) -> Option<f64> {
     let (_, metrics) = world.http_get("/metrics", "/metrics");
     metric_sample(
@@ -1147,11 +1158,7 @@ fn a_listed_device_recreated_while_running_gets_its_programs_again() {
     wait_for_nodeport(&mut o);
     assert_local_and_remote_reached(&o, &IPV4);
     for program in ["bkp_tc_ingress", "bkp_tc_egress"] {
-        assert_eq!(
-            attachment_state(&o.world, "up0", program).as_deref(),
-            Some("attached"),
-            "{program}"
-        );
+        wait_for_state(&mut o.world, "up0", program, "attached");
     }
 }
 
@@ -1168,15 +1175,7 @@ fn auto_picks_a_device_added_while_running() {
     wait_for_nodeport(&mut o);
     assert_local_and_remote_reached(&o, &IPV4);
     for program in ["bkp_tc_ingress", "bkp_tc_egress"] {
-        assert_eq!(
-            attachment_state(&o.world, "wan0", program).as_deref(),
-            Some("attached"),
-            "{program}"
-        );
-        assert_eq!(
-            attachment_state(&o.world, "up0", program).as_deref(),
-            Some("absent"),
-            "{program}"
-        );
+        wait_for_state(&mut o.world, "wan0", program, "attached");
+        wait_for_state(&mut o.world, "up0", program, "absent");
     }
 }
