@@ -1,7 +1,12 @@
 //! The long-running agent: loads the datapath, adopts what pinned maps already hold, keeps the
 //! maps in sync with the source, and leaves everything in place when it stops.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::signal::unix::SignalKind;
@@ -27,15 +32,19 @@ use crate::{
         devices::Devices,
         external::{ExternalError, ExternalSide},
         link_events::LinkEvents,
+        reply_routes::{Change, ReplyPaths, ReplyRoutes},
     },
-    pipeline::plan::{Capacity, Planner},
+    pipeline::{
+        model::ServiceName,
+        plan::{Capacity, Planner},
+    },
     source::{
         files::{FileWatch, WatchError},
         kube::{self as kube_source, KubeEvent, KubeSourceError, WatchHealth, Watches},
         manifests::ManifestSet,
     },
     sync::{proxier::Proxier, report::finish_sync},
-    telemetry::metrics::{KindLabel, Metrics},
+    telemetry::metrics::{DeviceLabel, KindLabel, Metrics},
     telemetry::serve,
 };
 
@@ -79,6 +88,12 @@ struct Prepared {
     /// The devices the tc programs were last attached to, with their ifindexes.
     present: BTreeMap<String, u32>,
     attachments: Vec<Attachment>,
+    /// Route lookups of the backends the tc path SNATs to (`None` without tc devices).
+    reply_routes: Option<ReplyRoutes>,
+    /// Under `auto`: the devices those backends' replies arrive on, selected too.
+    reply_devices: BTreeSet<String>,
+    /// Where those backends' replies arrive, per Service, and which of them lack programs.
+    reply_paths: ReplyPaths<ServiceName>,
     live: bool,
 }
 
@@ -144,6 +159,9 @@ impl Prepared {
             devices: opts.external.devices.clone(),
             present: BTreeMap::new(),
             attachments: Vec::new(),
+            reply_routes: open_reply_routes(&opts.external.devices),
+            reply_devices: BTreeSet::new(),
+            reply_paths: ReplyPaths::default(),
             live: false,
         })
     }
@@ -189,7 +207,7 @@ impl Prepared {
             // The first attach, still to come, selects the devices then.
             return;
         }
-        let now = match self.devices.present() {
+        let now = match self.devices.present(&self.reply_devices) {
             Ok(now) if now == self.present => return,
             Ok(now) => now,
             Err(e) => {
@@ -222,6 +240,7 @@ impl Prepared {
             if periodic || repair_due {
                 self.proxier.repair();
             }
+            self.check_replies(false);
             return Ok(());
         }
         finish_sync("initial sync", &self.proxier.sync());
@@ -232,7 +251,7 @@ impl Prepared {
             &self.proxier.release_unclaimed(),
         );
         let attached = self.datapath.attach(cgroup)?;
-        self.attach_devices(self.devices.present());
+        self.attach_devices(self.devices.present(&self.reply_devices));
         let tc_count = |how| self.attachments.iter().filter(|a| a.outcome == Ok(how)).count();
         let planner = self.proxier.planner();
         tracing::info!(
@@ -250,8 +269,98 @@ impl Prepared {
             "datapath ready"
         );
         self.live = true;
+        self.check_replies(false);
         Ok(())
     }
+
+    /// After link, address or route notifications: attaches again where devices changed, then
+    /// looks up again where remote backends' replies arrive.
+    fn follow_node(&mut self) {
+        self.follow_devices();
+        self.check_replies(true);
+    }
+
+    /// Checks that the replies of every backend the tc path SNATs to arrive on a device with
+    /// the tc programs: under `auto` such devices are selected too; otherwise each Service
+    /// that has its replies arrive elsewhere is logged once (per change) and counted by
+    /// device. Looks up only the Services changed since the last check, or every one when
+    /// `routes_changed` (the node's routes, links or addresses may have moved).
+    fn check_replies(&mut self, routes_changed: bool) {
+        if !self.live {
+            return;
+        }
+        let changed = self.proxier.reply_targets().take_changed();
+        let Some(routes) = self.reply_routes.as_mut() else {
+            return;
+        };
+        if routes_changed {
+            routes.forget();
+        }
+        let mut devices_of = |addr| routes.devices_of(addr).to_vec();
+        if routes_changed {
+            for (service, addrs) in self.proxier.reply_targets().iter() {
+                self.reply_paths.set(service, addrs, &mut devices_of);
+            }
+        } else {
+            for (service, addrs) in &changed {
+                self.reply_paths.set(service, addrs, &mut devices_of);
+            }
+        }
+        if self.devices == Devices::Auto {
+            let needed = self.reply_paths.devices();
+            if needed != self.reply_devices {
+                tracing::info!(devices = ?needed, "remote backends' replies arrive on these devices: selecting them for the tc programs");
+                self.reply_devices = needed;
+                self.follow_devices();
+            }
+        }
+        let served: BTreeSet<String> = self
+            .attachments
+            .iter()
+            .filter(|a| a.outcome.is_ok())
+            .map(|a| a.device.clone())
+            .collect();
+        let before = self.reply_paths.unserved_per_device();
+        for change in self.reply_paths.report(served) {
+            match change {
+                Change::Unserved(service, devices) => tracing::warn!(
+                    %service,
+                    devices = ?devices,
+                    "replies of this Service's remote backends (SNATed flows from outside the node) arrive on devices without the tc programs, so those connections hang: add the devices to --devices, or use --devices auto"
+                ),
+                Change::Served(service) => tracing::info!(
+                    %service,
+                    "replies of this Service's remote backends all arrive on devices with the tc programs again"
+                ),
+            }
+        }
+        let now = self.reply_paths.unserved_per_device();
+        for device in before.keys().filter(|d| !now.contains_key(*d)) {
+            self.metrics
+                .reply_device_unserved
+                .get_or_create(&DeviceLabel {
+                    device: device.clone(),
+                })
+                .set(0);
+        }
+        for (device, services) in now {
+            self.metrics
+                .reply_device_unserved
+                .get_or_create(&DeviceLabel { device })
+                .set(i64::try_from(services).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// The route lookups for the reply check; none without tc devices (nothing is SNATed then).
+/// The check is advice: a socket that cannot be opened is logged, and the agent serves on.
+fn open_reply_routes(devices: &Devices) -> Option<ReplyRoutes> {
+    if *devices == Devices::None {
+        return None;
+    }
+    ReplyRoutes::open()
+        .inspect_err(|e| tracing::warn!("route lookups for the reply-device check: {e}; it is off"))
+        .ok()
 }
 
 /// kube-proxy's sync-period timer; its first tick is one period from now.
@@ -348,7 +457,7 @@ async fn run_manifests(
             _ = resync.tick() => reload(&mut manifests, &mut prepared),
             _ = periodic.tick() => full = true,
             () = repair_due(prepared.proxier.repair_due()) => {}
-            () = links.changed() => prepared.follow_devices(),
+            () = links.changed() => prepared.follow_node(),
             () = &mut stop => return Ok(()),
         }
         prepared.sync(&opts.cgroup, full)?;
@@ -420,7 +529,7 @@ async fn run_kube(
                 }
             }
             () = repair_due(prepared.proxier.repair_due()) => {}
-            () = links.changed() => prepared.follow_devices(),
+            () = links.changed() => prepared.follow_node(),
             () = &mut stop => return Ok(()),
         }
         if watches.listed() {

@@ -62,12 +62,12 @@ enum Link {
 }
 
 /// Field order is drop order: the link's pump stops first, the extra namespaces go before the
-/// world (and its node). The remote ones are only held so they live as long as the test.
+/// world (and its node). The remote pod's is only held so it lives as long as the test.
 struct Outside {
     link: Link,
     ext: Netns,
     _remote: Netns,
-    _node2: Netns,
+    node2: Netns,
     world: World,
 }
 
@@ -221,7 +221,7 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
         link: uplink_state,
         ext,
         _remote: remote,
-        _node2: node2,
+        node2,
         world,
     }
 }
@@ -1178,4 +1178,108 @@ fn auto_picks_a_device_added_while_running() {
         wait_for_state(&mut o.world, "wan0", program, "attached");
         wait_for_state(&mut o.world, "up0", program, "absent");
     }
+}
+
+/// How many Services have their remote backends' replies arrive on `device` without programs.
+fn unserved_replies(world: &World, device: &str) -> Option<f64> {
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    metric_sample(
+        &metrics,
+        &format!("bpf_kube_proxy_reply_device_unserved{{device=\"{device}\"}}"),
+    )
+}
+
+/// The agent's warnings that a Service's remote backends reply on devices without programs.
+fn unserved_warnings(world: &World) -> Vec<String> {
+    world
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("arrive on devices without the tc programs"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `--devices` naming only the uplink: the remote backend's replies arrive on `n2`, which has
+/// no programs, so SNATed flows to it would hang. The agent finds it from the node's routes,
+/// logs the Service once (not on every sync or route change) and counts it on `n2`; once the
+/// Service has no remote backend left, the count goes back to 0.
+#[test]
+fn replies_arriving_on_an_unlisted_device_are_logged_once_per_service_and_counted() {
+    let mut o = outside(&["a"], &["--devices", "up0", "--sync-period", "1s"]);
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    o.world
+        .wait_until("n2 counted as unserved", Duration::from_secs(10), |w| {
+            (unserved_replies(w, "n2") == Some(1.0)).then_some(())
+        });
+    // A route change and a few periodic syncs later, still one warning.
+    let node = &o.world.topology.node;
+    node.ip(&["route", "add", "10.245.1.0/24", "via", "172.30.0.2"])
+        .expect("adding a route");
+    std::thread::sleep(Duration::from_millis(2500));
+    let warnings = unserved_warnings(&o.world);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("service=test/web") && warnings[0].contains("\"n2\""),
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(
+        unserved_replies(&o.world, "up0"),
+        None,
+        "up0 carries the programs"
+    );
+
+    let local: Vec<(&str, &str, bool)> = endpoints(&eps).into_iter().take(1).collect();
+    o.world.write("svc.yaml", &web("", "", &local));
+    o.world
+        .wait_until("n2 no longer counted", Duration::from_secs(10), |w| {
+            (unserved_replies(w, "n2") == Some(0.0)).then_some(())
+        });
+}
+
+/// `--devices auto` on a node whose link to the other node is unnumbered (link-local
+/// addresses only, as on BGP-unnumbered fabrics): `auto` alone would not pick `n2`, but the
+/// remote backend's replies arrive there, so the agent selects it too and SNATed flows to the
+/// remote backend work.
+#[test]
+fn auto_selects_the_device_remote_backends_replies_arrive_on() {
+    let mut o = outside(&["a"], &["--devices", "auto", "--node-ip", NODE_IP]);
+    let link = |ns: &Netns, args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    let node = &o.world.topology.node;
+    link(node, &["addr", "flush", "dev", "n2"]);
+    link(node, &["addr", "add", "169.254.30.1/24", "dev", "n2"]);
+    link(
+        node,
+        &[
+            "route",
+            "replace",
+            "10.245.0.0/24",
+            "via",
+            "169.254.30.2",
+            "dev",
+            "n2",
+        ],
+    );
+    link(&o.node2, &["addr", "flush", "dev", "eth0"]);
+    link(&o.node2, &["addr", "add", "169.254.30.2/24", "dev", "eth0"]);
+    link(
+        &o.node2,
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "169.254.30.1",
+            "dev",
+            "eth0",
+        ],
+    );
+    let eps = IPV4.local_and_remote(&o);
+    start(&mut o, &web("", "", &endpoints(&eps)), 2);
+    for program in ["bkp_tc_ingress", "bkp_tc_egress"] {
+        wait_for_state(&mut o.world, "n2", program, "attached");
+    }
+    assert_local_and_remote_reached(&o, &IPV4);
+    assert!(unserved_warnings(&o.world).is_empty());
 }

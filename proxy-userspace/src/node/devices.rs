@@ -1,7 +1,11 @@
 //! Which devices carry traffic from outside the node (`--devices`), and the node's addresses
 //! on them.
 
-use std::{collections::BTreeMap, net::IpAddr, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    str::FromStr,
+};
 
 use super::nodeport::usable;
 
@@ -82,12 +86,23 @@ impl Devices {
 
     /// The devices this selects now, each with its ifindex (which changes when a device is
     /// deleted and created again under its name); a listed device that does not exist is left
-    /// out.
-    pub(crate) fn present(&self) -> std::io::Result<BTreeMap<String, u32>> {
+    /// out. `auto` also selects `reply_devices`, where remote backends' replies arrive (see
+    /// `node::reply_routes`), whatever their addresses or names.
+    pub(crate) fn present(&self, reply_devices: &BTreeSet<String>) -> std::io::Result<BTreeMap<String, u32>> {
         let names = match self {
             Self::None => return Ok(BTreeMap::new()),
             Self::Named(names) => names.clone(),
-            Self::Auto => self.resolve(&interface_addresses()?),
+            Self::Auto => {
+                let mut names = self.resolve(&interface_addresses()?);
+                names.extend(
+                    reply_devices
+                        .iter()
+                        .filter(|d| !names.contains(d))
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                );
+                names
+            }
         };
         Ok(names
             .into_iter()

@@ -1,6 +1,7 @@
-//! Wakes the agent when the node's devices or addresses change: rtnetlink link and address
-//! notifications, so that a device deleted and recreated (flannel recreates `flannel.1` when it
-//! restarts), or a new one `--devices auto` would pick, gets the tc programs.
+//! Wakes the agent when the node's devices, addresses or routes change: rtnetlink link,
+//! address and route notifications, so that a device deleted and recreated (flannel recreates
+//! `flannel.1` when it restarts), or a new one `--devices auto` would pick, gets the tc
+//! programs, and the devices remote backends' replies arrive on are looked up again.
 //!
 //! The notifications are not parsed: the agent compares the devices it attached to with those
 //! selected now, so a burst of them (or a lost one, when the socket overflowed) costs one
@@ -32,6 +33,8 @@ impl LinkEvents {
             libc::RTNLGRP_LINK,
             libc::RTNLGRP_IPV4_IFADDR,
             libc::RTNLGRP_IPV6_IFADDR,
+            libc::RTNLGRP_IPV4_ROUTE,
+            libc::RTNLGRP_IPV6_ROUTE,
         ] {
             socket.add_membership(group)?;
         }

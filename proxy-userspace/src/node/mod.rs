@@ -4,3 +4,4 @@ pub(crate) mod devices;
 pub mod external;
 pub(crate) mod link_events;
 pub(crate) mod nodeport;
+pub(crate) mod reply_routes;

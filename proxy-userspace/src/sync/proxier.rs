@@ -24,6 +24,7 @@ use crate::{
         FrontendKey, FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
     pipeline::plan::{Op, Outcome, Plan, PlanIssue, PlanSink, Planner, WriteFailure},
+    pipeline::reply_targets::ReplyTargets,
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
         Change, Listed, Object, ObjectKind,
@@ -61,6 +62,8 @@ pub struct Proxier<S> {
     started: SystemTime,
     /// Service ports per Service with internalTrafficPolicy Local and no local endpoint.
     no_local: BTreeMap<ServiceName, usize>,
+    /// The backends the tc path SNATs to, per Service, for the agent's reply-device check.
+    reply_targets: ReplyTargets,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     repair: Schedule,
@@ -112,6 +115,7 @@ impl<S: PlanSink> Proxier<S> {
             seen_triggers: HashMap::new(),
             started: SystemTime::now(),
             no_local: BTreeMap::new(),
+            reply_targets: ReplyTargets::default(),
             metrics,
             health,
             repair: Schedule::new(DEFAULT_SYNC_PERIOD),
@@ -143,6 +147,12 @@ impl<S: PlanSink> Proxier<S> {
 
     pub(crate) fn planner(&self) -> &Planner {
         &self.planner
+    }
+
+    /// The backends the tc path SNATs to, per Service; `take_changed` on it drains what
+    /// changed since the agent's last reply-device check.
+    pub(crate) fn reply_targets(&mut self) -> &mut ReplyTargets {
+        &mut self.reply_targets
     }
 
     /// kube-proxy's periodic sync counts as a queued change for health: if it cannot
@@ -388,6 +398,7 @@ impl<S: PlanSink> Proxier<S> {
             inventory: &self.inventory,
             planner: &mut self.planner,
             no_local: &mut self.no_local,
+            reply_targets: &mut self.reply_targets,
             planned: BTreeSet::new(),
             refused: Vec::new(),
             issues: Vec::new(),
@@ -580,6 +591,7 @@ struct Planning<'a> {
     inventory: &'a Inventory,
     planner: &'a mut Planner,
     no_local: &'a mut BTreeMap<ServiceName, usize>,
+    reply_targets: &'a mut ReplyTargets,
     planned: BTreeSet<ServiceName>,
     refused: Vec<ServiceName>,
     issues: Vec<PlanIssue>,
@@ -614,6 +626,7 @@ impl Planning<'_> {
                 retry,
             } = self.planner.plan_service(&name, desired.as_ref());
             self.count_no_local(&name, desired.as_ref());
+            self.reply_targets.record(&name, desired.as_ref());
             if issues.iter().any(|i| matches!(i, PlanIssue::MapFull { .. })) {
                 // Retried on the next sync, when room may have been freed.
                 self.refused.push(name.clone());

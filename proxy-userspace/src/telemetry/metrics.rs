@@ -52,6 +52,11 @@ pub(crate) struct AttachmentLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DeviceLabel {
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DeviceProgramLabel {
     pub device: String,
     pub program: String,
@@ -178,6 +183,7 @@ pub struct Metrics {
     pub(crate) datapath_programs: Family<ProgramLabel, Gauge>,
     pub(crate) tc_attachments: Family<AttachmentLabel, Gauge>,
     pub(crate) tc_reattached: Family<DeviceProgramLabel, Counter>,
+    pub(crate) reply_device_unserved: Family<DeviceLabel, Gauge>,
     pub(crate) kernel_features: Family<FeatureLabel, Gauge>,
     pub(crate) maps_recreated: Family<RecreatedLabel, Counter>,
 }
@@ -221,6 +227,7 @@ impl Metrics {
             datapath_programs: Family::default(),
             tc_attachments: Family::default(),
             tc_reattached: Family::default(),
+            reply_device_unserved: Family::default(),
             kernel_features: Family::default(),
             maps_recreated: Family::default(),
             registry: Registry::default(),
@@ -364,6 +371,11 @@ impl Metrics {
                 "tc_reattached",
                 "tc programs attached afresh because their device had been deleted (a severed pinned link, a filter gone with its device)",
                 m.tc_reattached.clone(),
+            );
+            own.register(
+                "reply_device_unserved",
+                "Services whose remote backends' replies (SNATed flows from outside the node) arrive on this device, which has no tc programs: those connections hang",
+                m.reply_device_unserved.clone(),
             );
             own.register(
                 "kernel_feature",
