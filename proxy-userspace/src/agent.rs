@@ -21,7 +21,7 @@ use crate::{
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
         readings::PinnedReadings,
-        report::{probe_kernel, report_attachments, report_programs, report_recreated},
+        report::{probe_kernel, report_attachments, report_programs, report_recreated, report_replies},
         sink::DatapathSink,
         sockets::StaleSockets,
         walker,
@@ -32,7 +32,7 @@ use crate::{
         devices::Devices,
         external::{ExternalError, ExternalSide},
         link_events::LinkEvents,
-        reply_routes::{Change, ReplyPaths, ReplyRoutes},
+        reply_routes::ReplyCheck,
     },
     pipeline::{
         model::ServiceName,
@@ -44,7 +44,7 @@ use crate::{
         manifests::ManifestSet,
     },
     sync::{proxier::Proxier, report::finish_sync},
-    telemetry::metrics::{DeviceLabel, KindLabel, Metrics},
+    telemetry::metrics::{KindLabel, Metrics},
     telemetry::serve,
 };
 
@@ -88,12 +88,11 @@ struct Prepared {
     /// The devices the tc programs were last attached to, with their ifindexes.
     present: BTreeMap<String, u32>,
     attachments: Vec<Attachment>,
-    /// Route lookups of the backends the tc path SNATs to (`None` without tc devices).
-    reply_routes: Option<ReplyRoutes>,
-    /// Under `auto`: the devices those backends' replies arrive on, selected too.
+    /// Where the replies of the backends the tc path SNATs to arrive, per Service (`None`
+    /// without tc devices).
+    reply_check: Option<ReplyCheck<ServiceName>>,
+    /// Under `auto`: the devices those replies arrive on, selected too.
     reply_devices: BTreeSet<String>,
-    /// Where those backends' replies arrive, per Service, and which of them lack programs.
-    reply_paths: ReplyPaths<ServiceName>,
     live: bool,
 }
 
@@ -159,9 +158,8 @@ impl Prepared {
             devices: opts.external.devices.clone(),
             present: BTreeMap::new(),
             attachments: Vec::new(),
-            reply_routes: open_reply_routes(&opts.external.devices),
+            reply_check: open_reply_check(&opts.external.devices),
             reply_devices: BTreeSet::new(),
-            reply_paths: ReplyPaths::default(),
             live: false,
         })
     }
@@ -290,75 +288,40 @@ impl Prepared {
             return;
         }
         let changed = self.proxier.reply_targets().take_changed();
-        let Some(routes) = self.reply_routes.as_mut() else {
+        let Some(check) = self.reply_check.as_mut() else {
             return;
         };
+        check.update(changed.iter().map(|(service, addrs)| (service, addrs.as_slice())));
         if routes_changed {
-            routes.forget();
-        }
-        let mut devices_of = |addr| routes.devices_of(addr).to_vec();
-        if routes_changed {
-            for (service, addrs) in self.proxier.reply_targets().iter() {
-                self.reply_paths.set(service, addrs, &mut devices_of);
-            }
-        } else {
-            for (service, addrs) in &changed {
-                self.reply_paths.set(service, addrs, &mut devices_of);
-            }
+            check.look_up_again(self.proxier.reply_targets().iter());
         }
         if self.devices == Devices::Auto {
-            let needed = self.reply_paths.devices();
+            let needed = check.paths().devices();
             if needed != self.reply_devices {
                 tracing::info!(devices = ?needed, "remote backends' replies arrive on these devices: selecting them for the tc programs");
                 self.reply_devices = needed;
                 self.follow_devices();
             }
         }
-        let served: BTreeSet<String> = self
+        let served = self
             .attachments
             .iter()
             .filter(|a| a.outcome.is_ok())
             .map(|a| a.device.clone())
             .collect();
-        let before = self.reply_paths.unserved_per_device();
-        for change in self.reply_paths.report(served) {
-            match change {
-                Change::Unserved(service, devices) => tracing::warn!(
-                    %service,
-                    devices = ?devices,
-                    "replies of this Service's remote backends (SNATed flows from outside the node) arrive on devices without the tc programs, so those connections hang: add the devices to --devices, or use --devices auto"
-                ),
-                Change::Served(service) => tracing::info!(
-                    %service,
-                    "replies of this Service's remote backends all arrive on devices with the tc programs again"
-                ),
-            }
-        }
-        let now = self.reply_paths.unserved_per_device();
-        for device in before.keys().filter(|d| !now.contains_key(*d)) {
-            self.metrics
-                .reply_device_unserved
-                .get_or_create(&DeviceLabel {
-                    device: device.clone(),
-                })
-                .set(0);
-        }
-        for (device, services) in now {
-            self.metrics
-                .reply_device_unserved
-                .get_or_create(&DeviceLabel { device })
-                .set(i64::try_from(services).unwrap_or(i64::MAX));
+        if let Some(check) = self.reply_check.as_mut() {
+            report_replies(check.paths(), served, &self.metrics);
         }
     }
 }
 
-/// The route lookups for the reply check; none without tc devices (nothing is SNATed then).
-/// The check is advice: a socket that cannot be opened is logged, and the agent serves on.
-fn open_reply_routes(devices: &Devices) -> Option<ReplyRoutes> {
+/// The reply-device check; none without tc devices (nothing is SNATed then). The check is
+/// advice: a socket that cannot be opened is logged, and the agent serves on.
+fn open_reply_check(devices: &Devices) -> Option<ReplyCheck<ServiceName>> {
     if *devices == Devices::None {
         return None;
     }
-    ReplyRoutes::open()
+    ReplyCheck::open()
         .inspect_err(|e| tracing::warn!("route lookups for the reply-device check: {e}; it is off"))
         .ok()
 }

@@ -1,5 +1,8 @@
-//! What the kernel and the loaded datapath offer, logged and exported once at start: kernel
-//! features, pinned maps replaced, tc program load states, tc attachments.
+//! What the kernel and the loaded datapath offer, logged and exported: kernel features, pinned
+//! maps replaced, tc program load states (once at start), tc attachments and whether remote
+//! backends' replies arrive where the tc programs are (whenever those change).
+
+use std::collections::BTreeSet;
 
 use crate::{
     datapath::{
@@ -7,8 +10,10 @@ use crate::{
         features::{KernelFeatures, TcAttach, TcMode},
         loader::Recreated,
     },
+    node::reply_routes::{Change, ReplyPaths},
+    pipeline::model::ServiceName,
     telemetry::metrics::{
-        AttachmentLabel, DeviceProgramLabel, FeatureLabel, Metrics, ProgramLabel, RecreatedLabel,
+        AttachmentLabel, DeviceLabel, DeviceProgramLabel, FeatureLabel, Metrics, ProgramLabel, RecreatedLabel,
     },
 };
 
@@ -142,6 +147,43 @@ pub(crate) fn report_attachments(
         set_attachment_state(metrics, gone, "absent");
     }
     problems
+}
+
+/// Compares where SNATed backends' replies arrive with the devices `served` by the tc
+/// programs: logs each Service whose replies arrive elsewhere once per change (and once it is
+/// served again), and exports how many Services each such device fails.
+pub(crate) fn report_replies(
+    paths: &mut ReplyPaths<ServiceName>,
+    served: BTreeSet<String>,
+    metrics: &Metrics,
+) {
+    let before = paths.unserved_per_device();
+    for change in paths.report(served) {
+        match change {
+            Change::Unserved(service, devices) => tracing::warn!(
+                %service,
+                devices = ?devices,
+                "replies of this Service's remote backends (SNATed flows from outside the node) arrive on devices without the tc programs, so those connections hang: add the devices to --devices, or use --devices auto"
+            ),
+            Change::Served(service) => tracing::info!(
+                %service,
+                "replies of this Service's remote backends all arrive on devices with the tc programs again"
+            ),
+        }
+    }
+    let now = paths.unserved_per_device();
+    for device in before.into_keys().filter(|d| !now.contains_key(d)) {
+        metrics
+            .reply_device_unserved
+            .get_or_create(&DeviceLabel { device })
+            .set(0);
+    }
+    for (device, services) in now {
+        metrics
+            .reply_device_unserved
+            .get_or_create(&DeviceLabel { device })
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
+    }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 const MAX_FOREIGN_MESSAGES: usize = 16;
 
 /// The route lookups of one agent, with their answers kept.
-pub(crate) struct ReplyRoutes {
+struct ReplyRoutes {
     socket: Socket,
     sequence: u32,
     /// Backend address → the devices its replies arrive on (empty: no route, or local).
@@ -33,7 +33,7 @@ pub(crate) struct ReplyRoutes {
 }
 
 impl ReplyRoutes {
-    pub(crate) fn open() -> io::Result<Self> {
+    fn open() -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
@@ -45,13 +45,13 @@ impl ReplyRoutes {
     }
 
     /// Drops every answer kept: the node's routes, links or addresses changed.
-    pub(crate) fn forget(&mut self) {
+    fn forget(&mut self) {
         self.devices.clear();
     }
 
     /// The devices replies from `addr` arrive on. A failed lookup is logged and reads as none:
     /// the check is advice, and the next change of the node's routes asks again.
-    pub(crate) fn devices_of(&mut self, addr: IpAddr) -> &[String] {
+    fn devices_of(&mut self, addr: IpAddr) -> &[String] {
         if !self.devices.contains_key(&addr) {
             self.sequence = self.sequence.wrapping_add(1);
             let devices = match lookup(&self.socket, self.sequence, addr) {
@@ -132,6 +132,47 @@ fn output_devices(route: &RouteMessage) -> Vec<u32> {
     devices.sort_unstable();
     devices.dedup();
     devices
+}
+
+/// The agent's check: the route lookups and what they found, per key (a Service).
+pub(crate) struct ReplyCheck<K> {
+    routes: ReplyRoutes,
+    paths: ReplyPaths<K>,
+}
+
+impl<K: Ord + Clone> ReplyCheck<K> {
+    pub(crate) fn open() -> io::Result<Self> {
+        Ok(Self {
+            routes: ReplyRoutes::open()?,
+            paths: ReplyPaths::default(),
+        })
+    }
+
+    /// Takes the keys whose addresses changed (empty: none left), looking up only theirs.
+    pub(crate) fn update<'a>(&mut self, changed: impl IntoIterator<Item = (&'a K, &'a [IpAddr])>)
+    where
+        K: 'a,
+    {
+        let routes = &mut self.routes;
+        let mut devices_of = |addr| routes.devices_of(addr).to_vec();
+        for (key, addrs) in changed {
+            self.paths.set(key, addrs, &mut devices_of);
+        }
+    }
+
+    /// After the node's routes, links or addresses changed: forgets every answer and looks
+    /// up the addresses of `all` keys again.
+    pub(crate) fn look_up_again<'a>(&mut self, all: impl IntoIterator<Item = (&'a K, &'a [IpAddr])>)
+    where
+        K: 'a,
+    {
+        self.routes.forget();
+        self.update(all);
+    }
+
+    pub(crate) fn paths(&mut self) -> &mut ReplyPaths<K> {
+        &mut self.paths
+    }
 }
 
 /// What changed for one key since the last report, for a log line each.
