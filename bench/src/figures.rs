@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -615,12 +615,7 @@ fn map_memlock(pin_dir: &std::path::Path) -> anyhow::Result<f64> {
     let mut total = 0.0;
     for name in proxy_common::maps::ALL {
         let fd = bpf_kube_proxy::datapath::sys::obj_get(&pin_dir.join(name))?;
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        total += bpf_kube_proxy::datapath::sys::map_memory(fd.as_fd())? as f64;
     }
     Ok(total)
 }

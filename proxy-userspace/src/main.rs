@@ -28,12 +28,16 @@ struct Cli {
 enum Command {
     /// Run the agent: keep the eBPF datapath in sync with Services and EndpointSlices.
     Run(Box<RunFlags>),
-    /// Show what the pinned maps hold: frontends and their backends.
+    /// Show what the pinned maps hold: frontends and their backends (with --maps: each map's
+    /// entries, capacity and kernel memory).
     List {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(short, long, value_enum, default_value = "table")]
         output: cli::list::Format,
+        /// Each pinned map's entries, capacity and kernel memory instead of the Services.
+        #[arg(long)]
+        maps: bool,
     },
     /// Show one Service's frontends and backends as the pinned maps hold them.
     Get {
@@ -93,7 +97,11 @@ fn main() -> anyhow::Result<()> {
             logging::init();
             run_agent(*args)?;
         }
-        Command::List { pin_dir, output } => cli::list::run(&pin_dir, output)?,
+        Command::List {
+            pin_dir,
+            output,
+            maps,
+        } => cli::list::run(&pin_dir, output, maps)?,
         Command::Get {
             service,
             pin_dir,

@@ -469,3 +469,65 @@ fn get_explain_and_dump_show_the_maps_and_name_any_drift() {
     let (ok, text) = cli(&world, &["dump", "bkp_nope"]);
     assert!(!ok && text.contains("the maps are: bkp_svc_v4"), "{text}");
 }
+
+/// The kernel memory each map takes, as bpftool reports it (`bytes_memlock`).
+fn bpftool_memlock(world: &World, map: &str) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(world.pin_dir().join(map))
+        .output()
+        .expect("running bpftool (Debian package bpftool)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    shown["bytes_memlock"].as_u64().expect("bytes_memlock")
+}
+
+/// `list --maps` and `/metrics` show every pinned map's entries, capacity and kernel memory,
+/// the memory equal to what bpftool reports for the same pin.
+#[test]
+fn list_maps_and_metrics_show_each_maps_kernel_memory_as_bpftool_does() {
+    let mut world = started(&["be1", "be2"], "", &[]);
+    let (ok, text) = cli(&world, &["list", "--maps", "-o", "json"]);
+    assert!(ok, "{text}");
+    let maps: Vec<serde_json::Value> = serde_json::from_str(&text).expect("JSON");
+    let names: Vec<&str> = maps.iter().map(|m| m["map"].as_str().unwrap()).collect();
+    assert_eq!(names, proxy_common::maps::ALL, "every map, in order");
+    let memory: Vec<(&str, u64)> = maps
+        .iter()
+        .map(|m| {
+            let name = m["map"].as_str().unwrap();
+            (
+                name,
+                m["memory"].as_u64().unwrap_or_else(|| panic!("{name}: {m}")),
+            )
+        })
+        .collect();
+    for (name, bytes) in &memory {
+        assert_eq!(*bytes, bpftool_memlock(&world, name), "{name}");
+    }
+    // A scrape copies the map walker's last count, made within a second after a sync wrote
+    // the maps (a map allocated as it fills, such as bkp_svc_names, grows with its entries).
+    world.wait_until("/metrics to show the same memory", Duration::from_secs(10), |w| {
+        let (_, metrics) = w.http_get("/metrics", "/metrics");
+        memory
+            .iter()
+            .all(|(name, bytes)| {
+                let series = format!("bpf_kube_proxy_map_memory_bytes{{map=\"{name}\"}}");
+                sample(&metrics, &series) == Some(*bytes as f64)
+            })
+            .then_some(())
+    });
+    // Two ports, the ClusterIP guard and three slots each: 2 + 2 + 1 entries in the service
+    // map at least, and the two backends per protocol.
+    let services = maps.iter().find(|m| m["map"] == "bkp_svc_v4").unwrap();
+    assert!(services["entries"].as_u64().unwrap() >= 5, "{services}");
+    let (ok, table) = cli(&world, &["list", "--maps"]);
+    assert!(
+        ok && table.starts_with("MAP") && table.contains("bkp_ct_v4"),
+        "{table}"
+    );
+    assert!(
+        table.contains(" maps, ") && table.contains("MiB of kernel memory"),
+        "{table}"
+    );
+}

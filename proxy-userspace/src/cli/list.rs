@@ -2,9 +2,13 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use bpf_kube_proxy::datapath::{
-    maps::PinnedMaps,
-    reader::{BackendView, Snapshot},
+use bpf_kube_proxy::{
+    datapath::{
+        maps::PinnedMaps,
+        reader::{BackendView, Snapshot},
+        readings,
+    },
+    telemetry::metrics::MapFill,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -58,26 +62,7 @@ pub fn table(snapshot: &Snapshot) -> String {
         })
         .collect();
     let header = ["SERVICE", "PORT", "FRONTEND", "BACKENDS"].map(str::to_string);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        let _ = writeln!(
-            out,
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        );
-    }
+    let mut out = aligned(&header, &rows);
     let backends: usize = snapshot.frontends.iter().map(|f| f.backends.len()).sum();
     let _ = writeln!(
         out,
@@ -94,7 +79,68 @@ pub fn table(snapshot: &Snapshot) -> String {
     out
 }
 
-pub fn run(pin_dir: &Path, format: Format) -> anyhow::Result<()> {
+/// Rows under `header`, each column as wide as its widest cell but the last, which is not
+/// padded.
+fn aligned<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.clone().map(|h| h.len());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                if i + 1 == N {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  "));
+    }
+    out
+}
+
+/// Renders each map's fill and kernel memory, with the total.
+pub fn maps_table(usage: &[MapFill]) -> String {
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    let rows: Vec<[String; 4]> = usage
+        .iter()
+        .map(|m| {
+            [
+                m.map.to_string(),
+                m.entries.to_string(),
+                m.capacity.to_string(),
+                m.memory.map_or_else(|| "?".to_string(), mib),
+            ]
+        })
+        .collect();
+    let header = ["MAP", "ENTRIES", "CAPACITY", "MEMORY"].map(str::to_string);
+    let mut out = aligned(&header, &rows);
+    let total: u64 = usage.iter().filter_map(|m| m.memory).sum();
+    let _ = writeln!(out, "{} maps, {} of kernel memory", usage.len(), mib(total));
+    out
+}
+
+/// `list`, or with `maps` every pinned map's entries, capacity and kernel memory.
+pub fn run(pin_dir: &Path, format: Format, maps: bool) -> anyhow::Result<()> {
+    if maps {
+        let usage = readings::usage(pin_dir);
+        if usage.is_empty() {
+            anyhow::bail!("no pinned maps under {}", pin_dir.display());
+        }
+        match format {
+            Format::Table => print!("{}", maps_table(&usage)),
+            Format::Json => println!("{}", serde_json::to_string_pretty(&usage)?),
+        }
+        return Ok(());
+    }
     let maps = PinnedMaps::open(pin_dir)?;
     let snapshot = Snapshot::read(&maps)?;
     match format {

@@ -1,8 +1,10 @@
 //! The datapath's own figures for `/metrics`: the per-CPU decision counters, read at scrape
-//! time (sixteen lookups), and how full each pinned map is, counted by the map walker thread
-//! and only copied by a scrape (a count reads every entry: 0.3 s with full conntrack tables).
+//! time (sixteen lookups), and how full each pinned map is and the kernel memory it takes,
+//! counted by the map walker thread and only copied by a scrape (a count reads every entry:
+//! 0.3 s with full conntrack tables).
 
 use std::{
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -23,14 +25,9 @@ use crate::{
 pub struct FillCache(Arc<Mutex<Vec<MapFill>>>);
 
 impl FillCache {
-    /// Counts every hash map of `pin_dir` now (an array is always full, so the counters map is
-    /// left out) and keeps the result for the scrapes.
+    /// Counts every map of `pin_dir` now and keeps the result for the scrapes.
     pub fn refresh(&self, pin_dir: &Path) {
-        let fill: Vec<MapFill> = names::ALL
-            .iter()
-            .filter(|m| **m != names::COUNTERS)
-            .filter_map(|m| count(pin_dir, m))
-            .collect();
+        let fill = usage(pin_dir);
         *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fill;
     }
 
@@ -42,13 +39,27 @@ impl FillCache {
     }
 }
 
+/// Every pinned map's entries, capacity and kernel memory (reads every entry of every map:
+/// for the map walker and the CLI, never a scrape).
+pub fn usage(pin_dir: &Path) -> Vec<MapFill> {
+    names::ALL.iter().filter_map(|m| count(pin_dir, m)).collect()
+}
+
 fn count(pin_dir: &Path, map: &'static str) -> Option<MapFill> {
     let info = MapInfo::from_pin(pin_dir.join(map)).ok()?;
-    let entries = sys::map_entries(&info).ok()?;
+    let capacity = u64::from(info.max_entries());
+    // A per-CPU array always holds every index (and a batch read of it needs per-CPU values).
+    let entries = if map == names::COUNTERS {
+        capacity
+    } else {
+        sys::map_entries(&info).ok()?
+    };
+    let memory = info.fd().ok().and_then(|fd| sys::map_memory(fd.as_fd()).ok());
     Some(MapFill {
         map,
         entries,
-        capacity: u64::from(info.max_entries()),
+        capacity,
+        memory,
     })
 }
 

@@ -84,12 +84,15 @@ struct MapLabel {
     map: &'static str,
 }
 
-/// One pinned map's fill level.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One pinned map's fill level and cost.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MapFill {
     pub map: &'static str,
     pub entries: u64,
-    pub(crate) capacity: u64,
+    /// max_entries.
+    pub capacity: u64,
+    /// Kernel memory, bytes (`memlock`); `None` where the kernel did not say.
+    pub memory: Option<u64>,
 }
 
 /// Figures from the datapath itself: its per-CPU counters, read at scrape time, and how full
@@ -141,6 +144,18 @@ impl Collector for DatapathCollector {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for f in &fill {
                 ConstGauge::new(value(f) as i64).encode(family.encode_family(&MapLabel { map: f.map })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "bpf_kube_proxy_map_memory_bytes",
+            "Kernel memory of each pinned map (its memlock charge; preallocated maps are charged in full)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for f in &fill {
+            if let Some(bytes) = f.memory {
+                ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&MapLabel { map: f.map })?)?;
             }
         }
         Ok(())
