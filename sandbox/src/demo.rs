@@ -430,16 +430,23 @@ async fn balance(world: &World, client_ns: &Path, requests: u32) -> anyhow::Resu
 
 /// The maps as the CLI and bpftool show them.
 async fn show_maps(agent_bin: &Path, pin_dir: &Path) -> anyhow::Result<()> {
-    println!("\n== bpf-kube-proxy list --pin-dir {} ==", pin_dir.display());
-    let listed = Command::new(agent_bin)
-        .arg("list")
-        .arg("--pin-dir")
-        .arg(pin_dir)
-        .status()
-        .await
-        .context("running bpf-kube-proxy list")?;
-    if !listed.success() {
-        bail!("bpf-kube-proxy list failed: {listed}");
+    for extra in [&[][..], &["--maps"][..]] {
+        let shown = extra.join(" ");
+        println!(
+            "\n== bpf-kube-proxy list {shown} --pin-dir {} ==",
+            pin_dir.display()
+        );
+        let listed = Command::new(agent_bin)
+            .arg("list")
+            .args(extra)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .status()
+            .await
+            .context("running bpf-kube-proxy list")?;
+        if !listed.success() {
+            bail!("bpf-kube-proxy list {shown} failed: {listed}");
+        }
     }
 
     let bpftool_args = ["map", "dump", "pinned"];

@@ -109,7 +109,13 @@ fn aligned<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String
 
 /// Renders each map's fill and kernel memory, with the total.
 pub fn maps_table(usage: &[MapFill]) -> String {
-    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    let mib = |bytes: u64| {
+        if bytes < 1024 * 1024 {
+            format!("{} KiB", bytes.div_ceil(1024))
+        } else {
+            format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+        }
+    };
     let rows: Vec<[String; 4]> = usage
         .iter()
         .map(|m| {
