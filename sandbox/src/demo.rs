@@ -431,11 +431,11 @@ async fn balance(world: &World, client_ns: &Path, requests: u32) -> anyhow::Resu
 /// The maps as the CLI and bpftool show them.
 async fn show_maps(agent_bin: &Path, pin_dir: &Path) -> anyhow::Result<()> {
     for extra in [&[][..], &["--maps"][..]] {
-        let shown = extra.join(" ");
-        println!(
-            "\n== bpf-kube-proxy list {shown} --pin-dir {} ==",
-            pin_dir.display()
-        );
+        let shown = std::iter::once("list")
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!("\n== bpf-kube-proxy {shown} --pin-dir {} ==", pin_dir.display());
         let listed = Command::new(agent_bin)
             .arg("list")
             .args(extra)
@@ -445,7 +445,7 @@ async fn show_maps(agent_bin: &Path, pin_dir: &Path) -> anyhow::Result<()> {
             .await
             .context("running bpf-kube-proxy list")?;
         if !listed.success() {
-            bail!("bpf-kube-proxy list {shown} failed: {listed}");
+            bail!("bpf-kube-proxy {shown} failed: {listed}");
         }
     }
 
