@@ -146,6 +146,12 @@ impl Prepared {
             health.clone(),
         )
         .with_sync_period(opts.sync_period);
+        let reply_check = open_reply_check(&opts.external.devices);
+        let proxier = if reply_check.is_some() {
+            proxier.with_reply_targets()
+        } else {
+            proxier
+        };
         Ok(Self {
             datapath,
             proxier,
@@ -158,7 +164,7 @@ impl Prepared {
             devices: opts.external.devices.clone(),
             present: BTreeMap::new(),
             attachments: Vec::new(),
-            reply_check: open_reply_check(&opts.external.devices),
+            reply_check,
             reply_devices: BTreeSet::new(),
             live: false,
         })
@@ -287,13 +293,13 @@ impl Prepared {
         if !self.live {
             return;
         }
-        let changed = self.proxier.reply_targets().take_changed();
-        let Some(check) = self.reply_check.as_mut() else {
+        let (Some(targets), Some(check)) = (self.proxier.reply_targets(), self.reply_check.as_mut()) else {
             return;
         };
+        let changed = targets.take_changed();
         check.update(changed.iter().map(|(service, addrs)| (service, addrs.as_slice())));
         if routes_changed {
-            check.look_up_again(self.proxier.reply_targets().iter());
+            check.look_up_again(targets.iter());
         }
         if self.devices == Devices::Auto {
             let needed = check.paths().devices();

@@ -62,8 +62,10 @@ pub struct Proxier<S> {
     started: SystemTime,
     /// Service ports per Service with internalTrafficPolicy Local and no local endpoint.
     no_local: BTreeMap<ServiceName, usize>,
-    /// The backends the tc path SNATs to, per Service, for the agent's reply-device check.
-    reply_targets: ReplyTargets,
+    /// The backends the tc path SNATs to, per Service, for the agent's reply-device check;
+    /// kept only when asked for ([`Proxier::with_reply_targets`]), since without tc devices
+    /// nothing reads them.
+    reply_targets: Option<ReplyTargets>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     repair: Schedule,
@@ -115,7 +117,7 @@ impl<S: PlanSink> Proxier<S> {
             seen_triggers: HashMap::new(),
             started: SystemTime::now(),
             no_local: BTreeMap::new(),
-            reply_targets: ReplyTargets::default(),
+            reply_targets: None,
             metrics,
             health,
             repair: Schedule::new(DEFAULT_SYNC_PERIOD),
@@ -127,6 +129,14 @@ impl<S: PlanSink> Proxier<S> {
     #[must_use]
     pub fn with_sync_period(mut self, period: Duration) -> Self {
         self.repair = Schedule::new(period);
+        self
+    }
+
+    /// Keeps the backends the tc path SNATs to, per Service, as syncs go (for the agent's
+    /// reply-device check).
+    #[must_use]
+    pub(crate) fn with_reply_targets(mut self) -> Self {
+        self.reply_targets = Some(ReplyTargets::default());
         self
     }
 
@@ -151,8 +161,8 @@ impl<S: PlanSink> Proxier<S> {
 
     /// The backends the tc path SNATs to, per Service; `take_changed` on it drains what
     /// changed since the agent's last reply-device check.
-    pub(crate) fn reply_targets(&mut self) -> &mut ReplyTargets {
-        &mut self.reply_targets
+    pub(crate) fn reply_targets(&mut self) -> Option<&mut ReplyTargets> {
+        self.reply_targets.as_mut()
     }
 
     /// kube-proxy's periodic sync counts as a queued change for health: if it cannot
@@ -398,7 +408,7 @@ impl<S: PlanSink> Proxier<S> {
             inventory: &self.inventory,
             planner: &mut self.planner,
             no_local: &mut self.no_local,
-            reply_targets: &mut self.reply_targets,
+            reply_targets: self.reply_targets.as_mut(),
             planned: BTreeSet::new(),
             refused: Vec::new(),
             issues: Vec::new(),
@@ -591,7 +601,7 @@ struct Planning<'a> {
     inventory: &'a Inventory,
     planner: &'a mut Planner,
     no_local: &'a mut BTreeMap<ServiceName, usize>,
-    reply_targets: &'a mut ReplyTargets,
+    reply_targets: Option<&'a mut ReplyTargets>,
     planned: BTreeSet<ServiceName>,
     refused: Vec<ServiceName>,
     issues: Vec<PlanIssue>,
@@ -626,7 +636,9 @@ impl Planning<'_> {
                 retry,
             } = self.planner.plan_service(&name, desired.as_ref());
             self.count_no_local(&name, desired.as_ref());
-            self.reply_targets.record(&name, desired.as_ref());
+            if let Some(targets) = self.reply_targets.as_deref_mut() {
+                targets.record(&name, desired.as_ref());
+            }
             if issues.iter().any(|i| matches!(i, PlanIssue::MapFull { .. })) {
                 // Retried on the next sync, when room may have been freed.
                 self.refused.push(name.clone());
