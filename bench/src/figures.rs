@@ -22,7 +22,10 @@ use proxy_common::maps::{self as names, AddrV4, AddrV6, CtKey, CtValue};
 use crate::{
     Opts,
     rulesets::{self, Svc},
-    world::{self, BACKEND_PORT, ENDPOINTS, Ours, RunningAgent, median, percentile, scratch_netns, timed_in},
+    world::{
+        self, BACKEND_PORT, ENDPOINTS, Ours, RunningAgent, median, percentile, scratch_netns, timed_in,
+        timed_within,
+    },
 };
 
 /// One measured value: figure, implementation, N, metric.
@@ -36,9 +39,19 @@ pub struct Point {
     pub unit: &'static str,
 }
 
+/// A kube-proxy ruleset that did not load within the bench's limit: no figure, and the limit.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unfinished {
+    pub figure: &'static str,
+    pub implementation: &'static str,
+    pub n: usize,
+    pub limit_s: u64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
     pub points: Vec<Point>,
+    pub unfinished: Vec<Unfinished>,
     /// Facts about the run: tool versions, kernel, what was skipped and why.
     pub notes: Vec<String>,
 }
@@ -62,6 +75,33 @@ impl Results {
             value,
             unit,
         });
+    }
+
+    fn did_not_finish(
+        &mut self,
+        figure: &'static str,
+        implementation: &'static str,
+        n: usize,
+        limit: Duration,
+    ) {
+        println!(
+            "{figure:<14} {implementation:<9} N={n:<6} did not finish in {} s",
+            limit.as_secs()
+        );
+        self.unfinished.push(Unfinished {
+            figure,
+            implementation,
+            n,
+            limit_s: limit.as_secs(),
+        });
+    }
+
+    /// The limit a figure's run did not finish in, if it did not.
+    pub fn unfinished(&self, figure: &str, implementation: &str, n: usize) -> Option<u64> {
+        self.unfinished
+            .iter()
+            .find(|u| u.figure == figure && u.implementation == implementation && u.n == n)
+            .map(|u| u.limit_s)
     }
 
     pub fn get(&self, figure: &str, implementation: &str, n: usize, metric: &str) -> Option<f64> {
@@ -126,52 +166,65 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
     let slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
 
     let mut ours = Vec::new();
-    let mut ipt = Vec::new();
-    let mut nft = Vec::new();
     let ipt_text = rulesets::iptables_full(&svcs);
     let nft_text = rulesets::nft_full(&svcs);
     // Ours first: tearing down a namespace that held N Services of rules goes on in kernel
     // workers after the tool has exited, and would take a CPU from the sync measured next.
     for _ in 0..opts.repeats {
-        let mut datapath = Ours::load()?;
+        let mut datapath = Ours::load(n)?;
         ours.push(ms(datapath.full_sync(&services, &slices)?));
     }
-    for _ in 0..opts.repeats {
-        let ns = scratch_netns("ipt")?;
-        ipt.push(ms(timed_in(&ns, "iptables-restore", &[], &ipt_text)?));
-        let ns = scratch_netns("nft")?;
-        nft.push(ms(timed_in(&ns, "nft", &["-f", "-"], &nft_text)?));
-    }
     results.add("full_sync", "ours", n, "median", median(ours), "ms");
-    results.add("full_sync", "iptables", n, "median", median(ipt), "ms");
-    results.add("full_sync", "nftables", n, "median", median(nft), "ms");
+    let rulesets = [
+        ("iptables", "iptables-restore", &[][..], ipt_text.as_str()),
+        ("nftables", "nft", &["-f", "-"][..], nft_text.as_str()),
+    ];
+    // Which rulesets loaded within the limit: only those get endpoint changes.
+    let mut loaded = Vec::new();
+    for (name, program, args, text) in rulesets {
+        let mut runs = Vec::new();
+        for _ in 0..opts.repeats {
+            let ns = scratch_netns(name)?;
+            match timed_within(&ns, program, args, text, Some(opts.ruleset_limit))? {
+                Some(took) => runs.push(ms(took)),
+                None => break,
+            }
+        }
+        if runs.len() == opts.repeats {
+            results.add("full_sync", name, n, "median", median(runs), "ms");
+            let ns = scratch_netns(name)?;
+            timed_in(&ns, program, args, text)?;
+            loaded.push((name, ns));
+        } else {
+            results.did_not_finish("full_sync", name, n, opts.ruleset_limit);
+            results.did_not_finish("endpoint_change", name, n, opts.ruleset_limit);
+        }
+    }
 
     // One endpoint of one Service replaced, again and again, on top of the full state.
-    let mut datapath = Ours::load()?;
+    let mut datapath = Ours::load(n)?;
     datapath.full_sync(&services, &slices)?;
-    let ipt_ns = scratch_netns("ipt")?;
-    timed_in(&ipt_ns, "iptables-restore", &[], &ipt_text)?;
-    let nft_ns = scratch_netns("nft")?;
-    timed_in(&nft_ns, "nft", &["-f", "-"], &nft_text)?;
     let mut current = svcs.clone();
-    let (mut ours, mut ipt, mut nft) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ours = Vec::new();
+    let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); loaded.len()];
     for k in 0..opts.changes {
         let (i, before, after) = endpoint_change(&current, k);
         ours.push(ms(program_change(&mut datapath, &after)?));
         // kube-proxy's subprocesses are part of its cost, as they are in production.
         if k < opts.changes.min(50) {
-            ipt.push(ms(timed_in(
-                &ipt_ns,
-                "iptables-restore",
-                &["--noflush"],
-                &rulesets::iptables_partial(&before, &after),
-            )?));
-            nft.push(ms(timed_in(
-                &nft_ns,
-                "nft",
-                &["-f", "-"],
-                &rulesets::nft_partial(&before, &after),
-            )?));
+            for ((name, ns), runs) in loaded.iter().zip(&mut theirs) {
+                let took = if *name == "iptables" {
+                    timed_in(
+                        ns,
+                        "iptables-restore",
+                        &["--noflush"],
+                        &rulesets::iptables_partial(&before, &after),
+                    )?
+                } else {
+                    timed_in(ns, "nft", &["-f", "-"], &rulesets::nft_partial(&before, &after))?
+                };
+                runs.push(ms(took));
+            }
         }
         current[i] = after;
     }
@@ -188,23 +241,18 @@ fn sync_figures(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result<
         );
     }
     results.add("repair_pass", "ours", n, "median", median(passes), "ms");
-    for (name, mut values) in [("ours", ours), ("iptables", ipt), ("nftables", nft)] {
-        results.add(
-            "endpoint_change",
-            name,
-            n,
-            "p50",
-            percentile(&mut values, 50.0),
-            "ms",
-        );
-        results.add(
-            "endpoint_change",
-            name,
-            n,
-            "p99",
-            percentile(&mut values, 99.0),
-            "ms",
-        );
+    let names = std::iter::once("ours").chain(loaded.iter().map(|(name, _)| *name));
+    for (name, mut values) in names.zip(std::iter::once(ours).chain(theirs)) {
+        for (metric, p) in [("p50", 50.0), ("p99", 99.0)] {
+            results.add(
+                "endpoint_change",
+                name,
+                n,
+                metric,
+                percentile(&mut values, p),
+                "ms",
+            );
+        }
     }
     Ok(())
 }
@@ -283,7 +331,7 @@ fn scrape_figure(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result
     let svcs = world::services(n, world::unique_endpoint);
     let services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
     let slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
-    let mut datapath = Ours::load()?;
+    let mut datapath = Ours::load(n)?;
     datapath.full_sync(&services, &slices)?;
     let capacity = fill_conntrack(datapath.pin_dir())?;
     let readings = PinnedReadings::open(datapath.pin_dir())?;
@@ -375,27 +423,34 @@ fn scrape_figure(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result
     Ok(())
 }
 
-/// Figure 5: the real agent's RSS with N Services programmed, and the kernel memory of its maps.
+/// Figure 5: the real agent's RSS with N Services programmed, the kernel memory of its maps, and
+/// how long it took to program them all: after a cold start on empty maps, and after a restart
+/// (SIGTERM, as a rollout does) that adopts the pinned maps.
 fn memory_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
     let svcs = world::services(n, world::unique_endpoint);
-    let agent = RunningAgent::start(&svcs, None, &[])?;
-    // Let the allocator settle after the first sync before reading RSS.
-    std::thread::sleep(Duration::from_millis(500));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap_or_default();
-    let map_bytes = map_memlock(&agent.pin_dir);
-    drop(agent);
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    results.add("memory", "ours", n, "agent_rss", rss_kib / 1024.0, "MiB");
+    let sizes = world::map_size_args(n);
+    let args: Vec<&str> = sizes.iter().map(String::as_str).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let source = world::Source::ApiServer(runtime.handle());
+    let mut agent = RunningAgent::start(&svcs, None, &source, &args)?;
+    for start in ["ours", "restart"] {
+        if start == "restart" {
+            agent.restart()?;
+        }
+        results.add("ready", start, n, "after_start", ms(agent.ready_after), "ms");
+        // Let the allocator settle after the first sync before reading RSS.
+        std::thread::sleep(Duration::from_millis(500));
+        results.add("memory", start, n, "agent_rss", agent.rss_mib()?, "MiB");
+    }
     results.add(
         "memory",
         "ours",
         n,
         "map_memlock",
-        map_bytes? / (1024.0 * 1024.0),
+        map_memlock(&agent.pin_dir)? / (1024.0 * 1024.0),
         "MiB",
     );
     Ok(())
@@ -429,7 +484,7 @@ fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
 /// repeated runs would see the previous run's rewrite.
 fn tc_cost_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
     let svcs = world::services(n, world::unique_endpoint);
-    let mut ours = Ours::load()?;
+    let mut ours = Ours::load(n)?;
     ours.full_sync(
         &svcs.iter().map(world::k8s_service).collect::<Vec<_>>(),
         &svcs.iter().map(world::k8s_slice).collect::<Vec<_>>(),
@@ -546,13 +601,24 @@ impl NodeLab {
     }
 }
 
+/// The N the NodePort figure runs at: the largest up to 10 000, where kube-proxy's rulesets
+/// still load in bounded time.
+pub fn nodeport_n(opts: &Opts) -> usize {
+    opts.sizes
+        .iter()
+        .copied()
+        .filter(|n| *n <= 10_000)
+        .max()
+        .unwrap_or(100)
+}
+
 /// Figure 5: requests per second from a client outside the node to a NodePort (one new TCP
 /// connection per request, as `Connection: close` forces), through our tc programs, kube-proxy's
 /// iptables and nftables rulesets with all N Services loaded, and straight to the backend. The
 /// target is the last Service with a NodePort: the worst place in iptables' linear
 /// KUBE-NODEPORTS chain, as a real cluster's newest Service would be.
 fn nodeport_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
-    let n = opts.sizes.iter().copied().max().unwrap_or(100);
+    let n = nodeport_n(opts);
     let target = n.min(rulesets::MAX_NODE_PORTS) - 1;
     let svcs = world::services(n, |i, e| {
         if i == target {
@@ -598,7 +664,12 @@ fn nodeport_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         let lab = NodeLab::create(&runtime)?;
         // The backend is on "another node" (no nodeName): the flow is SNATed and its replies
         // come back on be0, which therefore carries the programs too.
-        let agent = RunningAgent::start(&svcs, Some(&lab.node), &["--devices", "up0,be0"])?;
+        let agent = RunningAgent::start(
+            &svcs,
+            Some(&lab.node),
+            &world::Source::Manifests,
+            &["--devices", "up0,be0"],
+        )?;
         let rate = lab.requests_per_second("ours", &url, seconds);
         runs[3].push(rate.with_context(|| format!("agent log:\n{}", agent.log()))?);
         drop(agent);
@@ -684,7 +755,7 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         };
 
         // Ours first, on a namespace that has not yet held (and torn down) N Services of rules.
-        let mut ours = Ours::load()?;
+        let mut ours = Ours::load(n)?;
         let mut services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
         let mut slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
         // One UDP Service beside the N TCP ones, so that sendmsg4 and recvmsg4 run too.
@@ -714,32 +785,56 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         drop(ours);
         add_connect(results, "direct", n, &direct_runs);
 
+        kube_proxy_connects(opts, &client.netns, &svcs, n, results, &measure)?;
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    drop(servers);
+    Ok(())
+}
+
+/// Measures connects through one implementation (with its cgroup, for ours); returns the
+/// direct runs taken beside them.
+type Measure<'a> =
+    dyn Fn(&'static str, Option<&std::path::Path>, &mut Results) -> anyhow::Result<Vec<(f64, f64, f64)>> + 'a;
+
+/// The connect figure through kube-proxy's iptables and nftables rulesets for `svcs`, each
+/// loaded (within the bench's limit) into the client's namespace, measured and removed.
+fn kube_proxy_connects(
+    opts: &Opts,
+    netns: &netns::Netns,
+    svcs: &[Svc],
+    n: usize,
+    results: &mut Results,
+    measure: &Measure<'_>,
+) -> anyhow::Result<()> {
+    let limit = Some(opts.ruleset_limit);
+    if timed_within(
+        netns,
+        "iptables-restore",
+        &[],
+        &rulesets::iptables_full(svcs),
+        limit,
+    )?
+    .is_some()
+    {
         timed_in(
-            &client.netns,
-            "iptables-restore",
-            &[],
-            &rulesets::iptables_full(&svcs),
-        )?;
-        timed_in(
-            &client.netns,
+            netns,
             "iptables-restore",
             &["--noflush"],
             rulesets::iptables_jumps(),
         )?;
         measure("iptables", None, results)?;
-        timed_in(
-            &client.netns,
-            "iptables-restore",
-            &[],
-            "*nat\nCOMMIT\n*filter\nCOMMIT\n",
-        )?;
-
-        timed_in(&client.netns, "nft", &["-f", "-"], &rulesets::nft_full(&svcs))?;
-        measure("nftables", None, results)?;
-        timed_in(&client.netns, "nft", &["delete", "table", "ip", "kube-proxy"], "")?;
+        timed_in(netns, "iptables-restore", &[], "*nat\nCOMMIT\n*filter\nCOMMIT\n")?;
+    } else {
+        results.did_not_finish("connect", "iptables", n, opts.ruleset_limit);
     }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
-    drop(servers);
+
+    if timed_within(netns, "nft", &["-f", "-"], &rulesets::nft_full(svcs), limit)?.is_some() {
+        measure("nftables", None, results)?;
+        timed_in(netns, "nft", &["delete", "table", "ip", "kube-proxy"], "")?;
+    } else {
+        results.did_not_finish("connect", "nftables", n, opts.ruleset_limit);
+    }
     Ok(())
 }
 

@@ -22,6 +22,9 @@ pub struct Opts {
     pub repeats: usize,
     pub connects: usize,
     pub changes: usize,
+    /// How long a kube-proxy ruleset may take to load before its figure is marked "did not
+    /// finish" (at N = 100 000 they take far longer than a bench can wait).
+    pub ruleset_limit: std::time::Duration,
     /// Only these figure groups (`sync`, `memory`, `tc`, `connect`, `nodeport`); all when empty.
     pub only: Vec<String>,
 }
@@ -55,7 +58,7 @@ fn parse_opts() -> Opts {
     let (sizes, repeats, connects, changes) = if args.quick {
         (vec![100, 1000], 1, 1000, 30)
     } else {
-        (vec![100, 1000, 10_000], 3, 4000, 200)
+        (vec![100, 1000, 10_000, 100_000], 3, 4000, 200)
     };
     let full = !args.quick && args.sizes.is_none() && args.only.is_empty();
     let out = args.out.unwrap_or_else(|| match (full, args.quick) {
@@ -76,6 +79,7 @@ fn parse_opts() -> Opts {
         repeats,
         connects,
         changes,
+        ruleset_limit: std::time::Duration::from_secs(120),
         only: args.only,
     }
 }

@@ -74,41 +74,82 @@ pub const NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
 
 /// The real agent on manifests for `svcs`, in `netns` (the node's) when given; killed and
 /// its pins removed on drop.
+/// Where the agent reads the Services from.
+pub enum Source<'a> {
+    /// A manifest file (`--manifests`).
+    Manifests,
+    /// A stand-in kube-apiserver on this runtime (`--kubeconfig`): lists paged as the real one
+    /// pages them, JSON as it serves them.
+    ApiServer(&'a tokio::runtime::Handle),
+}
+
 pub struct RunningAgent {
     pub child: std::process::Child,
     pub pin_dir: PathBuf,
+    /// How long the last start took to program every Service ("datapath ready").
+    pub ready_after: Duration,
+    services: usize,
+    command: Command,
     _cgroup: cgroup::ChildCgroup,
+    _api: Option<integration_tests::apiserver::ApiServer>,
     dir: tempfile::TempDir,
 }
 
 impl RunningAgent {
-    pub fn start(svcs: &[Svc], netns: Option<&Netns>, args: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        svcs: &[Svc],
+        netns: Option<&Netns>,
+        source: &Source<'_>,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("bkp-bench-manifests-")
             .tempdir()?;
-        let mut yaml = String::new();
+        let mut objects = Vec::new();
         for s in svcs {
-            yaml.push_str(&serde_json::to_string(&k8s_service(s))?);
-            yaml.push_str("\n---\n");
-            yaml.push_str(&serde_json::to_string(&k8s_slice(s))?);
-            yaml.push_str("\n---\n");
+            let mut service = serde_json::to_value(k8s_service(s))?;
+            service["kind"] = "Service".into();
+            service["apiVersion"] = "v1".into();
+            let mut slice = serde_json::to_value(k8s_slice(s))?;
+            slice["kind"] = "EndpointSlice".into();
+            slice["apiVersion"] = "discovery.k8s.io/v1".into();
+            objects.extend([service, slice]);
         }
-        std::fs::write(dir.path().join("services.yaml"), yaml)?;
+        let (source_args, api) = match source {
+            Source::Manifests => {
+                let mut yaml = String::new();
+                for object in &objects {
+                    yaml.push_str(&serde_json::to_string(object)?);
+                    yaml.push_str("\n---\n");
+                }
+                let path = dir.path().join("services.yaml");
+                std::fs::write(&path, yaml)?;
+                (vec!["--manifests".into(), path.into_os_string()], None)
+            }
+            Source::ApiServer(handle) => {
+                let api = integration_tests::apiserver::ApiServer::start(handle);
+                for object in objects {
+                    api.apply(object);
+                }
+                let path = dir.path().join("kubeconfig");
+                api.write_kubeconfig(&path);
+                (vec!["--kubeconfig".into(), path.into_os_string()], Some(api))
+            }
+        };
         let id = unique_suffix();
         let cg = cgroup::ChildCgroup::create(
             &bpf_kube_proxy::datapath::host::cgroup2_root()?,
             &format!("bkp-bench-{id}"),
         )?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bkp-bench-agent-{id}"));
-        let log = dir.path().join("agent.log");
         let bin = workspace_binary("bpf-kube-proxy", "BKP_BIN")?;
-        let mut cmd = match netns {
+        let mut command = match netns {
             Some(ns) => ns.command(bin),
             None => Command::new(bin),
         };
-        let child = cmd
-            .args(["run", "--manifests"])
-            .arg(dir.path().join("services.yaml"))
+        command
+            .arg("run")
+            .args(source_args)
             .arg("--cgroup")
             .arg(cg.path())
             .arg("--pin-dir")
@@ -116,34 +157,76 @@ impl RunningAgent {
             .args(["--hostname-override", "bench-node"])
             .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
             .args(args)
-            .stdout(Stdio::null())
+            .stdout(Stdio::null());
+        let (child, ready_after) = Self::spawn_until_ready(&mut command, dir.path(), svcs.len())?;
+        Ok(Self {
+            child,
+            pin_dir,
+            ready_after,
+            services: svcs.len(),
+            command,
+            _cgroup: cg,
+            _api: api,
+            dir,
+        })
+    }
+
+    /// Stops the agent as a DaemonSet rollout does (SIGTERM), which leaves its pinned maps and
+    /// links, and starts it again over them.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        self.child.wait()?;
+        let (child, ready_after) =
+            Self::spawn_until_ready(&mut self.command, self.dir.path(), self.services)?;
+        self.child = child;
+        self.ready_after = ready_after;
+        Ok(())
+    }
+
+    /// The agent's resident memory now, in MiB.
+    pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmRSS")?;
+        Ok(kib / 1024.0)
+    }
+
+    fn spawn_until_ready(
+        command: &mut Command,
+        dir: &Path,
+        services: usize,
+    ) -> anyhow::Result<(std::process::Child, Duration)> {
+        let log = dir.join("agent.log");
+        let started = Instant::now();
+        let mut child = command
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting the agent")?;
-        let mut agent = Self {
-            child,
-            pin_dir,
-            _cgroup: cg,
-            dir,
-        };
-        let started = Instant::now();
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if let Some(ready) = text.lines().find(|l| l.contains("datapath ready")) {
+                let ready_after = started.elapsed();
                 // A figure over an agent that programmed less than asked would be a lie.
-                let programmed = format!("services={}", svcs.len());
-                anyhow::ensure!(
-                    ready.split_whitespace().any(|w| w == programmed),
-                    "the agent did not program all {} Services:\n{text}",
-                    svcs.len()
-                );
-                return Ok(agent);
+                let programmed = format!("services={services}");
+                if !ready.split_whitespace().any(|w| w == programmed) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    anyhow::bail!("the agent did not program all {services} Services:\n{text}");
+                }
+                return Ok((child, ready_after));
             }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(120) && agent.child.try_wait()?.is_none(),
-                "the agent never became ready: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            if started.elapsed() > Duration::from_secs(300) || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the agent never became ready: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -206,6 +289,33 @@ pub fn udp_service(vip: Ipv4Addr, port: u16, endpoints: &[Ipv4Addr]) -> (Service
     (service, slice_of("bench", "udp", ("dns", "UDP"), endpoints))
 }
 
+/// Capacities for `n` Services of [`ENDPOINTS`] endpoints: the defaults where they hold them,
+/// else what an operator would pass with `--map-size-*` (one service entry per frontend and
+/// per slot, one backend per endpoint, a quarter more for the next sync's additions).
+pub fn map_sizes(n: usize) -> MapSizes {
+    let defaults = MapSizes::default();
+    let room = |entries: usize| ((entries + entries / 4) as u32).next_power_of_two();
+    MapSizes {
+        services: defaults.services.max(room(n * (ENDPOINTS + 1) + 1)),
+        backends: defaults.backends.max(room(n * ENDPOINTS + ENDPOINTS)),
+        rev_nat: defaults.rev_nat.max(room(n + 1)),
+        ..defaults
+    }
+}
+
+/// The `--map-size-*` flags that give the agent [`map_sizes`] for `n` Services.
+pub fn map_size_args(n: usize) -> Vec<String> {
+    let sizes = map_sizes(n);
+    [
+        ("--map-size-services", sizes.services),
+        ("--map-size-backends", sizes.backends),
+        ("--map-size-rev-nat", sizes.rev_nat),
+    ]
+    .into_iter()
+    .flat_map(|(flag, size)| [flag.to_string(), size.to_string()])
+    .collect()
+}
+
 /// A loaded (not attached) datapath in its own pin directory, removed on drop.
 pub struct Ours {
     pub datapath: Datapath,
@@ -214,9 +324,10 @@ pub struct Ours {
 }
 
 impl Ours {
-    pub fn load() -> anyhow::Result<Self> {
+    /// A datapath with maps large enough for `n` Services.
+    pub fn load(n: usize) -> anyhow::Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bkp-bench-{}", unique_suffix()));
-        let datapath = Datapath::load(&pin_dir, MapSizes::default())?;
+        let datapath = Datapath::load(&pin_dir, map_sizes(n))?;
         let writer = Writer::new(PinnedMaps::open(&pin_dir)?);
         let proxier = Proxier::new(
             "bench-node",
@@ -267,6 +378,19 @@ pub fn scratch_netns(what: &str) -> anyhow::Result<Netns> {
 
 /// Runs `program args` inside `netns` with `input` on stdin; returns how long it took.
 pub fn timed_in(netns: &Netns, program: &str, args: &[&str], input: &str) -> anyhow::Result<Duration> {
+    timed_within(netns, program, args, input, None)?
+        .with_context(|| format!("{program} {args:?} did not finish"))
+}
+
+/// As [`timed_in`], but a run still going after `limit` is killed and reported as `None`: at the
+/// largest N kube-proxy's rulesets take longer than a bench can wait.
+pub fn timed_within(
+    netns: &Netns,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    limit: Option<Duration>,
+) -> anyhow::Result<Option<Duration>> {
     let started = Instant::now();
     let mut child = netns
         .command(program)
@@ -276,23 +400,42 @@ pub fn timed_in(netns: &Netns, program: &str, args: &[&str], input: &str) -> any
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {program}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let elapsed = started.elapsed();
-    anyhow::ensure!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    Ok(elapsed)
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let status = std::thread::scope(|scope| -> anyhow::Result<Option<std::process::ExitStatus>> {
+        // Fed and drained on their own threads: a tool that stops reading its input (or fills
+        // its error pipe) must not hold up the deadline.
+        let feeder = scope.spawn(move || stdin.write_all(input.as_bytes()));
+        let drainer = scope.spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        loop {
+            // Without a limit, a blocking wait: polling would add its interval to the figure.
+            let exited = match limit {
+                None => Some(child.wait()?),
+                Some(_) => child.try_wait()?,
+            };
+            if let Some(status) = exited {
+                let _ = feeder.join();
+                let errors = drainer.join().unwrap_or_default();
+                anyhow::ensure!(
+                    status.success(),
+                    "{program} {args:?} failed: {}",
+                    errors.lines().take(3).collect::<Vec<_>>().join(" | ")
+                );
+                return Ok(Some(status));
+            }
+            if limit.is_some_and(|limit| started.elapsed() > limit) {
+                child.kill()?;
+                child.wait()?;
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })?;
+    Ok(status.map(|_| started.elapsed()))
 }
 
 pub fn median(mut values: Vec<f64>) -> f64 {

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use tokio::signal::unix::SignalKind;
 
 use crate::{
@@ -254,6 +254,7 @@ impl Prepared {
             "removed state no Service claims",
             &self.proxier.release_unclaimed(),
         );
+        release_freed_memory();
         let attached = self.datapath.attach(cgroup)?;
         self.attach_devices(self.devices.present(&self.reply_devices));
         let tc_count = |how| self.attachments.iter().filter(|a| a.outcome == Ok(how)).count();
@@ -341,6 +342,19 @@ async fn periodic_sync(period: Duration) -> tokio::time::Interval {
 }
 
 /// Resolves when a repair pass is due after a failure; never while nothing is known wrong.
+/// Hands the heap pages freed since start back to the kernel. The first sync of a large
+/// cluster frees most of what it allocated (list pages, the adopted maps' snapshot, plans), but
+/// glibc keeps freed pages below live allocations mapped: an agent that adopted 10 000 pinned
+/// Services kept 146 MiB resident instead of 61 MiB until it exited.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists and takes their locks; it has no
+    // arguments to get wrong and no effect on allocations in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 async fn repair_due(at: Option<std::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -363,6 +377,18 @@ fn shutdown() -> Result<impl std::future::Future<Output = ()>, AgentError> {
 pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     // kube-proxy's health timeout: a change may wait two sync periods before `/healthz` fails.
     let health = Arc::new(Health::new(2 * opts.sync_period));
+    // The API server's first lists take about as long as loading the datapath (and, after a
+    // restart, reading back what the pinned maps hold): they run side by side.
+    let events = match &opts.source {
+        SourceConfig::Manifests(_) => None,
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            watch_liveness,
+        } => {
+            let client = kube_source::client(kubeconfig.as_deref(), Some(*watch_liveness)).await?;
+            Some(listen(client, &opts))
+        }
+    };
     let prepared = Prepared::load(&opts, metrics.clone(), health.clone())?;
     // Before the first attach, so that no change after it goes unseen.
     let links = match opts.external.devices {
@@ -376,18 +402,37 @@ pub async fn run(opts: AgentOptions, metrics: Arc<Metrics>) -> Result<(), AgentE
         serve::start(metrics.clone(), addr).await?;
     }
     let stop = shutdown()?;
-    match &opts.source {
-        SourceConfig::Manifests(path) => run_manifests(path, &opts, prepared, links, stop).await?,
-        SourceConfig::Kubernetes {
-            kubeconfig,
-            watch_liveness,
-        } => {
-            let client = kube_source::client(kubeconfig.as_deref(), Some(*watch_liveness)).await?;
-            run_kube(client, &opts, prepared, links, metrics, stop).await?;
+    match (&opts.source, events) {
+        (SourceConfig::Kubernetes { .. }, Some(events)) => {
+            run_kube(events, &opts, prepared, links, metrics, stop).await?;
+        }
+        (SourceConfig::Manifests(path), _) => run_manifests(path, &opts, prepared, links, stop).await?,
+        (SourceConfig::Kubernetes { .. }, None) => {
+            unreachable!("a Kubernetes source starts its watches above")
         }
     }
     tracing::info!("stopping; the datapath stays in place (run `bpf-kube-proxy cleanup` to remove it)");
     Ok(())
+}
+
+/// Starts the watches on a task of their own, which queues their events for the agent.
+fn listen(client: kube::Client, opts: &AgentOptions) -> tokio::sync::mpsc::UnboundedReceiver<KubeEvent> {
+    let mut events = Box::pin(kube_source::events(
+        client,
+        &opts.node_name,
+        opts.translate.service_proxy_name.as_deref(),
+    ));
+    tracing::info!(node = %opts.node_name, "watching the API server");
+    let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if queue.send(event).is_err() {
+                // The agent has stopped.
+                return;
+            }
+        }
+    });
+    queued
 }
 
 fn reload(manifests: &mut ManifestSet, prepared: &mut Prepared) {
@@ -469,31 +514,25 @@ fn apply_watch(
 }
 
 async fn run_kube(
-    client: kube::Client,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<KubeEvent>,
     opts: &AgentOptions,
     mut prepared: Prepared,
     mut links: LinkEvents,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let mut events = kube_source::events(
-        client,
-        &opts.node_name,
-        opts.translate.service_proxy_name.as_deref(),
-    );
     let mut watches = Watches::default();
-    tracing::info!(node = %opts.node_name, "watching the API server");
     let mut periodic = periodic_sync(opts.sync_period).await;
     tokio::pin!(stop);
     loop {
         let mut full = false;
         tokio::select! {
             _ = periodic.tick() => full = true,
-            event = events.next() => {
+            event = events.recv() => {
                 let Some(event) = event else { return Ok(()) };
                 apply_watch(&mut watches, event, &mut prepared.proxier, &metrics);
                 // Take everything already queued before syncing: one sync per burst.
-                while let Some(Some(event)) = events.next().now_or_never() {
+                while let Ok(event) = events.try_recv() {
                     apply_watch(&mut watches, event, &mut prepared.proxier, &metrics);
                 }
             }

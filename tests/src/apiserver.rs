@@ -89,8 +89,9 @@ struct Store {
     history: Vec<Arc<Change>>,
     /// Watches must start at or after this resourceVersion; older ones get 410 Gone.
     compacted: u64,
-    /// Snapshots behind `continue` tokens.
-    pages: HashMap<u64, (u64, Arc<Vec<Value>>)>,
+    /// Snapshots behind `continue` tokens: resourceVersion, items, where the next page starts
+    /// (shared, so that paging through N items costs O(N), as the real watch cache does).
+    pages: HashMap<u64, (u64, Arc<Vec<Value>>, usize)>,
     next_page: u64,
     uid: u64,
     requests: Vec<String>,
@@ -205,7 +206,7 @@ fn without_type(mut obj: Value) -> Value {
 
 fn list(shared: &Shared, kind: Kind, params: &Params) -> Response {
     let mut store = shared.store.lock().unwrap();
-    let (rv, items) = match params
+    let (rv, items, start) = match params
         .continue_token
         .as_deref()
         .and_then(|t| t.parse::<u64>().ok())
@@ -224,22 +225,34 @@ fn list(shared: &Shared, kind: Kind, params: &Params) -> Response {
                 .filter(|((k, _, _), obj)| *k == kind && params.matches(obj))
                 .map(|(_, obj)| without_type(obj.clone()))
                 .collect();
-            (store.rv, Arc::new(items))
+            (store.rv, Arc::new(items), 0)
         }
     };
     let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
-    let page: Vec<Value> = items.iter().take(limit).cloned().collect();
+    let end = start.saturating_add(limit).min(items.len());
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if items.len() > limit {
-        let rest = Arc::new(items[limit..].to_vec());
+    if end < items.len() {
         let token = store.next_page;
         store.next_page += 1;
         metadata["continue"] = json!(token.to_string());
-        metadata["remainingItemCount"] = json!(rest.len());
-        store.pages.insert(token, (rv, rest));
+        metadata["remainingItemCount"] = json!(items.len() - end);
+        store.pages.insert(token, (rv, items.clone(), end));
     }
-    let body = json!({"kind": format!("{}List", kind.kind()), "apiVersion": kind.api_version(),
-                      "metadata": metadata, "items": page});
+    drop(store);
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        kind: String,
+        #[serde(rename = "apiVersion")]
+        api_version: &'static str,
+        metadata: Value,
+        items: &'a [Value],
+    }
+    let body = List {
+        kind: format!("{}List", kind.kind()),
+        api_version: kind.api_version(),
+        metadata,
+        items: &items[start..end],
+    };
     axum::Json(body).into_response()
 }
 

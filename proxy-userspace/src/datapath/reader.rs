@@ -1,11 +1,10 @@
 //! Reads the pinned maps back into model terms: for `list`, and for adopting the datapath's
 //! state when the agent restarts.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    os::fd::AsFd as _,
-};
+use std::{net::IpAddr, os::fd::AsFd as _};
+
+// A restarted agent reads every map here before it can serve: foldhash, not SipHash.
+use foldhash::{HashMap, HashSet};
 
 use aya::{
     Pod,
@@ -89,7 +88,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn read(maps: &PinnedMaps) -> Result<Self, ReadError> {
         let labels = read_all(&maps.labels, proxy_common::maps::SERVICE_LABELS)?;
-        let mut ranges: HashMap<RevNatId, Vec<IpNet>> = HashMap::new();
+        let mut ranges: HashMap<RevNatId, Vec<IpNet>> = HashMap::default();
         read_ranges(&maps.source_ranges_v4, &mut ranges)?;
         read_ranges(&maps.source_ranges_v6, &mut ranges)?;
         let mut snapshot = Snapshot::default();
@@ -254,8 +253,8 @@ where
     };
 
     // Group slot entries under their frontend (slot 0).
-    let mut slots: HashMap<(ServiceKey<A>, u16), u32> = HashMap::new();
-    let mut referenced = HashSet::new();
+    let mut slots: HashMap<(ServiceKey<A>, u16), u32> = HashMap::default();
+    let mut referenced = HashSet::default();
     for (key, value) in &services {
         if key.slot != 0 {
             slots.insert((key.with_slot(0), key.slot), value.backend_id);

@@ -139,7 +139,7 @@ pub(crate) fn events(
     client: Client,
     node_name: &str,
     service_proxy_name: Option<&str>,
-) -> impl Stream<Item = KubeEvent> {
+) -> impl Stream<Item = KubeEvent> + Send + use<> {
     let selector = label_selector(service_proxy_name);
     let services = watch(
         Api::<Service>::all(client.clone()),
