@@ -290,15 +290,21 @@ pub fn udp_service(vip: Ipv4Addr, port: u16, endpoints: &[Ipv4Addr]) -> (Service
 }
 
 /// Capacities for `n` Services of [`ENDPOINTS`] endpoints: the defaults where they hold them,
-/// else what an operator would pass with `--map-size-*` (one service entry per frontend and
-/// per slot, one backend per endpoint, a quarter more for the next sync's additions).
+/// else what an operator would pass with `--map-size-*`. Each Service has a frontend and a
+/// guard entry (its ClusterIP on any port); a NodePort adds a frontend per node address (a few
+/// here); each frontend has a rev-NAT id and an entry per backend slot. A quarter more leaves
+/// room for a sync's additions, which are written before its deletions.
 pub fn map_sizes(n: usize) -> MapSizes {
+    const NODE_ADDRESSES: usize = 4;
     let defaults = MapSizes::default();
+    let node_ports = n.min(crate::rulesets::MAX_NODE_PORTS) * NODE_ADDRESSES;
     let room = |entries: usize| ((entries + entries / 4) as u32).next_power_of_two();
     MapSizes {
-        services: defaults.services.max(room(n * (ENDPOINTS + 1) + 1)),
+        services: defaults
+            .services
+            .max(room((n + node_ports) * (ENDPOINTS + 1) + n)),
         backends: defaults.backends.max(room(n * ENDPOINTS + ENDPOINTS)),
-        rev_nat: defaults.rev_nat.max(room(n + 1)),
+        rev_nat: defaults.rev_nat.max(room(2 * n + node_ports)),
         ..defaults
     }
 }
