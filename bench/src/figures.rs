@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use bkp_sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 use aya::maps::MapData;
@@ -689,28 +690,7 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
 
         // Ours first, on a namespace that has not yet held (and torn down) N Services of rules.
         let mut ours = Ours::load()?;
-        let mut services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
-        let mut slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
-        // One UDP Service beside the N TCP ones, so that sendmsg4 and recvmsg4 run too; and the
-        // same again over IPv6 (N TCP Services and one UDP Service on the pods' IPv6
-        // addresses), so that the six hooks' IPv6 twins are measured at the same N.
-        let (udp_service, udp_slice) = world::udp_service(UDP_VIP, UDP_PORT, &pod_ips);
-        services.push(udp_service);
-        slices.push(udp_slice);
-        for i in 0..n {
-            let (service, slice) = world::cluster_ip_service(
-                &format!("svc6-{i}"),
-                world::vip6(i).into(),
-                (80, "TCP"),
-                &pod_ips6,
-            );
-            services.push(service);
-            slices.push(slice);
-        }
-        let (udp6_service, udp6_slice) =
-            world::cluster_ip_service("udp6", UDP_VIP6.into(), (UDP_PORT, "UDP"), &pod_ips6);
-        services.push(udp6_service);
-        slices.push(udp6_slice);
+        let (services, slices) = connect_services(&svcs, &pod_ips, &pod_ips6);
         ours.full_sync(&services, &slices)?;
         ours.datapath.attach(cg.path())?;
         let before = prog_stats(ours.pin_dir())?;
@@ -769,6 +749,33 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     drop(servers);
     Ok(())
+}
+
+/// The connect figure's Services: the N TCP Services, one UDP Service beside them so that
+/// sendmsg4 and recvmsg4 run too, and the same again over IPv6 (N TCP ClusterIPs and one UDP
+/// Service on the pods' IPv6 addresses) so that the six hooks' IPv6 twins are measured at the
+/// same N.
+fn connect_services(
+    svcs: &[Svc],
+    pod_ips: &[Ipv4Addr],
+    pod_ips6: &[IpAddr],
+) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
+    let mut slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+    let (udp_service, udp_slice) = world::udp_service(UDP_VIP, UDP_PORT, pod_ips);
+    services.push(udp_service);
+    slices.push(udp_slice);
+    for i in 0..svcs.len() {
+        let (service, slice) =
+            world::cluster_ip_service(&format!("svc6-{i}"), world::vip6(i).into(), (80, "TCP"), pod_ips6);
+        services.push(service);
+        slices.push(slice);
+    }
+    let (udp6_service, udp6_slice) =
+        world::cluster_ip_service("udp6", UDP_VIP6.into(), (UDP_PORT, "UDP"), pod_ips6);
+    services.push(udp6_service);
+    slices.push(udp6_slice);
+    (services, slices)
 }
 
 /// Medians over runs of (p50, p99, rate).

@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Child, ChildStdin, ChildStdout, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bkp_sandbox::probe::ProbeMode;
@@ -70,7 +70,7 @@ struct HeldSocket {
 const HOLD_SCRIPT: &str = r#"
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
-s = socket.create_connection((host, port))
+s = socket.create_connection((host, port), timeout=20)
 for _ in sys.stdin:
     try:
         peer = s.getpeername()
@@ -141,19 +141,11 @@ fn a_tcp_socket_keeps_its_vip_in_socket_storage_across_a_restart_until_the_servi
 
     world.remove("web.yaml");
     let real_peer = addr(&world.ip("be1"), HTTP_PORT);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let peer = held.peer();
-        if peer == real_peer {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after the Service was deleted getpeername still shows {peer}, not {real_peer}\n{}",
-            world.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    world.wait_until(
+        "getpeername to show the real peer once the Service is deleted",
+        Duration::from_secs(10),
+        |_| (held.peer() == real_peer).then_some(()),
+    );
 }
 
 #[test]
