@@ -268,13 +268,20 @@ fn remember_datagram_frontend<F: SockFamily>(
     }
 }
 
-/// Whether the frontend a socket meant still maps to its rev-NAT id: a deleted Service, or an
-/// id reused by another frontend, must show the real peer.
+/// Shows the frontend a socket meant as its peer, if that frontend still maps to its rev-NAT
+/// id; false when it does not: a deleted Service, or an id reused by another frontend, must
+/// show the real peer.
 #[inline(always)]
-fn still_serves<F: SockFamily>(rev_nat_id: u32, addr: F::Addr, port: u16) -> bool {
+fn show_frontend<F: SockFamily>(ctx: &SockAddrContext, rev_nat_id: u32, addr: F::Addr, port: u16) -> bool {
     // SAFETY: the pointer comes from this lookup.
-    matches!(unsafe { copy_of(F::rev_nat().get_ptr(rev_nat_id)) },
-        Some(frontend) if frontend.addr == addr && frontend.port == port)
+    let serves = matches!(unsafe { copy_of(F::rev_nat().get_ptr(rev_nat_id)) },
+        Some(frontend) if frontend.addr == addr && frontend.port == port);
+    if serves {
+        F::set_user_addr(ctx, addr);
+        set_user_port(ctx, port);
+        bump(Counter::SockReverse);
+    }
+    serves
 }
 
 /// getpeername4/6: backend → frontend, from the socket's own storage for TCP and SCTP, from
@@ -294,11 +301,7 @@ pub fn peer<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     if entry.backend_addr != F::user_addr(ctx) || entry.backend_port != user_port(ctx) {
         return ALLOW;
     }
-    if still_serves::<F>(entry.rev_nat_id, entry.addr, entry.port) {
-        F::set_user_addr(ctx, entry.addr);
-        set_user_port(ctx, entry.port);
-        bump(Counter::SockReverse);
-    } else {
+    if !show_frontend::<F>(ctx, entry.rev_nat_id, entry.addr, entry.port) {
         // SAFETY: `sk` is the program's own socket.
         let _ = unsafe { F::sock_frontend().delete(sk(ctx)) };
     }
@@ -314,11 +317,7 @@ pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     let Some(entry) = (unsafe { copy_of(F::sock_rev().get_ptr(key)) }) else {
         return ALLOW;
     };
-    if still_serves::<F>(entry.rev_nat_id, entry.addr, entry.port) {
-        F::set_user_addr(ctx, entry.addr);
-        set_user_port(ctx, entry.port);
-        bump(Counter::SockReverse);
-    } else {
+    if !show_frontend::<F>(ctx, entry.rev_nat_id, entry.addr, entry.port) {
         let _ = F::sock_rev().remove(key);
     }
     ALLOW

@@ -110,13 +110,8 @@ impl Drop for HeldSocket {
 
 /// Entries of a pinned map, through bpftool (as an operator would count them).
 fn entries(world: &World, map: &str) -> usize {
-    let out = std::process::Command::new("bpftool")
-        .args(["--json", "map", "dump", "pinned"])
-        .arg(world.pin_dir().join(map))
-        .output()
-        .expect("running bpftool (Debian package bpftool)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let pin = world.pin_dir().join(map);
+    let entries = integration_tests::bpftool_json(&["map", "dump", "pinned"], &pin);
     entries.as_array().expect("array of entries").len()
 }
 
