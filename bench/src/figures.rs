@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::fd::AsFd as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use bkp_sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 use aya::maps::MapData;
@@ -718,6 +719,10 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
         .iter()
         .map(|b| topology.pod(b).expect("pod").ipv4)
         .collect();
+    let pod_ips6: Vec<IpAddr> = backends
+        .iter()
+        .map(|b| topology.pod(b).expect("pod").ipv6.into())
+        .collect();
     // kube-proxy's DNAT happens after a route lookup for the VIP: pods route it to the node.
     client
         .netns
@@ -756,12 +761,7 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
 
         // Ours first, on a namespace that has not yet held (and torn down) N Services of rules.
         let mut ours = Ours::load(n)?;
-        let mut services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
-        let mut slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
-        // One UDP Service beside the N TCP ones, so that sendmsg4 and recvmsg4 run too.
-        let (udp_service, udp_slice) = world::udp_service(UDP_VIP, UDP_PORT, &pod_ips);
-        services.push(udp_service);
-        slices.push(udp_slice);
+        let (services, slices) = connect_services(&svcs, &pod_ips, &pod_ips6);
         ours.full_sync(&services, &slices)?;
         ours.datapath.attach(cg.path())?;
         let before = prog_stats(ours.pin_dir())?;
@@ -770,6 +770,14 @@ fn connect_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
             &client.netns,
             cg.path(),
             SocketAddr::from((UDP_VIP, UDP_PORT)),
+            opts.connects,
+        )?;
+        let vips6: Vec<SocketAddr> = (0..n).map(|i| SocketAddr::from((world::vip6(i), 80))).collect();
+        connect_run(&client.netns, Some(cg.path()), &vips6, opts.connects)?;
+        udp_run(
+            &client.netns,
+            cg.path(),
+            SocketAddr::from((UDP_VIP6, UDP_PORT)),
             opts.connects,
         )?;
         let after = prog_stats(ours.pin_dir())?;
@@ -838,6 +846,33 @@ fn kube_proxy_connects(
     Ok(())
 }
 
+/// The connect figure's Services: the N TCP Services, one UDP Service beside them so that
+/// sendmsg4 and recvmsg4 run too, and the same again over IPv6 (N TCP ClusterIPs and one UDP
+/// Service on the pods' IPv6 addresses) so that the six hooks' IPv6 twins are measured at the
+/// same N.
+fn connect_services(
+    svcs: &[Svc],
+    pod_ips: &[Ipv4Addr],
+    pod_ips6: &[IpAddr],
+) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut services: Vec<_> = svcs.iter().map(world::k8s_service).collect();
+    let mut slices: Vec<_> = svcs.iter().map(world::k8s_slice).collect();
+    let (udp_service, udp_slice) = world::udp_service(UDP_VIP, UDP_PORT, pod_ips);
+    services.push(udp_service);
+    slices.push(udp_slice);
+    for i in 0..svcs.len() {
+        let (service, slice) =
+            world::cluster_ip_service(&format!("svc6-{i}"), world::vip6(i).into(), (80, "TCP"), pod_ips6);
+        services.push(service);
+        slices.push(slice);
+    }
+    let (udp6_service, udp6_slice) =
+        world::cluster_ip_service("udp6", UDP_VIP6.into(), (UDP_PORT, "UDP"), pod_ips6);
+    services.push(udp6_service);
+    slices.push(udp6_slice);
+    (services, slices)
+}
+
 /// Medians over runs of (p50, p99, rate).
 fn add_connect(results: &mut Results, name: &'static str, n: usize, runs: &[(f64, f64, f64)]) {
     results.add(
@@ -867,11 +902,15 @@ fn add_connect(results: &mut Results, name: &'static str, n: usize, runs: &[(f64
 }
 
 /// The socket programs (`bkp_` + hook) whose cost per run is reported: those the connect
-/// figure's TCP connects (with getpeername) and UDP datagrams run.
-pub const SOCKET_HOOKS: [&str; 4] = ["connect4", "getpeer4", "sendmsg4", "recvmsg4"];
+/// figure's TCP connects (with getpeername) and UDP datagrams run, over IPv4 and IPv6.
+pub const SOCKET_HOOKS: [&str; 8] = [
+    "connect4", "getpeer4", "sendmsg4", "recvmsg4", "connect6", "getpeer6", "sendmsg6", "recvmsg6",
+];
 
 /// The UDP Service of the connect figure, outside the N Services' VIPs.
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 1);
+/// Its IPv6 twin, outside the IPv6 Services' VIPs.
+const UDP_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0xffff, 1);
 const UDP_PORT: u16 = 53;
 
 /// run_cnt and run_time_ns of each socket program behind the pinned links, from bpftool.
@@ -935,7 +974,7 @@ pub fn udp_loop() -> anyhow::Result<()> {
     netns::enter(std::path::Path::new(ns))?;
     let count: usize = count.parse()?;
     let target: SocketAddr = target.parse()?;
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let socket = std::net::UdpSocket::bind(if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut buf = [0u8; 1500];
     let mut answered = 0;

@@ -3,7 +3,7 @@
 
 use std::{
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -246,18 +246,18 @@ impl Drop for RunningAgent {
 }
 
 pub fn k8s_slice(s: &Svc) -> EndpointSlice {
-    let ips: Vec<Ipv4Addr> = s.endpoints.iter().map(|(ip, _)| *ip).collect();
+    let ips: Vec<IpAddr> = s.endpoints.iter().map(|(ip, _)| (*ip).into()).collect();
     slice_of(&s.namespace, &s.name, ("http", "TCP"), &ips)
 }
 
 /// The one EndpointSlice of Service `namespace/service`: `ips` ready at [`BACKEND_PORT`] on
 /// the port `(name, protocol)`.
-fn slice_of(
-    namespace: &str,
-    service: &str,
-    (port, protocol): (&str, &str),
-    ips: &[Ipv4Addr],
-) -> EndpointSlice {
+fn slice_of(namespace: &str, service: &str, (port, protocol): (&str, &str), ips: &[IpAddr]) -> EndpointSlice {
+    let family = if ips.first().is_some_and(IpAddr::is_ipv6) {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
     let endpoints: Vec<serde_json::Value> = ips
         .iter()
         .map(|ip| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
@@ -268,25 +268,44 @@ fn slice_of(
             "namespace": namespace,
             "labels": {"kubernetes.io/service-name": service},
         },
-        "addressType": "IPv4",
+        "addressType": family,
         "ports": [{"name": port, "port": BACKEND_PORT, "protocol": protocol}],
         "endpoints": endpoints,
     }))
     .expect("a valid EndpointSlice")
 }
 
-/// A UDP Service (`bench/udp`, one port) and its slice over `endpoints` at [`BACKEND_PORT`].
-pub fn udp_service(vip: Ipv4Addr, port: u16, endpoints: &[Ipv4Addr]) -> (Service, EndpointSlice) {
+/// A ClusterIP Service `bench/<name>` with one port (`port`, `protocol`) at `vip` and its slice
+/// over `endpoints` at [`BACKEND_PORT`]: of either family, as the address says.
+pub fn cluster_ip_service(
+    name: &str,
+    vip: IpAddr,
+    (port, protocol): (u16, &str),
+    endpoints: &[IpAddr],
+) -> (Service, EndpointSlice) {
+    let port_name = if protocol == "UDP" { "dns" } else { "http" };
     let service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "udp", "namespace": "bench"},
+        "metadata": {"name": name, "namespace": "bench"},
         "spec": {
             "clusterIP": vip.to_string(),
             "clusterIPs": [vip.to_string()],
-            "ports": [{"name": "dns", "port": port, "protocol": "UDP"}],
+            "ipFamilies": [if vip.is_ipv6() { "IPv6" } else { "IPv4" }],
+            "ports": [{"name": port_name, "port": port, "protocol": protocol}],
         }
     }))
     .expect("a valid Service");
-    (service, slice_of("bench", "udp", ("dns", "UDP"), endpoints))
+    (service, slice_of("bench", name, (port_name, protocol), endpoints))
+}
+
+/// A UDP Service (`bench/udp`, one port) and its slice over `endpoints` at [`BACKEND_PORT`].
+pub fn udp_service(vip: Ipv4Addr, port: u16, endpoints: &[Ipv4Addr]) -> (Service, EndpointSlice) {
+    let ips: Vec<IpAddr> = endpoints.iter().map(|ip| (*ip).into()).collect();
+    cluster_ip_service("udp", vip.into(), (port, "UDP"), &ips)
+}
+
+/// IPv6 ClusterIP `i` of the connect figure's IPv6 Services (fd00:10:96::/112).
+pub fn vip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::from(0xfd00_0010_0096_0000_0000_0000_0000_0000_u128 + 1 + i as u128)
 }
 
 /// Capacities for `n` Services of [`ENDPOINTS`] endpoints: the defaults where they hold them,

@@ -28,12 +28,20 @@ pub const BACKENDS_V6: &str = "bkp_be_v6";
 pub const REV_NAT_V4: &str = "bkp_revnat_v4";
 /// IPv6 reverse-NAT map, as [`REV_NAT_V4`].
 pub const REV_NAT_V6: &str = "bkp_revnat_v6";
-/// IPv4 socket reverse map (LRU hash), [`SockRevKey`] → [`SockRevValue`]. connect/sendmsg write
-/// it; recvmsg/getpeername read it and delete stale entries; the agent reads it to find the
-/// connected UDP sockets of a departed backend.
+/// IPv4 socket reverse map (LRU hash), [`SockRevKey`] → [`SockRevValue`], for UDP sockets
+/// (TCP ones use [`SOCK_FRONTEND_V4`]). connect/sendmsg write it; recvmsg/getpeername read it
+/// and delete stale entries; the agent reads it to find the connected UDP sockets of a departed
+/// backend.
 pub const SOCK_REV_V4: &str = "bkp_sockrev_v4";
 /// IPv6 socket reverse map, as [`SOCK_REV_V4`].
 pub const SOCK_REV_V6: &str = "bkp_sockrev_v6";
+/// IPv4 socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), socket → [`SockFrontend`]: the
+/// frontend a connected TCP (or SCTP) socket asked for. connect writes it, getpeername reads it;
+/// the kernel frees an entry with its socket. Userspace can only read it through a socket (no
+/// key to walk), so dumps and counts leave it out.
+pub const SOCK_FRONTEND_V4: &str = "bkp_sockfe_v4";
+/// IPv6 socket-local storage, as [`SOCK_FRONTEND_V4`].
+pub const SOCK_FRONTEND_V6: &str = "bkp_sockfe_v6";
 /// Counters map (per-CPU array), [`Counter`](crate::counters::Counter) index → `u64` events.
 /// The programs increment it; the agent sums the CPUs for its metrics.
 pub const COUNTERS: &str = "bkp_counters";
@@ -57,8 +65,12 @@ pub const SOURCE_RANGES_V6: &str = "bkp_srcrng_v6";
 /// the tc programs read it.
 pub const NODE: &str = "bkp_node";
 
+/// The socket-local storage maps: no capacity (they hold one value per socket that has one)
+/// and no keys to walk from userspace.
+pub const SOCKET_LOCAL: [&str; 2] = [SOCK_FRONTEND_V4, SOCK_FRONTEND_V6];
+
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 18] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -67,6 +79,8 @@ pub const ALL: [&str; 16] = [
     REV_NAT_V6,
     SOCK_REV_V4,
     SOCK_REV_V6,
+    SOCK_FRONTEND_V4,
+    SOCK_FRONTEND_V6,
     AFFINITY,
     CONNTRACK_V4,
     CONNTRACK_V6,
@@ -86,9 +100,10 @@ pub mod capacity {
     pub const BACKENDS: u32 = 262_144;
     /// One entry per frontend (`--map-size-rev-nat`, which sizes the labels map too).
     pub const REV_NAT: u32 = 65_536;
-    /// One entry per (socket, backend) a connect or sendmsg translated; the LRU drops the
-    /// oldest (`--map-size-sock-rev`).
-    pub const SOCK_REV: u32 = 262_144;
+    /// One entry per (UDP socket, backend) a connect or sendmsg translated; the LRU drops the
+    /// oldest (`--map-size-sock-rev`). TCP sockets keep theirs in socket-local storage, so
+    /// this serves UDP only: resolvers, whose sockets live for one query or a few.
+    pub const SOCK_REV: u32 = 65_536;
     /// One entry per (client, frontend) with ClientIP affinity in use: a client is a network
     /// namespace on the socket path, a source address on the tc path (`--map-size-affinity`).
     pub const AFFINITY: u32 = 65_536;
@@ -288,6 +303,31 @@ pub struct SockRevValue<A> {
     /// The frontend's rev-NAT id: the reverse hooks translate only while the reverse-NAT map
     /// still maps it to `addr`:`port`, and the agent matches departed backends' sockets by it.
     pub rev_nat_id: u32,
+}
+
+/// Socket-local storage value ([`SOCK_FRONTEND_V4`]): which frontend a connected socket asked
+/// for and which backend it was sent to. The backend is kept because the kernel frees the
+/// value only with the socket: a TCP socket that failed to connect may connect again, elsewhere,
+/// and getpeername translates only while the socket's peer is still this backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct SockFrontend<A> {
+    /// Frontend address the socket asked for, network order.
+    pub addr: A,
+    /// Frontend port, host order.
+    pub port: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// The frontend's rev-NAT id: getpeername translates only while the reverse-NAT map still
+    /// maps it to `addr`:`port`.
+    pub rev_nat_id: u32,
+    /// Backend address the socket was sent to, network order.
+    pub backend_addr: A,
+    /// Backend port, host order.
+    pub backend_port: u16,
+    /// Zero.
+    pub _pad2: u16,
 }
 
 /// How an affinity key names its client.
@@ -541,6 +581,8 @@ assert_size!(
     SockRevKey<AddrV6> => 28,
     SockRevValue<AddrV4> => 12,
     SockRevValue<AddrV6> => 24,
+    SockFrontend<AddrV4> => 20,
+    SockFrontend<AddrV6> => 44,
     ServiceLabel => 144,
     AffinityKey => 24,
     AffinityValue => 16,
@@ -557,7 +599,7 @@ assert_size!(
 mod pod {
     use super::{
         AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat, ServiceKey,
-        ServiceLabel, ServiceValue, SockRevKey, SockRevValue, SourceRange,
+        ServiceLabel, ServiceValue, SockFrontend, SockRevKey, SockRevValue, SourceRange,
     };
 
     macro_rules! pod {
@@ -580,6 +622,8 @@ mod pod {
         SockRevKey<AddrV6>,
         SockRevValue<AddrV4>,
         SockRevValue<AddrV6>,
+        SockFrontend<AddrV4>,
+        SockFrontend<AddrV6>,
         ServiceLabel,
         AffinityKey,
         AffinityValue,

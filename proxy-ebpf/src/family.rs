@@ -2,16 +2,17 @@
 //! Each accessor is `#[inline(always)]`: a map reference must compile to the map's own load
 //! instruction in every program, never to a pointer kept in data.
 
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap};
+use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, SkStorage};
 use proxy_common::maps::{
-    AddrV4, AddrV6, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SourceRange, capacity,
+    AddrV4, AddrV6, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue, SockFrontend, SockRevKey,
+    SockRevValue, SourceRange, capacity,
 };
 
 pub type Services<A> = HashMap<ServiceKey<A>, ServiceValue, { capacity::SERVICES as usize }>;
 pub type Backends<A> = HashMap<u32, Backend<A>, { capacity::BACKENDS as usize }>;
 pub type RevNats<A> = HashMap<u32, RevNat<A>, { capacity::REV_NAT as usize }>;
 pub type SockRevs<A> = LruHashMap<SockRevKey<A>, SockRevValue<A>, { capacity::SOCK_REV as usize }>;
+pub type SockFrontends<A> = SkStorage<SockFrontend<A>>;
 pub type Conntrack<A> = LruHashMap<CtKey<A>, CtValue<A>, { capacity::CONNTRACK as usize }>;
 pub type SourceRanges<A> = LpmTrie<SourceRange<A>, u32, { capacity::SOURCE_RANGES as usize }>;
 
@@ -22,6 +23,7 @@ pub trait Family: 'static {
     fn backends() -> &'static Backends<Self::Addr>;
     fn rev_nat() -> &'static RevNats<Self::Addr>;
     fn sock_rev() -> &'static SockRevs<Self::Addr>;
+    fn sock_frontend() -> &'static SockFrontends<Self::Addr>;
     fn conntrack() -> &'static Conntrack<Self::Addr>;
     fn source_ranges() -> &'static SourceRanges<Self::Addr>;
 }
@@ -30,7 +32,7 @@ pub struct V4;
 pub struct V6;
 
 macro_rules! family {
-    ($fam:ty, $addr:ty, $svc:ident, $be:ident, $rn:ident, $sr:ident, $ct:ident, $rng:ident) => {
+    ($fam:ty, $addr:ty, $svc:ident, $be:ident, $rn:ident, $sr:ident, $sf:ident, $ct:ident, $rng:ident) => {
         impl Family for $fam {
             type Addr = $addr;
 
@@ -51,6 +53,10 @@ macro_rules! family {
                 &crate::$sr
             }
             #[inline(always)]
+            fn sock_frontend() -> &'static SockFrontends<$addr> {
+                &crate::$sf
+            }
+            #[inline(always)]
             fn conntrack() -> &'static Conntrack<$addr> {
                 &crate::$ct
             }
@@ -69,6 +75,7 @@ family!(
     BACKENDS_V4,
     REV_NAT_V4,
     SOCK_REV_V4,
+    SOCK_FRONTEND_V4,
     CONNTRACK_V4,
     SOURCE_RANGES_V4
 );
@@ -79,6 +86,7 @@ family!(
     BACKENDS_V6,
     REV_NAT_V6,
     SOCK_REV_V6,
+    SOCK_FRONTEND_V6,
     CONNTRACK_V6,
     SOURCE_RANGES_V6
 );

@@ -17,7 +17,7 @@ mod tc;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::{btf_map, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
@@ -25,7 +25,7 @@ use proxy_common::{
     counters::Counter,
     maps::{
         AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat, ServiceKey,
-        ServiceLabel, ServiceValue, SockRevKey, SockRevValue, SourceRange, capacity,
+        ServiceLabel, ServiceValue, SockFrontend, SockRevKey, SockRevValue, SourceRange, capacity,
     },
 };
 
@@ -59,6 +59,13 @@ static SOCK_REV_V4: LruHashMap<SockRevKey<AddrV4>, SockRevValue<AddrV4>, { capac
 #[btf_map(name = "bkp_sockrev_v6")]
 static SOCK_REV_V6: LruHashMap<SockRevKey<AddrV6>, SockRevValue<AddrV6>, { capacity::SOCK_REV as usize }> =
     LruHashMap::new();
+
+// Per socket, freed with it: no capacity to size, no LRU lock, and no live socket's entry can
+// be evicted by others.
+#[btf_map(name = "bkp_sockfe_v4")]
+static SOCK_FRONTEND_V4: SkStorage<SockFrontend<AddrV4>> = SkStorage::new();
+#[btf_map(name = "bkp_sockfe_v6")]
+static SOCK_FRONTEND_V6: SkStorage<SockFrontend<AddrV6>> = SkStorage::new();
 
 #[btf_map(name = "bkp_affinity")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
@@ -110,7 +117,7 @@ pub fn bkp_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn bkp_getpeer4(ctx: SockAddrContext) -> i32 {
-    sock::reverse::<V4>(&ctx)
+    sock::peer::<V4>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -130,7 +137,7 @@ pub fn bkp_recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn bkp_getpeer6(ctx: SockAddrContext) -> i32 {
-    sock::reverse::<V6>(&ctx)
+    sock::peer::<V6>(&ctx)
 }
 
 #[classifier]

@@ -12,7 +12,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     counters::Counter,
-    maps::{AddrV4, AddrV6, ServiceKey, SockRevKey, SockRevValue, affinity_client, halves, scope},
+    maps::{
+        AddrV4, AddrV6, ServiceKey, SockFrontend, SockRevKey, SockRevValue, affinity_client, halves, scope,
+    },
     proto,
 };
 
@@ -155,15 +157,19 @@ pub fn connect<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
 fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let frontend_addr = F::user_addr(ctx);
     let frontend_port = user_port(ctx);
+    let udp = protocol(ctx) == proto::UDP;
     let key = ServiceKey::frontend(frontend_addr, frontend_port, protocol(ctx), scope::ALL);
     // A TCP socket connects once, so a random draw spreads connections; an unconnected UDP
     // socket comes here with every datagram, and its cookie keeps them on one backend.
-    let draw = if protocol(ctx) == proto::TCP {
-        Draw::Random
-    } else {
+    let draw = if udp {
         Draw::Socket(cookie(ctx))
+    } else {
+        Draw::Random
     };
     let Some(selected) = lb::select::<F>(&key, || netns_client(ctx), draw)? else {
+        if !udp {
+            forget_frontend::<F>(ctx);
+        }
         let guard = ServiceKey::frontend(frontend_addr, 0, proto::ANY, scope::ALL);
         if F::services().get_ptr(guard).is_some() {
             return Err(Refusal::UnknownPort);
@@ -173,13 +179,68 @@ fn try_connect<F: SockFamily>(ctx: &SockAddrContext) -> Result<(), Refusal> {
     F::set_user_addr(ctx, selected.backend.addr);
     set_user_port(ctx, selected.backend.port);
     bump(Counter::SockForward);
-    remember_frontend::<F>(ctx, &selected, frontend_addr, frontend_port);
+    if udp {
+        remember_datagram_frontend::<F>(ctx, &selected, frontend_addr, frontend_port);
+    } else {
+        remember_socket_frontend::<F>(ctx, &selected, frontend_addr, frontend_port);
+    }
     Ok(())
 }
 
-/// Records which frontend this socket meant, for recvmsg and getpeername.
+/// The socket behind the program's context, for the socket-local storage helpers.
 #[inline(always)]
-fn remember_frontend<F: SockFamily>(
+fn sk(ctx: &SockAddrContext) -> *mut aya_ebpf::bindings::bpf_sock {
+    // SAFETY: `sock_addr` is the context the kernel passed to this run of the program; `sk` is
+    // a readable pointer field, never null in sock_addr programs.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
+}
+
+/// A connected TCP (or SCTP) socket: the frontend goes into the socket's own storage. That is
+/// one allocation freed with the socket, where the LRU took its lock, and at scale let the
+/// entries of live sockets be evicted by closed ones. The agent never needs these back: only
+/// UDP sockets are destroyed when their backend leaves, and TCP sockets get an RST instead.
+#[inline(always)]
+fn remember_socket_frontend<F: SockFamily>(
+    ctx: &SockAddrContext,
+    selected: &Selected<F::Addr>,
+    frontend_addr: F::Addr,
+    frontend_port: u16,
+) {
+    // SAFETY: the helper only reads and allocates storage of the program's own socket.
+    let ptr = unsafe { F::sock_frontend().get_or_insert_ptr_mut(ctx, None) };
+    if ptr.is_null() {
+        bump(Counter::SockRevUpdateFailed);
+        return;
+    }
+    let value = SockFrontend {
+        addr: frontend_addr,
+        port: frontend_port,
+        _pad: 0,
+        rev_nat_id: selected.rev_nat_id,
+        backend_addr: selected.backend.addr,
+        backend_port: selected.backend.port,
+        _pad2: 0,
+    };
+    // SAFETY: a non-null pointer from bpf_sk_storage_get is this socket's value, valid for the
+    // whole run; the socket is locked during connect, so no other run writes it.
+    unsafe { ptr.write(value) };
+}
+
+/// A socket that connects, after a failed connect to a frontend, to an address that is not
+/// one must not keep the old frontend. Nearly free on a socket without storage: the helper
+/// finds the socket's storage pointer null and returns.
+#[inline(always)]
+fn forget_frontend<F: SockFamily>(ctx: &SockAddrContext) {
+    // SAFETY: `sk` is the program's own socket.
+    let _ = unsafe { F::sock_frontend().delete(sk(ctx)) };
+}
+
+/// A UDP socket: records in the LRU which frontend it meant, for recvmsg and getpeername. An
+/// unconnected socket talks to several frontends, so the entry is per (socket, backend); and
+/// the agent finds a connected socket's entry by the cookie sock_diag reports, to destroy the
+/// socket when its backend leaves.
+#[inline(always)]
+fn remember_datagram_frontend<F: SockFamily>(
     ctx: &SockAddrContext,
     selected: &Selected<F::Addr>,
     frontend_addr: F::Addr,
@@ -192,11 +253,10 @@ fn remember_frontend<F: SockFamily>(
         _pad: 0,
         rev_nat_id: selected.rev_nat_id,
     };
-    // An unconnected UDP client (a resolver) sends many datagrams to the same backend: skip the
-    // LRU write when the entry is already there. A TCP socket connects once: nothing to find.
-    if protocol(ctx) != proto::TCP
-        // SAFETY: the pointer comes from this lookup.
-        && let Some(existing) = unsafe { copy_of(F::sock_rev().get_ptr(key)) }
+    // A resolver sends many datagrams to the same backend: skip the LRU write when the entry
+    // is already there.
+    // SAFETY: the pointer comes from this lookup.
+    if let Some(existing) = unsafe { copy_of(F::sock_rev().get_ptr(key)) }
         && existing.addr == value.addr
         && existing.port == value.port
         && existing.rev_nat_id == value.rev_nat_id
@@ -208,7 +268,48 @@ fn remember_frontend<F: SockFamily>(
     }
 }
 
-/// recvmsg4/6 and getpeername4/6: backend → frontend. These hooks must always return 1.
+/// Shows the frontend a socket meant as its peer, if that frontend still maps to its rev-NAT
+/// id; false when it does not: a deleted Service, or an id reused by another frontend, must
+/// show the real peer.
+#[inline(always)]
+fn show_frontend<F: SockFamily>(ctx: &SockAddrContext, rev_nat_id: u32, addr: F::Addr, port: u16) -> bool {
+    // SAFETY: the pointer comes from this lookup.
+    let serves = matches!(unsafe { copy_of(F::rev_nat().get_ptr(rev_nat_id)) },
+        Some(frontend) if frontend.addr == addr && frontend.port == port);
+    if serves {
+        F::set_user_addr(ctx, addr);
+        set_user_port(ctx, port);
+        bump(Counter::SockReverse);
+    }
+    serves
+}
+
+/// getpeername4/6: backend → frontend, from the socket's own storage for TCP and SCTP, from
+/// the LRU for connected UDP. These hooks must always return 1.
+#[inline(always)]
+pub fn peer<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
+    if protocol(ctx) == proto::UDP {
+        return reverse::<F>(ctx);
+    }
+    // SAFETY: the helper only reads the storage of the program's own socket.
+    let ptr = unsafe { F::sock_frontend().get_ptr_mut(ctx) };
+    if ptr.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a non-null pointer from bpf_sk_storage_get is this socket's value for the run.
+    let entry = unsafe { ptr.read() };
+    if entry.backend_addr != F::user_addr(ctx) || entry.backend_port != user_port(ctx) {
+        return ALLOW;
+    }
+    if !show_frontend::<F>(ctx, entry.rev_nat_id, entry.addr, entry.port) {
+        // SAFETY: `sk` is the program's own socket.
+        let _ = unsafe { F::sock_frontend().delete(sk(ctx)) };
+    }
+    ALLOW
+}
+
+/// recvmsg4/6, and getpeername4/6 of UDP sockets: backend → frontend through the LRU. These
+/// hooks must always return 1.
 #[inline(always)]
 pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     let key = SockRevKey::new(cookie(ctx), F::user_addr(ctx), user_port(ctx));
@@ -216,18 +317,8 @@ pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     let Some(entry) = (unsafe { copy_of(F::sock_rev().get_ptr(key)) }) else {
         return ALLOW;
     };
-    // SAFETY: the pointer comes from this lookup.
-    match unsafe { copy_of(F::rev_nat().get_ptr(entry.rev_nat_id)) } {
-        Some(frontend) if frontend.addr == entry.addr && frontend.port == entry.port => {
-            F::set_user_addr(ctx, entry.addr);
-            set_user_port(ctx, entry.port);
-            bump(Counter::SockReverse);
-        }
-        // The service was deleted, or its rev-NAT id now names another frontend: the
-        // application must see the real peer rather than a frontend that no longer maps to it.
-        _ => {
-            let _ = F::sock_rev().remove(key);
-        }
+    if !show_frontend::<F>(ctx, entry.rev_nat_id, entry.addr, entry.port) {
+        let _ = F::sock_rev().remove(key);
     }
     ALLOW
 }

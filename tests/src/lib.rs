@@ -531,6 +531,18 @@ pub fn spread(attempts: &[Attempt]) -> std::collections::BTreeMap<String, usize>
 }
 
 /// `ip:port` text for an address and port (brackets for IPv6).
+/// bpftool's JSON for `args` on the pinned object at `pin` (`bpftool -j map show pinned P`).
+pub fn bpftool_json(args: &[&str], pin: &Path) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .arg(pin)
+        .output()
+        .expect("running bpftool (Debian package bpftool)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+}
+
 pub fn addr(ip: &str, port: u16) -> String {
     SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), port).to_string()
 }

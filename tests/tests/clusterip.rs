@@ -2,7 +2,11 @@
 //! way a user would (which backend answered, which peer address the socket showed, what the
 //! backend saw as client).
 
-use std::time::Duration;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+    time::Duration,
+};
 
 use bkp_sandbox::probe::ProbeMode;
 use bpf_kube_proxy::pipeline::model::Protocol;
@@ -11,6 +15,7 @@ use integration_tests::{
     manifests::{Ep, docs, service, slice},
     spread,
 };
+use nix::sys::signal::Signal;
 
 const VIP: &str = "10.96.0.10";
 
@@ -51,6 +56,91 @@ fn tcp_connect_to_cluster_ip_reaches_a_backend_and_getpeername_shows_the_vip() {
                 .starts_with(&format!("{}:", world.ip("client")))
         );
     }
+}
+
+/// One TCP connection held open by a process in a pod (and the test cgroup), asked for its
+/// getpeername() on demand: python3, as the only portable way to keep a socket between
+/// questions without another helper binary.
+struct HeldSocket {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const HOLD_SCRIPT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=20)
+for _ in sys.stdin:
+    try:
+        peer = s.getpeername()
+        print("%s:%d" % (peer[0], peer[1]), flush=True)
+    except OSError as e:
+        print("error %d" % e.errno, flush=True)
+"#;
+
+impl HeldSocket {
+    fn connect(world: &World, pod: &str, ip: &str, port: u16) -> Self {
+        let mut child = world
+            .command_in(pod, "python3")
+            .args(["-c", HOLD_SCRIPT, ip, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting python3");
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Self { child, stdin, stdout }
+    }
+
+    fn peer(&mut self) -> String {
+        writeln!(self.stdin).expect("asking the holder");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading the holder");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for HeldSocket {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Entries of a pinned map, through bpftool (as an operator would count them).
+fn entries(world: &World, map: &str) -> usize {
+    let pin = world.pin_dir().join(map);
+    let entries = integration_tests::bpftool_json(&["map", "dump", "pinned"], &pin);
+    entries.as_array().expect("array of entries").len()
+}
+
+/// A TCP socket keeps the frontend it asked for in its own socket-local storage (freed with it),
+/// not in the LRU that unconnected UDP needs: getpeername() shows the VIP, also from programs
+/// that a restarted agent loaded, until the Service is deleted, when it shows the real peer.
+#[test]
+fn a_tcp_socket_keeps_its_vip_in_socket_storage_across_a_restart_until_the_service_goes() {
+    let mut world = started(&["be1"]);
+    let mut held = HeldSocket::connect(&world, "client", VIP, 80);
+    assert_eq!(held.peer(), "10.96.0.10:80", "getpeername must show the VIP");
+    assert_eq!(
+        entries(&world, proxy_common::maps::SOCK_REV_V4),
+        0,
+        "a TCP connect leaves nothing in the socket reverse LRU"
+    );
+
+    world.stop_agent(Signal::SIGKILL);
+    world.start_agent();
+    world.wait_for_backends(VIP, 80, Protocol::Tcp, 1);
+    assert_eq!(held.peer(), "10.96.0.10:80", "after an agent restart");
+
+    world.remove("web.yaml");
+    let real_peer = addr(&world.ip("be1"), HTTP_PORT);
+    world.wait_until(
+        "getpeername to show the real peer once the Service is deleted",
+        Duration::from_secs(10),
+        |_| (held.peer() == real_peer).then_some(()),
+    );
 }
 
 #[test]

@@ -472,13 +472,7 @@ fn get_explain_and_dump_show_the_maps_and_name_any_drift() {
 
 /// The kernel memory each map takes, as bpftool reports it (`bytes_memlock`).
 fn bpftool_memlock(world: &World, map: &str) -> u64 {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "show", "pinned"])
-        .arg(world.pin_dir().join(map))
-        .output()
-        .expect("running bpftool (Debian package bpftool)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    let shown = integration_tests::bpftool_json(&["map", "show", "pinned"], &world.pin_dir().join(map));
     shown["bytes_memlock"].as_u64().expect("bytes_memlock")
 }
 

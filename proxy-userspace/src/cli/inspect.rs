@@ -281,6 +281,10 @@ pub fn dump(pin_dir: &Path, map: &str, format: Format) -> anyhow::Result<()> {
         names::SOURCE_RANGES_V6 => source_range_entries::<AddrV6>(pin_dir, names::SOURCE_RANGES_V6)?,
         names::NODE => node_entries(pin_dir)?,
         names::COUNTERS => counter_entries(pin_dir)?,
+        names::SOCK_FRONTEND_V4 | names::SOCK_FRONTEND_V6 => anyhow::bail!(
+            "{map} is socket-local storage: the kernel keeps one value per socket and offers no \
+             way to walk them from userspace (its values are in sock_diag's INET_DIAG_SK_BPF_STORAGES)"
+        ),
         other => anyhow::bail!("unknown map {other:?}; the maps are: {}", names::ALL.join(", ")),
     };
     match format {

@@ -442,7 +442,7 @@ mod tests {
         counters::Counter,
         maps::{
             AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat,
-            ServiceKey, ServiceLabel, ServiceValue, SockRevKey, SockRevValue, SourceRange,
+            ServiceKey, ServiceLabel, ServiceValue, SockFrontend, SockRevKey, SockRevValue, SourceRange,
         },
     };
 
@@ -474,7 +474,7 @@ mod tests {
     /// The agent writes the trie's keys as aya's `Key` (a prefix length, then the data).
     type TrieKey<A> = aya::maps::lpm_trie::Key<SourceRange<A>>;
 
-    fn expected() -> [Expected; 16] {
+    fn expected() -> [Expected; 18] {
         use bpf_map_type::*;
         [
             map::<ServiceKey<AddrV4>, ServiceValue>(
@@ -501,6 +501,16 @@ mod tests {
                 BPF_MAP_TYPE_LRU_HASH,
                 capacity::SOCK_REV,
             ),
+            // Socket-local storage: the key is a socket fd, the kernel requires no
+            // preallocation and no capacity.
+            Expected {
+                flags: BPF_F_NO_PREALLOC,
+                ..map::<i32, SockFrontend<AddrV4>>(names::SOCK_FRONTEND_V4, BPF_MAP_TYPE_SK_STORAGE, 0)
+            },
+            Expected {
+                flags: BPF_F_NO_PREALLOC,
+                ..map::<i32, SockFrontend<AddrV6>>(names::SOCK_FRONTEND_V6, BPF_MAP_TYPE_SK_STORAGE, 0)
+            },
             map::<AffinityKey, AffinityValue>(names::AFFINITY, BPF_MAP_TYPE_LRU_HASH, capacity::AFFINITY),
             map::<CtKey<AddrV4>, CtValue<AddrV4>>(
                 names::CONNTRACK_V4,

@@ -49,8 +49,12 @@ fn count(pin_dir: &Path, map: &'static str) -> Option<MapFill> {
     let info = MapInfo::from_pin(pin_dir.join(map)).ok()?;
     let capacity = u64::from(info.max_entries());
     // A per-CPU array always holds every index (and a batch read of it needs per-CPU values).
+    // Socket-local storage has no keys to walk (and no capacity): its values are counted as
+    // none, and its memory is the map's own (each value is charged to its socket).
     let entries = if map == names::COUNTERS {
         capacity
+    } else if names::SOCKET_LOCAL.contains(&map) {
+        0
     } else {
         sys::map_entries(&info).ok()?
     };
