@@ -24,7 +24,7 @@ pub(crate) fn finish_sync(what: &str, report: &SyncReport) {
 /// Hands the allocator's free pages back to the kernel. glibc only returns the top of its heap
 /// by itself, so without this the agent's RSS would stay at the peak of its largest sync
 /// (about 20 MiB above what it holds at 10 000 Services) for the rest of its life.
-fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks glibc's own free lists; no pointer of ours is involved.
     unsafe {
