@@ -61,8 +61,8 @@ pub const LRU_MIN: LruSizes = LruSizes {
     affinity: 2_048,
 };
 
-/// Most entries the ratio gives each LRU kind, per family (Cilium's table maximum, 2^24).
-pub const LRU_MAX: u32 = 1 << 24;
+/// Most entries the agent gives any map, per family (Cilium's table maximum, 2^24).
+pub const MAX_ENTRIES: u32 = 1 << 24;
 
 /// Entries of each LRU kind (per family for conntrack and socket reverse).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,20 +87,20 @@ pub struct LruElems {
 }
 
 /// The most entries the maps of one kind (same capacity each, elements of `elems` bytes) can
-/// have within `budget` bytes, between `min` and [`LRU_MAX`].
+/// have within `budget` bytes, between `min` and [`MAX_ENTRIES`].
 fn entries_within(budget: u64, elems: &[u64], min: u32) -> u32 {
     let total = |m: u32| elems.iter().map(|e| preallocated_bytes(m, *e)).sum::<u64>();
     let per_entry: u64 = elems.iter().sum();
     // Buckets cost at most 32 bytes an entry (a power of two below twice the entries): this
     // many always fit ...
     let safe = budget / (per_entry + 2 * BUCKET_BYTES * elems.len() as u64);
-    let mut best = u32::try_from(safe).unwrap_or(u32::MAX).min(LRU_MAX);
+    let mut best = u32::try_from(safe).unwrap_or(u32::MAX).min(MAX_ENTRIES);
     // ... and up to the power of two at or above it, when the buckets it has anyway leave room.
     let pow = best
         .max(1)
         .checked_next_power_of_two()
-        .unwrap_or(LRU_MAX)
-        .min(LRU_MAX);
+        .unwrap_or(MAX_ENTRIES)
+        .min(MAX_ENTRIES);
     let buckets_cost = u64::from(pow) * BUCKET_BYTES * elems.len() as u64;
     if let Some(rest) = budget.checked_sub(buckets_cost) {
         let more = u32::try_from(rest / per_entry).unwrap_or(u32::MAX).min(pow);
@@ -113,7 +113,7 @@ fn entries_within(budget: u64, elems: &[u64], min: u32) -> u32 {
 
 /// The LRU capacities for a node of `memory` bytes when they may take `ratio` of it: the
 /// budget is split by fixed shares (conntrack 60 %, socket reverse 25 %, affinity 15 %), each
-/// kind then holds as many entries as its share pays for, between [`LRU_MIN`] and [`LRU_MAX`].
+/// kind then holds as many entries as its share pays for, between [`LRU_MIN`] and [`MAX_ENTRIES`].
 pub fn lru_sizes(memory: u64, ratio: f64, elems: &LruElems) -> LruSizes {
     // f64 holds any node's memory in bytes exactly enough for a budget.
     #[expect(
@@ -140,9 +140,6 @@ pub const WRITTEN_MIN: WrittenSizes = WrittenSizes {
     rev_nat: 4_096,
 };
 
-/// Most entries a map the agent writes grows to, per family.
-pub const WRITTEN_MAX: u32 = 1 << 24;
-
 /// Capacities of the maps the agent writes, per family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WrittenSizes {
@@ -162,17 +159,17 @@ pub fn start_capacity(pinned: Option<u32>, min: u32) -> u32 {
 
 /// The capacity a written map grows to when a sync needs `needed` entries: twice that, to a
 /// power of two, so a cluster that keeps growing is copied a logarithmic number of times, and
-/// never more than [`WRITTEN_MAX`]. `None` when `current` already holds `needed`, or cannot
+/// never more than [`MAX_ENTRIES`]. `None` when `current` already holds `needed`, or cannot
 /// grow (at the maximum).
 pub fn grown_capacity(current: u32, needed: u64) -> Option<u32> {
-    if needed <= u64::from(current) || current >= WRITTEN_MAX {
+    if needed <= u64::from(current) || current >= MAX_ENTRIES {
         return None;
     }
     let target = needed
         .saturating_mul(2)
         .checked_next_power_of_two()
         .unwrap_or(u64::MAX)
-        .min(u64::from(WRITTEN_MAX));
+        .min(u64::from(MAX_ENTRIES));
     u32::try_from(target).ok()
 }
 
@@ -266,7 +263,7 @@ mod tests {
         let huge = lru_sizes(u64::MAX, 1.0, &e);
         assert_eq!(
             (huge.conntrack, huge.sock_rev, huge.affinity),
-            (LRU_MAX, LRU_MAX, LRU_MAX)
+            (MAX_ENTRIES, MAX_ENTRIES, MAX_ENTRIES)
         );
     }
 
@@ -301,10 +298,10 @@ mod tests {
         assert_eq!(grown_capacity(16_384, 16_385), Some(65_536));
         assert_eq!(grown_capacity(16_384, 110_000), Some(262_144));
         assert_eq!(
-            grown_capacity(WRITTEN_MAX / 2, u64::from(WRITTEN_MAX)),
-            Some(WRITTEN_MAX)
+            grown_capacity(MAX_ENTRIES / 2, u64::from(MAX_ENTRIES)),
+            Some(MAX_ENTRIES)
         );
-        assert_eq!(grown_capacity(WRITTEN_MAX, u64::MAX), None, "at the maximum");
+        assert_eq!(grown_capacity(MAX_ENTRIES, u64::MAX), None, "at the maximum");
     }
 
     #[test]
