@@ -431,7 +431,7 @@ pub struct RunFlags {
     #[arg(long)]
     resync_seconds: Option<u64>,
     /// Share of the node's memory the LRU maps (conntrack, socket reverse, affinity) take, as
-    /// Cilium's --bpf-map-dynamic-size-ratio [default: 0.001, or the config file's
+    /// Cilium's --bpf-map-dynamic-size-ratio [default: 0.0008, or the config file's
     /// bpfKubeProxy.mapDynamicSizeRatio]. A --map-size-* flag wins for its map.
     #[arg(long, value_parser = parse_ratio)]
     map_dynamic_size_ratio: Option<f64>,

@@ -272,14 +272,14 @@ mod tests {
         let next = grown(sizes, all, short).unwrap();
         assert_eq!(
             (next.services, next.backends, next.rev_nat),
-            (262_144, 262_144, 4_096)
+            (262_144, 131_072, 4_096)
         );
         let fixed_services = Growable {
             services: false,
             ..all
         };
         let next = grown(sizes, fixed_services, short).unwrap();
-        assert_eq!((next.services, next.backends), (16_384, 262_144));
+        assert_eq!((next.services, next.backends), (16_384, 131_072));
     }
 
     #[test]
