@@ -47,7 +47,13 @@ const PLOTS: [(&str, &str, &str, &str, bool); 7] = [
         "MiB",
         false,
     ),
-    ("memory", "map_memlock", "Kernel memory of the maps", "MiB", false),
+    (
+        "memory",
+        "map_memlock",
+        "Kernel memory: our maps (24 GiB node, defaults), kube-proxy's rulesets",
+        "MiB",
+        false,
+    ),
     (
         "nodeport",
         "requests_per_s",
@@ -168,6 +174,47 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 /// One target: description, measured text, pass.
 type Target = (String, String, Option<bool>);
 
+/// Issue 16's memory target: the maps at default settings on a 24 GiB node, beside the kernel
+/// memory of kube-proxy's rulesets for the same Services.
+fn map_memory_target(opts: &Opts, r: &Results) -> Target {
+    let maps: Vec<(usize, Option<f64>)> = opts
+        .sizes
+        .iter()
+        .map(|n| (*n, r.get("memory", "ours", *n, "map_memlock")))
+        .collect();
+    let small_ok = maps
+        .iter()
+        .filter(|(n, _)| *n <= 1_000)
+        .map(|(_, m)| m.map(|m| m <= 32.0))
+        .collect::<Option<Vec<bool>>>()
+        .map(|ok| ok.iter().all(|k| *k));
+    // No faster than linearly: from each N to the next, the memory grows by at most N's ratio.
+    #[expect(clippy::cast_precision_loss)]
+    let linear = maps
+        .windows(2)
+        .map(|w| match (w[0], w[1]) {
+            ((n0, Some(m0)), (n1, Some(m1))) => Some(m1 / m0 <= n1 as f64 / n0 as f64),
+            _ => None,
+        })
+        .collect::<Option<Vec<bool>>>()
+        .map(|ok| ok.iter().all(|k| *k));
+    (
+        "kernel map memory <= 32 MiB for N <= 1 000 at default settings on a 24 GiB node, growing no faster than linearly with N".into(),
+        maps.iter()
+            .map(|(n, m)| {
+                format!(
+                    "N={n}: {} MiB (iptables rules {} MiB, nftables {} MiB)",
+                    cell(*m),
+                    cell(r.get("memory", "iptables", *n, "map_memlock")),
+                    cell(r.get("memory", "nftables", *n, "map_memlock"))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        small_ok.zip(linear).map(|(s, l)| s && l),
+    )
+}
+
 fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
     let big = *opts.sizes.last().expect("sizes");
     let small = opts.sizes[0];
@@ -251,6 +298,7 @@ fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
             .collect::<Option<Vec<bool>>>()
             .map(|ok| ok.iter().all(|k| *k)),
     ));
+    out.push(map_memory_target(opts, r));
     let rss = r.get("memory", "ours", big, "agent_rss");
     out.push((
         format!("agent RSS <= 64 MiB at {big} Services / {} endpoints", big * 10),
