@@ -49,7 +49,13 @@ const PLOTS: [(&str, &str, &str, &str, bool); 8] = [
         "MiB",
         false,
     ),
-    ("memory", "map_memlock", "Kernel memory of the maps", "MiB", false),
+    (
+        "memory",
+        "map_memlock",
+        "Kernel memory: our maps (24 GiB node, defaults), kube-proxy's rulesets",
+        "MiB",
+        false,
+    ),
     (
         "ready",
         "after_start",
@@ -232,6 +238,47 @@ fn scale_target(r: &Results, scale: usize) -> Target {
 /// One target: description, measured text, pass.
 type Target = (String, String, Option<bool>);
 
+/// Issue 16's memory target: the maps at default settings on a 24 GiB node, beside the kernel
+/// memory of kube-proxy's rulesets for the same Services.
+fn map_memory_target(opts: &Opts, r: &Results) -> Target {
+    let maps: Vec<(usize, Option<f64>)> = opts
+        .sizes
+        .iter()
+        .map(|n| (*n, r.get("memory", "ours", *n, "map_memlock")))
+        .collect();
+    let small_ok = maps
+        .iter()
+        .filter(|(n, _)| *n <= 1_000)
+        .map(|(_, m)| m.map(|m| m <= 32.0))
+        .collect::<Option<Vec<bool>>>()
+        .map(|ok| ok.iter().all(|k| *k));
+    // No faster than linearly: from each N to the next, the memory grows by at most N's ratio.
+    #[expect(clippy::cast_precision_loss)]
+    let linear = maps
+        .windows(2)
+        .map(|w| match (w[0], w[1]) {
+            ((n0, Some(m0)), (n1, Some(m1))) => Some(m1 / m0 <= n1 as f64 / n0 as f64),
+            _ => None,
+        })
+        .collect::<Option<Vec<bool>>>()
+        .map(|ok| ok.iter().all(|k| *k));
+    (
+        "kernel map memory <= 32 MiB for N <= 1 000 at default settings on a 24 GiB node, growing no faster than linearly with N".into(),
+        maps.iter()
+            .map(|(n, m)| {
+                format!(
+                    "N={n}: {} MiB (iptables rules {} MiB, nftables {} MiB)",
+                    cell(*m),
+                    cell(r.get("memory", "iptables", *n, "map_memlock")),
+                    cell(r.get("memory", "nftables", *n, "map_memlock"))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        small_ok.zip(linear).map(|(s, l)| s && l),
+    )
+}
+
 fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
     // The 10 000-Service targets at the largest N up to it (1 000 in the quick run), the scale
     // targets at 100 000 when the run goes there.
@@ -327,6 +374,7 @@ fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
                 .map(|ok| ok.iter().all(|k| *k)),
         ));
     }
+    out.push(map_memory_target(opts, r));
     out.extend(start_targets(r, big));
     if let Some(scale) = scale {
         out.push(scale_target(r, scale));

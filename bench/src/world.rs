@@ -328,19 +328,6 @@ pub fn map_sizes(n: usize) -> MapSizes {
     }
 }
 
-/// The `--map-size-*` flags that give the agent [`map_sizes`] for `n` Services.
-pub fn map_size_args(n: usize) -> Vec<String> {
-    let sizes = map_sizes(n);
-    [
-        ("--map-size-services", sizes.services),
-        ("--map-size-backends", sizes.backends),
-        ("--map-size-rev-nat", sizes.rev_nat),
-    ]
-    .into_iter()
-    .flat_map(|(flag, size)| [flag.to_string(), size.to_string()])
-    .collect()
-}
-
 /// A loaded (not attached) datapath in its own pin directory, removed on drop.
 pub struct Ours {
     pub datapath: Datapath,

@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod maps;
 pub mod select;
+pub mod sizing;
 
 /// IANA protocol numbers as they appear in `bpf_sock_addr.protocol` and IP headers.
 pub mod proto {

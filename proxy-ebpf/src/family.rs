@@ -2,15 +2,20 @@
 //! Each accessor is `#[inline(always)]`: a map reference must compile to the map's own load
 //! instruction in every program, never to a pointer kept in data.
 
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, SkStorage};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LpmTrie, LruHashMap, SkStorage},
+};
 use proxy_common::maps::{
     AddrV4, AddrV6, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue, SockFrontend, SockRevKey,
     SockRevValue, SourceRange, capacity,
 };
 
-pub type Services<A> = HashMap<ServiceKey<A>, ServiceValue, { capacity::SERVICES as usize }>;
-pub type Backends<A> = HashMap<u32, Backend<A>, { capacity::BACKENDS as usize }>;
-pub type RevNats<A> = HashMap<u32, RevNat<A>, { capacity::REV_NAT as usize }>;
+/// The maps the agent writes are not preallocated (see main.rs).
+pub const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
+pub type Services<A> = HashMap<ServiceKey<A>, ServiceValue, { capacity::SERVICES as usize }, ON_DEMAND>;
+pub type Backends<A> = HashMap<u32, Backend<A>, { capacity::BACKENDS as usize }, ON_DEMAND>;
+pub type RevNats<A> = HashMap<u32, RevNat<A>, { capacity::REV_NAT as usize }, ON_DEMAND>;
 pub type SockRevs<A> = LruHashMap<SockRevKey<A>, SockRevValue<A>, { capacity::SOCK_REV as usize }>;
 pub type SockFrontends<A> = SkStorage<SockFrontend<A>>;
 pub type Conntrack<A> = LruHashMap<CtKey<A>, CtValue<A>, { capacity::CONNTRACK as usize }>;

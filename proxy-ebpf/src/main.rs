@@ -24,34 +24,37 @@ use aya_ebpf::{
 use proxy_common::{
     counters::Counter,
     maps::{
-        AddrV4, AddrV6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, RevNat, ServiceKey,
-        ServiceLabel, ServiceValue, SockFrontend, SockRevKey, SockRevValue, SourceRange, capacity,
+        AddrV4, AddrV6, AffinityKey, AffinityValue, CtKey, CtValue, NodeConfig, ServiceLabel, SockFrontend,
+        SockRevKey, SockRevValue, SourceRange, capacity,
     },
 };
 
 use crate::{
-    family::{V4, V6},
+    family::{Backends, RevNats, Services, V4, V6},
     packet::Link,
 };
 
 // Map sizes here are defaults: the agent overrides max_entries at load time.
+//
+// The maps the agent writes are not preallocated: their entries cost memory as they are
+// written, and their capacity only 16 bytes a bucket, so the agent can size them with room to
+// grow (proxy_common::sizing). The programs only read them, so the allocation on update never
+// happens in a program.
 
 #[btf_map(name = "bkp_svc_v4")]
-static SERVICES_V4: HashMap<ServiceKey<AddrV4>, ServiceValue, { capacity::SERVICES as usize }> =
-    HashMap::new();
+static SERVICES_V4: Services<AddrV4> = HashMap::new();
 #[btf_map(name = "bkp_svc_v6")]
-static SERVICES_V6: HashMap<ServiceKey<AddrV6>, ServiceValue, { capacity::SERVICES as usize }> =
-    HashMap::new();
+static SERVICES_V6: Services<AddrV6> = HashMap::new();
 
 #[btf_map(name = "bkp_be_v4")]
-static BACKENDS_V4: HashMap<u32, Backend<AddrV4>, { capacity::BACKENDS as usize }> = HashMap::new();
+static BACKENDS_V4: Backends<AddrV4> = HashMap::new();
 #[btf_map(name = "bkp_be_v6")]
-static BACKENDS_V6: HashMap<u32, Backend<AddrV6>, { capacity::BACKENDS as usize }> = HashMap::new();
+static BACKENDS_V6: Backends<AddrV6> = HashMap::new();
 
 #[btf_map(name = "bkp_revnat_v4")]
-static REV_NAT_V4: HashMap<u32, RevNat<AddrV4>, { capacity::REV_NAT as usize }> = HashMap::new();
+static REV_NAT_V4: RevNats<AddrV4> = HashMap::new();
 #[btf_map(name = "bkp_revnat_v6")]
-static REV_NAT_V6: HashMap<u32, RevNat<AddrV6>, { capacity::REV_NAT as usize }> = HashMap::new();
+static REV_NAT_V6: RevNats<AddrV6> = HashMap::new();
 
 #[btf_map(name = "bkp_sockrev_v4")]
 static SOCK_REV_V4: LruHashMap<SockRevKey<AddrV4>, SockRevValue<AddrV4>, { capacity::SOCK_REV as usize }> =

@@ -3,12 +3,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::Path,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use futures::StreamExt as _;
+use proxy_common::maps as names;
 use tokio::signal::unix::SignalKind;
 
 use crate::{
@@ -17,14 +19,15 @@ use crate::{
         conntrack::Conntrack,
         external::{self, Attached, Attachment},
         features::TcMode,
-        loader::{Datapath, LoadError},
+        loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
         readings::PinnedReadings,
         report::{probe_kernel, report_attachments, report_programs, report_recreated, report_replies},
         sink::DatapathSink,
+        sizing::{self, Growable},
         sockets::StaleSockets,
-        walker,
+        sys, walker,
         writer::Writer,
     },
     health::{self, proxy::Health, services::HealthCheckServers},
@@ -34,17 +37,14 @@ use crate::{
         link_events::LinkEvents,
         reply_routes::ReplyCheck,
     },
-    pipeline::{
-        model::ServiceName,
-        plan::{Capacity, Planner},
-    },
+    pipeline::{model::ServiceName, plan::Planner},
     source::{
         files::{FileWatch, WatchError},
         kube::{self as kube_source, KubeEvent, KubeSourceError, WatchHealth, Watches},
         manifests::ManifestSet,
     },
     sync::{
-        proxier::Proxier,
+        proxier::{Proxier, SyncReport},
         report::{finish_sync, release_free_memory},
     },
     telemetry::metrics::{KindLabel, Metrics},
@@ -73,6 +73,11 @@ pub enum AgentError {
     Walker(std::io::Error),
     #[error("subscribing to the node's link notifications: {0}")]
     LinkEvents(std::io::Error),
+    #[error("growing map {map}: {source}")]
+    Grow {
+        map: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The datapath, loaded and with its pinned state adopted, but not attached yet.
@@ -97,13 +102,19 @@ struct Prepared {
     /// Under `auto`: the devices those replies arrive on, selected too.
     reply_devices: BTreeSet<String>,
     live: bool,
+    pin_dir: PathBuf,
+    /// The capacities the datapath is loaded with.
+    sizes: MapSizes,
+    /// Which of the maps the agent writes may grow.
+    growable: Growable,
 }
 
 impl Prepared {
     fn load(opts: &AgentOptions, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self, AgentError> {
         let external = ExternalSide::resolve(&opts.external)?;
         let tc_mode = probe_kernel(opts.tc_attach, &metrics);
-        let datapath = Datapath::load(&opts.pin_dir, opts.map_sizes)?;
+        let (sizes, growable) = choose_sizes(opts);
+        let datapath = Datapath::load(&opts.pin_dir, sizes)?;
         report_recreated(datapath.recreated(), &metrics);
         let degraded = report_programs(datapath.tc_programs(), &metrics);
         health.set_degraded(degraded.clone(), false);
@@ -126,12 +137,7 @@ impl Prepared {
                 "adopting datapath state from pinned maps"
             );
         }
-        let sizes = opts.map_sizes;
-        let planner = Planner::adopt(existing.programmed()).with_capacity(Capacity {
-            services: sizes.services,
-            backends: sizes.backends,
-            rev_nat: sizes.rev_nat,
-        });
+        let planner = Planner::adopt(existing.programmed()).with_capacity(sizing::capacity(sizes));
         let metrics_for_checks = metrics.clone();
         let metrics_for_prepared = metrics.clone();
         let proxier = Proxier::new(
@@ -170,7 +176,87 @@ impl Prepared {
             reply_check,
             reply_devices: BTreeSet::new(),
             live: false,
+            pin_dir: opts.pin_dir.clone(),
+            sizes,
+            growable,
         })
+    }
+
+    /// Logs a sync; when it refused Services for want of room in maps that may grow, grows
+    /// them and syncs again.
+    fn synced(&mut self, what: &str, mut report: SyncReport, cgroup: &Path) -> Result<(), AgentError> {
+        finish_sync(what, &report);
+        // Each growth at least doubles a map that was short: a few rounds at most.
+        for _ in 0..4 {
+            if report.refused == 0 || !self.grow(cgroup)? {
+                break;
+            }
+            report = self.proxier.sync();
+            finish_sync(what, &report);
+        }
+        Ok(())
+    }
+
+    /// Replaces the maps the agent writes that the last sync found too small with bigger ones:
+    /// a new datapath is loaded against new maps, the entries are copied over, the writer
+    /// turns to the new maps, and (once live) the pinned links switch to the new programs, as
+    /// on every agent restart. Until the switch the old programs serve from the old maps,
+    /// which nothing writes meanwhile; the LRU maps are the same before and after. `false`
+    /// when no map may or needs to grow.
+    fn grow(&mut self, cgroup: &Path) -> Result<bool, AgentError> {
+        let needed = self.proxier.planner().needed();
+        let Some(next) = sizing::grown(self.sizes, self.growable, needed) else {
+            return Ok(false);
+        };
+        let mut maps = Vec::new();
+        if next.services != self.sizes.services {
+            maps.extend([names::SERVICES_V4, names::SERVICES_V6]);
+        }
+        if next.backends != self.sizes.backends {
+            maps.extend([names::BACKENDS_V4, names::BACKENDS_V6]);
+        }
+        if next.rev_nat != self.sizes.rev_nat {
+            maps.extend([names::REV_NAT_V4, names::REV_NAT_V6, names::SERVICE_LABELS]);
+        }
+        // Hold the maps being replaced: the loader unpins them to make the bigger ones.
+        let grow_err = |map| move |source| AgentError::Grow { map, source };
+        let mut old = Vec::new();
+        for map in &maps {
+            let path = self.pin_dir.join(map);
+            let info = sys::pinned_map_info(&path).map_err(grow_err(map))?;
+            let fd = sys::obj_get(&path).map_err(grow_err(map))?;
+            old.push((*map, fd, info.key_size as usize, info.value_size as usize));
+        }
+        let mut datapath = Datapath::load(&self.pin_dir, next)?;
+        let mut copied = 0;
+        for (map, fd, key_size, value_size) in &old {
+            let new = sys::obj_get(&self.pin_dir.join(map)).map_err(grow_err(map))?;
+            copied +=
+                sys::copy_entries(fd.as_fd(), new.as_fd(), *key_size, *value_size).map_err(grow_err(map))?;
+        }
+        self.proxier.sink_mut().reopen(PinnedMaps::open(&self.pin_dir)?);
+        self.proxier.set_capacity(sizing::capacity(next));
+        if self.live {
+            datapath.attach(cgroup)?;
+        }
+        self.datapath = datapath;
+        if self.live {
+            // The tc programs too: they read the same maps.
+            self.attach_devices(Ok(self.present.clone()));
+        }
+        tracing::info!(
+            services = %format!("{} -> {}", self.sizes.services, next.services),
+            backends = %format!("{} -> {}", self.sizes.backends, next.backends),
+            rev_nat = %format!("{} -> {}", self.sizes.rev_nat, next.rev_nat),
+            needed_services = needed.services,
+            needed_backends = needed.backends,
+            needed_rev_nat = needed.rev_nat,
+            copied,
+            "maps grew: Services refused for room are programmed now"
+        );
+        self.metrics.maps_grown.inc();
+        self.sizes = next;
+        Ok(true)
     }
 
     /// Attaches the tc programs to `present` (the devices `--devices` selects now), reports
@@ -236,7 +322,8 @@ impl Prepared {
                 self.proxier.note_periodic_sync();
             }
             if periodic || self.proxier.has_pending() {
-                finish_sync("sync", &self.proxier.sync());
+                let report = self.proxier.sync();
+                self.synced("sync", report, cgroup)?;
                 self.health_checks
                     .update(self.proxier.inventory().health_checks());
             }
@@ -250,7 +337,8 @@ impl Prepared {
             self.check_replies(false);
             return Ok(());
         }
-        finish_sync("initial sync", &self.proxier.sync());
+        let report = self.proxier.sync();
+        self.synced("initial sync", report, cgroup)?;
         self.health_checks
             .update(self.proxier.inventory().health_checks());
         finish_sync(
@@ -326,6 +414,34 @@ impl Prepared {
             report_replies(check.paths(), served, &self.metrics);
         }
     }
+}
+
+/// The capacities to load the datapath with (logged): the LRU maps' from the node's memory,
+/// the written maps' from what they are pinned with; `--map-size-*` wins.
+fn choose_sizes(opts: &AgentOptions) -> (MapSizes, Growable) {
+    let sizing = opts.map_sizing;
+    let memory = sizing.node_memory.unwrap_or_else(|| {
+        sizing::node_memory().unwrap_or_else(|e| {
+            tracing::warn!("reading the node's memory: {e}; the LRU maps get their minimum sizes");
+            0
+        })
+    });
+    let (sizes, growable) = sizing.choose(memory, |map| sizing::pinned_capacity(&opts.pin_dir, map));
+    tracing::info!(
+        node_memory_mib = memory >> 20,
+        ratio = sizing.ratio,
+        conntrack = sizes.conntrack,
+        sock_rev = sizes.sock_rev,
+        affinity = sizes.affinity,
+        services = sizes.services,
+        backends = sizes.backends,
+        rev_nat = sizes.rev_nat,
+        services_grow = growable.services,
+        backends_grow = growable.backends,
+        rev_nat_grow = growable.rev_nat,
+        "map sizes (entries per family)"
+    );
+    (sizes, growable)
 }
 
 /// The reply-device check; none without tc devices (nothing is SNATed then). The check is

@@ -21,7 +21,7 @@ use crate::{
     datapath::{
         features::TcAttach,
         host::{self, HostError},
-        loader::MapSizes,
+        sizing::{self, FixedSizes, MapSizing},
     },
     node::{
         devices::Devices,
@@ -35,7 +35,7 @@ pub(crate) const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub(crate) const KIND: &str = "KubeProxyConfiguration";
 
 /// What the file sets. `None`: not set (a flag or the default applies).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProxyConfig {
     pub kubeconfig: Option<PathBuf>,
     pub hostname_override: Option<String>,
@@ -50,6 +50,12 @@ pub struct ProxyConfig {
     pub(crate) conntrack_tcp_timeout: Option<Duration>,
     /// `conntrack.udpTimeout`: lifetime of an idle UDP flow in the tc path.
     pub(crate) conntrack_udp_timeout: Option<Duration>,
+    /// `bpfKubeProxy.mapDynamicSizeRatio` (not a kube-proxy field).
+    pub(crate) map_dynamic_size_ratio: Option<f64>,
+    /// `bpfKubeProxy.mapDynamicSizeMemory`: the node memory the ratio applies to.
+    pub(crate) map_dynamic_size_memory: Option<u64>,
+    /// `bpfKubeProxy.mapSize.*` (not kube-proxy fields).
+    pub(crate) map_size: FixedSizes,
     /// One line per ignored field, for the caller to log.
     pub ignored: Vec<String>,
 }
@@ -191,6 +197,67 @@ fn object<'a>(field: &str, value: &'a Value) -> Result<Option<&'a Map<String, Va
     }
 }
 
+/// This proxy's own section of the config file (kube-proxy has no such fields; a file that
+/// sets it is for bpf-kube-proxy only).
+const BPF_SECTION: &str = "bpfKubeProxy";
+
+fn map_size(field: &str, value: &Value) -> Result<Option<u32>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| field_error(field, format!("{n} is not a capacity (1 to 4294967295)"))),
+        other => Err(field_error(field, format!("expected a number, got {other}"))),
+    }
+}
+
+/// `bpfKubeProxy: {mapDynamicSizeRatio, mapDynamicSizeMemory, mapSize: {services, backends,
+/// revNat, sockRev, affinity, conntrack}}`, the flags of the same names.
+fn parse_bpf_section(value: &Value, config: &mut ProxyConfig) -> Result<(), ConfigError> {
+    for (inner, v) in object(BPF_SECTION, value)?.into_iter().flatten() {
+        let path = format!("{BPF_SECTION}.{inner}");
+        match inner.as_str() {
+            "mapDynamicSizeRatio" => {
+                config.map_dynamic_size_ratio = match v {
+                    Value::Null => None,
+                    Value::Number(n) => {
+                        Some(n.as_f64().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(|| {
+                            field_error(&path, format!("{n} is not a ratio between 0 and 1"))
+                        })?)
+                    }
+                    other => return Err(field_error(&path, format!("expected a number, got {other}"))),
+                };
+            }
+            "mapDynamicSizeMemory" => {
+                config.map_dynamic_size_memory = string(&path, v)?
+                    .map(|s| sizing::parse_bytes(&s).map_err(|e| field_error(&path, e)))
+                    .transpose()?;
+            }
+            "mapSize" => {
+                let sizes = &mut config.map_size;
+                for (map, n) in object(&path, v)?.into_iter().flatten() {
+                    let field = format!("{path}.{map}");
+                    let slot = match map.as_str() {
+                        "services" => &mut sizes.services,
+                        "backends" => &mut sizes.backends,
+                        "revNat" => &mut sizes.rev_nat,
+                        "sockRev" => &mut sizes.sock_rev,
+                        "affinity" => &mut sizes.affinity,
+                        "conntrack" => &mut sizes.conntrack,
+                        _ => return Err(ConfigError::Unknown(field)),
+                    };
+                    *slot = map_size(&field, n)?;
+                }
+            }
+            _ => return Err(ConfigError::Unknown(path)),
+        }
+    }
+    Ok(())
+}
+
 pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
     let doc: Value = serde_saphyr::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
     let fields = doc
@@ -250,6 +317,7 @@ pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
                     }
                 }
             }
+            BPF_SECTION => parse_bpf_section(value, &mut config)?,
             section if MODE_SECTIONS.contains(&section) => {
                 for (inner, v) in object(key, value)?.into_iter().flatten() {
                     let path = format!("{key}.{inner}");
@@ -298,7 +366,7 @@ pub struct AgentOptions {
     pub cgroup: PathBuf,
     pub(crate) node_name: String,
     pub source: SourceConfig,
-    pub(crate) map_sizes: MapSizes,
+    pub(crate) map_sizing: MapSizing,
     pub translate: TranslateOptions,
     /// Manifests: re-read at least this often, in case a file event was missed.
     pub(crate) resync_period: Duration,
@@ -362,24 +430,37 @@ pub struct RunFlags {
     /// [default: 10, or the config file's configSyncPeriod].
     #[arg(long)]
     resync_seconds: Option<u64>,
-    /// Capacity of the services maps (frontend entries plus one per backend slot).
-    #[arg(long, default_value_t = proxy_common::maps::capacity::SERVICES)]
-    map_size_services: u32,
-    /// Capacity of the backends maps.
-    #[arg(long, default_value_t = proxy_common::maps::capacity::BACKENDS)]
-    map_size_backends: u32,
-    /// Capacity of the reverse-NAT maps (one entry per frontend).
-    #[arg(long, default_value_t = proxy_common::maps::capacity::REV_NAT)]
-    map_size_rev_nat: u32,
-    /// Capacity of the socket reverse-NAT LRU maps.
-    #[arg(long, default_value_t = proxy_common::maps::capacity::SOCK_REV)]
-    map_size_sock_rev: u32,
-    /// Capacity of the session affinity LRU map (one entry per client and frontend in use).
-    #[arg(long, default_value_t = proxy_common::maps::capacity::AFFINITY)]
-    map_size_affinity: u32,
-    /// Capacity of the tc path's conntrack LRU map (two entries per flow).
-    #[arg(long, default_value_t = proxy_common::maps::capacity::CONNTRACK)]
-    map_size_conntrack: u32,
+    /// Share of the node's memory the LRU maps (conntrack, socket reverse, affinity) take, as
+    /// Cilium's --bpf-map-dynamic-size-ratio [default: 0.0008, or the config file's
+    /// bpfKubeProxy.mapDynamicSizeRatio]. A --map-size-* flag wins for its map.
+    #[arg(long, value_parser = parse_ratio)]
+    map_dynamic_size_ratio: Option<f64>,
+    /// The node memory the ratio applies to, in bytes or with Ki/Mi/Gi/Ti [default: MemTotal of
+    /// /proc/meminfo].
+    #[arg(long, value_parser = sizing::parse_bytes)]
+    map_dynamic_size_memory: Option<u64>,
+    /// Fixed capacity of the services maps (frontend entries plus one per backend slot)
+    /// [default: from 16384, grown as needed].
+    #[arg(long, value_parser = parse_capacity)]
+    map_size_services: Option<u32>,
+    /// Fixed capacity of the backends maps [default: from 16384, grown as needed].
+    #[arg(long, value_parser = parse_capacity)]
+    map_size_backends: Option<u32>,
+    /// Fixed capacity of the reverse-NAT maps, one entry per frontend [default: from 4096,
+    /// grown as needed].
+    #[arg(long, value_parser = parse_capacity)]
+    map_size_rev_nat: Option<u32>,
+    /// Capacity of the socket reverse-NAT LRU maps [default: from the ratio].
+    #[arg(long, value_parser = parse_capacity)]
+    map_size_sock_rev: Option<u32>,
+    /// Capacity of the session affinity LRU map, one entry per client and frontend in use
+    /// [default: from the ratio].
+    #[arg(long, value_parser = parse_capacity)]
+    map_size_affinity: Option<u32>,
+    /// Capacity of the tc path's conntrack LRU maps, two entries per flow [default: from the
+    /// ratio].
+    #[arg(long, value_parser = parse_capacity)]
+    map_size_conntrack: Option<u32>,
     /// Devices that carry NodePort, LoadBalancer and externalIP traffic from outside the node,
     /// and every device through which backends on other nodes are reached (their replies come
     /// back there): "auto" (devices with a global address, tunnels included, minus per-pod
@@ -407,6 +488,20 @@ pub struct RunFlags {
     /// config file's conntrack.udpTimeout].
     #[arg(long, value_parser = humantime::parse_duration)]
     conntrack_udp_timeout: Option<Duration>,
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("{text:?} is not a ratio between 0 and 1"))
+}
+
+fn parse_capacity(text: &str) -> Result<u32, String> {
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a capacity (1 to 4294967295)"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -496,13 +591,20 @@ pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions
                 watch_liveness: flags.watch_liveness_timeout,
             },
         },
-        map_sizes: MapSizes {
-            services: flags.map_size_services,
-            backends: flags.map_size_backends,
-            rev_nat: flags.map_size_rev_nat,
-            sock_rev: flags.map_size_sock_rev,
-            affinity: flags.map_size_affinity,
-            conntrack: flags.map_size_conntrack,
+        map_sizing: MapSizing {
+            ratio: flags
+                .map_dynamic_size_ratio
+                .or(file.map_dynamic_size_ratio)
+                .unwrap_or(proxy_common::sizing::DEFAULT_RATIO),
+            node_memory: flags.map_dynamic_size_memory.or(file.map_dynamic_size_memory),
+            fixed: FixedSizes {
+                services: flags.map_size_services.or(file.map_size.services),
+                backends: flags.map_size_backends.or(file.map_size.backends),
+                rev_nat: flags.map_size_rev_nat.or(file.map_size.rev_nat),
+                sock_rev: flags.map_size_sock_rev.or(file.map_size.sock_rev),
+                affinity: flags.map_size_affinity.or(file.map_size.affinity),
+                conntrack: flags.map_size_conntrack.or(file.map_size.conntrack),
+            },
         },
         translate: TranslateOptions {
             service_proxy_name: flags.service_proxy_name,
@@ -835,6 +937,45 @@ nodePortAddresses: null
             err.to_string(),
             "--nodeport-addresses: \"primary\" cannot be combined with CIDRs"
         );
+    }
+
+    #[test]
+    fn map_sizing_comes_from_the_flags_else_the_file_s_own_section_else_the_ratio() {
+        let o = resolved(&[], "").unwrap();
+        assert_eq!(o.map_sizing, MapSizing::default());
+        let file = "bpfKubeProxy:\n  mapDynamicSizeRatio: 0.002\n  mapDynamicSizeMemory: 8Gi\n  \
+                    mapSize: {conntrack: 1000, services: 5000}\n";
+        let o = resolved(&[], file).unwrap();
+        assert!((o.map_sizing.ratio - 0.002).abs() < 1e-12);
+        assert_eq!(o.map_sizing.node_memory, Some(8 << 30));
+        assert_eq!(o.map_sizing.fixed.conntrack, Some(1000));
+        assert_eq!(o.map_sizing.fixed.services, Some(5000));
+        assert_eq!(o.map_sizing.fixed.backends, None);
+        let flags = [
+            "--map-dynamic-size-ratio",
+            "0.0005",
+            "--map-size-conntrack",
+            "2000",
+            "--map-size-backends",
+            "7",
+        ];
+        let o = resolved(&flags, file).unwrap();
+        assert!((o.map_sizing.ratio - 0.0005).abs() < 1e-12);
+        assert_eq!(o.map_sizing.fixed.conntrack, Some(2000));
+        assert_eq!(o.map_sizing.fixed.services, Some(5000));
+        assert_eq!(o.map_sizing.fixed.backends, Some(7));
+        for (bad, expected) in [
+            ("bpfKubeProxy: {mapDynamicSizeRatio: 2}", "not a ratio"),
+            ("bpfKubeProxy: {mapSize: {conntrack: 0}}", "not a capacity"),
+            (
+                "bpfKubeProxy: {mapSize: {conntrak: 1}}",
+                "bpfKubeProxy.mapSize.conntrak",
+            ),
+            ("bpfKubeProxy: {ratio: 1}", "bpfKubeProxy.ratio"),
+        ] {
+            let err = parse(&format!("apiVersion: {API_VERSION}\nkind: {KIND}\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(expected), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -525,3 +525,127 @@ fn list_maps_and_metrics_show_each_maps_kernel_memory_as_bpftool_does() {
         "{table}"
     );
 }
+
+/// Each pinned map's (capacity, memory) from `list --maps`.
+fn list_maps(world: &World) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let (ok, text) = cli(world, &["list", "--maps", "-o", "json"]);
+    assert!(ok, "{text}");
+    let maps: Vec<serde_json::Value> = serde_json::from_str(&text).expect("JSON");
+    maps.iter()
+        .map(|m| {
+            (
+                m["map"].as_str().unwrap().to_string(),
+                (m["capacity"].as_u64().unwrap(), m["memory"].as_u64().unwrap_or(0)),
+            )
+        })
+        .collect()
+}
+
+/// At default settings on a 24 GiB node the LRU maps take the ratio's share of its memory, the
+/// maps the agent writes only what they hold, and all of them together under 32 MiB (issue
+/// 16's target for up to 1 000 Services); a ratio and `--map-size-*` flags change the sizes.
+#[test]
+fn default_map_sizes_follow_the_node_memory_ratio_and_take_under_32_mib_and_flags_override_them() {
+    use bpf_kube_proxy::datapath::sizing::lru_elems;
+    use proxy_common::{maps as names, sizing};
+
+    const GIB: u64 = 1 << 30;
+    let mut world = started(&["be1", "be2"], "", &["--map-dynamic-size-memory", "24Gi"]);
+    let maps = list_maps(&world);
+    let expected = sizing::lru_sizes(24 * GIB, sizing::DEFAULT_RATIO, &lru_elems());
+    let capacity = |map: &str| maps[map].0;
+    assert_eq!(capacity(names::CONNTRACK_V4), u64::from(expected.conntrack));
+    assert_eq!(capacity(names::CONNTRACK_V6), u64::from(expected.conntrack));
+    assert_eq!(capacity(names::SOCK_REV_V4), u64::from(expected.sock_rev));
+    assert_eq!(capacity(names::AFFINITY), u64::from(expected.affinity));
+    assert_eq!(
+        capacity(names::SERVICES_V4),
+        u64::from(sizing::WRITTEN_MIN.services)
+    );
+    assert_eq!(
+        capacity(names::BACKENDS_V4),
+        u64::from(sizing::WRITTEN_MIN.backends)
+    );
+    let total: u64 = maps.values().map(|(_, memory)| memory).sum();
+    assert!(total <= 32 << 20, "{} KiB: {maps:?}", total >> 10);
+    assert!(
+        world.agent_log().contains("map sizes (entries per family)"),
+        "the chosen sizes are logged"
+    );
+
+    // Twice the ratio, and a fixed affinity map: applied at the next start.
+    world.stop_agent(Signal::SIGTERM);
+    world.agent_args(&[
+        "--map-dynamic-size-memory",
+        "24Gi",
+        "--map-dynamic-size-ratio",
+        "0.002",
+        "--map-size-affinity",
+        "1000",
+    ]);
+    world.start_agent();
+    let maps = list_maps(&world);
+    let doubled = sizing::lru_sizes(24 * GIB, 0.002, &lru_elems());
+    assert_eq!(maps[names::CONNTRACK_V4].0, u64::from(doubled.conntrack));
+    assert_eq!(maps[names::AFFINITY].0, 1000);
+    assert!(
+        world
+            .probe(&addr(VIP, 80), ProbeMode::Tcp, 3)
+            .iter()
+            .all(|a| a.ok),
+        "served across the resize"
+    );
+}
+
+/// A Service whose slots and backends outgrow the maps the agent writes: the maps grow (new
+/// ones, entries copied, programs switched) and every Service is programmed, while the
+/// Services already there keep being served; the near-full gauge and the growth counter show.
+#[test]
+fn maps_the_agent_writes_grow_when_a_cluster_outgrows_them_and_service_keeps_flowing() {
+    use proxy_common::{maps as names, sizing};
+
+    let mut world = started(&["be1", "be2"], "", &[]);
+    let before = list_maps(&world);
+    assert_eq!(
+        before[names::SERVICES_V4].0,
+        u64::from(sizing::WRITTEN_MIN.services)
+    );
+    let prober = world.spawn_probe(&addr(VIP, 80), ProbeMode::Tcp, 1000, 10);
+    // 20 000 endpoints (addresses nobody answers on: only the maps matter here), as slices
+    // of 1 000: 20 001 service entries and 20 000 backends, more than the 16 384 of each.
+    let mut docs_big = vec![service("big", &["10.96.0.20"], &[("http", 80, "TCP")], "")];
+    for s in 0..20 {
+        let eps: Vec<Ep> = (0..1000)
+            .map(|e| Ep::ready(&format!("10.{}.{}.{}", 100 + s, e / 250, 1 + e % 250)))
+            .collect();
+        docs_big.push(slice(&format!("big-{s}"), "big", false, &PORTS[..1], &eps));
+    }
+    world.write("big.yaml", &docs(&docs_big));
+    world.wait_until("big to be programmed", Duration::from_secs(60), |w| {
+        (w.backends_of("10.96.0.20", 80, Protocol::Tcp)?.len() == 20_000).then_some(())
+    });
+    let after = list_maps(&world);
+    assert!(after[names::SERVICES_V4].0 >= 20_001 + 20_001 / 4, "{after:?}");
+    assert!(after[names::BACKENDS_V4].0 >= 20_000 + 20_000 / 4, "{after:?}");
+    assert!(world.agent_log().contains("maps grew"), "{}", world.agent_log());
+    let attempts = prober.results();
+    assert!(
+        attempts.iter().all(|a| a.ok),
+        "web served throughout: {:?}",
+        attempts.iter().filter(|a| !a.ok).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        spread(&world.probe(&addr(VIP, 80), ProbeMode::Tcp, 20)).len(),
+        2,
+        "web's backends, through the new maps"
+    );
+    world.wait_until("/metrics to count the growth", Duration::from_secs(10), |w| {
+        let (_, metrics) = w.http_get("/metrics", "/metrics");
+        let grown = sample(&metrics, "bpf_kube_proxy_maps_grown_total")?;
+        let near = sample(
+            &metrics,
+            &format!("bpf_kube_proxy_map_near_full{{map=\"{}\"}}", names::SERVICES_V4),
+        )?;
+        (grown >= 1.0 && near == 0.0).then_some(())
+    });
+}

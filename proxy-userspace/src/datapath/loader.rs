@@ -268,7 +268,9 @@ fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 /// Why a pinned map was not adopted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mismatch {
-    /// Another kind, key size, value size, capacity or flags.
+    /// Only another capacity (a `--map-size-*` changed, or the map grew).
+    Capacity,
+    /// Another kind, key size, value size or flags.
     Shape,
     /// The same sizes, other fields (names, offsets or types, per the map's BTF).
     Layout,
@@ -279,6 +281,7 @@ pub enum Mismatch {
 impl Mismatch {
     pub const fn as_str(self) -> &'static str {
         match self {
+            Self::Capacity => "capacity",
             Self::Shape => "shape",
             Self::Layout => "layout",
             Self::Unreadable => "unreadable",
@@ -352,7 +355,15 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<Vec<Recreat
                     info.max_entries,
                     info.map_flags,
                 );
-                if pinned_shape != shape {
+                let only_capacity = (pinned_shape.0, pinned_shape.1, pinned_shape.2, pinned_shape.4)
+                    == (shape.0, shape.1, shape.2, shape.4);
+                if pinned_shape != shape && only_capacity {
+                    Some((
+                        Mismatch::Capacity,
+                        pinned_shape.3.to_string(),
+                        shape.3.to_string(),
+                    ))
+                } else if pinned_shape != shape {
                     Some((Mismatch::Shape, format!("{pinned_shape:?}"), format!("{shape:?}")))
                 } else if let (Some(pinned), Some(built)) = (&info.btf, built_layout) {
                     let pinned = Btf::parse(&pinned.raw)
@@ -370,14 +381,24 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<Vec<Recreat
         let Some((mismatch, pinned, built)) = mismatch else {
             continue;
         };
-        tracing::warn!(
-            map = name,
-            mismatch = mismatch.as_str(),
-            pinned = %pinned,
-            built = %built,
-            "pinned map does not match this build (shape: type, key size, value size, max entries, flags); \
-             recreating it, its entries are lost"
-        );
+        if mismatch == Mismatch::Capacity {
+            tracing::info!(
+                map = name,
+                pinned = %pinned,
+                built = %built,
+                "pinned map has another capacity; recreating it (the agent refills or copies the \
+                 maps it writes; an LRU map's entries are lost)"
+            );
+        } else {
+            tracing::warn!(
+                map = name,
+                mismatch = mismatch.as_str(),
+                pinned = %pinned,
+                built = %built,
+                "pinned map does not match this build (shape: type, key size, value size, max entries, flags); \
+                 recreating it, its entries are lost"
+            );
+        }
         fs::remove_file(&path).map_err(|source| LoadError::Pin {
             what: "unpinning",
             path: path.clone(),
@@ -471,26 +492,26 @@ mod tests {
         }
     }
 
+    /// A map the agent writes: a hash map allocated as it is written.
+    const fn written<K, V>(name: &'static str, max_entries: u32) -> Expected {
+        Expected {
+            flags: BPF_F_NO_PREALLOC,
+            ..map::<K, V>(name, bpf_map_type::BPF_MAP_TYPE_HASH, max_entries)
+        }
+    }
+
     /// The agent writes the trie's keys as aya's `Key` (a prefix length, then the data).
     type TrieKey<A> = aya::maps::lpm_trie::Key<SourceRange<A>>;
 
     fn expected() -> [Expected; 18] {
         use bpf_map_type::*;
         [
-            map::<ServiceKey<AddrV4>, ServiceValue>(
-                names::SERVICES_V4,
-                BPF_MAP_TYPE_HASH,
-                capacity::SERVICES,
-            ),
-            map::<ServiceKey<AddrV6>, ServiceValue>(
-                names::SERVICES_V6,
-                BPF_MAP_TYPE_HASH,
-                capacity::SERVICES,
-            ),
-            map::<u32, Backend<AddrV4>>(names::BACKENDS_V4, BPF_MAP_TYPE_HASH, capacity::BACKENDS),
-            map::<u32, Backend<AddrV6>>(names::BACKENDS_V6, BPF_MAP_TYPE_HASH, capacity::BACKENDS),
-            map::<u32, RevNat<AddrV4>>(names::REV_NAT_V4, BPF_MAP_TYPE_HASH, capacity::REV_NAT),
-            map::<u32, RevNat<AddrV6>>(names::REV_NAT_V6, BPF_MAP_TYPE_HASH, capacity::REV_NAT),
+            written::<ServiceKey<AddrV4>, ServiceValue>(names::SERVICES_V4, capacity::SERVICES),
+            written::<ServiceKey<AddrV6>, ServiceValue>(names::SERVICES_V6, capacity::SERVICES),
+            written::<u32, Backend<AddrV4>>(names::BACKENDS_V4, capacity::BACKENDS),
+            written::<u32, Backend<AddrV6>>(names::BACKENDS_V6, capacity::BACKENDS),
+            written::<u32, RevNat<AddrV4>>(names::REV_NAT_V4, capacity::REV_NAT),
+            written::<u32, RevNat<AddrV6>>(names::REV_NAT_V6, capacity::REV_NAT),
             map::<SockRevKey<AddrV4>, SockRevValue<AddrV4>>(
                 names::SOCK_REV_V4,
                 BPF_MAP_TYPE_LRU_HASH,

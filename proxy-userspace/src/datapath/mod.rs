@@ -12,6 +12,7 @@ pub mod reader;
 pub mod readings;
 pub(crate) mod report;
 pub(crate) mod sink;
+pub mod sizing;
 pub(crate) mod sockets;
 #[cfg(test)]
 mod stack_limit;

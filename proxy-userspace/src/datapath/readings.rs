@@ -26,9 +26,30 @@ pub struct FillCache(Arc<Mutex<Vec<MapFill>>>);
 
 impl FillCache {
     /// Counts every map of `pin_dir` now and keeps the result for the scrapes.
+    /// Logs each map that became near full, or is no longer, since the last count.
     pub fn refresh(&self, pin_dir: &Path) {
         let fill = usage(pin_dir);
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fill;
+        let mut cached = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (was, now) in near_full_changes(&cached, &fill) {
+            if now.near_full() {
+                tracing::warn!(
+                    map = now.map,
+                    entries = now.entries,
+                    capacity = now.capacity,
+                    was = was.map_or(0, |w| w.entries),
+                    "map is near full (90%): an LRU map evicts its oldest entries from here on; \
+                     raise its size (--map-dynamic-size-ratio or --map-size-*)"
+                );
+            } else {
+                tracing::info!(
+                    map = now.map,
+                    entries = now.entries,
+                    capacity = now.capacity,
+                    "map is no longer near full"
+                );
+            }
+        }
+        *cached = fill;
     }
 
     fn get(&self) -> Vec<MapFill> {
@@ -37,6 +58,20 @@ impl FillCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+}
+
+/// The maps whose near-full state differs from the previous count (a map first counted near
+/// full counts as a change), with their previous count.
+fn near_full_changes<'a>(
+    before: &'a [MapFill],
+    now: &'a [MapFill],
+) -> Vec<(Option<&'a MapFill>, &'a MapFill)> {
+    now.iter()
+        .filter_map(|n| {
+            let was = before.iter().find(|b| b.map == n.map);
+            (was.is_some_and(MapFill::near_full) != n.near_full()).then_some((was, n))
+        })
+        .collect()
 }
 
 /// Every pinned map's entries, capacity and kernel memory (reads every entry of every map:
@@ -110,5 +145,41 @@ impl DatapathReadings for PinnedReadings {
     /// As of the map walker's last count.
     fn map_fill(&self) -> Vec<MapFill> {
         self.fill.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(map: &'static str, entries: u64) -> MapFill {
+        MapFill {
+            map,
+            entries,
+            capacity: 100,
+            memory: None,
+        }
+    }
+
+    #[test]
+    fn a_map_crossing_ninety_percent_is_reported_once_each_way_and_arrays_never() {
+        let changes = |a: &[MapFill], b: &[MapFill]| -> Vec<(&'static str, u64)> {
+            near_full_changes(a, b)
+                .iter()
+                .map(|(_, n)| (n.map, n.entries))
+                .collect()
+        };
+        let low = [fill(names::CONNTRACK_V4, 10), fill(names::COUNTERS, 100)];
+        let high = [fill(names::CONNTRACK_V4, 95), fill(names::COUNTERS, 100)];
+        let higher = [fill(names::CONNTRACK_V4, 99), fill(names::COUNTERS, 100)];
+        assert_eq!(changes(&[], &low), []);
+        assert_eq!(changes(&low, &high), [(names::CONNTRACK_V4, 95)]);
+        assert_eq!(changes(&high, &higher), [], "still near full: said once");
+        assert_eq!(changes(&higher, &low), [(names::CONNTRACK_V4, 10)]);
+        assert_eq!(
+            changes(&[], &high),
+            [(names::CONNTRACK_V4, 95)],
+            "near full at the first count"
+        );
     }
 }

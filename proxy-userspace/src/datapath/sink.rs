@@ -27,6 +27,13 @@ impl DatapathSink {
     }
 }
 
+impl DatapathSink {
+    /// Writes to `maps` from now on (the maps that replaced those that grew).
+    pub(crate) fn reopen(&mut self, maps: crate::datapath::maps::PinnedMaps) {
+        self.writer = Writer::new(maps);
+    }
+}
+
 impl PlanSink for DatapathSink {
     fn apply(&mut self, plan: &Plan) -> Vec<WriteFailure> {
         let failed = PlanSink::apply(&mut self.writer, plan);

@@ -496,3 +496,45 @@ pub(crate) unsafe fn map_update_batch<K: Copy, V: Copy>(
         Err(e) => Err(((attr.count as usize).min(keys.len()), e)),
     }
 }
+
+/// Copies every entry of hash map `from` into hash map `to` (same key and value sizes), a
+/// chunk of [`lookup_batch`] per BPF_MAP_UPDATE_BATCH: how a map that grew gets the entries of
+/// the one it replaces. Returns how many entries were copied.
+pub(crate) fn copy_entries(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<u64> {
+    let mut copied = 0u64;
+    let mut failed = None;
+    let batched = lookup_batch(from, key_size, value_size, |keys, values| {
+        let count = keys.len() / key_size;
+        if failed.is_some() || count == 0 {
+            return;
+        }
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: count as u32,
+            map_fd: to.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `keys` and `values` hold `count` entries of both maps' key and value sizes,
+        // as `lookup_batch` read them from `from` (caller: same sizes as `to`).
+        match unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) } {
+            Ok(_) => copied += count as u64,
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !batched {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the map has no batch lookup (Linux 5.6+)",
+        ));
+    }
+    Ok(copied)
+}

@@ -23,7 +23,7 @@ use crate::{
     pipeline::model::{
         FrontendKey, FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
-    pipeline::plan::{Op, Outcome, Plan, PlanIssue, PlanSink, Planner, WriteFailure},
+    pipeline::plan::{Capacity, Op, Outcome, Plan, PlanIssue, PlanSink, Planner, WriteFailure},
     pipeline::reply_targets::ReplyTargets,
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
@@ -145,10 +145,16 @@ impl<S: PlanSink> Proxier<S> {
         self.repair.due()
     }
 
-    /// The sink, for the fuzz targets' checks between syncs.
-    #[cfg(feature = "fuzzing")]
+    /// The sink, for the fuzz targets' checks between syncs and for the agent to hand it the
+    /// maps that replace those that grew.
     pub(crate) fn sink_mut(&mut self) -> &mut S {
         &mut self.sink
+    }
+
+    /// The maps grew: Services are weighed against the new capacity from the next sync on,
+    /// and those refused for room are planned again then.
+    pub(crate) fn set_capacity(&mut self, capacity: Capacity) {
+        self.planner.set_capacity(capacity);
     }
 
     pub(crate) fn inventory(&self) -> &Inventory {

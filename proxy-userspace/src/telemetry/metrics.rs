@@ -95,6 +95,16 @@ pub struct MapFill {
     pub memory: Option<u64>,
 }
 
+impl MapFill {
+    /// At least 90 % full: an LRU map evicts its oldest entries from there on (flows,
+    /// sockets or clients forgotten), a map the agent writes is about to grow or, with a
+    /// fixed size, to refuse Services. Arrays are always full and never reported.
+    pub fn near_full(&self) -> bool {
+        !matches!(self.map, proxy_common::maps::COUNTERS | proxy_common::maps::NODE)
+            && proxy_common::sizing::near_full(self.entries, self.capacity)
+    }
+}
+
 /// Figures from the datapath itself: its per-CPU counters, read at scrape time, and how full
 /// its maps are, as last counted off the scrape path (a count reads every entry).
 pub trait DatapathReadings: Send + Sync {
@@ -147,6 +157,16 @@ impl Collector for DatapathCollector {
             }
         }
         let mut family = encoder.encode_descriptor(
+            "bpf_kube_proxy_map_near_full",
+            "1 when a pinned map holds at least 90% of its capacity (an LRU map evicts from there on)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for f in &fill {
+            ConstGauge::new(i64::from(f.near_full()))
+                .encode(family.encode_family(&MapLabel { map: f.map })?)?;
+        }
+        let mut family = encoder.encode_descriptor(
             "bpf_kube_proxy_map_memory_bytes",
             "Kernel memory of each pinned map (its memlock charge; preallocated maps are charged in full)",
             None,
@@ -177,6 +197,7 @@ pub struct Metrics {
     pub(crate) healthz_requests: Family<CodeLabel, Counter>,
     pub(crate) livez_requests: Family<CodeLabel, Counter>,
     pub(crate) map_full: Counter,
+    pub(crate) maps_grown: Counter,
     pub(crate) sync_duration: Histogram,
     pub(crate) sync_full_duration: Histogram,
     pub(crate) sync_partial_duration: Histogram,
@@ -221,6 +242,7 @@ impl Metrics {
             healthz_requests: Family::default(),
             livez_requests: Family::default(),
             map_full: Counter::default(),
+            maps_grown: Counter::default(),
             sync_duration: Histogram::new(sync_buckets()),
             sync_full_duration: Histogram::new(sync_buckets()),
             sync_partial_duration: Histogram::new(sync_buckets()),
@@ -406,6 +428,11 @@ impl Metrics {
                 "map_full",
                 "Service changes not programmed because a map would have overflowed",
                 m.map_full.clone(),
+            );
+            own.register(
+                "maps_grown",
+                "Times the maps the agent writes were replaced by bigger ones (their entries copied) so that a sync's Services fit",
+                m.maps_grown.clone(),
             );
         }
         Arc::new(Self { registry, ..m })

@@ -81,10 +81,10 @@ impl Capacity {
 
 /// Map entries of one family, counted or about to be written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct Usage {
-    pub(super) services: u64,
-    pub(super) backends: u64,
-    pub(super) rev_nat: u64,
+pub struct Usage {
+    pub services: u64,
+    pub backends: u64,
+    pub rev_nat: u64,
 }
 
 impl Usage {
@@ -114,6 +114,8 @@ pub(super) struct Ledger {
     /// Per family: entries held when the current sync began, plus those its plans add so far.
     /// A plan writes all additions before any deletion, so this is the sync's peak.
     peak: [Usage; 2],
+    /// Per family: what the current sync's refused Services would have added to `peak`.
+    refused: [Usage; 2],
 }
 
 impl Ledger {
@@ -122,6 +124,7 @@ impl Ledger {
             capacity: Capacity::UNLIMITED,
             held: [Usage::default(); 2],
             peak: [Usage::default(); 2],
+            refused: [Usage::default(); 2],
         }
     }
 
@@ -131,6 +134,30 @@ impl Ledger {
 
     pub(super) fn begin_sync(&mut self) {
         self.peak = self.held;
+        self.refused = [Usage::default(); 2];
+    }
+
+    /// The capacity the current sync would have needed to refuse nothing: per map kind, the
+    /// larger family's peak plus what its refused Services would have added.
+    pub(super) fn needed(&self) -> Usage {
+        let fam = |f: usize| {
+            let (p, r) = (self.peak[f], self.refused[f]);
+            Usage {
+                services: p.services + r.services,
+                backends: p.backends + r.backends,
+                rev_nat: p.rev_nat + r.rev_nat,
+            }
+        };
+        let (v4, v6) = (fam(V4), fam(V6));
+        Usage {
+            services: v4.services.max(v6.services),
+            backends: v4.backends.max(v6.backends),
+            rev_nat: v4.rev_nat.max(v6.rev_nat),
+        }
+    }
+
+    pub(super) fn capacity(&self) -> Capacity {
+        self.capacity
     }
 
     /// A frontend entry with `slots` slot entries, and its rev-NAT entry.
@@ -170,6 +197,9 @@ impl Ledger {
                 (maps[2], peak.rev_nat + add.rev_nat, cap.rev_nat),
             ];
             if let Some((map, needed, capacity)) = checks.into_iter().find(|(_, n, c)| *n > u64::from(*c)) {
+                for (refused, add) in self.refused.iter_mut().zip(adds) {
+                    refused.add(add);
+                }
                 return Err(PlanIssue::MapFull {
                     service: service.clone(),
                     map,
@@ -194,6 +224,35 @@ impl Ledger {
 mod tests {
     use super::*;
     use crate::pipeline::plan::{Planner, fixtures::*};
+
+    #[test]
+    fn a_sync_reports_the_capacity_it_needed_to_refuse_nothing() {
+        let mut p = Planner::new().with_capacity(Capacity {
+            services: 6,
+            ..Capacity::UNLIMITED
+        });
+        p.begin_sync();
+        let web = entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])]);
+        let db = entry(&[("fd00::12", 80, &["fd00::1:7"])]);
+        assert!(p.plan_service(&svc("web"), Some(&web)).issues.is_empty());
+        assert!(p.plan_service(&svc("db"), Some(&db)).issues.is_empty());
+        let before = p.needed();
+        assert_eq!(before.backends, 2, "the v4 family's 2, more than v6's 1");
+        // api needs a frontend and 4 slots more than the 6 entries: refused, and counted.
+        let api = entry(&[(
+            "10.96.0.11",
+            80,
+            &["10.0.0.7", "10.0.0.8", "10.0.0.9", "10.0.0.10"],
+        )]);
+        assert!(!p.plan_service(&svc("api"), Some(&api)).issues.is_empty());
+        let needed = p.needed();
+        assert!(needed.services >= before.services + 5, "{before:?} {needed:?}");
+        assert!(needed.services > 6, "{needed:?}");
+        assert_eq!(needed.backends, 6, "web's 2 and api's 4");
+        // A new sync starts counting again, from what is held.
+        p.begin_sync();
+        assert_eq!(p.needed(), before);
+    }
 
     #[test]
     fn a_service_that_would_overflow_a_map_is_refused_whole_and_keeps_its_previous_state() {

@@ -82,6 +82,22 @@ impl Planner {
         self
     }
 
+    /// The capacity the maps would need for the current sync to refuse no Service: the sync's
+    /// peak plus what each refused Service would have added (per map kind, the larger family).
+    pub fn needed(&self) -> Usage {
+        self.ledger.needed()
+    }
+
+    /// The capacity the planner weighs Services against.
+    pub fn capacity(&self) -> Capacity {
+        self.ledger.capacity()
+    }
+
+    /// New map capacities (the maps grew).
+    pub(crate) fn set_capacity(&mut self, capacity: Capacity) {
+        self.ledger.set_capacity(capacity);
+    }
+
     /// Counts what the maps hold now; call before planning a sync's Services.
     pub(crate) fn begin_sync(&mut self) {
         self.ledger.begin_sync();

@@ -18,6 +18,7 @@ mod properties;
 
 pub use capacity::Capacity;
 pub use capacity::PlanIssue;
+pub use capacity::Usage;
 pub(crate) use diff::Outcome;
 pub use diff::Planner;
 pub use ops::Departure;
