@@ -469,7 +469,7 @@ fn memory_figure(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result
     for (name, program, args, text) in rules {
         match ruleset_memory(program, &args, &text, opts.ruleset_limit) {
             Ok(Some(bytes)) => {
-                results.add("memory", name, n, "map_memlock", bytes / (1024.0 * 1024.0), "MiB")
+                results.add("memory", name, n, "map_memlock", bytes / (1024.0 * 1024.0), "MiB");
             }
             Ok(None) => results.did_not_finish("memory", name, n, opts.ruleset_limit),
             Err(e) => results.notes.push(format!(
