@@ -439,24 +439,31 @@ fn memory_figure(opts: &Opts, n: usize, results: &mut Results) -> anyhow::Result
         .enable_all()
         .build()?;
     let source = world::Source::ApiServer(runtime.handle());
-    let mut agent = RunningAgent::start(&svcs, None, &source, &["--map-dynamic-size-memory", NODE_MEMORY])?;
-    for start in ["ours", "restart"] {
-        if start == "restart" {
-            agent.restart()?;
+    // Per start ("ours": cold, "restart"): how long until ready, and the RSS then. A start's
+    // time varies by hundreds of milliseconds from one to the next on a busy 2-CPU machine:
+    // medians of fresh agents, each started cold and then restarted.
+    let mut ready = [Vec::new(), Vec::new()];
+    let mut rss = [Vec::new(), Vec::new()];
+    let mut map_memory = 0.0;
+    for _ in 0..opts.repeats {
+        let mut agent =
+            RunningAgent::start(&svcs, None, &source, &["--map-dynamic-size-memory", NODE_MEMORY])?;
+        for (i, (ready, rss)) in ready.iter_mut().zip(&mut rss).enumerate() {
+            if i == 1 {
+                agent.restart()?;
+            }
+            ready.push(ms(agent.ready_after));
+            // Let the allocator settle after the first sync before reading RSS.
+            std::thread::sleep(Duration::from_millis(500));
+            rss.push(agent.rss_mib()?);
         }
-        results.add("ready", start, n, "after_start", ms(agent.ready_after), "ms");
-        // Let the allocator settle after the first sync before reading RSS.
-        std::thread::sleep(Duration::from_millis(500));
-        results.add("memory", start, n, "agent_rss", agent.rss_mib()?, "MiB");
+        map_memory = map_memlock(&agent.pin_dir)? / (1024.0 * 1024.0);
     }
-    results.add(
-        "memory",
-        "ours",
-        n,
-        "map_memlock",
-        map_memlock(&agent.pin_dir)? / (1024.0 * 1024.0),
-        "MiB",
-    );
+    for (start, (ready, rss)) in ["ours", "restart"].into_iter().zip(ready.into_iter().zip(rss)) {
+        results.add("ready", start, n, "after_start", median(ready), "ms");
+        results.add("memory", start, n, "agent_rss", median(rss), "MiB");
+    }
+    results.add("memory", "ours", n, "map_memlock", map_memory, "MiB");
     let rules = [
         (
             "iptables",

@@ -37,7 +37,10 @@ use crate::{
         link_events::LinkEvents,
         reply_routes::ReplyCheck,
     },
-    pipeline::{model::ServiceName, plan::Planner},
+    pipeline::{
+        model::ServiceName,
+        plan::{Planner, Usage},
+    },
     source::{
         files::{FileWatch, WatchError},
         kube::{self as kube_source, KubeEvent, KubeSourceError, WatchHealth, Watches},
@@ -188,7 +191,13 @@ impl Prepared {
         finish_sync(what, &report);
         // Each growth at least doubles a map that was short: a few rounds at most.
         for _ in 0..4 {
-            if report.refused == 0 || !self.grow(cgroup)? {
+            if report.refused == 0
+                || !self.grow(
+                    self.proxier.planner().needed(),
+                    "Services refused for room",
+                    cgroup,
+                )?
+            {
                 break;
             }
             report = self.proxier.sync();
@@ -197,14 +206,13 @@ impl Prepared {
         Ok(())
     }
 
-    /// Replaces the maps the agent writes that the last sync found too small with bigger ones:
+    /// Replaces the maps the agent writes that are smaller than `needed` with bigger ones:
     /// a new datapath is loaded against new maps, the entries are copied over, the writer
     /// turns to the new maps, and (once live) the pinned links switch to the new programs, as
     /// on every agent restart. Until the switch the old programs serve from the old maps,
     /// which nothing writes meanwhile; the LRU maps are the same before and after. `false`
     /// when no map may or needs to grow.
-    fn grow(&mut self, cgroup: &Path) -> Result<bool, AgentError> {
-        let needed = self.proxier.planner().needed();
+    fn grow(&mut self, needed: Usage, why: &str, cgroup: &Path) -> Result<bool, AgentError> {
         let Some(next) = sizing::grown(self.sizes, self.growable, needed) else {
             return Ok(false);
         };
@@ -252,7 +260,8 @@ impl Prepared {
             needed_backends = needed.backends,
             needed_rev_nat = needed.rev_nat,
             copied,
-            "maps grew: Services refused for room are programmed now"
+            why,
+            "maps grew"
         );
         self.metrics.maps_grown.inc();
         self.sizes = next;
@@ -337,6 +346,10 @@ impl Prepared {
             self.check_replies(false);
             return Ok(());
         }
+        // Sized before anything is written: on a cold start the maps are at their minimum,
+        // and a large cluster would otherwise be mostly refused (a warning per Service), then
+        // copied into bigger maps and synced a second time.
+        self.grow(self.proxier.census(), "sized for the listed Services", cgroup)?;
         let report = self.proxier.sync();
         self.synced("initial sync", report, cgroup)?;
         self.health_checks

@@ -597,6 +597,57 @@ fn default_map_sizes_follow_the_node_memory_ratio_and_take_under_32_mib_and_flag
     );
 }
 
+/// A Service of 20 000 endpoints (addresses nobody answers on: only the maps matter here), as
+/// slices of 1 000: 20 001 service entries and 20 000 backends, more than the 16 384 of each
+/// map the agent writes starts with.
+fn big_service() -> String {
+    let mut docs_big = vec![service("big", &["10.96.0.20"], &[("http", 80, "TCP")], "")];
+    for s in 0..20 {
+        let eps: Vec<Ep> = (0..1000)
+            .map(|e| Ep::ready(&format!("10.{}.{}.{}", 100 + s, e / 250, 1 + e % 250)))
+            .collect();
+        docs_big.push(slice(&format!("big-{s}"), "big", false, &PORTS[..1], &eps));
+    }
+    docs(&docs_big)
+}
+
+/// Waits for [`big_service`] to be programmed whole, and checks the maps grew to hold it.
+fn wait_for_big_service_in_grown_maps(world: &mut World) {
+    use proxy_common::maps as names;
+
+    world.wait_until("big to be programmed", Duration::from_secs(60), |w| {
+        (w.backends_of("10.96.0.20", 80, Protocol::Tcp)?.len() == 20_000).then_some(())
+    });
+    let after = list_maps(world);
+    assert!(after[names::SERVICES_V4].0 >= 20_001 + 20_001 / 4, "{after:?}");
+    assert!(after[names::BACKENDS_V4].0 >= 20_000 + 20_000 / 4, "{after:?}");
+    assert!(world.agent_log().contains("maps grew"), "{}", world.agent_log());
+}
+
+/// A cold start on a cluster larger than the maps' starting size: the agent sizes the maps
+/// from the first lists before it writes anything, so no Service is refused on the way (it
+/// was: a warning and a map-full count per Service, then a copy into bigger maps and a second
+/// sync).
+#[test]
+fn a_cold_start_on_a_large_cluster_sizes_the_maps_first_and_refuses_no_service() {
+    let pods = ["be1", "be2"];
+    let mut world = World::new(&pods);
+    world.write("web.yaml", &web(&world, "", &pods, ""));
+    world.write("big.yaml", &big_service());
+    world.start_agent();
+    world.wait_for_backends(VIP, 80, Protocol::Tcp, pods.len());
+    wait_for_big_service_in_grown_maps(&mut world);
+    let log = world.agent_log();
+    assert!(log.contains("sized for the listed Services"), "{log}");
+    assert!(!log.contains("could not be programmed"), "{log}");
+    let (_, metrics) = world.http_get("/metrics", "/metrics");
+    assert_eq!(
+        sample(&metrics, "bpf_kube_proxy_map_full_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
 /// A Service whose slots and backends outgrow the maps the agent writes: the maps grow (new
 /// ones, entries copied, programs switched) and every Service is programmed, while the
 /// Services already there keep being served; the near-full gauge and the growth counter show.
@@ -611,23 +662,13 @@ fn maps_the_agent_writes_grow_when_a_cluster_outgrows_them_and_service_keeps_flo
         u64::from(sizing::WRITTEN_MIN.services)
     );
     let prober = world.spawn_probe(&addr(VIP, 80), ProbeMode::Tcp, 1000, 10);
-    // 20 000 endpoints (addresses nobody answers on: only the maps matter here), as slices
-    // of 1 000: 20 001 service entries and 20 000 backends, more than the 16 384 of each.
-    let mut docs_big = vec![service("big", &["10.96.0.20"], &[("http", 80, "TCP")], "")];
-    for s in 0..20 {
-        let eps: Vec<Ep> = (0..1000)
-            .map(|e| Ep::ready(&format!("10.{}.{}.{}", 100 + s, e / 250, 1 + e % 250)))
-            .collect();
-        docs_big.push(slice(&format!("big-{s}"), "big", false, &PORTS[..1], &eps));
-    }
-    world.write("big.yaml", &docs(&docs_big));
-    world.wait_until("big to be programmed", Duration::from_secs(60), |w| {
-        (w.backends_of("10.96.0.20", 80, Protocol::Tcp)?.len() == 20_000).then_some(())
-    });
-    let after = list_maps(&world);
-    assert!(after[names::SERVICES_V4].0 >= 20_001 + 20_001 / 4, "{after:?}");
-    assert!(after[names::BACKENDS_V4].0 >= 20_000 + 20_000 / 4, "{after:?}");
-    assert!(world.agent_log().contains("maps grew"), "{}", world.agent_log());
+    world.write("big.yaml", &big_service());
+    wait_for_big_service_in_grown_maps(&mut world);
+    assert!(
+        world.agent_log().contains("Services refused for room"),
+        "{}",
+        world.agent_log()
+    );
     let attempts = prober.results();
     assert!(
         attempts.iter().all(|a| a.ok),

@@ -23,7 +23,7 @@ use crate::{
     pipeline::model::{
         FrontendKey, FrontendKind, Protocol, ServiceEntry, ServiceInfo, ServiceName, SliceInfo, TrafficPolicy,
     },
-    pipeline::plan::{Capacity, Op, Outcome, Plan, PlanIssue, PlanSink, Planner, WriteFailure},
+    pipeline::plan::{Capacity, Op, Outcome, Plan, PlanIssue, PlanSink, Planner, Usage, WriteFailure},
     pipeline::reply_targets::ReplyTargets,
     pipeline::translate::{self, ItemIssue, ServiceOutcome, TranslateError, TranslateOptions},
     source::{
@@ -155,6 +155,15 @@ impl<S: PlanSink> Proxier<S> {
     /// and those refused for room are planned again then.
     pub(crate) fn set_capacity(&mut self, capacity: Capacity) {
         self.planner.set_capacity(capacity);
+    }
+
+    /// The map capacity the Services waiting for a sync would need ([`Planner::census`]).
+    pub(crate) fn census(&self) -> Usage {
+        self.planner.census(
+            self.dirty
+                .iter()
+                .filter_map(|name| Some((name, self.inventory.desired(name)?))),
+        )
     }
 
     pub(crate) fn inventory(&self) -> &Inventory {

@@ -88,10 +88,22 @@ pub struct Usage {
 }
 
 impl Usage {
-    fn add(&mut self, other: Usage) {
+    pub(super) fn add(&mut self, other: Usage) {
         self.services += other.services;
         self.backends += other.backends;
         self.rev_nat += other.rev_nat;
+    }
+}
+
+/// Per map kind, the larger family of `a + b` (both maps of a kind share one capacity).
+fn larger_family(a: [Usage; 2], b: [Usage; 2]) -> Usage {
+    let [mut v4, mut v6] = a;
+    v4.add(b[V4]);
+    v6.add(b[V6]);
+    Usage {
+        services: v4.services.max(v6.services),
+        backends: v4.backends.max(v6.backends),
+        rev_nat: v4.rev_nat.max(v6.rev_nat),
     }
 }
 
@@ -140,20 +152,13 @@ impl Ledger {
     /// The capacity the current sync would have needed to refuse nothing: per map kind, the
     /// larger family's peak plus what its refused Services would have added.
     pub(super) fn needed(&self) -> Usage {
-        let fam = |f: usize| {
-            let (p, r) = (self.peak[f], self.refused[f]);
-            Usage {
-                services: p.services + r.services,
-                backends: p.backends + r.backends,
-                rev_nat: p.rev_nat + r.rev_nat,
-            }
-        };
-        let (v4, v6) = (fam(V4), fam(V6));
-        Usage {
-            services: v4.services.max(v6.services),
-            backends: v4.backends.max(v6.backends),
-            rev_nat: v4.rev_nat.max(v6.rev_nat),
-        }
+        larger_family(self.peak, self.refused)
+    }
+
+    /// The capacity the programmed state plus `adds` (per family) needs: per map kind, the
+    /// larger family.
+    pub(super) fn needed_with(&self, adds: [Usage; 2]) -> Usage {
+        larger_family(self.held, adds)
     }
 
     pub(super) fn capacity(&self) -> Capacity {
@@ -252,6 +257,39 @@ mod tests {
         // A new sync starts counting again, from what is held.
         p.begin_sync();
         assert_eq!(p.needed(), before);
+    }
+
+    /// The census before a sync is what the sync then needs with room to spare: every
+    /// Service fits maps sized from it, and none is refused.
+    #[test]
+    fn a_census_before_the_first_sync_sizes_maps_that_refuse_nothing() {
+        let web = entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])]);
+        let api = entry(&[("10.96.0.11", 80, &["10.0.0.2", "10.0.0.3", "10.0.0.4"])]);
+        let db = entry(&[("fd00::12", 80, &["fd00::1:7"])]);
+        let services = [(svc("web"), web), (svc("api"), api), (svc("db"), db)];
+        let census = Planner::new().census(services.iter().map(|(n, e)| (n, e.clone())));
+        // v4: 2 frontends (3 and 4 entries), 2 rev-NAT ids; backends 2 + 3, the shared
+        // 10.0.0.2 counted for each Service (an upper bound).
+        assert_eq!(
+            census,
+            Usage {
+                services: 7,
+                backends: 5,
+                rev_nat: 2
+            }
+        );
+        let mut p = Planner::new().with_capacity(Capacity {
+            services: census.services as u32,
+            backends: census.backends as u32,
+            rev_nat: census.rev_nat as u32,
+        });
+        p.begin_sync();
+        for (name, entry) in &services {
+            assert!(p.plan_service(name, Some(entry)).issues.is_empty(), "{name}");
+        }
+        assert!(p.needed().services <= census.services && p.needed().backends <= census.backends);
+        // Counted on top of what is programmed: planned again, nothing is added.
+        assert_eq!(p.census(services.iter().map(|(n, e)| (n, e.clone()))), p.needed());
     }
 
     #[test]

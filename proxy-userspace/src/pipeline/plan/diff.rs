@@ -88,6 +88,20 @@ impl Planner {
         self.ledger.needed()
     }
 
+    /// The capacity programming every Service of `desired` would need, before any is
+    /// planned: the programmed state plus what each would add on its own (an upper bound: a
+    /// backend two Services share counts for both). The agent sizes the maps from it before
+    /// its first sync, rather than refuse most of a large cluster and grow afterwards.
+    pub fn census<'a>(&self, desired: impl IntoIterator<Item = (&'a ServiceName, ServiceEntry)>) -> Usage {
+        let mut adds = [Usage::default(); 2];
+        for (service, entry) in desired {
+            for (sum, add) in adds.iter_mut().zip(self.additions(service, &entry)) {
+                sum.add(add);
+            }
+        }
+        self.ledger.needed_with(adds)
+    }
+
     /// The capacity the planner weighs Services against.
     pub fn capacity(&self) -> Capacity {
         self.ledger.capacity()
