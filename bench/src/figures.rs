@@ -296,8 +296,25 @@ fn live_flow<A>(saddr: A, daddr: A) -> CtValue<A> {
     }
 }
 
-/// Fills both conntrack maps to capacity with live-looking flows.
+/// Fills both conntrack maps to capacity with live-looking flows, from one CPU: an LRU map
+/// keeps up to 128 free entries per CPU on that CPU's own list, and a writer that migrates
+/// midway finds the shared list empty while the other CPU's holds some, so it evicts (the
+/// maps then held 256 fewer entries than written, and the walker's count looked wrong).
 fn fill_conntrack(pin_dir: &std::path::Path) -> anyhow::Result<u32> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut one_cpu = nix::sched::CpuSet::new();
+                one_cpu.set(0)?;
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu)?;
+                fill_conntrack_here(pin_dir)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the conntrack filler panicked"))?
+    })
+}
+
+fn fill_conntrack_here(pin_dir: &std::path::Path) -> anyhow::Result<u32> {
     let capacity = MapSizes::default().conntrack;
     let mut v4: aya::maps::HashMap<MapData, CtKey<AddrV4>, CtValue<AddrV4>> =
         typed(pin_dir, names::CONNTRACK_V4)?;
