@@ -58,7 +58,7 @@ pub struct Results {
 }
 
 impl Results {
-    fn add(
+    pub(crate) fn add(
         &mut self,
         figure: &'static str,
         implementation: &'static str,
@@ -156,6 +156,9 @@ pub fn run_all(opts: &Opts) -> anyhow::Result<Results> {
     }
     if opts.wants("nodeport") {
         nodeport_figure(opts, &mut results)?;
+    }
+    if opts.wants("maglev") {
+        crate::maglev::figures(opts, &mut results);
     }
     Ok(results)
 }

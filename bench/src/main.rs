@@ -4,6 +4,7 @@
 //! Results go to bench/results/*.json, one PNG plot per figure, and BENCHMARKS.md.
 
 mod figures;
+mod maglev;
 mod report;
 mod rulesets;
 mod world;
@@ -25,7 +26,8 @@ pub struct Opts {
     /// How long a kube-proxy ruleset may take to load before its figure is marked "did not
     /// finish" (at N = 100 000 they take far longer than a bench can wait).
     pub ruleset_limit: std::time::Duration,
-    /// Only these figure groups (`sync`, `memory`, `tc`, `connect`, `nodeport`); all when empty.
+    /// Only these figure groups (`sync`, `memory`, `tc`, `connect`, `nodeport`, `maglev`); all
+    /// when empty.
     pub only: Vec<String>,
 }
 
@@ -48,7 +50,7 @@ struct Args {
     /// Override the Service counts (e.g. 10000), for profiling one size.
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<usize>>,
-    /// Only these figure groups: sync, memory, tc, connect, nodeport (all by default).
+    /// Only these figure groups: sync, memory, tc, connect, nodeport, maglev (all by default).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }

@@ -37,11 +37,14 @@ pub enum Counter {
     TcSnatFailed,
     /// tc: a non-first IP fragment (no ports) was passed untranslated.
     TcFragment,
+    /// tc: a Maglev frontend's table was missing, or named a backend that is gone: the
+    /// flow's backend was drawn at random instead.
+    TcMaglevMiss,
 }
 
 impl Counter {
     /// Every counter in index order: what the agent sums and labels, and what `COUNT` sizes.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::SockForward,
         Counter::SockReverse,
         Counter::SockRejectNoBackend,
@@ -58,6 +61,7 @@ impl Counter {
         Counter::TcCtUpdateFailed,
         Counter::TcSnatFailed,
         Counter::TcFragment,
+        Counter::TcMaglevMiss,
     ];
 
     /// Size of the counters map.
@@ -82,6 +86,7 @@ impl Counter {
             Counter::TcCtUpdateFailed => "tc_ct_update_failed",
             Counter::TcSnatFailed => "tc_snat_failed",
             Counter::TcFragment => "tc_fragment",
+            Counter::TcMaglevMiss => "tc_maglev_miss",
         }
     }
 }

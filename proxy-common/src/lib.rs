@@ -10,6 +10,7 @@
 pub mod checksum;
 pub mod conntrack;
 pub mod counters;
+pub mod maglev;
 pub mod maps;
 pub mod select;
 pub mod sizing;

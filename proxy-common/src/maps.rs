@@ -65,12 +65,17 @@ pub const SOURCE_RANGES_V6: &str = "bkp_srcrng_v6";
 /// the tc programs read it.
 pub const NODE: &str = "bkp_node";
 
+/// Maglev lookup tables, one map per table size of [`crate::maglev::TABLE_SIZES`] (in that
+/// order): hash of maps keyed by the frontend's rev-NAT id, each inner map an array of one
+/// entry, the whole table of backend ids. Only the map of the configured size holds tables.
+pub const MAGLEV: [&str; 3] = ["bkp_maglev_16k", "bkp_maglev_64k", "bkp_maglev_128k"];
+
 /// The socket-local storage maps: no capacity (they hold one value per socket that has one)
 /// and no keys to walk from userspace.
 pub const SOCKET_LOCAL: [&str; 2] = [SOCK_FRONTEND_V4, SOCK_FRONTEND_V6];
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 21] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -89,6 +94,9 @@ pub const ALL: [&str; 18] = [
     NODE,
     COUNTERS,
     SERVICE_LABELS,
+    MAGLEV[0],
+    MAGLEV[1],
+    MAGLEV[2],
 ];
 
 /// Default capacities (max_entries, per family for the per-family maps). The agent overrides
@@ -114,6 +122,9 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     /// One entry per (frontend, loadBalancerSourceRanges CIDR), per family.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// One Maglev table per external frontend with `lb-algorithm` maglev. A table costs its
+    /// size × 4 bytes (64 KiB at 16 381), so memory, not this count, is the real bound.
+    pub const MAGLEV: u32 = 65_536;
 }
 
 /// Which traffic a frontend entry serves (Cilium's "two scopes" idea). Every frontend has a
@@ -184,6 +195,10 @@ pub mod svc_flags {
     pub const EXT_LOCAL: u32 = 1 << 4;
     /// loadBalancerSourceRanges apply: clients must match the source ranges map.
     pub const SOURCE_RANGES: u32 = 1 << 5;
+    /// The tc path picks this frontend's backend for a new flow from its Maglev table (keyed by
+    /// the rev-NAT id) by a hash of the flow, or of the client's address under ClientIP
+    /// affinity, rather than at random.
+    pub const MAGLEV: u32 = 1 << 6;
     /// Frontends the tc path serves; the others (ClusterIPs) only the socket hooks.
     pub const EXTERNAL: u32 = NODE_PORT | LOAD_BALANCER | EXTERNAL_IP;
 }
@@ -518,6 +533,10 @@ pub struct NodeConfig {
     /// Idle timeout of a UDP flow, seconds (conntrack.udpTimeout; by default 120, the kernel's
     /// nf_conntrack_udp_timeout_stream).
     pub ct_udp_timeout_s: u32,
+    /// Entries of a Maglev table: which of the [`MAGLEV`] maps holds the tables.
+    pub maglev_table_size: u32,
+    /// Seed of the flow hash that indexes Maglev tables (the same on every node).
+    pub maglev_seed: u32,
 }
 
 /// First of the source ports the tc path picks from when a client's own port is taken on the
@@ -592,7 +611,7 @@ assert_size!(
     CtValue<AddrV6> => 56,
     SourceRange<AddrV4> => 8,
     SourceRange<AddrV6> => 20,
-    NodeConfig => 32,
+    NodeConfig => 40,
 );
 
 #[cfg(feature = "user")]

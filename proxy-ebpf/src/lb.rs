@@ -4,11 +4,12 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
     counters::Counter,
+    maglev,
     maps::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, svc_flags},
     select,
 };
 
-use crate::{AFFINITY, counters::bump, family::Family};
+use crate::{AFFINITY, MAGLEV_16K, MAGLEV_64K, MAGLEV_128K, MaglevTables, counters::bump, family::Family};
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
@@ -38,6 +39,10 @@ pub enum Draw {
     /// the same backend while the frontend's backends stay the same, as kube-proxy's
     /// conntrack keeps one 5-tuple on one backend (Cilium's sock_select_slot does the same).
     Socket(u64),
+    /// The frontend's Maglev table, at this hash of the flow (or of the client's address,
+    /// which is how a Maglev frontend keeps ClientIP affinity: on every node, with no state).
+    /// Falls back to a random draw when the table is missing or names a backend that is gone.
+    Maglev { hash: u32, table_size: u32 },
 }
 
 /// Who a client is for ClientIP affinity: an `AffinityKey` without its frontend.
@@ -93,10 +98,16 @@ pub fn choose<F: Family>(
     if frontend.count == 0 {
         return Err(Reason::NoBackend);
     }
-    let choice = if frontend.flags & svc_flags::AFFINITY != 0 {
-        affine::<F>(key, frontend, client(), draw)?
-    } else {
-        drawn::<F>(key, frontend, draw)?
+    let choice = match draw {
+        Draw::Maglev { hash, table_size } => match in_table::<F>(frontend, hash, table_size) {
+            Some(choice) => choice,
+            None => {
+                bump(Counter::TcMaglevMiss);
+                drawn::<F>(key, frontend, Draw::Random)?
+            }
+        },
+        _ if frontend.flags & svc_flags::AFFINITY != 0 => affine::<F>(key, frontend, client(), draw)?,
+        _ => drawn::<F>(key, frontend, draw)?,
     };
     Ok(Selected {
         backend: choice.backend,
@@ -113,7 +124,7 @@ fn drawn<F: Family>(
 ) -> Result<Choice<F::Addr>, Reason> {
     let value = match draw {
         // SAFETY: bpf_get_prandom_u32 takes no arguments and has no preconditions.
-        Draw::Random => unsafe { bpf_get_prandom_u32() },
+        Draw::Random | Draw::Maglev { .. } => unsafe { bpf_get_prandom_u32() },
         Draw::Socket(cookie) => select::by_socket(cookie, frontend.rev_nat_id),
     };
     through_slot::<F>(key, select::slot(value, frontend.count))
@@ -131,6 +142,41 @@ fn through_slot<F: Family>(key: &ServiceKey<F::Addr>, slot: u16) -> Result<Choic
         backend_id: entry.backend_id,
         backend,
     })
+}
+
+/// The backend the frontend's Maglev table holds for `hash`, in the map of `table_size`.
+#[inline(always)]
+fn in_table<F: Family>(frontend: &ServiceValue, hash: u32, table_size: u32) -> Option<Choice<F::Addr>> {
+    let id = frontend.rev_nat_id;
+    let backend_id = match table_size {
+        16_381 => table_entry(&MAGLEV_16K, id, hash),
+        65_521 => table_entry(&MAGLEV_64K, id, hash),
+        131_071 => table_entry(&MAGLEV_128K, id, hash),
+        _ => None,
+    }?;
+    // SAFETY: the pointer comes from this lookup.
+    let backend = unsafe { copy_of(F::backends().get_ptr(backend_id)) }?;
+    Some(Choice {
+        // Not a slot: a Maglev frontend never keeps an affinity entry that would need one.
+        slot: 0,
+        backend_id,
+        backend,
+    })
+}
+
+#[inline(always)]
+fn table_entry<const SIZE: usize>(tables: &MaglevTables<SIZE>, rev_nat_id: u32, hash: u32) -> Option<u32> {
+    // SAFETY: the inner map's one entry is the whole table, valid for this program run (RCU);
+    // it is read once, here.
+    let table = unsafe { tables.get_value(&rev_nat_id, &0) }?;
+    let index = maglev::index(hash, SIZE as u32);
+    // Read back through the stack so the bounds check below stays a check of the index: LLVM
+    // otherwise folds index and scaling into `(hash * SIZE >> 30) & !3`, whose upper bound the
+    // verifier does not narrow by the cleared low bits, and rejects the access as up to 3
+    // bytes past the table.
+    // SAFETY: a read of a local that is live and initialised.
+    let index = unsafe { core::ptr::read_volatile(&raw const index) };
+    table.get(index as usize).copied()
 }
 
 /// ClientIP affinity: reuse the client's backend while it is recent and still in the same slot

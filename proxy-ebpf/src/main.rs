@@ -17,7 +17,7 @@ mod tc;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::{btf_map, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
@@ -30,7 +30,7 @@ use proxy_common::{
 };
 
 use crate::{
-    family::{Backends, RevNats, Services, V4, V6},
+    family::{Backends, ON_DEMAND, RevNats, Services, V4, V6},
     packet::Link,
 };
 
@@ -86,6 +86,20 @@ static SOURCE_RANGES_V4: LpmTrie<SourceRange<AddrV4>, u32, { capacity::SOURCE_RA
 #[btf_map(name = "bkp_srcrng_v6")]
 static SOURCE_RANGES_V6: LpmTrie<SourceRange<AddrV6>, u32, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// Maglev tables: one map per table size (`proxy_common::maglev::TABLE_SIZES`), since an inner
+/// map's size is fixed by its template; only the configured size's map holds tables. An inner
+/// array of one entry holds a whole table, so the agent swaps a table in one update, and the
+/// kernel allocates it with vmalloc (Cilium keeps its tables the same way).
+pub type MaglevTables<const SIZE: usize> =
+    HashOfMaps<u32, Array<[u32; SIZE], 1>, { capacity::MAGLEV as usize }, ON_DEMAND>;
+
+#[btf_map(name = "bkp_maglev_16k")]
+static MAGLEV_16K: MaglevTables<16_381> = HashOfMaps::new();
+#[btf_map(name = "bkp_maglev_64k")]
+static MAGLEV_64K: MaglevTables<65_521> = HashOfMaps::new();
+#[btf_map(name = "bkp_maglev_128k")]
+static MAGLEV_128K: MaglevTables<131_071> = HashOfMaps::new();
 
 #[btf_map(name = "bkp_node")]
 static NODE: Array<NodeConfig, 1> = Array::new();

@@ -14,6 +14,7 @@ use aya_ebpf::{
 use proxy_common::{
     conntrack,
     counters::Counter,
+    maglev,
     maps::{CtKey, CtValue, NodeConfig, ServiceKey, SourceRange, backend_flags, ct_flags, scope, svc_flags},
     proto,
 };
@@ -232,7 +233,12 @@ fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Ad
         id: F::client_id(&packet.saddr),
         kind: F::AFFINITY_CLIENT,
     };
-    match lb::choose::<F>(&key, &frontend, client, Draw::Random) {
+    let draw = if frontend.flags & svc_flags::MAGLEV != 0 {
+        maglev_draw::<F>(packet, frontend.flags)
+    } else {
+        Draw::Random
+    };
+    match lb::choose::<F>(&key, &frontend, client, draw) {
         Ok(chosen) => {
             *selected = chosen;
             if !external_local && selected.backend.flags & backend_flags::LOCAL == 0 {
@@ -249,6 +255,32 @@ fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Ad
             bump(Counter::TcBackendMissing);
             Start::Drop
         }
+    }
+}
+
+/// A Maglev frontend's draw: the hash of the flow, or of the client's address alone under
+/// ClientIP affinity. Random when the node settings are missing.
+#[inline(always)]
+fn maglev_draw<F: TcFamily>(packet: &Packet<F::Addr>, flags: u32) -> Draw {
+    let Some(config) = NODE.get(0) else {
+        return Draw::Random;
+    };
+    let client = F::client_id(&packet.saddr);
+    let hash = if flags & svc_flags::AFFINITY != 0 {
+        maglev::hash(&client, config.maglev_seed)
+    } else {
+        maglev::flow_hash(
+            &client,
+            &F::client_id(&packet.daddr),
+            packet.sport,
+            packet.dport,
+            packet.proto,
+            config.maglev_seed,
+        )
+    };
+    Draw::Maglev {
+        hash,
+        table_size: config.maglev_table_size,
     }
 }
 

@@ -439,7 +439,8 @@ fn choose_sizes(opts: &AgentOptions) -> (MapSizes, Growable) {
             0
         })
     });
-    let (sizes, growable) = sizing.choose(memory, |map| sizing::pinned_capacity(&opts.pin_dir, map));
+    let (mut sizes, growable) = sizing.choose(memory, |map| sizing::pinned_capacity(&opts.pin_dir, map));
+    sizes.maglev_table_size = opts.external.maglev_table_size;
     tracing::info!(
         node_memory_mib = memory >> 20,
         ratio = sizing.ratio,

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use proxy_common::maglev;
 use serde_json::{Map, Value};
 
 use crate::{
@@ -28,7 +29,7 @@ use crate::{
         external::{DEFAULT_CT_TCP_TIMEOUT, DEFAULT_CT_UDP_TIMEOUT, ExternalOptions},
         nodeport::NodePortAddresses,
     },
-    pipeline::translate::TranslateOptions,
+    pipeline::{model::LbAlgorithm, translate::TranslateOptions},
 };
 
 pub(crate) const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
@@ -56,6 +57,12 @@ pub struct ProxyConfig {
     pub(crate) map_dynamic_size_memory: Option<u64>,
     /// `bpfKubeProxy.mapSize.*` (not kube-proxy fields).
     pub(crate) map_size: FixedSizes,
+    /// `bpfKubeProxy.lbAlgorithm`.
+    pub(crate) lb_algorithm: Option<LbAlgorithm>,
+    /// `bpfKubeProxy.maglev.tableSize`.
+    pub(crate) maglev_table_size: Option<u32>,
+    /// `bpfKubeProxy.maglev.hashSeed`.
+    pub(crate) maglev_hash_seed: Option<u32>,
     /// One line per ignored field, for the caller to log.
     pub ignored: Vec<String>,
 }
@@ -215,7 +222,8 @@ fn map_size(field: &str, value: &Value) -> Result<Option<u32>, ConfigError> {
 }
 
 /// `bpfKubeProxy: {mapDynamicSizeRatio, mapDynamicSizeMemory, mapSize: {services, backends,
-/// revNat, sockRev, affinity, conntrack}}`, the flags of the same names.
+/// revNat, sockRev, affinity, conntrack}, lbAlgorithm, maglev: {tableSize, hashSeed}}`, the
+/// flags of the same names.
 fn parse_bpf_section(value: &Value, config: &mut ProxyConfig) -> Result<(), ConfigError> {
     for (inner, v) in object(BPF_SECTION, value)?.into_iter().flatten() {
         let path = format!("{BPF_SECTION}.{inner}");
@@ -252,10 +260,62 @@ fn parse_bpf_section(value: &Value, config: &mut ProxyConfig) -> Result<(), Conf
                     *slot = map_size(&field, n)?;
                 }
             }
+            "lbAlgorithm" => {
+                config.lb_algorithm = string(&path, v)?
+                    .map(|s| s.parse().map_err(|e: String| field_error(&path, e)))
+                    .transpose()?;
+            }
+            "maglev" => {
+                for (field, n) in object(&path, v)?.into_iter().flatten() {
+                    let field_path = format!("{path}.{field}");
+                    let number = match n {
+                        Value::Null => None,
+                        Value::Number(n) => Some(n.to_string()),
+                        other => {
+                            return Err(field_error(
+                                &field_path,
+                                format!("expected a number, got {other}"),
+                            ));
+                        }
+                    };
+                    let parse = |parse: fn(&str) -> Result<u32, String>| {
+                        number
+                            .as_deref()
+                            .map(parse)
+                            .transpose()
+                            .map_err(|e| field_error(&field_path, e))
+                    };
+                    match field.as_str() {
+                        "tableSize" => config.maglev_table_size = parse(parse_table_size)?,
+                        "hashSeed" => config.maglev_hash_seed = parse(parse_seed)?,
+                        _ => return Err(ConfigError::Unknown(field_path)),
+                    }
+                }
+            }
             _ => return Err(ConfigError::Unknown(path)),
         }
     }
     Ok(())
+}
+
+fn parse_table_size(text: &str) -> Result<u32, String> {
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| maglev::TABLE_SIZES.contains(n))
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a Maglev table size (one of {:?})",
+                maglev::TABLE_SIZES
+            )
+        })
+}
+
+fn parse_seed(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse::<u32>(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not a 32-bit seed (decimal, or hex with 0x)"))
 }
 
 pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
@@ -488,6 +548,21 @@ pub struct RunFlags {
     /// config file's conntrack.udpTimeout].
     #[arg(long, value_parser = humantime::parse_duration)]
     conntrack_udp_timeout: Option<Duration>,
+    /// How a backend is chosen for a new flow from outside the node (NodePort, LoadBalancer,
+    /// externalIP) of a Service whose bpf-kube-proxy.io/lb-algorithm annotation names none:
+    /// "random", as kube-proxy, or "maglev", consistent hashing, so that every node picks the
+    /// same backend for a flow [default: random, or the config file's bpfKubeProxy.lbAlgorithm].
+    #[arg(long, value_parser = str::parse::<LbAlgorithm>)]
+    lb_algorithm: Option<LbAlgorithm>,
+    /// Entries of each Maglev table: 16381, 65521 or 131071 (primes; at least 100 times a
+    /// Service's backends for an even split), 4 bytes each per external frontend [default:
+    /// 16381, or bpfKubeProxy.maglev.tableSize].
+    #[arg(long, value_parser = parse_table_size)]
+    lb_maglev_table_size: Option<u32>,
+    /// Seed of the Maglev hashes, decimal or 0x-hex: every node of a cluster must use the same
+    /// [default: 0x5bd1e995, or bpfKubeProxy.maglev.hashSeed].
+    #[arg(long, value_parser = parse_seed)]
+    lb_maglev_hash_seed: Option<u32>,
 }
 
 fn parse_ratio(text: &str) -> Result<f64, String> {
@@ -608,6 +683,7 @@ pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions
         },
         translate: TranslateOptions {
             service_proxy_name: flags.service_proxy_name,
+            lb_algorithm: flags.lb_algorithm.or(file.lb_algorithm).unwrap_or_default(),
         },
         resync_period: flags
             .resync_seconds
@@ -649,6 +725,14 @@ pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions
                 .conntrack_udp_timeout
                 .or(file.conntrack_udp_timeout)
                 .unwrap_or(DEFAULT_CT_UDP_TIMEOUT),
+            maglev_table_size: flags
+                .lb_maglev_table_size
+                .or(file.maglev_table_size)
+                .unwrap_or(maglev::DEFAULT_TABLE_SIZE),
+            maglev_seed: flags
+                .lb_maglev_hash_seed
+                .or(file.maglev_hash_seed)
+                .unwrap_or(maglev::DEFAULT_SEED),
         },
     })
 }

@@ -21,7 +21,7 @@ use crate::{
     health::proxy::Health,
     pipeline::{
         inventory::Inventory,
-        model::{ServiceEntry, ServiceName},
+        model::{LbAlgorithm, ServiceEntry, ServiceName},
         plan::{
             Planner,
             audit::{WatchedMaps, audit, reaches},
@@ -72,8 +72,11 @@ pub fn translate(data: &[u8]) {
         return;
     };
     let mut issues = Vec::new();
+    // Maglev by default, so its table planning is fuzzed too (an annotation can still pick
+    // random).
     let opts = TranslateOptions {
         service_proxy_name: Some("fuzz".into()),
+        lb_algorithm: LbAlgorithm::Maglev,
     };
     let node_ip: IpAddr = "192.168.1.10".parse().unwrap();
     let node = serde_json::from_value(value.clone()).ok();

@@ -216,6 +216,7 @@ const SIZES: MapSizes = MapSizes {
     sock_rev: 1024,
     affinity: 1024,
     conntrack: 1024,
+    maglev_table_size: proxy_common::maglev::DEFAULT_TABLE_SIZE,
 };
 
 /// The datapath loaded in a pin directory of its own with the Services above programmed, and
@@ -289,6 +290,7 @@ impl Lab {
             ct_tcp_timeout_s: 3600,
             ct_tcp_closing_timeout_s: 10,
             ct_udp_timeout_s: 120,
+            ..NodeConfig::default()
         };
         write_node_config(pins.path(), &config).expect("writing the node settings");
         Self { datapath, pins, node }
@@ -894,6 +896,7 @@ fn conntrack_gc_removes_every_expired_entry_and_keeps_every_live_one() {
         ct_tcp_timeout_s: 1,
         ct_tcp_closing_timeout_s: 1,
         ct_udp_timeout_s: 1,
+        ..NodeConfig::default()
     };
     // Seen at boot, so expired whenever the test runs (CLOCK_MONOTONIC starts at boot: a VM
     // booted a minute ago has no "an hour ago"), or an hour from now, so live however slowly

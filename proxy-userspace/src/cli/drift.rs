@@ -231,6 +231,7 @@ mod tests {
                 })
                 .collect(),
             missing_slots: vec![],
+            maglev: false,
         }
     }
 

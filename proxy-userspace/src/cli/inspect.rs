@@ -17,7 +17,7 @@ use bpf_kube_proxy::{
         maps::{PinnedMaps, typed},
         reader::{FrontendView, Snapshot},
     },
-    pipeline::model::{ServiceEntry, ServiceName},
+    pipeline::model::{LbAlgorithm, ServiceEntry, ServiceName},
     pipeline::snapshot::desired_service,
     pipeline::translate::TranslateOptions,
     source,
@@ -46,6 +46,7 @@ fn frontends_of(snapshot: Snapshot, service: &ServiceName) -> Snapshot {
             .filter(|f| f.service == label)
             .collect(),
         orphan_backends: Vec::new(),
+        maglev_tables: Vec::new(),
     }
 }
 
@@ -78,6 +79,9 @@ pub struct ExplainSource {
     pub hostname_override: Option<String>,
     #[arg(long)]
     pub service_proxy_name: Option<String>,
+    /// The agent's `--lb-algorithm`.
+    #[arg(long, value_parser = str::parse::<LbAlgorithm>, default_value = "random")]
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// `node_port_addresses`: the agent's, as the maps show them (the addresses of NodePort
@@ -108,6 +112,7 @@ async fn desired(
     };
     let opts = TranslateOptions {
         service_proxy_name: source.service_proxy_name.clone(),
+        lb_algorithm: source.lb_algorithm,
     };
     let desired = desired_service(&snapshot, &node, node_port_addresses, &opts, service);
     for issue in &desired.issues {

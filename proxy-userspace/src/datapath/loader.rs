@@ -16,7 +16,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
-use proxy_common::maps::{self as names, capacity};
+use proxy_common::{
+    maglev,
+    maps::{self as names, capacity},
+};
 
 use crate::datapath::{
     external,
@@ -51,6 +54,8 @@ pub struct MapSizes {
     pub sock_rev: u32,
     pub affinity: u32,
     pub conntrack: u32,
+    /// The Maglev table size in use: its map gets room for tables, the others one entry.
+    pub maglev_table_size: u32,
 }
 
 impl Default for MapSizes {
@@ -62,6 +67,7 @@ impl Default for MapSizes {
             sock_rev: capacity::SOCK_REV,
             affinity: capacity::AFFINITY,
             conntrack: capacity::CONNTRACK,
+            maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
         }
     }
 }
@@ -75,7 +81,14 @@ impl MapSizes {
             names::SOCK_REV_V4 | names::SOCK_REV_V6 => Some(self.sock_rev),
             names::AFFINITY => Some(self.affinity),
             names::CONNTRACK_V4 | names::CONNTRACK_V6 => Some(self.conntrack),
-            _ => None,
+            _ => {
+                let index = names::MAGLEV.iter().position(|m| *m == map)?;
+                Some(if maglev::TABLE_SIZES[index] == self.maglev_table_size {
+                    capacity::MAGLEV
+                } else {
+                    1
+                })
+            }
         }
     }
 }
@@ -503,9 +516,9 @@ mod tests {
     /// The agent writes the trie's keys as aya's `Key` (a prefix length, then the data).
     type TrieKey<A> = aya::maps::lpm_trie::Key<SourceRange<A>>;
 
-    fn expected() -> [Expected; 18] {
+    fn expected() -> Vec<Expected> {
         use bpf_map_type::*;
-        [
+        let mut maps = vec![
             written::<ServiceKey<AddrV4>, ServiceValue>(names::SERVICES_V4, capacity::SERVICES),
             written::<ServiceKey<AddrV6>, ServiceValue>(names::SERVICES_V6, capacity::SERVICES),
             written::<u32, Backend<AddrV4>>(names::BACKENDS_V4, capacity::BACKENDS),
@@ -567,7 +580,13 @@ mod tests {
                 flags: BPF_F_NO_PREALLOC,
                 ..map::<u32, ServiceLabel>(names::SERVICE_LABELS, BPF_MAP_TYPE_HASH, capacity::SERVICE_LABELS)
             },
-        ]
+        ];
+        // A hash of maps holds inner map fds (u32) as its values.
+        maps.extend(names::MAGLEV.map(|name| Expected {
+            flags: BPF_F_NO_PREALLOC,
+            ..map::<u32, u32>(name, BPF_MAP_TYPE_HASH_OF_MAPS, capacity::MAGLEV)
+        }));
+        maps
     }
 
     #[test]

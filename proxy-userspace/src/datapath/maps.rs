@@ -8,11 +8,14 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, LpmTrie, Map, MapData, MapError},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError},
 };
 use proxy_common::maps::{
-    self as names, AddrV4, AddrV6, Backend, RevNat, ServiceKey, ServiceLabel, ServiceValue, SourceRange,
+    self as names, AddrV4, AddrV6, Backend, NodeConfig, RevNat, ServiceKey, ServiceLabel, ServiceValue,
+    SourceRange,
 };
+
+use crate::datapath::maglev::MaglevTables;
 
 #[derive(Debug, thiserror::Error)]
 #[error("opening pinned map {name} under {dir}: {source}")]
@@ -154,11 +157,22 @@ pub struct PinnedMaps {
     /// loadBalancerSourceRanges for the tc path, per family.
     pub(crate) source_ranges_v4: LpmTrie<MapData, SourceRange<AddrV4>, u32>,
     pub(crate) source_ranges_v6: LpmTrie<MapData, SourceRange<AddrV6>, u32>,
+    /// The Maglev tables of the size the node settings name.
+    pub(crate) maglev: MaglevTables,
 }
 
 impl PinnedMaps {
+    /// Opens the maps; which Maglev tables are in use comes from the node settings, so the
+    /// agent writes those first.
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        let node: Array<MapData, NodeConfig> = typed(dir, names::NODE)?;
+        let config = node.get(&0, 0).map_err(|source| OpenError {
+            name: names::NODE,
+            dir: dir.display().to_string(),
+            source,
+        })?;
         Ok(Self {
+            maglev: MaglevTables::open(dir, &config)?,
             v4: FamilyMaps::open(dir)?,
             v6: FamilyMaps::open(dir)?,
             labels: typed(dir, names::SERVICE_LABELS)?,

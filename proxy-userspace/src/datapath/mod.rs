@@ -7,6 +7,7 @@ pub mod host;
 pub mod layout;
 pub(crate) mod links;
 pub mod loader;
+pub(crate) mod maglev;
 pub mod maps;
 pub mod reader;
 pub mod readings;

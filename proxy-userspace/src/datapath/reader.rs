@@ -55,6 +55,8 @@ pub struct FrontendView {
     pub backends: Vec<BackendView>,
     /// Slots the frontend's count promises but the map lacks.
     pub missing_slots: Vec<u16>,
+    /// Whether a Maglev table is held under its rev-NAT id.
+    pub maglev: bool,
 }
 
 impl FrontendView {
@@ -83,6 +85,8 @@ pub struct Snapshot {
     pub frontends: Vec<FrontendView>,
     /// Backends no frontend slot names (left behind, or mid-update).
     pub orphan_backends: Vec<BackendView>,
+    /// The ids of the Maglev tables held (of the table size in use).
+    pub maglev_tables: Vec<RevNatId>,
 }
 
 impl Snapshot {
@@ -91,9 +95,19 @@ impl Snapshot {
         let mut ranges: HashMap<RevNatId, Vec<IpNet>> = HashMap::default();
         read_ranges(&maps.source_ranges_v4, &mut ranges)?;
         read_ranges(&maps.source_ranges_v6, &mut ranges)?;
-        let mut snapshot = Snapshot::default();
+        let mut snapshot = Snapshot {
+            maglev_tables: maps.maglev.ids().map_err(|source| ReadError {
+                map: "bkp_maglev_*",
+                source,
+            })?,
+            ..Snapshot::default()
+        };
         read_family(&maps.v4, &labels, &ranges, &mut snapshot)?;
         read_family(&maps.v6, &labels, &ranges, &mut snapshot)?;
+        let tables: HashSet<RevNatId> = snapshot.maglev_tables.iter().copied().collect();
+        for fe in &mut snapshot.frontends {
+            fe.maglev = tables.contains(&fe.rev_nat_id);
+        }
         snapshot
             .frontends
             .sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
@@ -130,6 +144,7 @@ impl Snapshot {
                         service: fe.service.clone(),
                         port: fe.port_name.clone(),
                     },
+                    maglev: fe.maglev,
                 },
             );
         }
@@ -147,6 +162,7 @@ impl Snapshot {
                 );
             }
         }
+        programmed.maglev_tables.clone_from(&self.maglev_tables);
         programmed
     }
 }
@@ -301,6 +317,8 @@ where
             },
             backends: views,
             missing_slots: missing,
+            // Set once every family is read, from the table ids.
+            maglev: false,
         });
     }
     out.orphan_backends.extend(
@@ -334,6 +352,7 @@ mod tests {
             source_ranges: Vec::new(),
             backends: vec![backend(7), backend(9)],
             missing_slots: vec![2],
+            maglev: false,
         };
         assert_eq!(view.slot_ids(), [7, NO_BACKEND, 9]);
         let whole = FrontendView {

@@ -113,6 +113,7 @@ impl MapSizing {
             sock_rev: f.sock_rev.unwrap_or(lru.sock_rev),
             affinity: f.affinity.unwrap_or(lru.affinity),
             conntrack: f.conntrack.unwrap_or(lru.conntrack),
+            ..MapSizes::default()
         };
         let growable = Growable {
             services: f.services.is_none(),
@@ -252,6 +253,7 @@ mod tests {
             sock_rev: 1,
             affinity: 1,
             conntrack: 1,
+            ..MapSizes::default()
         };
         let all = Growable {
             services: true,

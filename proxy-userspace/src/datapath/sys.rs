@@ -17,6 +17,7 @@ use std::{
 
 use aya::{Pod, maps::MapInfo};
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -40,6 +41,16 @@ struct ObjGetAttr {
 }
 
 /// `union bpf_attr` member for BPF_MAP_GET_NEXT_KEY.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct NextKeyAttr {
@@ -402,6 +413,26 @@ pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Opti
         }
     })?;
     Ok(batched.then_some(out))
+}
+
+/// Writes one entry whose value's size is only known at run time (a Maglev table: aya's typed
+/// maps need it at compile time).
+///
+/// # Safety
+/// `K` must have the map's key size and `value` the map's value size: the kernel reads both.
+pub(crate) unsafe fn update_elem<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &[V],
+) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `key` and `value` are live and of the map's sizes (caller).
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(|_| ())
 }
 
 /// Deletes `keys` from a hash map, as many per syscall as it takes (BPF_MAP_DELETE_BATCH).

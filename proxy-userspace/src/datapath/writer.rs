@@ -11,6 +11,7 @@ use proxy_common::maps::{
 
 use crate::{
     datapath::{
+        maglev::MaglevTables,
         maps::{FamilyAddr, FamilyMaps, PinnedMaps},
         reader::read_programmed,
         sys,
@@ -48,11 +49,17 @@ impl Writer {
             labels_raw,
             source_ranges_v4,
             source_ranges_v6,
+            maglev,
         } = &mut self.maps;
+        let mut shared = Shared {
+            labels,
+            labels_raw,
+            maglev,
+        };
         let v4_ranges = SourceRangeWrites::new(source_ranges_v4, plan);
-        apply_family(v4, labels, labels_raw, plan, v4_ranges, &mut errors);
+        apply_family(v4, &mut shared, plan, v4_ranges, &mut errors);
         let v6_ranges = SourceRangeWrites::new(source_ranges_v6, plan);
-        apply_family(v6, labels, labels_raw, plan, v6_ranges, &mut errors);
+        apply_family(v6, &mut shared, plan, v6_ranges, &mut errors);
         errors
     }
 }
@@ -210,10 +217,57 @@ where
     }
 }
 
+/// The maps both families write: labels and Maglev tables are keyed by rev-NAT id, which is
+/// unique across families.
+struct Shared<'a> {
+    labels: &'a mut HashMap<MapData, u32, ServiceLabel>,
+    labels_raw: &'a MapData,
+    maglev: &'a mut MaglevTables,
+}
+
+impl Shared<'_> {
+    /// The plan's new tables of family `A`'s frontends.
+    fn write_tables<A: FamilyAddr>(&mut self, plan: &Plan, errors: &mut Vec<WriteError>)
+    where
+        ServiceKey<A>: Pod,
+        Backend<A>: Pod,
+        RevNat<A>: Pod,
+    {
+        for w in plan
+            .upsert_maglev
+            .iter()
+            .filter(|w| A::from_ip(w.frontend.addr).is_some())
+        {
+            record(
+                errors,
+                || Op::UpsertMaglev(w.rev_nat_id, w.frontend),
+                self.maglev.write(w.rev_nat_id, &w.backends),
+            );
+        }
+    }
+
+    /// The plan's table deletions for family `A`'s frontends.
+    fn delete_tables<A: FamilyAddr>(&mut self, plan: &Plan, errors: &mut Vec<WriteError>)
+    where
+        ServiceKey<A>: Pod,
+        Backend<A>: Pod,
+        RevNat<A>: Pod,
+    {
+        for (id, frontend) in &plan.delete_maglev {
+            if A::from_ip(frontend.addr).is_some() {
+                record(
+                    errors,
+                    || Op::DeleteMaglev(*id, *frontend),
+                    self.maglev.remove(*id),
+                );
+            }
+        }
+    }
+}
+
 fn apply_family<A: FamilyAddr>(
     maps: &mut FamilyMaps<A>,
-    labels: &mut HashMap<MapData, u32, ServiceLabel>,
-    labels_raw: &MapData,
+    shared: &mut Shared<'_>,
     plan: &Plan,
     mut ranges: SourceRangeWrites<'_, A>,
     errors: &mut Vec<WriteError>,
@@ -258,7 +312,7 @@ fn apply_family<A: FamilyAddr>(
         .collect();
     let describe = |w: &RevNatWrite| Op::UpsertRevNat(w.id, w.frontend);
     upsert_all(&mut maps.rev_nat, &maps.raw.rev_nat, rev_nats, describe, errors);
-    upsert_all(labels, labels_raw, service_labels, describe, errors);
+    upsert_all(shared.labels, shared.labels_raw, service_labels, describe, errors);
 
     let slots = plan
         .upsert_slots
@@ -275,6 +329,7 @@ fn apply_family<A: FamilyAddr>(
     let describe = |w: &SlotWrite| Op::UpsertSlot(w.frontend, w.slot);
     upsert_all(&mut maps.services, &maps.raw.services, slots, describe, errors);
     ranges.upsert(errors);
+    shared.write_tables::<A>(plan, errors);
 
     // Frontend entries last among the upserts: a count only grows once its slots exist.
     let frontends = plan
@@ -332,8 +387,9 @@ fn apply_family<A: FamilyAddr>(
         }
         let what = || Op::DeleteRevNat(*id, *frontend);
         record(errors, what, maps.rev_nat.remove(id));
-        record(errors, what, labels.remove(id));
+        record(errors, what, shared.labels.remove(id));
     }
+    shared.delete_tables::<A>(plan, errors);
     for (id, key) in &plan.delete_backends {
         if A::from_ip(key.addr).is_none() {
             continue;

@@ -27,6 +27,9 @@ pub struct ExternalOptions {
     pub(crate) node_ips: Vec<IpAddr>,
     pub(crate) ct_tcp_timeout: Duration,
     pub(crate) ct_udp_timeout: Duration,
+    /// Entries of a Maglev table (one of `proxy_common::maglev::TABLE_SIZES`).
+    pub(crate) maglev_table_size: u32,
+    pub(crate) maglev_seed: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,8 @@ impl ExternalSide {
             ct_tcp_timeout_s: seconds(opts.ct_tcp_timeout),
             ct_tcp_closing_timeout_s: CT_TCP_CLOSING_TIMEOUT_S,
             ct_udp_timeout_s: seconds(opts.ct_udp_timeout),
+            maglev_table_size: opts.maglev_table_size,
+            maglev_seed: opts.maglev_seed,
             ..Default::default()
         };
         for ip in &primary {

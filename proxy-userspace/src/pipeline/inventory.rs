@@ -3,14 +3,15 @@
 //! Every mutation returns the Services it touched, so a sync recomputes and re-plans only those
 //! (an endpoint change at 10 000 Services costs one Service's work, not 10 000).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use foldhash::{HashMap, HashSet};
 
 use crate::{
     pipeline::model::{
-        BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind, NodeInfo,
-        Protocol, Scope, ServiceEntry, ServiceInfo, ServiceName, ServicePort, SliceInfo, TrafficPolicy,
+        BackendKey, BackendState, Endpoint, Frontend, FrontendBackend, FrontendKey, FrontendKind,
+        LbAlgorithm, NodeInfo, Protocol, Scope, ServiceEntry, ServiceInfo, ServiceName, ServicePort,
+        SliceInfo, TrafficPolicy,
     },
     pipeline::policy,
 };
@@ -277,6 +278,12 @@ impl Inventory {
                     if local_view {
                         flags |= svc_flags::EXT_LOCAL;
                     }
+                    // The entry the tc path picks from for traffic from outside: the local view
+                    // under externalTrafficPolicy Local, else this one.
+                    let maglev = maglev_flag(svc, kind, addr);
+                    if !local_view {
+                        flags |= maglev;
+                    }
                     frontends.push(Frontend {
                         key,
                         kind,
@@ -300,7 +307,7 @@ impl Inventory {
                             port_name: port.name.clone(),
                             backends: to_backends(&cat.local),
                             affinity_timeout: svc.session_affinity_timeout,
-                            flags: kind.flag(),
+                            flags: kind.flag() | maglev,
                             source_ranges: Vec::new(),
                         });
                     }
@@ -370,6 +377,16 @@ fn health_check_port(svc: &ServiceInfo) -> Option<u16> {
 /// Port name shown for a ClusterIP's guard frontend (real port names cannot contain `*`).
 pub(crate) const GUARD_PORT_NAME: &str = "*";
 
+/// [`svc_flags::MAGLEV`] for an external frontend of a Maglev Service (loopback never arrives
+/// on a device, so its frontends need no table).
+fn maglev_flag(svc: &ServiceInfo, kind: FrontendKind, addr: IpAddr) -> u32 {
+    if kind.is_external() && svc.lb_algorithm == LbAlgorithm::Maglev && !addr.is_loopback() {
+        svc_flags::MAGLEV
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
@@ -399,6 +416,7 @@ mod tests {
             internal_policy: TrafficPolicy::Cluster,
             external_policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
+            lb_algorithm: LbAlgorithm::Random,
         }
     }
 
@@ -616,6 +634,43 @@ mod tests {
             e.frontends.iter().all(|f| f.key.scope == Scope::All),
             "no local view"
         );
+    }
+
+    #[test]
+    fn maglev_marks_the_entries_the_tc_path_picks_from_and_no_other() {
+        let mut inv = Inventory::new(NodeInfo {
+            node_port_addresses: vec!["192.168.1.10".parse().unwrap(), "127.0.0.1".parse().unwrap()],
+            ..inventory().node().clone()
+        });
+        let mut svc = external_service(TrafficPolicy::Cluster);
+        svc.external_ips = vec!["198.51.100.7".parse().unwrap()];
+        svc.lb_algorithm = LbAlgorithm::Maglev;
+        inv.upsert_service(svc.clone());
+        inv.upsert_slice(local_and_remote());
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        let maglev = |addr, port, scope| find(&e, addr, port, scope).flags & svc_flags::MAGLEV != 0;
+        assert!(maglev("192.168.1.10", 30080, Scope::All), "NodePort");
+        assert!(maglev("203.0.113.10", 80, Scope::All), "LoadBalancer");
+        assert!(maglev("198.51.100.7", 80, Scope::All), "externalIP");
+        assert!(
+            !maglev("10.96.0.10", 80, Scope::All),
+            "a ClusterIP is socket-only"
+        );
+        assert!(
+            !maglev("127.0.0.1", 30080, Scope::All),
+            "loopback never reaches a device"
+        );
+
+        svc.external_policy = TrafficPolicy::Local;
+        inv.upsert_service(svc);
+        let e = inv.desired(&ServiceName::new("ns", "web")).unwrap();
+        let flags = |scope| find(&e, "192.168.1.10", 30080, scope).flags & svc_flags::MAGLEV;
+        assert_eq!(
+            flags(Scope::All),
+            0,
+            "under Local the tc path picks from the local view"
+        );
+        assert_ne!(flags(Scope::ExternalLocal), 0);
     }
 
     #[test]

@@ -90,6 +90,36 @@ pub(crate) enum TrafficPolicy {
     Local,
 }
 
+/// How the tc path picks a backend for a new flow from outside the node (`--lb-algorithm`, or
+/// a Service's `bpf-kube-proxy.io/lb-algorithm` annotation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// A random backend per flow, as kube-proxy.
+    #[default]
+    Random,
+    /// The frontend's Maglev table at the flow's hash: every node picks the same backend.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub const NAMES: [&str; 2] = ["random", "maglev"];
+}
+
+impl std::str::FromStr for LbAlgorithm {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "random" => Ok(Self::Random),
+            "maglev" => Ok(Self::Maglev),
+            other => Err(format!(
+                "{other:?} is not an algorithm (one of: {})",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
 /// One port of a validated Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ServicePort {
@@ -116,6 +146,8 @@ pub(crate) struct ServiceInfo {
     pub(crate) internal_policy: TrafficPolicy,
     pub(crate) external_policy: TrafficPolicy,
     pub(crate) health_check_node_port: Option<u16>,
+    /// For traffic from outside the node: the annotation's, else the node's default.
+    pub(crate) lb_algorithm: LbAlgorithm,
 }
 
 impl ServiceInfo {

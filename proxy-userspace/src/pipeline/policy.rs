@@ -115,7 +115,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::pipeline::model::{Hints, Protocol, ServiceName, ServicePort};
+    use crate::pipeline::model::{Hints, LbAlgorithm, Protocol, ServiceName, ServicePort};
 
     fn svc(internal: TrafficPolicy, external: TrafficPolicy, node_port: bool) -> ServiceInfo {
         ServiceInfo {
@@ -134,6 +134,7 @@ mod tests {
             internal_policy: internal,
             external_policy: external,
             health_check_node_port: None,
+            lb_algorithm: LbAlgorithm::Random,
         }
     }
 

@@ -14,11 +14,12 @@ use k8s_openapi::api::{
 };
 
 use crate::pipeline::model::{
-    Hints, NodeInfo, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo, SlicePort,
-    TrafficPolicy,
+    Hints, LbAlgorithm, NodeInfo, Protocol, ServiceInfo, ServiceName, ServicePort, SliceEndpoint, SliceInfo,
+    SlicePort, TrafficPolicy,
 };
 use crate::source::meta::{
-    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, namespace_or_default,
+    ANNOTATION_LB_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE,
+    namespace_or_default,
 };
 
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds.
@@ -117,6 +118,9 @@ pub struct TranslateOptions {
     /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are served;
     /// any other value means another proxy owns the Service.
     pub service_proxy_name: Option<String>,
+    /// The backend choice for traffic from outside the node of a Service that does not name
+    /// one in its annotation.
+    pub lb_algorithm: LbAlgorithm,
 }
 
 fn port_number(value: i32) -> Result<u16, String> {
@@ -189,6 +193,7 @@ pub(crate) fn translate_service(
         internal_policy: traffic_policy(spec.internal_traffic_policy.as_deref()),
         external_policy: TrafficPolicy::Cluster,
         health_check_node_port: spec.health_check_node_port.and_then(|p| port_number(p).ok()),
+        lb_algorithm: lb_algorithm(svc, opts, &mut issues),
     };
     // kube-proxy ignores externalTrafficPolicy on a Service nothing outside can reach.
     if info.externally_accessible() {
@@ -372,6 +377,25 @@ fn affinity_timeout(spec: &ServiceSpec, issues: &mut Issues) -> Option<u32> {
     })
 }
 
+/// The annotation's algorithm; an unknown one is reported and the node's default used.
+fn lb_algorithm(svc: &Service, opts: &TranslateOptions, issues: &mut Issues) -> LbAlgorithm {
+    let Some(value) = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
+    else {
+        return opts.lb_algorithm;
+    };
+    value.parse().unwrap_or_else(|problem| {
+        issues.push(
+            format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM}]"),
+            problem,
+        );
+        opts.lb_algorithm
+    })
+}
+
 fn traffic_policy(value: Option<&str>) -> TrafficPolicy {
     match value {
         Some("Local") => TrafficPolicy::Local,
@@ -544,6 +568,38 @@ spec:
 ";
 
     #[test]
+    fn the_lb_algorithm_annotation_wins_over_the_node_default_and_a_bad_one_is_reported() {
+        let annotated = |value: &str| {
+            service(&BASIC.replace(
+                "metadata: {name: web, namespace: shop}",
+                &format!("metadata: {{name: web, namespace: shop, annotations: {{bpf-kube-proxy.io/lb-algorithm: {value}}}}}"),
+            ))
+        };
+        let maglev_node = TranslateOptions {
+            lb_algorithm: LbAlgorithm::Maglev,
+            ..TranslateOptions::default()
+        };
+        assert_eq!(proxied(&service(BASIC)).0.lb_algorithm, LbAlgorithm::Random);
+        assert_eq!(
+            proxied_with(&service(BASIC), &maglev_node).0.lb_algorithm,
+            LbAlgorithm::Maglev
+        );
+        assert_eq!(proxied(&annotated("maglev")).0.lb_algorithm, LbAlgorithm::Maglev);
+        assert_eq!(
+            proxied_with(&annotated("random"), &maglev_node).0.lb_algorithm,
+            LbAlgorithm::Random
+        );
+        let (info, issues) = proxied_with(&annotated("roundrobin"), &maglev_node);
+        assert_eq!(info.lb_algorithm, LbAlgorithm::Maglev, "the node's default stays");
+        assert_eq!(issues.len(), 1);
+        assert_eq!(
+            issues[0].field,
+            "metadata.annotations[bpf-kube-proxy.io/lb-algorithm]"
+        );
+        assert!(issues[0].problem.contains("roundrobin"), "{}", issues[0].problem);
+    }
+
+    #[test]
     fn basic_service_port_defaults_to_tcp() {
         let (info, issues) = proxied(&service(BASIC));
         assert!(issues.is_empty());
@@ -600,6 +656,7 @@ spec:
         );
         let ours = TranslateOptions {
             service_proxy_name: Some("other".into()),
+            ..TranslateOptions::default()
         };
         proxied_with(&labelled, &ours);
     }

@@ -9,6 +9,9 @@ pub(crate) const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service
 pub(crate) const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Node label with the node's zone.
 pub(crate) const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// A Service's backend choice for traffic from outside the node, `random` or `maglev`
+/// (Cilium's `service.cilium.io/lb-algorithm` under our own prefix).
+pub(crate) const ANNOTATION_LB_ALGORITHM: &str = "bpf-kube-proxy.io/lb-algorithm";
 /// The annotation the EndpointSlice controller sets to the time of the change it reflects.
 pub(crate) const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// The taint the cluster autoscaler puts on a node it is about to remove.

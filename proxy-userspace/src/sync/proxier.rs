@@ -584,7 +584,9 @@ impl<S: PlanSink> Proxier<S> {
             | Op::UpsertFrontend(key)
             | Op::DeleteFrontend(key)
             | Op::DeleteSlot(key, _)
-            | Op::DeleteRevNat(_, key) => self.planner.owner_of(key),
+            | Op::DeleteRevNat(_, key)
+            | Op::UpsertMaglev(_, key)
+            | Op::DeleteMaglev(_, key) => self.planner.owner_of(key),
             Op::UpsertSourceRange(id, _) | Op::DeleteSourceRange(id, _) => self.planner.owner_of_rev_nat(*id),
             Op::UpsertBackend(..) | Op::DeleteBackend(..) => None,
         }

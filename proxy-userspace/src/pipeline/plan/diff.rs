@@ -7,6 +7,8 @@ mod repair;
 
 use std::collections::BTreeSet;
 
+use proxy_common::maps::svc_flags;
+
 // foldhash: randomly seeded like std's SipHash, so keys from the API server cannot be crafted
 // to collide, at a fraction of its cost (hashing was half of planning a full sync).
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
@@ -17,8 +19,8 @@ use crate::pipeline::{
         capacity::{Capacity, Ledger, PlanIssue, Usage, family},
         ids::Ids,
         ops::{
-            BackendId, Departure, FrontendWrite, Label, MAX_SLOTS, Plan, Programmed, ProgrammedFrontend,
-            RevNatId, RevNatWrite, SlotWrite,
+            BackendId, Departure, FrontendWrite, Label, MAX_SLOTS, MaglevWrite, Plan, Programmed,
+            ProgrammedFrontend, RevNatId, RevNatWrite, SlotWrite,
         },
     },
 };
@@ -368,32 +370,34 @@ impl Planner {
             *deltas.entry(*key).or_default() += 1;
         }
 
-        let (rev_nat_id, old_slots, old_settings, old_ranges) = match self.frontends.get(&frontend.key) {
-            Some(p) => {
-                if p.label != label {
+        let (rev_nat_id, old_slots, old_settings, old_ranges, old_maglev) =
+            match self.frontends.get(&frontend.key) {
+                Some(p) => {
+                    if p.label != label {
+                        plan.upsert_rev_nats.push(RevNatWrite {
+                            id: p.rev_nat_id,
+                            frontend: frontend.key,
+                            label: label.clone(),
+                        });
+                    }
+                    (
+                        p.rev_nat_id,
+                        p.slots.clone(),
+                        Some((p.affinity_timeout, p.flags)),
+                        p.source_ranges.clone(),
+                        p.maglev,
+                    )
+                }
+                None => {
+                    let id = self.rev_nat_ids.take();
                     plan.upsert_rev_nats.push(RevNatWrite {
-                        id: p.rev_nat_id,
+                        id,
                         frontend: frontend.key,
                         label: label.clone(),
                     });
+                    (id, Vec::new(), None, Vec::new(), false)
                 }
-                (
-                    p.rev_nat_id,
-                    p.slots.clone(),
-                    Some((p.affinity_timeout, p.flags)),
-                    p.source_ranges.clone(),
-                )
-            }
-            None => {
-                let id = self.rev_nat_ids.take();
-                plan.upsert_rev_nats.push(RevNatWrite {
-                    id,
-                    frontend: frontend.key,
-                    label: label.clone(),
-                });
-                (id, Vec::new(), None, Vec::new())
-            }
-        };
+            };
         let source_ranges = frontend.written_source_ranges();
         plan.upsert_source_ranges.extend(
             source_ranges
@@ -434,6 +438,18 @@ impl Planner {
                 });
             }
         }
+        // The table before the frontend entry that points the tc path at it (phase order),
+        // rebuilt whenever the backends change, since every entry may name any of them.
+        let maglev = frontend.flags & svc_flags::MAGLEV != 0 && !slots.is_empty();
+        if maglev && (!old_maglev || slots != old_slots) {
+            plan.upsert_maglev.push(MaglevWrite {
+                rev_nat_id,
+                frontend: frontend.key,
+                backends: self.keyed(&slots),
+            });
+        } else if !maglev && old_maglev {
+            plan.delete_maglev.push((rev_nat_id, frontend.key));
+        }
         if old_slots.len() != slots.len() || old_settings != Some((frontend.affinity_timeout, frontend.flags))
         {
             plan.upsert_frontends.push(FrontendWrite {
@@ -456,8 +472,16 @@ impl Planner {
                 flags: frontend.flags,
                 source_ranges,
                 label,
+                maglev,
             },
         );
+    }
+
+    /// Backend ids with their keys (every id in a slot has one).
+    pub(super) fn keyed(&self, ids: &[BackendId]) -> Vec<(BackendId, BackendKey)> {
+        ids.iter()
+            .filter_map(|id| Some((*id, *self.backend_keys.get(id)?)))
+            .collect()
     }
 
     fn remove_frontend(
@@ -477,6 +501,9 @@ impl Planner {
         plan.delete_slots
             .extend((1..=old.slots.len()).map(|s| (*key, s as u16)));
         plan.delete_rev_nats.push((old.rev_nat_id, *key));
+        if old.maglev {
+            plan.delete_maglev.push((old.rev_nat_id, *key));
+        }
         plan.delete_source_ranges
             .extend(old.source_ranges.iter().map(|r| (old.rev_nat_id, *r)));
         self.rev_nat_ids.release(old.rev_nat_id);
@@ -535,7 +562,10 @@ mod tests {
 
     use super::audit::recount;
     use super::*;
-    use crate::pipeline::plan::{fixtures::*, ops::ProgrammedBackend};
+    use crate::pipeline::plan::{
+        fixtures::*,
+        ops::{Op, ProgrammedBackend},
+    };
 
     #[test]
     fn source_ranges_are_written_before_their_flag_and_diffed_on_change() {
@@ -717,6 +747,72 @@ mod tests {
         assert!(plan.upsert_slots.is_empty());
     }
 
+    /// A NodePort frontend with backends `backends`, balanced by Maglev when `maglev`.
+    fn node_port(backends: &[&str], maglev: bool) -> ServiceEntry {
+        let mut e = entry(&[("192.168.1.10", 30080, backends)]);
+        e.frontends[0].kind = crate::pipeline::model::FrontendKind::NodePort;
+        e.frontends[0].flags = svc_flags::NODE_PORT | if maglev { svc_flags::MAGLEV } else { 0 };
+        e
+    }
+
+    fn table_backends(plan: &Plan) -> Vec<Vec<String>> {
+        plan.upsert_maglev
+            .iter()
+            .map(|w| w.backends.iter().map(|(_, k)| k.addr.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_maglev_table_follows_its_frontend_s_backends_and_goes_with_it() {
+        let mut p = Planner::new();
+        let key = fkey("192.168.1.10", 30080);
+        let first = p.plan_service(&svc("np"), Some(&node_port(&["10.0.0.1", "10.0.0.2"], true)));
+        let id = first.plan.upsert_frontends[0].rev_nat_id;
+        assert_eq!(table_backends(&first.plan), [["10.0.0.1", "10.0.0.2"]]);
+        assert_eq!(
+            first.plan.upsert_maglev[0].rev_nat_id, id,
+            "keyed by the rev-NAT id"
+        );
+        let ops: Vec<Op> = first.plan.ops().collect();
+        let at = |op: &Op| ops.iter().position(|o| o == op).unwrap();
+        assert!(
+            at(&Op::UpsertMaglev(id, key)) < at(&Op::UpsertFrontend(key)),
+            "the table is there before the frontend entry points the tc path at it"
+        );
+        assert!(p.frontend(&key).unwrap().maglev);
+
+        let same = p.plan_service(&svc("np"), Some(&node_port(&["10.0.0.1", "10.0.0.2"], true)));
+        assert!(same.plan.is_empty(), "nothing changed, nothing rebuilt");
+        let grown = p.plan_service(
+            &svc("np"),
+            Some(&node_port(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], true)),
+        );
+        assert_eq!(
+            table_backends(&grown.plan),
+            [["10.0.0.1", "10.0.0.2", "10.0.0.3"]]
+        );
+
+        let emptied = p.plan_service(&svc("np"), Some(&node_port(&[], true)));
+        assert_eq!(
+            emptied.plan.delete_maglev,
+            [(id, key)],
+            "no backends: reject, no table"
+        );
+        let back = p.plan_service(&svc("np"), Some(&node_port(&["10.0.0.4"], true)));
+        assert_eq!(table_backends(&back.plan), [["10.0.0.4"]]);
+
+        let random = p.plan_service(&svc("np"), Some(&node_port(&["10.0.0.4"], false)));
+        assert_eq!(
+            random.plan.delete_maglev,
+            [(id, key)],
+            "random again: the table goes"
+        );
+        assert!(random.plan.upsert_maglev.is_empty());
+        p.plan_service(&svc("np"), Some(&node_port(&["10.0.0.4"], true)));
+        let gone = p.plan_service(&svc("np"), None);
+        assert_eq!(gone.plan.delete_maglev, [(id, key)], "with its frontend");
+    }
+
     #[test]
     fn second_service_claiming_a_frontend_is_refused_then_gets_it_when_released() {
         let mut p = Planner::new();
@@ -754,6 +850,12 @@ mod tests {
                         },
                     )
                 })
+                .collect(),
+            maglev_tables: planner
+                .frontends
+                .values()
+                .filter(|f| f.maglev)
+                .map(|f| f.rev_nat_id)
                 .collect(),
         }
     }

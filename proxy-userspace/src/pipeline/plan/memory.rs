@@ -21,6 +21,8 @@ pub(crate) struct MemoryMaps {
     pub backends: BTreeMap<BackendId, (BackendKey, BackendState)>,
     pub rev_nats: BTreeMap<RevNatId, (FrontendKey, Label)>,
     pub ranges: BTreeSet<(RevNatId, IpNet)>,
+    /// Maglev tables by id: the backends each was built from.
+    pub tables: BTreeMap<RevNatId, Vec<BackendId>>,
     /// Every plan applied, in order.
     pub plans: Vec<Plan>,
     /// The next this many operations fail (with EIO, say).
@@ -66,6 +68,12 @@ impl PlanSink for MemoryMaps {
                 self.ranges.insert((*id, *net));
             }
         }
+        for w in &plan.upsert_maglev {
+            if !self.fails(&Op::UpsertMaglev(w.rev_nat_id, w.frontend), &mut failed) {
+                self.tables
+                    .insert(w.rev_nat_id, w.backends.iter().map(|(id, _)| *id).collect());
+            }
+        }
         for w in &plan.upsert_frontends {
             if !self.fails(&Op::UpsertFrontend(w.frontend), &mut failed) {
                 self.frontends.insert(w.frontend, w.clone());
@@ -82,6 +90,9 @@ impl PlanSink for MemoryMaps {
         }
         for (id, _) in &plan.delete_rev_nats {
             self.rev_nats.remove(id);
+        }
+        for (id, _) in &plan.delete_maglev {
+            self.tables.remove(id);
         }
         for (id, _) in &plan.delete_backends {
             self.backends.remove(id);
@@ -114,6 +125,7 @@ impl PlanSink for MemoryMaps {
                         .get(&f.rev_nat_id)
                         .map(|(_, label)| label.clone())
                         .unwrap_or_default(),
+                    maglev: self.tables.contains_key(&f.rev_nat_id),
                 },
             );
         }
@@ -129,6 +141,7 @@ impl PlanSink for MemoryMaps {
         for (id, (frontend, _)) in &self.rev_nats {
             programmed.rev_nats.insert(*id, (frontend.addr, frontend.port));
         }
+        programmed.maglev_tables = self.tables.keys().copied().collect();
         Ok(programmed)
     }
 }

@@ -4,12 +4,12 @@
 //! The writer applies the phases of a [`Plan`] in field order:
 //! 1. new and changed backends;
 //! 2. reverse-NAT entries;
-//! 3. backend slots and new source ranges;
+//! 3. backend slots, new source ranges and new or changed Maglev tables;
 //! 4. frontend entries (the slot count last, so a grown Service is complete before it shows;
 //!    the source-ranges flag only once its ranges are there);
 //! 5. frontend deletions, then source ranges no longer wanted;
 //! 6. slot deletions beyond the new count;
-//! 7. reverse-NAT deletions;
+//! 7. reverse-NAT and Maglev table deletions;
 //! 8. backends no longer referenced.
 
 use std::{fmt, net::IpAddr};
@@ -46,11 +46,13 @@ pub enum Op {
     UpsertRevNat(RevNatId, FrontendKey),
     UpsertSlot(FrontendKey, u16),
     UpsertSourceRange(RevNatId, IpNet),
+    UpsertMaglev(RevNatId, FrontendKey),
     UpsertFrontend(FrontendKey),
     DeleteFrontend(FrontendKey),
     DeleteSourceRange(RevNatId, IpNet),
     DeleteSlot(FrontendKey, u16),
     DeleteRevNat(RevNatId, FrontendKey),
+    DeleteMaglev(RevNatId, FrontendKey),
     DeleteBackend(BackendId, BackendKey),
 }
 
@@ -61,11 +63,13 @@ impl fmt::Display for Op {
             Op::UpsertRevNat(id, frontend) => write!(f, "write rev-NAT {id} ({frontend})"),
             Op::UpsertSlot(frontend, slot) => write!(f, "write frontend {frontend} slot {slot}"),
             Op::UpsertSourceRange(id, net) => write!(f, "write source range {net} of rev-NAT {id}"),
+            Op::UpsertMaglev(id, frontend) => write!(f, "write Maglev table {id} ({frontend})"),
             Op::UpsertFrontend(frontend) => write!(f, "write frontend {frontend}"),
             Op::DeleteFrontend(frontend) => write!(f, "delete frontend {frontend}"),
             Op::DeleteSourceRange(id, net) => write!(f, "delete source range {net} of rev-NAT {id}"),
             Op::DeleteSlot(frontend, slot) => write!(f, "delete frontend {frontend} slot {slot}"),
             Op::DeleteRevNat(id, frontend) => write!(f, "delete rev-NAT {id} ({frontend})"),
+            Op::DeleteMaglev(id, frontend) => write!(f, "delete Maglev table {id} ({frontend})"),
             Op::DeleteBackend(id, key) => write!(f, "delete backend {id} ({key})"),
         }
     }
@@ -104,6 +108,8 @@ pub struct ProgrammedFrontend {
     /// Sorted.
     pub source_ranges: Vec<IpNet>,
     pub label: Label,
+    /// Whether its Maglev table (keyed by `rev_nat_id`) is written.
+    pub maglev: bool,
 }
 
 /// What the datapath holds for one backend.
@@ -121,6 +127,8 @@ pub struct Programmed {
     pub backends: HashMap<BackendKey, ProgrammedBackend>,
     /// Reverse-NAT entries: the frontend address and port replies are rewritten to.
     pub rev_nats: HashMap<RevNatId, (IpAddr, u16)>,
+    /// The ids of the Maglev tables the maps hold.
+    pub maglev_tables: Vec<RevNatId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +144,15 @@ pub(crate) struct SlotWrite {
     pub slot: u16,
     pub backend_id: BackendId,
     pub rev_nat_id: RevNatId,
+}
+
+/// A frontend's Maglev table, to be built from its backends (in slot order; the table itself
+/// does not depend on their order) and written under its rev-NAT id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MaglevWrite {
+    pub rev_nat_id: RevNatId,
+    pub frontend: FrontendKey,
+    pub backends: Vec<(BackendId, BackendKey)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,11 +182,13 @@ pub struct Plan {
     pub(crate) upsert_rev_nats: Vec<RevNatWrite>,
     pub(crate) upsert_slots: Vec<SlotWrite>,
     pub(crate) upsert_source_ranges: Vec<(RevNatId, IpNet)>,
+    pub(crate) upsert_maglev: Vec<MaglevWrite>,
     pub(crate) upsert_frontends: Vec<FrontendWrite>,
     pub(crate) delete_frontends: Vec<FrontendKey>,
     pub(crate) delete_source_ranges: Vec<(RevNatId, IpNet)>,
     pub(crate) delete_slots: Vec<(FrontendKey, u16)>,
     pub(crate) delete_rev_nats: Vec<(RevNatId, FrontendKey)>,
+    pub(crate) delete_maglev: Vec<(RevNatId, FrontendKey)>,
     pub(crate) delete_backends: Vec<(BackendId, BackendKey)>,
     pub departed: Vec<Departure>,
 }
@@ -184,11 +203,13 @@ impl Plan {
             + self.upsert_rev_nats.len()
             + self.upsert_slots.len()
             + self.upsert_source_ranges.len()
+            + self.upsert_maglev.len()
             + self.upsert_frontends.len()
             + self.delete_frontends.len()
             + self.delete_source_ranges.len()
             + self.delete_slots.len()
             + self.delete_rev_nats.len()
+            + self.delete_maglev.len()
             + self.delete_backends.len()
     }
 
@@ -210,6 +231,10 @@ impl Plan {
             .upsert_source_ranges
             .iter()
             .map(|(id, net)| Op::UpsertSourceRange(*id, *net));
+        let tables = self
+            .upsert_maglev
+            .iter()
+            .map(|w| Op::UpsertMaglev(w.rev_nat_id, w.frontend));
         let frontends = self
             .upsert_frontends
             .iter()
@@ -227,6 +252,7 @@ impl Plan {
             .delete_rev_nats
             .iter()
             .map(|(id, k)| Op::DeleteRevNat(*id, *k));
+        let gone_tables = self.delete_maglev.iter().map(|(id, k)| Op::DeleteMaglev(*id, *k));
         let gone_backends = self
             .delete_backends
             .iter()
@@ -235,11 +261,13 @@ impl Plan {
             .chain(rev_nats)
             .chain(slots)
             .chain(ranges)
+            .chain(tables)
             .chain(frontends)
             .chain(gone_frontends)
             .chain(gone_ranges)
             .chain(gone_slots)
             .chain(gone_rev_nats)
+            .chain(gone_tables)
             .chain(gone_backends)
     }
 
@@ -248,11 +276,13 @@ impl Plan {
         self.upsert_rev_nats.extend(other.upsert_rev_nats);
         self.upsert_slots.extend(other.upsert_slots);
         self.upsert_source_ranges.extend(other.upsert_source_ranges);
+        self.upsert_maglev.extend(other.upsert_maglev);
         self.upsert_frontends.extend(other.upsert_frontends);
         self.delete_frontends.extend(other.delete_frontends);
         self.delete_source_ranges.extend(other.delete_source_ranges);
         self.delete_slots.extend(other.delete_slots);
         self.delete_rev_nats.extend(other.delete_rev_nats);
+        self.delete_maglev.extend(other.delete_maglev);
         self.delete_backends.extend(other.delete_backends);
         self.departed.extend(other.departed);
     }

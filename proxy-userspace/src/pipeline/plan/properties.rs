@@ -57,9 +57,10 @@ fn frontend() -> impl Strategy<Value = Frontend> {
         prop::collection::vec(backend, 0..5),
         prop::option::of(Just(10_800_u32)),
         subsequence(&RANGES[..], 0..=2),
+        any::<bool>(),
     )
         .prop_map(
-            |(addr, port, protocol, kind, backends, affinity_timeout, ranges)| {
+            |(addr, port, protocol, kind, backends, affinity_timeout, ranges, maglev)| {
                 let mut seen = BTreeSet::new();
                 let backends = backends
                     .into_iter()
@@ -82,6 +83,9 @@ fn frontend() -> impl Strategy<Value = Frontend> {
                 let mut flags = kind.flag();
                 if !source_ranges.is_empty() {
                     flags |= svc_flags::SOURCE_RANGES;
+                }
+                if maglev && kind.is_external() {
+                    flags |= svc_flags::MAGLEV;
                 }
                 Frontend {
                     key: FrontendKey::new(addr.parse().unwrap(), port, protocol),

@@ -44,6 +44,18 @@ pub(crate) fn torn(maps: &MemoryMaps) -> Option<String> {
         if ranged && !maps.ranges.iter().any(|(id, _)| *id == f.rev_nat_id) {
             return Some(format!("frontend {key}: source-ranges flag without a range"));
         }
+        // The programs fall back to a random draw without a table, but a table is always
+        // written before the flag that sends new flows to it.
+        if f.flags & proxy_common::maps::svc_flags::MAGLEV != 0 && f.count > 0 {
+            match maps.tables.get(&f.rev_nat_id) {
+                None => return Some(format!("frontend {key}: Maglev flag without its table")),
+                Some(ids) => {
+                    if let Some(id) = ids.iter().find(|id| !maps.backends.contains_key(id)) {
+                        return Some(format!("frontend {key}: Maglev table names missing backend {id}"));
+                    }
+                }
+            }
+        }
     }
     None
 }
@@ -114,6 +126,9 @@ fn single_ops(plan: &Plan) -> Vec<Plan> {
     for x in &plan.upsert_source_ranges {
         each(&mut |p| p.upsert_source_ranges.push(*x));
     }
+    for x in &plan.upsert_maglev {
+        each(&mut |p| p.upsert_maglev.push(x.clone()));
+    }
     for x in &plan.upsert_frontends {
         each(&mut |p| p.upsert_frontends.push(x.clone()));
     }
@@ -128,6 +143,9 @@ fn single_ops(plan: &Plan) -> Vec<Plan> {
     }
     for x in &plan.delete_rev_nats {
         each(&mut |p| p.delete_rev_nats.push(*x));
+    }
+    for x in &plan.delete_maglev {
+        each(&mut |p| p.delete_maglev.push(*x));
     }
     for x in &plan.delete_backends {
         each(&mut |p| p.delete_backends.push(*x));

@@ -9,7 +9,8 @@ use super::Planner;
 use crate::pipeline::{
     model::{BackendKey, BackendState, FrontendKey, Protocol},
     plan::ops::{
-        BackendId, FrontendWrite, Plan, Programmed, ProgrammedFrontend, RevNatId, RevNatWrite, SlotWrite,
+        BackendId, FrontendWrite, MaglevWrite, Plan, Programmed, ProgrammedFrontend, RevNatId, RevNatWrite,
+        SlotWrite,
     },
 };
 
@@ -31,6 +32,27 @@ impl Planner {
                 actual.rev_nats.get(&wanted.rev_nat_id),
                 &mut plan,
             );
+            self.repair_table(key, wanted, have, &mut plan);
+        }
+        let wanted_tables: HashSet<RevNatId> = self
+            .frontends
+            .values()
+            .filter(|f| f.maglev)
+            .map(|f| f.rev_nat_id)
+            .collect();
+        for id in actual
+            .maglev_tables
+            .iter()
+            .filter(|id| !wanted_tables.contains(id))
+        {
+            // The writer deletes a table with its frontend's family: any address of it will do.
+            let (addr, port) = actual
+                .rev_nats
+                .get(id)
+                .copied()
+                .unwrap_or((std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
+            plan.delete_maglev
+                .push((*id, FrontendKey::new(addr, port, Protocol::Any)));
         }
         for (key, extra) in &actual.frontends {
             if !wanted_rev_nats.contains(&extra.rev_nat_id) {
@@ -51,6 +73,24 @@ impl Planner {
             }
         }
         plan
+    }
+
+    /// A table the frontend should have and the maps lack is built again; its content is not
+    /// compared (that would read every table on every pass), only whether it is there.
+    fn repair_table(
+        &self,
+        key: &FrontendKey,
+        wanted: &ProgrammedFrontend,
+        have: Option<&ProgrammedFrontend>,
+        plan: &mut Plan,
+    ) {
+        if wanted.maglev && !have.is_some_and(|h| h.maglev) {
+            plan.upsert_maglev.push(MaglevWrite {
+                rev_nat_id: wanted.rev_nat_id,
+                frontend: *key,
+                backends: self.keyed(&wanted.slots),
+            });
+        }
     }
 
     fn repair_backends(&self, actual: &Programmed, plan: &mut Plan) {
@@ -142,6 +182,32 @@ mod tests {
             Some(&entry(&[("10.96.0.10", 80, &["10.0.0.1", "10.0.0.2"])])),
         );
         p
+    }
+
+    #[test]
+    fn a_missing_maglev_table_is_built_again_and_one_nobody_wants_is_deleted() {
+        let mut p = Planner::new();
+        let mut e = entry(&[("192.168.1.10", 30080, &["10.0.0.1", "10.0.0.2"])]);
+        e.frontends[0].flags =
+            proxy_common::maps::svc_flags::NODE_PORT | proxy_common::maps::svc_flags::MAGLEV;
+        p.plan_service(&svc("np"), Some(&e));
+        let key = fkey("192.168.1.10", 30080);
+        let id = p.frontend(&key).unwrap().rev_nat_id;
+        let mut actual = programmed_of(&p);
+        assert!(p.repair(&actual).is_empty());
+
+        actual.maglev_tables.clear();
+        actual.frontends.get_mut(&key).unwrap().maglev = false;
+        actual.maglev_tables.push(999);
+        let repair = p.repair(&actual);
+        assert_eq!(repair.upsert_maglev.len(), 1);
+        assert_eq!(repair.upsert_maglev[0].rev_nat_id, id);
+        assert_eq!(repair.upsert_maglev[0].backends.len(), 2);
+        assert_eq!(
+            repair.delete_maglev.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            [999]
+        );
+        assert_eq!(repair.op_count(), 2, "nothing else: {repair:?}");
     }
 
     #[test]
