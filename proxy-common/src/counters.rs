@@ -37,11 +37,19 @@ pub enum Counter {
     TcSnatFailed,
     /// tc: a non-first IP fragment (no ports) was passed untranslated.
     TcFragment,
+    /// XDP: a packet to a NodePort, LoadBalancer IP or externalIP started a translated flow
+    /// (the other tc_* reasons count XDP's drops too).
+    XdpNewFlow,
+    /// XDP: a later packet of a flow was translated by its conntrack entry (either direction).
+    XdpTracked,
+    /// XDP: a packet of ours was handed to tc untouched (a refusal to build, a next hop not
+    /// resolved yet, a route out of a device without native XDP).
+    XdpPass,
 }
 
 impl Counter {
     /// Every counter in index order: what the agent sums and labels, and what `COUNT` sizes.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 19] = [
         Counter::SockForward,
         Counter::SockReverse,
         Counter::SockRejectNoBackend,
@@ -58,6 +66,9 @@ impl Counter {
         Counter::TcCtUpdateFailed,
         Counter::TcSnatFailed,
         Counter::TcFragment,
+        Counter::XdpNewFlow,
+        Counter::XdpTracked,
+        Counter::XdpPass,
     ];
 
     /// Size of the counters map.
@@ -82,6 +93,9 @@ impl Counter {
             Counter::TcCtUpdateFailed => "tc_ct_update_failed",
             Counter::TcSnatFailed => "tc_snat_failed",
             Counter::TcFragment => "tc_fragment",
+            Counter::XdpNewFlow => "xdp_new_flow",
+            Counter::XdpTracked => "xdp_tracked",
+            Counter::XdpPass => "xdp_pass",
         }
     }
 }

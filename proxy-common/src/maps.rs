@@ -64,13 +64,16 @@ pub const SOURCE_RANGES_V6: &str = "bkp_srcrng_v6";
 /// Node settings map (array of one entry, key 0), [`NodeConfig`]. The agent writes it at start;
 /// the tc programs read it.
 pub const NODE: &str = "bkp_node";
+/// Devices XDP may send frames to (devmap hash), ifindex → ifindex: those the agent attached
+/// the XDP program to in native mode. XDP hands a packet routed anywhere else to tc.
+pub const XDP_DEVICES: &str = "bkp_xdp_devs";
 
 /// The socket-local storage maps: no capacity (they hold one value per socket that has one)
 /// and no keys to walk from userspace.
 pub const SOCKET_LOCAL: [&str; 2] = [SOCK_FRONTEND_V4, SOCK_FRONTEND_V6];
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -89,6 +92,7 @@ pub const ALL: [&str; 18] = [
     NODE,
     COUNTERS,
     SERVICE_LABELS,
+    XDP_DEVICES,
 ];
 
 /// Default capacities (max_entries, per family for the per-family maps). The agent overrides
@@ -114,6 +118,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     /// One entry per (frontend, loadBalancerSourceRanges CIDR), per family.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Devices with native XDP (`--devices`), keyed by ifindex.
+    pub const XDP_DEVICES: u32 = 256;
 }
 
 /// Which traffic a frontend entry serves (Cilium's "two scopes" idea). Every frontend has a

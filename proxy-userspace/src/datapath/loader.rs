@@ -503,7 +503,7 @@ mod tests {
     /// The agent writes the trie's keys as aya's `Key` (a prefix length, then the data).
     type TrieKey<A> = aya::maps::lpm_trie::Key<SourceRange<A>>;
 
-    fn expected() -> [Expected; 18] {
+    fn expected() -> [Expected; 19] {
         use bpf_map_type::*;
         [
             written::<ServiceKey<AddrV4>, ServiceValue>(names::SERVICES_V4, capacity::SERVICES),
@@ -567,6 +567,8 @@ mod tests {
                 flags: BPF_F_NO_PREALLOC,
                 ..map::<u32, ServiceLabel>(names::SERVICE_LABELS, BPF_MAP_TYPE_HASH, capacity::SERVICE_LABELS)
             },
+            // Key an ifindex, value `struct bpf_devmap_val` (ifindex, program fd).
+            map::<u32, u64>(names::XDP_DEVICES, BPF_MAP_TYPE_DEVMAP_HASH, capacity::XDP_DEVICES),
         ]
     }
 
