@@ -38,7 +38,8 @@ pub enum Counter {
     /// tc: a non-first IP fragment (no ports) was passed untranslated.
     TcFragment,
     /// XDP: a packet to a NodePort, LoadBalancer IP or externalIP started a translated flow
-    /// (the other tc_* reasons count XDP's drops too).
+    /// (even when tc then sends that first packet: see `XdpPass`). The other tc_* reasons
+    /// count XDP's drops too.
     XdpNewFlow,
     /// XDP: a later packet of a flow was translated by its conntrack entry (either direction).
     XdpTracked,

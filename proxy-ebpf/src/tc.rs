@@ -202,7 +202,11 @@ fn tracked<C: Frame, F: TcFamily>(ctx: &C, packet: &Packet<F::Addr>, hook: Hook,
                 bump(translated);
                 verdict
             }
+            // Opened here all the same: tc finds the entries and finishes the packet.
             Forwarded::Untouched => {
+                if first {
+                    bump(translated);
+                }
                 bump(Counter::XdpPass);
                 C::PASS
             }

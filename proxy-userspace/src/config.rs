@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     datapath::{
-        features::TcAttach,
+        features::{TcAttach, XdpAttach},
         host::{self, HostError},
         sizing::{self, FixedSizes, MapSizing},
     },
@@ -56,6 +56,8 @@ pub struct ProxyConfig {
     pub(crate) map_dynamic_size_memory: Option<u64>,
     /// `bpfKubeProxy.mapSize.*` (not kube-proxy fields).
     pub(crate) map_size: FixedSizes,
+    /// `bpfKubeProxy.xdp`, as `--xdp`.
+    pub(crate) xdp: Option<XdpAttach>,
     /// One line per ignored field, for the caller to log.
     pub ignored: Vec<String>,
 }
@@ -236,6 +238,11 @@ fn parse_bpf_section(value: &Value, config: &mut ProxyConfig) -> Result<(), Conf
                     .map(|s| sizing::parse_bytes(&s).map_err(|e| field_error(&path, e)))
                     .transpose()?;
             }
+            "xdp" => {
+                config.xdp = string(&path, v)?
+                    .map(|s| s.parse().map_err(|e| field_error(&path, e)))
+                    .transpose()?;
+            }
             "mapSize" => {
                 let sizes = &mut config.map_size;
                 for (map, n) in object(&path, v)?.into_iter().flatten() {
@@ -377,6 +384,8 @@ pub struct AgentOptions {
     pub(crate) metrics_addr: Option<SocketAddr>,
     /// How the tc programs attach to the external devices.
     pub tc_attach: TcAttach,
+    /// Whether XDP translates external traffic before tc (`--xdp`).
+    pub xdp: XdpAttach,
     pub external: ExternalOptions,
 }
 
@@ -472,6 +481,12 @@ pub struct RunFlags {
     /// filters on a clsact qdisc (any kernel), or "auto": TCX where the kernel has it.
     #[arg(long, default_value = "auto")]
     tc_attach: TcAttach,
+    /// XDP on the Ethernet --devices, before tc: "auto" (native where the driver has it,
+    /// veths excepted), "native" (every device; a refusal is a failure), "generic" (skb mode,
+    /// any driver, no faster than tc) or "off" [default: auto, or the config file's
+    /// bpfKubeProxy.xdp].
+    #[arg(long)]
+    xdp: Option<XdpAttach>,
     /// kube-proxy's nodePortAddresses: CIDRs whose node addresses serve NodePorts, or
     /// "primary" (default: every node address, and 127.0.0.1 for the node's own clients).
     #[arg(long, value_delimiter = ',')]
@@ -631,6 +646,7 @@ pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions
             DEFAULT_METRICS_BIND_ADDRESS,
         )?,
         tc_attach: flags.tc_attach,
+        xdp: flags.xdp.or(file.xdp).unwrap_or_default(),
         external: ExternalOptions {
             devices: flags.devices,
             node_port_addresses: NodePortAddresses::parse(

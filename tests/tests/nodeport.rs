@@ -26,7 +26,10 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use bkp_sandbox::{netns::Netns, probe::ProbeMode, servers::Identity};
-use bpf_kube_proxy::{datapath::maps::typed, pipeline::model::Protocol};
+use bpf_kube_proxy::{
+    datapath::{host::Offload, maps::typed},
+    pipeline::model::Protocol,
+};
 use integration_tests::{
     HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, metric_sample, tun::TunPair,
 };
@@ -54,6 +57,9 @@ const HEALTH_PORT: u16 = 32100;
 enum Uplink {
     /// A veth pair: Ethernet frames.
     Veth,
+    /// A veth pair, the agent running native XDP (`--xdp native`) on `up0` and `n2` ahead of
+    /// tc, and the veths made as a wire is for it (see [`wire_like`]).
+    VethXdp,
     /// A TUN device on each side, packets copied across by the test process.
     Tun,
     /// An IPIP tunnel over a veth underlay (IPv4 only).
@@ -147,7 +153,7 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
     let ext = Netns::create(&format!("{prefix}-ext")).expect("client namespace");
     // The client's end of the uplink.
     let (uplink_state, client_dev) = match uplink {
-        Uplink::Veth => {
+        Uplink::Veth | Uplink::VethXdp => {
             node.veth_to("up0", &ext).expect("veth");
             (Link::Kernel, "eth0")
         }
@@ -221,6 +227,10 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
     if !args.contains(&"--devices") {
         args.extend(["--devices", "up0,n2"]);
     }
+    if matches!(uplink, Uplink::VethXdp) {
+        args.extend(["--xdp", "native"]);
+        wire_like(&[(&ext, "eth0"), (&node2, "eth0"), (&remote, "eth0")]);
+    }
     world.agent_in_node().agent_args(&with_forced_tc_attach(args));
     Outside {
         link: uplink_state,
@@ -229,6 +239,44 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
         node2,
         world,
     }
+}
+
+/// Makes veth ends behave as the far side of a wire does for native XDP: NAPI on the ends
+/// XDP on `up0` and `n2` sends frames to (GRO on: without it a veth drops them), and whole
+/// checksums from the senders whose packets XDP forwards (a veth otherwise leaves them
+/// partial, and XDP, seeing no skb, would fold its changes into a partial sum).
+fn wire_like(ends: &[(&Netns, &str)]) {
+    for (netns, device) in ends {
+        netns
+            .offload(device, Offload::Gro, true)
+            .and_then(|()| netns.offload(device, Offload::TxChecksum, false))
+            .unwrap_or_else(|e| panic!("ethtool -K {device} in {}: {e}", netns.name()));
+    }
+}
+
+/// The datapath's count of `reason` (`bkp_counters`, as the metrics export it).
+fn datapath_events(o: &Outside, reason: &str) -> f64 {
+    let (_, metrics) = o.world.http_get("/metrics", "/metrics");
+    metric_sample(
+        &metrics,
+        &format!("bpf_kube_proxy_datapath_events_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// XDP, not tc, opened every flow of the traffic so far (`flows` at least) and translated
+/// later packets too: XDP did the work, tc only what XDP handed it.
+fn assert_xdp_opened_every_flow(o: &Outside, flows: f64) {
+    let (xdp_new, xdp_tracked, tc_new) = (
+        datapath_events(o, "xdp_new_flow"),
+        datapath_events(o, "xdp_tracked"),
+        datapath_events(o, "tc_new_flow"),
+    );
+    let counts = format!("xdp_new_flow {xdp_new}, xdp_tracked {xdp_tracked}, tc_new_flow {tc_new}, tc_tracked {}, xdp_pass {}",
+        datapath_events(o, "tc_tracked"), datapath_events(o, "xdp_pass"));
+    assert!(xdp_new >= flows, "XDP opened every flow: {counts}");
+    assert!(xdp_tracked > 0.0, "XDP translated later packets: {counts}");
+    assert_eq!(tc_new, 0.0, "tc opened no flow: {counts}");
 }
 
 impl Outside {
@@ -506,8 +554,8 @@ fn load_balancer_ip_and_external_ip_not_on_any_node() {
 
 /// A client inside the allowed ranges reaches the LoadBalancer IP, one outside the denied
 /// ones does not, and the NodePort is not filtered.
-fn assert_source_ranges_filter(stack: &Stack) {
-    let mut o = outside(&["a"], &[]);
+fn assert_source_ranges_filter(stack: &Stack, uplink: Uplink) -> Outside {
+    let mut o = outside_over(uplink, &["a"], &[]);
     let eps = stack.local_and_remote(&o);
     let manifest = |ranges: &str| {
         (stack.load_balancer)(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps))
@@ -531,19 +579,20 @@ fn assert_source_ranges_filter(stack: &Stack) {
         "a client outside the ranges is dropped: {refused:?}"
     );
     who(&o, target(stack.node_ip, NODE_PORT));
+    o
 }
 
 /// upstream "should only allow access from service loadbalancer source ranges": a client
 /// inside the ranges gets through, one outside does not, and the NodePort is not filtered.
 #[test]
 fn load_balancer_source_ranges_allow_and_deny() {
-    assert_source_ranges_filter(&IPV4);
+    assert_source_ranges_filter(&IPV4, Uplink::Veth);
 }
 
 /// The same for an IPv6 LoadBalancer IP and IPv6 ranges (their own LPM trie).
 #[test]
 fn ipv6_load_balancer_source_ranges_allow_and_deny() {
-    assert_source_ranges_filter(&IPV6);
+    assert_source_ranges_filter(&IPV6, Uplink::Veth);
 }
 
 /// externalTrafficPolicy Local: only this node's endpoint, the client's own address at the
@@ -628,7 +677,7 @@ fn session_affinity_works_for_nodeport() {
 /// With no endpoint left, the family's NodePort refuses TCP with a RST and UDP with an
 /// ICMP (ICMPv6) port unreachable, sent back over `uplink`; once the Service is deleted the
 /// port is released.
-fn assert_refused_then_released(stack: &Stack, uplink: Uplink) {
+fn assert_refused_then_released(stack: &Stack, uplink: Uplink) -> Outside {
     let mut o = stack.started_over(uplink);
     let node_ip = stack.node_ip;
     who(&o, target(node_ip, NODE_PORT));
@@ -659,6 +708,7 @@ fn assert_refused_then_released(stack: &Stack, uplink: Uplink) {
         });
     let err = http_get(&o.ext, target(node_ip, NODE_PORT)).expect_err("released");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    o
 }
 
 /// upstream "should release NodePorts on delete", and "should be rejected when no endpoints
@@ -786,7 +836,9 @@ fn nodeport_over_an_ipip_tunnel_reaches_local_and_remote_backends() {
 /// Refusals without endpoints come back through the IPIP tunnel.
 #[test]
 fn nodeport_over_an_ipip_tunnel_rejects_without_endpoints() {
-    over_ipip(|| assert_refused_then_released(&IPV4, Uplink::Ipip));
+    over_ipip(|| {
+        assert_refused_then_released(&IPV4, Uplink::Ipip);
+    });
 }
 
 /// Our cls_bpf filters on `device` in `direction` as `tc filter show` lists them in the node
@@ -1288,4 +1340,56 @@ fn auto_selects_the_device_remote_backends_replies_arrive_on() {
     }
     assert_local_and_remote_reached(&o, &IPV4);
     assert!(unserved_warnings(&o.world).is_empty());
+}
+
+/// NodePort through native XDP on veths, TCP and UDP, to the local backend (translated and
+/// passed to the stack) and to the remote one (SNATed and sent out of `n2` by XDP, its replies
+/// translated by XDP on `n2` and sent out of `up0`); XDP opened every flow.
+#[test]
+fn xdp_nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    let o = IPV4.started_over(Uplink::VethXdp);
+    assert_local_and_remote_reached(&o, &IPV4);
+    assert_xdp_opened_every_flow(&o, 70.0);
+}
+
+/// The same over IPv6.
+#[test]
+fn ipv6_xdp_nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    let o = IPV6.started_over(Uplink::VethXdp);
+    assert_local_and_remote_reached(&o, &IPV6);
+    assert_xdp_opened_every_flow(&o, 70.0);
+}
+
+/// loadBalancerSourceRanges under XDP: the denied client is dropped there.
+#[test]
+fn xdp_load_balancer_source_ranges_allow_and_deny() {
+    let o = assert_source_ranges_filter(&IPV4, Uplink::VethXdp);
+    assert!(datapath_events(&o, "tc_drop_source_range") > 0.0);
+    assert_xdp_opened_every_flow(&o, 2.0);
+}
+
+/// The same for IPv6.
+#[test]
+fn ipv6_xdp_load_balancer_source_ranges_allow_and_deny() {
+    let o = assert_source_ranges_filter(&IPV6, Uplink::VethXdp);
+    assert!(datapath_events(&o, "tc_drop_source_range") > 0.0);
+    assert_xdp_opened_every_flow(&o, 2.0);
+}
+
+/// Without endpoints, XDP hands the packet to tc, which answers it (RST, port unreachable).
+#[test]
+fn xdp_nodeport_rejects_without_endpoints_through_tc() {
+    assert_refused_through_tc(&assert_refused_then_released(&IPV4, Uplink::VethXdp));
+}
+
+/// XDP handed the refused packets to tc, which answered them.
+fn assert_refused_through_tc(o: &Outside) {
+    assert!(datapath_events(o, "xdp_pass") >= 2.0, "XDP passed the TCP and UDP packets");
+    assert!(datapath_events(o, "tc_reject_no_backend") >= 2.0, "tc answered them");
+}
+
+/// The same over IPv6.
+#[test]
+fn ipv6_xdp_nodeport_rejects_without_endpoints_through_tc() {
+    assert_refused_through_tc(&assert_refused_then_released(&IPV6, Uplink::VethXdp));
 }

@@ -20,7 +20,7 @@ use proxy_common::maps::{self as names, capacity};
 
 use crate::datapath::{
     external,
-    features::TcMode,
+    features::{TcMode, XdpAttach},
     host,
     layout::{self, Btf},
     links::{self, PinnedLinkError},
@@ -198,8 +198,9 @@ impl Datapath {
         &mut self,
         devices: &[String],
         mode: TcMode,
+        xdp: XdpAttach,
     ) -> Result<Vec<external::Attachment>, LoadError> {
-        external::attach(&mut self.ebpf, &self.pin_dir, devices, mode)
+        external::attach(&mut self.ebpf, &self.pin_dir, devices, mode, xdp)
     }
 
     /// Attaches every socket program to `cgroup` (and its descendants) through links pinned
