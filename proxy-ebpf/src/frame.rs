@@ -8,7 +8,7 @@ use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::{TcContext, XdpContext},
 };
@@ -18,7 +18,7 @@ use crate::{
     XDP_DEVICES,
     counters::bump,
     packet::{Packet, TcFamily},
-    route,
+    route::{self, Route},
 };
 
 /// What a translating hook does with packet bytes, and how it ends.
@@ -64,8 +64,8 @@ pub trait Frame: EbpfContext {
     /// lookup knew the next hop's MAC). When not, the packet is passed on untouched.
     fn can_send(&self, ifindex: u32, resolved: bool) -> bool;
 
-    /// Sends the rewritten packet out as the route lookup found (`resolved` as above).
-    fn send<F: TcFamily>(&self, packet: &Packet<F::Addr>, route: &FibParams, resolved: bool) -> i32;
+    /// Sends the rewritten packet out as the route lookup found.
+    fn send<F: TcFamily>(&self, packet: &Packet<F::Addr>, route: &Route) -> i32;
 
     /// A packet to a frontend without a usable endpoint.
     fn refuse<F: TcFamily>(&self, packet: &Packet<F::Addr>) -> i32;
@@ -126,8 +126,8 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn send<F: TcFamily>(&self, packet: &Packet<F::Addr>, route: &FibParams, resolved: bool) -> i32 {
-        route::redirect_skb::<F>(self, packet, route, resolved)
+    fn send<F: TcFamily>(&self, packet: &Packet<F::Addr>, route: &Route) -> i32 {
+        route::redirect_skb::<F>(self, packet, route)
     }
 
     #[inline(always)]
@@ -218,11 +218,8 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn send<F: TcFamily>(&self, _packet: &Packet<F::Addr>, route: &FibParams, _resolved: bool) -> i32 {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&route.dmac);
-        macs[6..].copy_from_slice(&route.smac);
-        if self.write(0, &macs).is_err() {
+    fn send<F: TcFamily>(&self, _packet: &Packet<F::Addr>, route: &Route) -> i32 {
+        if self.write(0, &route.macs).is_err() {
             return Self::DROP;
         }
         if route.ifindex == self.ifindex() {

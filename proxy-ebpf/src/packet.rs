@@ -144,7 +144,8 @@ pub trait TcFamily: Family {
 
     /// Reads the packet's fields into `out` (filled only for `Parsed::Packet`). An out
     /// parameter, because moving an IPv6 packet's fields costs stack the verifier counts.
-    fn parse<C: Frame>(ctx: &C, link: Link, head: &Head, out: &mut Packet<Self::Addr>) -> Result<Parsed, i64>;
+    fn parse<C: Frame>(ctx: &C, link: Link, head: &Head, out: &mut Packet<Self::Addr>)
+    -> Result<Parsed, i64>;
     fn client_id(addr: &Self::Addr) -> [u32; 4];
     /// The node's source address for SNAT; the default (all zero) when it has none.
     fn snat_address(config: &NodeConfig) -> Self::Addr;

@@ -19,24 +19,30 @@ use proxy_common::maps::CtValue;
 use crate::{
     frame::Frame,
     packet::{ETH_HLEN, Packet, TcFamily},
-    tc::rewrite,
 };
 
-/// What became of a packet to forward.
-pub enum Forwarded {
-    /// Rewritten and sent (or dropped): the hook's verdict.
-    Done(i32),
-    /// Left untouched: this hook cannot send it where it goes (XDP: a next hop not resolved
-    /// yet, a device that takes no frames from XDP, no route); the tc program will.
-    Untouched,
+/// Where the route lookup sends a packet: out of `ifindex`, to the next hop and from the
+/// device whose MACs `macs` holds (destination then source, as the Ethernet header does) when
+/// `resolved`. Small, so the caller keeps it while the lookup's parameter block is gone.
+#[derive(Default)]
+pub struct Route {
+    pub macs: [u8; 12],
+    pub ifindex: u32,
+    pub resolved: bool,
 }
 
-/// Rewrites `packet` as `to` says and sends it towards `to.daddr`; drops it when no route
-/// leads there. The route is looked up before anything is written, so that a hook that cannot
-/// send it leaves the packet as it came for the next one. Not inlined: the route lookup's
-/// parameter block gets a stack frame of its own.
+/// Looks up the route towards `to.daddr` (the packet as `to` will make it) into `route`;
+/// false when there is none or this hook cannot send the packet there itself (tc then drops
+/// it; XDP leaves it untouched for tc). Asked before the packet is rewritten, so that XDP can
+/// still pass it on as it came. Not inlined: the lookup's parameter block gets a stack frame
+/// of its own.
 #[inline(never)]
-pub fn forward<C: Frame, F: TcFamily>(ctx: &C, packet: &Packet<F::Addr>, to: &CtValue<F::Addr>) -> Forwarded {
+pub fn lookup<C: Frame, F: TcFamily>(
+    ctx: &C,
+    packet: &Packet<F::Addr>,
+    to: &CtValue<F::Addr>,
+    route: &mut Route,
+) -> bool {
     // SAFETY: bpf_fib_lookup is a C struct of integers and byte arrays: all zeroes is valid.
     let mut params: FibParams = unsafe { zeroed() };
     F::route_params(&mut params, to);
@@ -47,35 +53,25 @@ pub fn forward<C: Frame, F: TcFamily>(ctx: &C, packet: &Packet<F::Addr>, to: &Ct
     params.ifindex = ctx.ifindex();
     // SAFETY: `params` is a valid, initialised struct of the size passed, owned by this frame.
     let found = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut params, size_of::<FibParams>() as i32, 0) };
-    let resolved = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
-    let routed = resolved || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
-    if !(routed && ctx.can_send(params.ifindex, resolved)) {
-        return if C::BEFORE_TC {
-            Forwarded::Untouched
-        } else {
-            Forwarded::Done(C::DROP)
-        };
-    }
-    if rewrite::<C, F>(ctx, packet, to).is_err() {
-        return Forwarded::Done(C::DROP);
-    }
-    Forwarded::Done(ctx.send::<F>(packet, &params, resolved))
+    route.resolved = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    route.ifindex = params.ifindex;
+    route.macs[..6].copy_from_slice(&params.dmac);
+    route.macs[6..].copy_from_slice(&params.smac);
+    (route.resolved || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH))
+        && ctx.can_send(route.ifindex, route.resolved)
 }
 
 /// tc: sends the rewritten skb out of the route's device, to the next hop the lookup found
 /// (`resolved`) or to one the kernel resolves.
 #[inline(always)]
-pub fn redirect_skb<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, route: &FibParams, resolved: bool) -> i32 {
+pub fn redirect_skb<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, route: &Route) -> i32 {
     // A packet from a device without a link-layer header gets an Ethernet one: the device it
     // leaves by may need it, and one that does not strips it again (as Cilium's add_l2_hdr).
     if !packet.has_ethernet() && add_ethernet::<F>(ctx).is_err() {
         return TC_ACT_SHOT;
     }
-    if resolved {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&route.dmac);
-        macs[6..].copy_from_slice(&route.smac);
-        if ctx.store(0, &macs, 0).is_err() {
+    if route.resolved {
+        if ctx.store(0, &route.macs, 0).is_err() {
             return TC_ACT_SHOT;
         }
         // SAFETY: bpf_redirect only records the target device; the kernel acts on return.

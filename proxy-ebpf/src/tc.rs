@@ -25,7 +25,7 @@ use crate::{
     frame::Frame,
     lb::{self, Client, Draw, Reason, Selected, copy_of},
     packet::{Head, Link, Packet, Parsed, TcFamily, csum_diff},
-    route::{self, Forwarded},
+    route::{self, Route},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -195,28 +195,29 @@ fn tracked<C: Frame, F: TcFamily>(ctx: &C, packet: &Packet<F::Addr>, hook: Hook,
     }
     let translated = if first { C::NEW_FLOW } else { C::TRACKED };
     // At ingress, a reply now comes from a frontend and a SNATed packet from the node: both
-    // must bypass the stack's input checks. Egress is past them.
-    if hook == Hook::Ingress && (reply || flags & ct_flags::SNAT != 0) {
-        return Some(match route::forward::<C, F>(ctx, packet, entry) {
-            Forwarded::Done(verdict) => {
-                bump(translated);
-                verdict
-            }
-            // Opened here all the same: tc finds the entries and finishes the packet.
-            Forwarded::Untouched => {
-                if first {
-                    bump(translated);
-                }
-                bump(Counter::XdpPass);
-                C::PASS
-            }
-        });
+    // must bypass the stack's input checks, so they are sent out from here. Egress is past them.
+    let forwarded = hook == Hook::Ingress && (reply || flags & ct_flags::SNAT != 0);
+    let mut route = Route::default();
+    if forwarded && !route::lookup::<C, F>(ctx, packet, entry, &mut route) {
+        if !C::BEFORE_TC {
+            return Some(C::DROP);
+        }
+        // Opened here all the same: tc finds the entries and finishes the packet.
+        if first {
+            bump(translated);
+        }
+        bump(Counter::XdpPass);
+        return Some(C::PASS);
     }
     if rewrite::<C, F>(ctx, packet, entry).is_err() {
         return Some(C::DROP);
     }
     bump(translated);
-    Some(C::PASS)
+    Some(if forwarded {
+        ctx.send::<F>(packet, &route)
+    } else {
+        C::PASS
+    })
 }
 
 /// The first packet of a flow: is it for an external frontend, may the client use it, and
@@ -418,7 +419,11 @@ fn claim_snat<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr
 /// follows from the entry's direction: the destination of an original packet (frontend to
 /// backend), the source of a reply (backend to frontend), and with SNAT the other one too.
 #[inline(always)]
-pub fn rewrite<C: Frame, F: TcFamily>(ctx: &C, packet: &Packet<F::Addr>, to: &CtValue<F::Addr>) -> Result<(), i64> {
+fn rewrite<C: Frame, F: TcFamily>(
+    ctx: &C,
+    packet: &Packet<F::Addr>,
+    to: &CtValue<F::Addr>,
+) -> Result<(), i64> {
     let csum = packet.l4_csum();
     let mangled = if packet.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)

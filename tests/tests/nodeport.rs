@@ -272,11 +272,14 @@ fn assert_xdp_opened_every_flow(o: &Outside, flows: f64) {
         datapath_events(o, "xdp_tracked"),
         datapath_events(o, "tc_new_flow"),
     );
-    let counts = format!("xdp_new_flow {xdp_new}, xdp_tracked {xdp_tracked}, tc_new_flow {tc_new}, tc_tracked {}, xdp_pass {}",
-        datapath_events(o, "tc_tracked"), datapath_events(o, "xdp_pass"));
+    let counts = format!(
+        "xdp_new_flow {xdp_new}, xdp_tracked {xdp_tracked}, tc_new_flow {tc_new}, tc_tracked {}, xdp_pass {}",
+        datapath_events(o, "tc_tracked"),
+        datapath_events(o, "xdp_pass")
+    );
     assert!(xdp_new >= flows, "XDP opened every flow: {counts}");
     assert!(xdp_tracked > 0.0, "XDP translated later packets: {counts}");
-    assert_eq!(tc_new, 0.0, "tc opened no flow: {counts}");
+    assert!(tc_new < 1.0, "tc opened no flow: {counts}");
 }
 
 impl Outside {
@@ -1384,8 +1387,14 @@ fn xdp_nodeport_rejects_without_endpoints_through_tc() {
 
 /// XDP handed the refused packets to tc, which answered them.
 fn assert_refused_through_tc(o: &Outside) {
-    assert!(datapath_events(o, "xdp_pass") >= 2.0, "XDP passed the TCP and UDP packets");
-    assert!(datapath_events(o, "tc_reject_no_backend") >= 2.0, "tc answered them");
+    assert!(
+        datapath_events(o, "xdp_pass") >= 2.0,
+        "XDP passed the TCP and UDP packets"
+    );
+    assert!(
+        datapath_events(o, "tc_reject_no_backend") >= 2.0,
+        "tc answered them"
+    );
 }
 
 /// The same over IPv6.

@@ -439,7 +439,8 @@ pub fn attach(
                     device: device.clone(),
                     program: XDP_PROGRAM,
                     mode: xdp_mode_name(xdp_mode),
-                    outcome: outcome.map_err(|e| format!("{device}@{XDP_PROGRAM} ({}): {e}", xdp_mode_name(xdp_mode))),
+                    outcome: outcome
+                        .map_err(|e| format!("{device}@{XDP_PROGRAM} ({}): {e}", xdp_mode_name(xdp_mode))),
                 });
             }
         }
@@ -471,7 +472,10 @@ fn xdp_mode(device: &str, kind: Option<DeviceKind>, xdp: XdpAttach) -> Option<Xd
         XdpAttach::Native => Some(XdpMode::Driver),
         XdpAttach::Auto => match host::device_driver(device) {
             Ok(driver) if driver == "veth" => {
-                tracing::info!(device, "veth: tc alone under --xdp auto (native XDP on a veth needs NAPI on its peer; --xdp native forces it)");
+                tracing::info!(
+                    device,
+                    "veth: tc alone under --xdp auto (native XDP on a veth needs NAPI on its peer; --xdp native forces it)"
+                );
                 None
             }
             Ok(_) => Some(XdpMode::Driver),
@@ -520,8 +524,7 @@ fn attach_xdp(ebpf: &mut Ebpf, path: &Path, device: &str, mode: XdpMode) -> Resu
 /// failure leaves XDP sending less, never more: every other packet goes to tc.
 fn write_xdp_devices(pin_dir: &Path, devices: &[String]) {
     let written = (|| -> Result<(), String> {
-        let mut map: DevMapHash<MapData> =
-            typed(pin_dir, names::XDP_DEVICES).map_err(|e| e.to_string())?;
+        let mut map: DevMapHash<MapData> = typed(pin_dir, names::XDP_DEVICES).map_err(|e| e.to_string())?;
         let wanted: Vec<u32> = devices
             .iter()
             .filter_map(|d| nix::net::if_::if_nametoindex(d.as_str()).ok())
@@ -540,10 +543,12 @@ fn write_xdp_devices(pin_dir: &Path, devices: &[String]) {
         Ok(())
     })();
     if let Err(e) = written {
-        tracing::warn!("writing {}: {e}; XDP hands every forwarded packet to tc", names::XDP_DEVICES);
+        tracing::warn!(
+            "writing {}: {e}; XDP hands every forwarded packet to tc",
+            names::XDP_DEVICES
+        );
     }
 }
-
 
 fn attach_one(
     ebpf: &mut Ebpf,

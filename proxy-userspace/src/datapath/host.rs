@@ -154,7 +154,11 @@ pub(crate) fn device_driver(name: &str) -> io::Result<String> {
     // SAFETY: SIOCETHTOOL reads ifr_name and the command at ifru_data, and writes the
     // ethtool_drvinfo there, which `info` is and which outlives the call.
     unsafe { device_ioctl(SIOCETHTOOL, &mut request)? };
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    let end = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 

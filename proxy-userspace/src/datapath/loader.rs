@@ -569,7 +569,11 @@ mod tests {
                 ..map::<u32, ServiceLabel>(names::SERVICE_LABELS, BPF_MAP_TYPE_HASH, capacity::SERVICE_LABELS)
             },
             // Key an ifindex, value `struct bpf_devmap_val` (ifindex, program fd).
-            map::<u32, u64>(names::XDP_DEVICES, BPF_MAP_TYPE_DEVMAP_HASH, capacity::XDP_DEVICES),
+            map::<u32, u64>(
+                names::XDP_DEVICES,
+                BPF_MAP_TYPE_DEVMAP_HASH,
+                capacity::XDP_DEVICES,
+            ),
         ]
     }
 
