@@ -21,6 +21,25 @@ use crate::{
     route::{self, Route},
 };
 
+/// Calls the packet-bytes helper `$helper` (context, offset, buffer, size) with `$value`, a
+/// pointer to a live, plain-data `T` whose bytes are the buffer (written by a load: any bytes
+/// are a valid `T`; read by a store).
+macro_rules! bytes_helper {
+    ($helper:ident, $ctx:expr, $offset:expr, $value:expr) => {{
+        let value = $value;
+        // SAFETY: the caller passes a pointer to a live value of exactly the size given.
+        let done = unsafe {
+            $helper(
+                $ctx,
+                $offset as u32,
+                value.cast::<c_void>(),
+                size_of_val(&*value) as u32,
+            )
+        };
+        if done == 0 { Ok(()) } else { Err(done) }
+    }};
+}
+
 /// What a translating hook does with packet bytes, and how it ends.
 pub trait Frame: EbpfContext {
     /// Hands the packet on as it is: to the stack at tc; at XDP to the stack, where the tc
@@ -80,17 +99,12 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), i64> {
-        // SAFETY: `dst` is a live, writable value of exactly the size passed, and T here is
-        // always plain data, valid for any bytes the helper writes.
-        let done = unsafe {
-            bpf_skb_load_bytes(
-                self.as_ptr(),
-                offset as u32,
-                core::ptr::from_mut::<T>(dst).cast::<c_void>(),
-                size_of::<T>() as u32,
-            )
-        };
-        if done == 0 { Ok(()) } else { Err(done) }
+        bytes_helper!(
+            bpf_skb_load_bytes,
+            self.as_ptr(),
+            offset,
+            core::ptr::from_mut::<T>(dst)
+        )
     }
 
     #[inline(always)]
@@ -146,30 +160,23 @@ impl Frame for XdpContext {
 
     #[inline(always)]
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), i64> {
-        // SAFETY: as for tc: a live, writable value of the size passed, plain data.
-        let done = unsafe {
-            bpf_xdp_load_bytes(
-                self.ctx,
-                offset as u32,
-                core::ptr::from_mut::<T>(dst).cast::<c_void>(),
-                size_of::<T>() as u32,
-            )
-        };
-        if done == 0 { Ok(()) } else { Err(done) }
+        bytes_helper!(
+            bpf_xdp_load_bytes,
+            self.ctx,
+            offset,
+            core::ptr::from_mut::<T>(dst)
+        )
     }
 
     #[inline(always)]
     fn write<T>(&self, offset: usize, value: &T) -> Result<(), i64> {
-        // SAFETY: `value` is a live value of the size passed; the helper only reads it.
-        let done = unsafe {
-            bpf_xdp_store_bytes(
-                self.ctx,
-                offset as u32,
-                core::ptr::from_ref::<T>(value) as *mut c_void,
-                size_of::<T>() as u32,
-            )
-        };
-        if done == 0 { Ok(()) } else { Err(done) }
+        // The helper only reads through the pointer it is given.
+        bytes_helper!(
+            bpf_xdp_store_bytes,
+            self.ctx,
+            offset,
+            core::ptr::from_ref::<T>(value).cast_mut()
+        )
     }
 
     #[inline(always)]

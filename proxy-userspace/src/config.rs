@@ -995,6 +995,30 @@ nodePortAddresses: null
     }
 
     #[test]
+    fn xdp_comes_from_the_flag_else_the_file_else_auto_and_a_bad_mode_is_named() {
+        assert_eq!(resolved(&[], "").unwrap().xdp, XdpAttach::Auto);
+        let file = "bpfKubeProxy: {xdp: generic}\n";
+        assert_eq!(resolved(&[], file).unwrap().xdp, XdpAttach::Generic);
+        assert_eq!(resolved(&["--xdp", "off"], file).unwrap().xdp, XdpAttach::Off);
+        assert_eq!(resolved(&["--xdp", "native"], "").unwrap().xdp, XdpAttach::Native);
+        let err = parse(&format!(
+            "apiVersion: {API_VERSION}\nkind: {KIND}\nbpfKubeProxy: {{xdp: fast}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("bpfKubeProxy.xdp") && err.contains("\"fast\" is not auto, native, generic or off"),
+            "{err}"
+        );
+        let flag = <Run as clap::Parser>::try_parse_from(["run", "--xdp", "drv"]).unwrap_err();
+        assert!(
+            flag.to_string()
+                .contains("\"drv\" is not auto, native, generic or off"),
+            "{flag}"
+        );
+    }
+
+    #[test]
     fn the_node_name_and_kubeconfig_flags_win_over_the_file() {
         let file = "hostnameOverride: n2\nclientConnection: {kubeconfig: /file}\n";
         let o = resolved(&["--kubeconfig", "/flag"], file).unwrap();

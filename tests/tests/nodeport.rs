@@ -873,6 +873,46 @@ fn program_id(line: &str) -> u32 {
         .unwrap_or_else(|| panic!("no program id in {line:?}"))
 }
 
+/// SIGKILLs the agent and starts it again while a client GETs the NodePort 150 times, 10 ms
+/// apart; the GETs that failed.
+fn kill_and_restart_under_traffic(o: &mut Outside) -> Vec<String> {
+    let Outside { ext, world, .. } = o;
+    let ext: &Netns = ext;
+    std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            (0..150)
+                .filter_map(|_| {
+                    std::thread::sleep(Duration::from_millis(10));
+                    http_get(ext, target(NODE_IP, NODE_PORT))
+                        .err()
+                        .map(|e| e.to_string())
+                })
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        world.stop_agent(Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        world.start_agent();
+        clients.join().expect("client thread")
+    })
+}
+
+/// Stops the agent and runs `cleanup` on its pin dir in the node; what it printed.
+fn stop_and_clean_up(o: &mut Outside) -> String {
+    o.world.stop_agent(Signal::SIGTERM);
+    let out = o
+        .world
+        .topology
+        .node
+        .command(integration_tests::binary())
+        .args(["cleanup", "--pin-dir"])
+        .arg(o.world.pin_dir())
+        .output()
+        .expect("running cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Kernels without TCX (< 6.6): the tc programs are cls_bpf filters attached through netlink.
 /// The filters outlive a SIGKILLed agent (traffic keeps flowing while none runs), a restarted
 /// agent replaces each in place (one filter per device and direction, now running its new
@@ -905,25 +945,7 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
     who(&o, target(NODE_IP, NODE_PORT));
 
     // Clients keep connecting through the NodePort while the agent is killed and restarted.
-    let Outside { ext, world, .. } = &mut o;
-    let ext: &Netns = ext;
-    let failures = std::thread::scope(|scope| {
-        let clients = scope.spawn(|| {
-            (0..150)
-                .filter_map(|_| {
-                    std::thread::sleep(Duration::from_millis(10));
-                    http_get(ext, target(NODE_IP, NODE_PORT))
-                        .err()
-                        .map(|e| e.to_string())
-                })
-                .collect::<Vec<_>>()
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        world.stop_agent(Signal::SIGKILL);
-        std::thread::sleep(Duration::from_millis(300));
-        world.start_agent();
-        clients.join().expect("client thread")
-    });
+    let failures = kill_and_restart_under_traffic(&mut o);
     assert!(
         failures.is_empty(),
         "{} of 150 failed: {failures:?}",
@@ -950,22 +972,8 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
     }
     who(&o, target(NODE_IP, NODE_PORT));
 
-    o.world.stop_agent(Signal::SIGTERM);
-    let out = o
-        .world
-        .topology
-        .node
-        .command(integration_tests::binary())
-        .args(["cleanup", "--pin-dir"])
-        .arg(o.world.pin_dir())
-        .output()
-        .expect("running cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("4 tc attachments removed"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let removed = stop_and_clean_up(&mut o);
+    assert!(removed.contains("4 tc attachments removed"), "{removed}");
     for (device, dir, _) in &before {
         assert_eq!(
             our_filters(&o, device, dir),
@@ -1401,4 +1409,58 @@ fn assert_refused_through_tc(o: &Outside) {
 #[test]
 fn ipv6_xdp_nodeport_rejects_without_endpoints_through_tc() {
     assert_refused_through_tc(&assert_refused_then_released(&IPV6, Uplink::VethXdp));
+}
+
+/// The XDP program on `device` of the node: (attach mode, program id) as `ip -j link` shows
+/// it (mode 1 native, 2 generic), or `None`.
+fn xdp_on(o: &Outside, device: &str) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            o.world.topology.node.name(),
+            "-j",
+            "link",
+            "show",
+            "dev",
+            device,
+        ])
+        .output()
+        .expect("ip link");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let xdp = &links[0]["xdp"];
+    Some((xdp["mode"].as_u64()?, xdp["prog"]["id"].as_u64()?))
+}
+
+/// The XDP links are pinned: they outlive a SIGKILLed agent (traffic keeps flowing), a
+/// restarted agent points them at its new program in place (native still), and `cleanup`
+/// removes them with the tc attachments.
+#[test]
+fn xdp_links_survive_sigkill_update_in_place_and_cleanup_removes_them() {
+    const NATIVE: u64 = 1;
+    let mut o = IPV4.started_over(Uplink::VethXdp);
+    let before: Vec<(u64, u64)> = ["up0", "n2"]
+        .iter()
+        .map(|d| xdp_on(&o, d).unwrap_or_else(|| panic!("XDP on {d}")))
+        .collect();
+    assert!(before.iter().all(|(mode, _)| *mode == NATIVE), "{before:?}");
+    assert!(o.world.pin_dir().join("tc/up0@bkp_xdp-native").exists());
+
+    let failures = kill_and_restart_under_traffic(&mut o);
+    assert!(
+        failures.is_empty(),
+        "{} of 150 failed: {failures:?}",
+        failures.len()
+    );
+    for (device, (mode, id)) in ["up0", "n2"].iter().zip(&before) {
+        let now = xdp_on(&o, device).unwrap_or_else(|| panic!("XDP on {device} after restart"));
+        assert_eq!(now.0, *mode, "{device}: still native");
+        assert_ne!(now.1, *id, "{device}: runs the new agent's program");
+    }
+    assert_local_and_remote_reached(&o, &IPV4);
+
+    let removed = stop_and_clean_up(&mut o);
+    assert!(removed.contains("6 tc attachments removed"), "{removed}");
+    for device in ["up0", "n2"] {
+        assert_eq!(xdp_on(&o, device), None, "{device}: XDP detached");
+    }
 }
