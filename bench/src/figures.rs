@@ -795,7 +795,7 @@ fn flood(
         ip[16..20].copy_from_slice(&target.ip().octets());
         let sum = proxy_common::checksum::finish(proxy_common::checksum::partial(
             0,
-            &*<&[u8; 20]>::try_from(&*ip).expect("20 bytes"),
+            <&[u8; 20]>::try_from(&*ip).expect("20 bytes"),
         ));
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
         let udp = &mut frame[34..42];
