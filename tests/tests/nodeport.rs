@@ -1361,6 +1361,13 @@ fn xdp_nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
     let o = IPV4.started_over(Uplink::VethXdp);
     assert_local_and_remote_reached(&o, &IPV4);
     assert_xdp_opened_every_flow(&o, 70.0);
+    let (_, metrics) = o.world.http_get("/metrics", "/metrics");
+    for device in ["up0", "n2"] {
+        let series = format!(
+            "bpf_kube_proxy_tc_attachments{{device=\"{device}\",program=\"bkp_xdp\",mode=\"native\",state=\"attached\"}}"
+        );
+        assert_eq!(metric_sample(&metrics, &series), Some(1.0), "{series}");
+    }
 }
 
 /// The same over IPv6.
