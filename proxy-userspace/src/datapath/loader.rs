@@ -27,6 +27,22 @@ use crate::datapath::{
     sys,
 };
 
+/// A pinned map's flags as its object declared them: the kernel makes every devmap read-only
+/// to programs (`BPF_F_RDONLY_PROG`, kernel/bpf/devmap.c) and refuses that flag at creation,
+/// so no build can declare it, and comparing with it would recreate the map on every restart.
+fn declared_flags(map_type: u32, flags: u32) -> u32 {
+    use aya_obj::generated::{BPF_F_RDONLY_PROG, bpf_map_type};
+    let devmaps = [
+        bpf_map_type::BPF_MAP_TYPE_DEVMAP as u32,
+        bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as u32,
+    ];
+    if devmaps.contains(&map_type) {
+        flags & !BPF_F_RDONLY_PROG
+    } else {
+        flags
+    }
+}
+
 /// The datapath object, built by this crate's build script.
 pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -354,7 +370,7 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<Vec<Recreat
                     info.key_size,
                     info.value_size,
                     info.max_entries,
-                    info.map_flags,
+                    declared_flags(info.map_type, info.map_flags),
                 );
                 let only_capacity = (pinned_shape.0, pinned_shape.1, pinned_shape.2, pinned_shape.4)
                     == (shape.0, shape.1, shape.2, shape.4);
