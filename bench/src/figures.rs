@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use bkp_sandbox::{cgroup, netns, servers::Servers, topology::Topology, unique_suffix};
+use bpf_kube_proxy::datapath::host::Offload;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
@@ -659,13 +660,16 @@ fn tc_cost_figure(n: usize, results: &mut Results) -> anyhow::Result<()> {
 /// Field order is drop order: the server stops before its namespace goes.
 struct NodeLab {
     _servers: Servers,
+    /// Where the packet-rate flood lands; never read (the device's count is the figure).
+    _sink: std::net::UdpSocket,
     client: netns::Netns,
-    _backend: netns::Netns,
+    backend: netns::Netns,
     node: netns::Netns,
 }
 
 const LAB_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
 const LAB_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const LAB_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 2);
 
 impl NodeLab {
     fn create(runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
@@ -687,17 +691,52 @@ impl NodeLab {
         }
         client.ip(&["route", "add", "default", "via", "10.210.0.1"])?;
         backend.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+        // The far ends of up0 and be0 as a wire's would be for native XDP (NAPI to take the
+        // frames XDP sends, whole checksums from the senders), for every implementation alike.
+        for ns in [&client, &backend] {
+            ns.offload("eth0", Offload::Gro, true)?;
+            ns.offload("eth0", Offload::TxChecksum, false)?;
+        }
         let mut servers = Servers::default();
         {
             let _guard = runtime.enter();
             servers.http(&backend, BACKEND_PORT, "backend")?;
         }
+        let sink = backend.run(|| std::net::UdpSocket::bind((LAB_BACKEND, BACKEND_PORT)))?;
         Ok(Self {
             _servers: servers,
+            _sink: sink,
             client,
-            _backend: backend,
+            backend,
             node,
         })
+    }
+
+    /// Packets per second delivered to the backend while the client floods `target` with
+    /// 64-byte UDP frames for `seconds` (see [`flood`]), counted on the backend's device.
+    fn packets_per_second(&self, what: &str, target: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
+        println!("pps            {what:<9} UDP flood to {target} for {seconds}s");
+        let macs = (mac_of(&self.client, "eth0")?, mac_of(&self.node, "up0")?);
+        let before = self.backend_rx()?;
+        let started = Instant::now();
+        self.client
+            .run(move || flood("eth0", macs, LAB_CLIENT, target, Duration::from_secs(seconds)))?;
+        let elapsed = started.elapsed().as_secs_f64();
+        // Let the last batches drain through the node.
+        std::thread::sleep(Duration::from_millis(100));
+        Ok((self.backend_rx()? - before) as f64 / elapsed)
+    }
+
+    /// Packets the backend's device has received.
+    fn backend_rx(&self) -> anyhow::Result<u64> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", self.backend.name(), "-s", "-j", "link", "show", "eth0"])
+            .output()
+            .context("ip -s link")?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j output")?;
+        links[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .context("no rx packet count in ip -s -j link")
     }
 
     /// Requests per second `wrk` gets from the client namespace against `url` through `what`.
@@ -728,6 +767,127 @@ impl NodeLab {
     }
 }
 
+/// Sends 64-byte UDP frames (no UDP checksum, as IPv4 allows) from `source` to `target` for
+/// `duration` through the packet socket of `device` (`from_mac` to `to_mac`), 64 at a time
+/// past the qdisc: far cheaper per packet than a UDP socket, so that what is measured is the
+/// node more than the sender, which shares the node's CPU (a veth runs its peer's receive
+/// on the sending CPU). 16 flows (source ports), round-robin.
+fn flood(
+    device: &str,
+    (from_mac, to_mac): ([u8; 6], [u8; 6]),
+    source: Ipv4Addr,
+    target: SocketAddr,
+    duration: Duration,
+) -> std::io::Result<()> {
+    const BATCH: usize = 64;
+    const FLOWS: usize = 16;
+    let SocketAddr::V4(target) = target else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let mut frames = [[0u8; 60]; FLOWS];
+    for (flow, frame) in frames.iter_mut().enumerate() {
+        frame[0..6].copy_from_slice(&to_mac);
+        frame[6..12].copy_from_slice(&from_mac);
+        frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut frame[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&46u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proxy_common::proto::UDP;
+        ip[12..16].copy_from_slice(&source.octets());
+        ip[16..20].copy_from_slice(&target.ip().octets());
+        let sum = proxy_common::checksum::finish(proxy_common::checksum::partial(
+            0,
+            <&[u8; 20]>::try_from(&*ip).expect("20 bytes"),
+        ));
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let udp = &mut frame[34..42];
+        udp[0..2].copy_from_slice(&(40_000 + flow as u16).to_be_bytes());
+        udp[2..4].copy_from_slice(&target.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&26u16.to_be_bytes());
+    }
+    let name = std::ffi::CString::new(device).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: plain socket(2); protocol 0 receives nothing, the socket only sends.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned from here on.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes then the fields bind reads.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    address.sll_ifindex = ifindex as i32;
+    let one: libc::c_int = 1;
+    // SAFETY: the pointers are to live values of the sizes passed.
+    let ready = unsafe {
+        libc::bind(
+            fd,
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        ) == 0
+            && libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as u32,
+            ) == 0
+    };
+    if !ready {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut iovs: Vec<libc::iovec> = (0..BATCH)
+        .map(|i| libc::iovec {
+            iov_base: frames[i % FLOWS].as_mut_ptr().cast(),
+            iov_len: frames[i % FLOWS].len(),
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain data; all zeroes is a valid empty header.
+    let mut messages: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (m, iov) in messages.iter_mut().zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        // SAFETY: `messages` holds BATCH headers, each pointing at one iovec and frame, all
+        // alive for the call; the socket is bound, so no address is needed. A full device
+        // queue refuses some: the flood goes on.
+        unsafe {
+            libc::sendmmsg(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                messages.as_mut_ptr(),
+                BATCH as u32,
+                0,
+            )
+        };
+    }
+    Ok(())
+}
+
+/// The MAC address of `device` in `netns`.
+fn mac_of(netns: &netns::Netns, device: &str) -> anyhow::Result<[u8; 6]> {
+    let out = Command::new("ip")
+        .args(["-n", netns.name(), "-j", "link", "show", "dev", device])
+        .output()
+        .context("ip link")?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j output")?;
+    let text = links[0]["address"].as_str().context("no address in ip -j link")?;
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {text}"))?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC {text}"))
+}
+
 /// The N the NodePort figure runs at: the largest up to 10 000, where kube-proxy's rulesets
 /// still load in bounded time.
 pub fn nodeport_n(opts: &Opts) -> usize {
@@ -747,7 +907,7 @@ pub fn nodeport_n(opts: &Opts) -> usize {
 fn nodeport_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
     let n = nodeport_n(opts);
     let target = n.min(rulesets::MAX_NODE_PORTS) - 1;
-    let svcs = world::services(n, |i, e| {
+    let mut svcs = world::services(n, |i, e| {
         if i == target {
             LAB_BACKEND
         } else {
@@ -757,19 +917,32 @@ fn nodeport_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
     let node_port = svcs[target]
         .node_port
         .context("the target Service has a NodePort")?;
+    // The packet-rate figure's UDP twin of the target, on the same NodePort number: last in
+    // iptables' KUBE-NODEPORTS chain, as the target is.
+    let mut udp = svcs[target].clone();
+    udp.name = "svc-udp".into();
+    udp.vip = Ipv4Addr::from(0x0a60_0000 + 1 + n as u32);
+    udp.udp = true;
+    svcs.push(udp);
     let url = format!("http://{LAB_NODE_IP}:{node_port}/");
     let direct = format!("http://{LAB_BACKEND}:{BACKEND_PORT}/");
+    let (flood_to, flood_direct) = (
+        SocketAddr::from((LAB_NODE_IP, node_port)),
+        SocketAddr::from((LAB_BACKEND, BACKEND_PORT)),
+    );
     let seconds = if opts.quick { 2 } else { 5 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     let (ipt_text, nft_text) = (rulesets::iptables_full(&svcs), rulesets::nft_full(&svcs));
-    let mut runs: [Vec<f64>; 4] = Default::default();
+    let mut runs: [Vec<f64>; 5] = Default::default();
+    let mut pps: [Vec<f64>; 5] = Default::default();
     // Rounds interleave the implementations, so drift in the machine's speed hits all alike.
     for _ in 0..opts.repeats {
         let lab = NodeLab::create(&runtime)?;
         runs[0].push(lab.requests_per_second("direct", &direct, seconds)?);
+        pps[0].push(lab.packets_per_second("direct", flood_direct, seconds)?);
         drop(lab);
 
         let lab = NodeLab::create(&runtime)?;
@@ -781,29 +954,40 @@ fn nodeport_figure(opts: &Opts, results: &mut Results) -> anyhow::Result<()> {
             rulesets::iptables_jumps(),
         )?;
         runs[1].push(lab.requests_per_second("iptables", &url, seconds)?);
+        pps[1].push(lab.packets_per_second("iptables", flood_to, seconds)?);
         drop(lab);
 
         let lab = NodeLab::create(&runtime)?;
         timed_in(&lab.node, "nft", &["-f", "-"], &nft_text)?;
         runs[2].push(lab.requests_per_second("nftables", &url, seconds)?);
+        pps[2].push(lab.packets_per_second("nftables", flood_to, seconds)?);
         drop(lab);
 
-        let lab = NodeLab::create(&runtime)?;
-        // The backend is on "another node" (no nodeName): the flow is SNATed and its replies
-        // come back on be0, which therefore carries the programs too.
-        let agent = RunningAgent::start(
-            &svcs,
-            Some(&lab.node),
-            &world::Source::Manifests,
-            &["--devices", "up0,be0"],
-        )?;
-        let rate = lab.requests_per_second("ours", &url, seconds);
-        runs[3].push(rate.with_context(|| format!("agent log:\n{}", agent.log()))?);
-        drop(agent);
-        drop(lab);
+        // Ours through tc alone, then with native XDP ahead of it.
+        for (i, (what, xdp)) in [("ours", "off"), ("xdp", "native")].into_iter().enumerate() {
+            let lab = NodeLab::create(&runtime)?;
+            // The backend is on "another node" (no nodeName): the flow is SNATed and its
+            // replies come back on be0, which therefore carries the programs too.
+            let agent = RunningAgent::start(
+                &svcs,
+                Some(&lab.node),
+                &world::Source::Manifests,
+                &["--devices", "up0,be0", "--xdp", xdp],
+            )?;
+            let rate = lab.requests_per_second(what, &url, seconds);
+            runs[3 + i].push(rate.with_context(|| format!("agent log:\n{}", agent.log()))?);
+            let rate = lab.packets_per_second(what, flood_to, seconds);
+            pps[3 + i].push(rate.with_context(|| format!("agent log:\n{}", agent.log()))?);
+            drop(agent);
+            drop(lab);
+        }
     }
-    for (name, values) in ["direct", "iptables", "nftables", "ours"].into_iter().zip(runs) {
+    let names = ["direct", "iptables", "nftables", "ours", "xdp"];
+    for (name, values) in names.into_iter().zip(runs) {
         results.add("nodeport", name, n, "requests_per_s", median(values), "req/s");
+    }
+    for (name, values) in names.into_iter().zip(pps) {
+        results.add("nodeport", name, n, "packets_per_s", median(values), "pps");
     }
     Ok(())
 }

@@ -9,8 +9,10 @@ use crate::{
     figures::{Results, SOCKET_HOOKS},
 };
 
-const IMPLEMENTATIONS: [(&str, RGBColor); 5] = [
+const IMPLEMENTATIONS: [(&str, RGBColor); 6] = [
     ("ours", RGBColor(0x1f, 0x77, 0xb4)),
+    // Ours with native XDP ahead of tc (the NodePort figures).
+    ("xdp", RGBColor(0x17, 0xbe, 0xcf)),
     // The agent restarted over its pinned maps (the memory and ready figures).
     ("restart", RGBColor(0x94, 0x67, 0xbd)),
     ("iptables", RGBColor(0xd6, 0x27, 0x28)),
@@ -19,7 +21,7 @@ const IMPLEMENTATIONS: [(&str, RGBColor); 5] = [
 ];
 
 /// (figure, metric, title, y label, log scale)
-const PLOTS: [(&str, &str, &str, &str, bool); 8] = [
+const PLOTS: [(&str, &str, &str, &str, bool); 9] = [
     (
         "full_sync",
         "median",
@@ -68,6 +70,13 @@ const PLOTS: [(&str, &str, &str, &str, bool); 8] = [
         "requests_per_s",
         "NodePort requests per second from outside the node (higher is better)",
         "req/s",
+        false,
+    ),
+    (
+        "nodeport",
+        "packets_per_s",
+        "NodePort UDP packets per second delivered to the backend under a flood of 64-byte frames (higher is better)",
+        "pps",
         false,
     ),
 ];
@@ -415,8 +424,49 @@ fn targets(opts: &Opts, r: &Results) -> Vec<Target> {
             _ => None,
         },
     ));
+    out.extend(xdp_targets(r, big));
     out.push(maglev_target(r));
     out
+}
+
+/// Issue 17's XDP targets: NodePort requests/s at N against nftables and direct, and the
+/// packet rate a UDP flood gets through against nftables.
+fn xdp_targets(r: &Results, big: usize) -> [Target; 2] {
+    let np = |i: &str| r.get("nodeport", i, big, "requests_per_s");
+    let (xdp, nft, direct) = (np("xdp"), np("nftables"), np("direct"));
+    let pps = |i: &str| r.get("nodeport", i, big, "packets_per_s");
+    let (xdp_pps, nft_pps, tc_pps) = (pps("xdp"), pps("nftables"), pps("ours"));
+    [
+        (
+            format!("NodePort requests/s with XDP at N={big} >= 1.5x nftables, >= 1.0x direct"),
+            format!(
+                "xdp {} req/s; {} of nftables ({} req/s), {} of direct ({} req/s)",
+                cell(xdp),
+                ratio(xdp, nft),
+                cell(nft),
+                ratio(xdp, direct),
+                cell(direct)
+            ),
+            match (xdp, nft, direct) {
+                (Some(x), Some(n), Some(d)) => Some(x >= 1.5 * n && x >= d),
+                _ => None,
+            },
+        ),
+        (
+            format!("NodePort UDP packets/s with XDP at N={big} >= 2x nftables"),
+            format!(
+                "xdp {} pps; {} of nftables ({} pps); tc alone {} pps",
+                cell(xdp_pps),
+                ratio(xdp_pps, nft_pps),
+                cell(nft_pps),
+                cell(tc_pps)
+            ),
+            match (xdp_pps, nft_pps) {
+                (Some(x), Some(n)) => Some(x >= 2.0 * n),
+                _ => None,
+            },
+        ),
+    ]
 }
 
 /// A figure's table: a column per implementation measured (or given up on) at some N, then

@@ -16,12 +16,19 @@ pub struct Svc {
     /// The NodePort range holds 2 768 ports, so only that many Services can have one.
     pub node_port: Option<u16>,
     pub endpoints: Vec<(std::net::Ipv4Addr, u16)>,
+    /// UDP rather than TCP (the packet-rate figure's Service).
+    pub udp: bool,
 }
 
 /// Ports in kube-proxy's default NodePort range, 30000-32767.
 pub const MAX_NODE_PORTS: usize = 2768;
 
 impl Svc {
+    /// The protocol as iptables and nft name it.
+    pub fn proto(&self) -> &'static str {
+        if self.udp { "udp" } else { "tcp" }
+    }
+
     fn port_name(&self) -> String {
         format!("{}/{}:http", self.namespace, self.name)
     }
@@ -50,17 +57,17 @@ fn hash16(text: &str) -> String {
 }
 
 pub fn svc_chain(s: &Svc) -> String {
-    format!("KUBE-SVC-{}", hash16(&format!("{}tcp", s.port_name())))
+    format!("KUBE-SVC-{}", hash16(&format!("{}{}", s.port_name(), s.proto())))
 }
 
 fn ext_chain(s: &Svc) -> String {
-    format!("KUBE-EXT-{}", hash16(&format!("{}tcp", s.port_name())))
+    format!("KUBE-EXT-{}", hash16(&format!("{}{}", s.port_name(), s.proto())))
 }
 
 pub fn sep_chain(s: &Svc, ep: (std::net::Ipv4Addr, u16)) -> String {
     format!(
         "KUBE-SEP-{}",
-        hash16(&format!("{}tcp{}:{}", s.port_name(), ep.0, ep.1))
+        hash16(&format!("{}{}{}:{}", s.port_name(), s.proto(), ep.0, ep.1))
     )
 }
 
@@ -68,10 +75,10 @@ pub fn sep_chain(s: &Svc, ep: (std::net::Ipv4Addr, u16)) -> String {
 /// rewrites when that Service's endpoints change).
 fn iptables_service_rules(s: &Svc, out: &mut String) {
     let svc = svc_chain(s);
-    let pn = s.port_name();
+    let (pn, p) = (s.port_name(), s.proto());
     let _ = writeln!(
         out,
-        "-A {svc} -m comment --comment \"{pn} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+        "-A {svc} -m comment --comment \"{pn} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
         s.vip, s.port
     );
     let n = s.endpoints.len();
@@ -101,7 +108,7 @@ fn iptables_service_rules(s: &Svc, out: &mut String) {
         );
         let _ = writeln!(
             out,
-            "-A {sep} -m comment --comment {pn} -m tcp -p tcp -j DNAT --to-destination {}:{}",
+            "-A {sep} -m comment --comment {pn} -m {p} -p {p} -j DNAT --to-destination {}:{}",
             ep.0, ep.1
         );
     }
@@ -133,9 +140,10 @@ pub fn iptables_full(services: &[Svc]) -> String {
     out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
     out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
     for s in services {
+        let p = s.proto();
         let _ = writeln!(
             out,
-            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} -j {}",
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
             s.port_name(),
             s.vip,
             s.port,
@@ -143,11 +151,11 @@ pub fn iptables_full(services: &[Svc]) -> String {
         );
     }
     for s in services {
-        let (ext, pn) = (ext_chain(s), s.port_name());
+        let (ext, pn, p) = (ext_chain(s), s.port_name(), s.proto());
         if let Some(node_port) = s.node_port {
             let _ = writeln!(
                 out,
-                "-A KUBE-NODEPORTS -m comment --comment {pn} -m tcp -p tcp --dport {node_port} -j {ext}"
+                "-A KUBE-NODEPORTS -m comment --comment {pn} -m {p} -p {p} --dport {node_port} -j {ext}"
             );
             let _ = writeln!(
                 out,
@@ -198,19 +206,21 @@ pub fn iptables_partial(before: &Svc, after: &Svc) -> String {
 
 pub fn nft_service_chain(s: &Svc) -> String {
     format!(
-        "service-{}-{}/{}/tcp/http",
+        "service-{}-{}/{}/{}/http",
         &hash16(&s.port_name())[..8],
         s.namespace,
-        s.name
+        s.name,
+        s.proto()
     )
 }
 
 fn nft_endpoint_chain(s: &Svc, ep: (std::net::Ipv4Addr, u16)) -> String {
     format!(
-        "endpoint-{}-{}/{}/tcp/http__{}/{}",
+        "endpoint-{}-{}/{}/{}/http__{}/{}",
         &hash16(&format!("{}{}", s.port_name(), ep.0))[..8],
         s.namespace,
         s.name,
+        s.proto(),
         ep.0,
         ep.1
     )
@@ -225,8 +235,10 @@ fn nft_service(s: &Svc, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "add rule ip kube-proxy {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-        s.vip, s.port
+        "add rule ip kube-proxy {chain} ip daddr {} {} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        s.vip,
+        s.proto(),
+        s.port
     );
     let targets: Vec<String> = s
         .endpoints
@@ -247,8 +259,10 @@ fn nft_service(s: &Svc, out: &mut String) {
         );
         let _ = writeln!(
             out,
-            "add rule ip kube-proxy {ec} meta l4proto tcp dnat to {}:{}",
-            ep.0, ep.1
+            "add rule ip kube-proxy {ec} meta l4proto {} dnat to {}:{}",
+            s.proto(),
+            ep.0,
+            ep.1
         );
     }
     let _ = writeln!(
@@ -288,13 +302,16 @@ pub fn nft_full(services: &[Svc]) -> String {
         let chain = nft_service_chain(s);
         let _ = writeln!(
             out,
-            "add element ip kube-proxy service-ips {{ {} . tcp . {} : goto {chain} }}",
-            s.vip, s.port
+            "add element ip kube-proxy service-ips {{ {} . {} . {} : goto {chain} }}",
+            s.vip,
+            s.proto(),
+            s.port
         );
         if let Some(node_port) = s.node_port {
             let _ = writeln!(
                 out,
-                "add element ip kube-proxy service-nodeports {{ tcp . {node_port} : goto {chain} }}"
+                "add element ip kube-proxy service-nodeports {{ {} . {node_port} : goto {chain} }}",
+                s.proto()
             );
         }
     }
@@ -330,6 +347,7 @@ mod tests {
             endpoints: (0..eps)
                 .map(|e| (std::net::Ipv4Addr::from(0x0a80_0000 + i * 16 + e as u32), 8080))
                 .collect(),
+            udp: false,
         }
     }
 

@@ -40,6 +40,7 @@ pub fn services(n: usize, endpoint: impl Fn(usize, usize) -> Ipv4Addr) -> Vec<Sv
             port: 80,
             node_port: (i < crate::rulesets::MAX_NODE_PORTS).then(|| 30000 + i as u16),
             endpoints: (0..ENDPOINTS).map(|e| (endpoint(i, e), BACKEND_PORT)).collect(),
+            udp: false,
         })
         .collect()
 }
@@ -52,7 +53,7 @@ pub fn unique_endpoint(i: usize, e: usize) -> Ipv4Addr {
 /// The Service as Kubernetes writes it: type NodePort when the kube-proxy rulesets give it
 /// one, so every implementation programs the same frontends.
 pub fn k8s_service(s: &Svc) -> Service {
-    let mut port = serde_json::json!({"name": "http", "port": s.port, "protocol": "TCP"});
+    let mut port = serde_json::json!({"name": "http", "port": s.port, "protocol": protocol(s)});
     if let Some(node_port) = s.node_port {
         port["nodePort"] = node_port.into();
     }
@@ -66,6 +67,11 @@ pub fn k8s_service(s: &Svc) -> Service {
         }
     }))
     .expect("a valid Service")
+}
+
+/// The protocol as Kubernetes names it.
+fn protocol(s: &Svc) -> &'static str {
+    if s.udp { "UDP" } else { "TCP" }
 }
 
 /// The node address the in-process datapath serves NodePorts on, as the agent would on a
@@ -247,7 +253,7 @@ impl Drop for RunningAgent {
 
 pub fn k8s_slice(s: &Svc) -> EndpointSlice {
     let ips: Vec<IpAddr> = s.endpoints.iter().map(|(ip, _)| (*ip).into()).collect();
-    slice_of(&s.namespace, &s.name, ("http", "TCP"), &ips)
+    slice_of(&s.namespace, &s.name, ("http", protocol(s)), &ips)
 }
 
 /// The one EndpointSlice of Service `namespace/service`: `ips` ready at [`BACKEND_PORT`] on

@@ -40,11 +40,20 @@ pub enum Counter {
     /// tc: a Maglev frontend's table was missing, or named a backend that is gone: the
     /// flow's backend was drawn at random instead.
     TcMaglevMiss,
+    /// XDP: a packet to a NodePort, LoadBalancer IP or externalIP started a translated flow
+    /// (even when tc then sends that first packet: see `XdpPass`). The other tc_* reasons
+    /// count XDP's drops too.
+    XdpNewFlow,
+    /// XDP: a later packet of a flow was translated by its conntrack entry (either direction).
+    XdpTracked,
+    /// XDP: a packet of ours was handed to tc untouched (a refusal to build, a next hop not
+    /// resolved yet, a route out of a device without native XDP).
+    XdpPass,
 }
 
 impl Counter {
     /// Every counter in index order: what the agent sums and labels, and what `COUNT` sizes.
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 20] = [
         Counter::SockForward,
         Counter::SockReverse,
         Counter::SockRejectNoBackend,
@@ -62,6 +71,9 @@ impl Counter {
         Counter::TcSnatFailed,
         Counter::TcFragment,
         Counter::TcMaglevMiss,
+        Counter::XdpNewFlow,
+        Counter::XdpTracked,
+        Counter::XdpPass,
     ];
 
     /// Size of the counters map.
@@ -87,6 +99,9 @@ impl Counter {
             Counter::TcSnatFailed => "tc_snat_failed",
             Counter::TcFragment => "tc_fragment",
             Counter::TcMaglevMiss => "tc_maglev_miss",
+            Counter::XdpNewFlow => "xdp_new_flow",
+            Counter::XdpTracked => "xdp_tracked",
+            Counter::XdpPass => "xdp_pass",
         }
     }
 }

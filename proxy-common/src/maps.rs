@@ -64,6 +64,9 @@ pub const SOURCE_RANGES_V6: &str = "bkp_srcrng_v6";
 /// Node settings map (array of one entry, key 0), [`NodeConfig`]. The agent writes it at start;
 /// the tc programs read it.
 pub const NODE: &str = "bkp_node";
+/// Devices XDP may send frames to (devmap hash), ifindex → ifindex: those the agent attached
+/// the XDP program to in native mode. XDP hands a packet routed anywhere else to tc.
+pub const XDP_DEVICES: &str = "bkp_xdp_devs";
 
 /// Maglev lookup tables, one map per table size of [`crate::maglev::TABLE_SIZES`] (in that
 /// order): hash of maps keyed by the frontend's rev-NAT id, each inner map an array of one
@@ -75,7 +78,7 @@ pub const MAGLEV: [&str; 3] = ["bkp_maglev_16k", "bkp_maglev_64k", "bkp_maglev_1
 pub const SOCKET_LOCAL: [&str; 2] = [SOCK_FRONTEND_V4, SOCK_FRONTEND_V6];
 
 /// Every map the datapath declares, in the order the agent pins and documents them.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     SERVICES_V4,
     SERVICES_V6,
     BACKENDS_V4,
@@ -97,6 +100,7 @@ pub const ALL: [&str; 21] = [
     MAGLEV[0],
     MAGLEV[1],
     MAGLEV[2],
+    XDP_DEVICES,
 ];
 
 /// Default capacities (max_entries, per family for the per-family maps). The agent overrides
@@ -125,6 +129,8 @@ pub mod capacity {
     /// One Maglev table per external frontend with `lb-algorithm` maglev. A table costs its
     /// size × 4 bytes (64 KiB at 16 381), so memory, not this count, is the real bound.
     pub const MAGLEV: u32 = 65_536;
+    /// Devices with native XDP (`--devices`), keyed by ifindex.
+    pub const XDP_DEVICES: u32 = 256;
 }
 
 /// Which traffic a frontend entry serves (Cilium's "two scopes" idea). Every frontend has a

@@ -8,6 +8,7 @@
 
 mod counters;
 mod family;
+mod frame;
 mod lb;
 mod packet;
 mod reject;
@@ -17,9 +18,9 @@ mod tc;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
-    macros::{btf_map, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    macros::{btf_map, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use proxy_common::{
     counters::Counter,
@@ -104,6 +105,10 @@ static MAGLEV_128K: MaglevTables<131_071> = HashOfMaps::new();
 #[btf_map(name = "bkp_node")]
 static NODE: Array<NodeConfig, 1> = Array::new();
 
+/// The devices XDP may send to (see `frame.rs`), written by the agent as it attaches.
+#[btf_map(name = "bkp_xdp_devs")]
+static XDP_DEVICES: DevMapHash<{ capacity::XDP_DEVICES as usize }> = DevMapHash::new();
+
 #[btf_map(name = "bkp_counters")]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 
@@ -177,6 +182,13 @@ pub fn bkp_tc_ingress_l3(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bkp_tc_egress_l3(ctx: TcContext) -> i32 {
     tc::egress(&ctx, Link::Ip)
+}
+
+/// XDP on Ethernet devices with a native driver (or generic, when asked): NodePort and
+/// friends before an skb is built; the tc pair stays attached and finishes the rest.
+#[xdp]
+pub fn bkp_xdp(ctx: XdpContext) -> u32 {
+    tc::xdp(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,13 +1,11 @@
-//! What the tc path needs to know of each family's packets: where the headers are, how an
-//! address rewrite fixes the checksums, how routing is asked, how a refusal is built. The
-//! translation itself (`tc`) is written once over this trait.
-
-use core::ffi::c_void;
+//! What the translating hooks need to know of each family's packets: where the headers are,
+//! how an address rewrite fixes the checksums, how routing is asked, how a refusal is built.
+//! The translation itself (`tc`) is written once over this trait, and once over the hook
+//! (`frame::Frame`: tc or XDP).
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_F_PSEUDO_HDR, bpf_fib_lookup as FibParams},
-    helpers::{bpf_csum_diff, bpf_skb_load_bytes},
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use proxy_common::{
@@ -17,6 +15,7 @@ use proxy_common::{
 
 use crate::{
     family::{Family, V4, V6},
+    frame::Frame,
     reject,
 };
 
@@ -57,11 +56,11 @@ pub struct Head {
 impl Head {
     /// Reads the head of the packet: one load for most packets, which need no more.
     #[inline(always)]
-    pub fn load(ctx: &TcContext, link: Link) -> Result<Self, i64> {
+    pub fn load<C: Frame>(ctx: &C, link: Link) -> Result<Self, i64> {
         let mut head = Self::default();
         match link {
-            Link::Ethernet => load_into(ctx, 0, &mut head)?,
-            Link::Ip => load_into(ctx, 0, &mut head.ip)?,
+            Link::Ethernet => ctx.load_into(0, &mut head)?,
+            Link::Ip => ctx.load_into(0, &mut head.ip)?,
         }
         Ok(head)
     }
@@ -145,33 +144,17 @@ pub trait TcFamily: Family {
 
     /// Reads the packet's fields into `out` (filled only for `Parsed::Packet`). An out
     /// parameter, because moving an IPv6 packet's fields costs stack the verifier counts.
-    fn parse(ctx: &TcContext, link: Link, head: &Head, out: &mut Packet<Self::Addr>) -> Result<Parsed, i64>;
+    fn parse<C: Frame>(ctx: &C, link: Link, head: &Head, out: &mut Packet<Self::Addr>)
+    -> Result<Parsed, i64>;
     fn client_id(addr: &Self::Addr) -> [u32; 4];
     /// The node's source address for SNAT; the default (all zero) when it has none.
     fn snat_address(config: &NodeConfig) -> Self::Addr;
     /// Folds a checksum difference for changed addresses into the IP header's own checksum.
-    fn fix_ip_checksum(ctx: &TcContext, packet: &Packet<Self::Addr>, diff: u64) -> Result<(), i64>;
+    fn fix_ip_checksum<C: Frame>(ctx: &C, packet: &Packet<Self::Addr>, diff: u32) -> Result<(), i64>;
     /// Fills the family and addresses of a route lookup towards `to.daddr`.
     fn route_params(params: &mut FibParams, to: &CtValue<Self::Addr>);
     /// Answers the packet with a TCP RST or an ICMP port unreachable.
     fn refuse(ctx: &TcContext, packet: &Packet<Self::Addr>) -> i32;
-}
-
-/// Reads `size_of::<T>()` packet bytes at `offset` straight into `dst` (no copy through a
-/// temporary, as `TcContext::load` makes).
-#[inline(always)]
-pub fn load_into<T>(ctx: &TcContext, offset: usize, dst: &mut T) -> Result<(), i64> {
-    // SAFETY: `dst` is a live, writable value of exactly the size passed, and T here is
-    // always made of byte arrays, valid for any bytes the helper writes.
-    let done = unsafe {
-        bpf_skb_load_bytes(
-            ctx.as_ptr(),
-            offset as u32,
-            core::ptr::from_mut::<T>(dst).cast::<c_void>(),
-            size_of::<T>() as u32,
-        )
-    };
-    if done == 0 { Ok(()) } else { Err(done) }
 }
 
 /// The one's-complement checksum difference of replacing `from` by `to` (each a whole
@@ -213,16 +196,16 @@ pub fn csum_of<T>(value: &T, seed: u32) -> Result<u32, i64> {
 
 /// Reads the ports, then (TCP only) the flags, in one load.
 #[inline(always)]
-fn ports(ctx: &TcContext, l4: usize, protocol: u8) -> Result<(u16, u16, u8), i64> {
+fn ports<C: Frame>(ctx: &C, l4: usize, protocol: u8) -> Result<(u16, u16, u8), i64> {
     if protocol == proto::TCP {
-        let tcp: [u8; TCP_FLAGS + 1] = ctx.load(l4)?;
+        let tcp: [u8; TCP_FLAGS + 1] = ctx.read(l4)?;
         Ok((
             u16::from_be_bytes([tcp[0], tcp[1]]),
             u16::from_be_bytes([tcp[2], tcp[3]]),
             tcp[TCP_FLAGS],
         ))
     } else {
-        let udp: [u8; 4] = ctx.load(l4)?;
+        let udp: [u8; 4] = ctx.read(l4)?;
         Ok((
             u16::from_be_bytes([udp[0], udp[1]]),
             u16::from_be_bytes([udp[2], udp[3]]),
@@ -256,7 +239,7 @@ impl TcFamily for V4 {
     const PSEUDO_FLAGS: u64 = BPF_F_PSEUDO_HDR as u64;
 
     #[inline(always)]
-    fn parse(ctx: &TcContext, link: Link, head: &Head, out: &mut Packet<AddrV4>) -> Result<Parsed, i64> {
+    fn parse<C: Frame>(ctx: &C, link: Link, head: &Head, out: &mut Packet<AddrV4>) -> Result<Parsed, i64> {
         let ip = &head.ip;
         let version_ihl = ip[0];
         let ihl = usize::from(version_ihl & 0x0f) * 4;
@@ -289,8 +272,8 @@ impl TcFamily for V4 {
     }
 
     #[inline(always)]
-    fn fix_ip_checksum(ctx: &TcContext, packet: &Packet<AddrV4>, diff: u64) -> Result<(), i64> {
-        ctx.l3_csum_replace(packet.ip(IP_CSUM), 0, diff, 0)
+    fn fix_ip_checksum<C: Frame>(ctx: &C, packet: &Packet<AddrV4>, diff: u32) -> Result<(), i64> {
+        ctx.ip_csum_add(packet.ip(IP_CSUM), diff)
     }
 
     #[inline(always)]
@@ -330,7 +313,7 @@ impl TcFamily for V6 {
     const PSEUDO_FLAGS: u64 = BPF_F_PSEUDO_HDR as u64 | BPF_F_IPV6;
 
     #[inline(always)]
-    fn parse(ctx: &TcContext, link: Link, head: &Head, out: &mut Packet<AddrV6>) -> Result<Parsed, i64> {
+    fn parse<C: Frame>(ctx: &C, link: Link, head: &Head, out: &mut Packet<AddrV6>) -> Result<Parsed, i64> {
         // Version and traffic class, flow label, payload length, next header, hop limit: all
         // within the head already read.
         let fixed = &head.ip;
@@ -343,7 +326,7 @@ impl TcFamily for V6 {
         for _ in 0..IP6_MAX_EXT {
             match next {
                 IP6_HOP_BY_HOP | IP6_ROUTING | IP6_DEST_OPTS => {
-                    let ext: [u8; 2] = ctx.load(l4)?;
+                    let ext: [u8; 2] = ctx.read(l4)?;
                     next = ext[0];
                     l4 += (usize::from(ext[1]) + 1) * 8;
                 }
@@ -355,8 +338,8 @@ impl TcFamily for V6 {
             return Ok(Parsed::Other);
         }
         (out.sport, out.dport, out.tcp_flags) = ports(ctx, l4, next)?;
-        load_into(ctx, l3 + IP6_SADDR, &mut out.saddr)?;
-        load_into(ctx, l3 + IP6_SADDR + 16, &mut out.daddr)?;
+        ctx.load_into(l3 + IP6_SADDR, &mut out.saddr)?;
+        ctx.load_into(l3 + IP6_SADDR + 16, &mut out.daddr)?;
         out.proto = next;
         out.l3 = l3 as u8;
         out.l4 = l4;
@@ -374,7 +357,7 @@ impl TcFamily for V6 {
     }
 
     #[inline(always)]
-    fn fix_ip_checksum(_ctx: &TcContext, _packet: &Packet<AddrV6>, _diff: u64) -> Result<(), i64> {
+    fn fix_ip_checksum<C: Frame>(_ctx: &C, _packet: &Packet<AddrV6>, _diff: u32) -> Result<(), i64> {
         Ok(())
     }
 

@@ -15,7 +15,10 @@ use proxy_common::{
     proto,
 };
 
-use crate::packet::{Packet, csum_of, load_into};
+use crate::{
+    frame::Frame as _,
+    packet::{Packet, csum_of},
+};
 
 const SHOT: i32 = TC_ACT_SHOT;
 const IP_HLEN: usize = 20;
@@ -113,7 +116,7 @@ fn unreachable_v4(ctx: &TcContext, packet: &Packet<AddrV4>) -> Result<i32, i64> 
         header: [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
         quoted: [0; IP_HLEN + QUOTED_TAIL],
     };
-    load_into(ctx, packet.ip(0), &mut icmp.quoted)?;
+    ctx.load_into(packet.ip(0), &mut icmp.quoted)?;
     let sum = checksum(0, &icmp)?;
     icmp.header[2..4].copy_from_slice(&sum);
     send(
@@ -130,7 +133,7 @@ fn unreachable_v6(ctx: &TcContext, packet: &Packet<AddrV6>) -> Result<i32, i64> 
         header: [ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
         quoted: [0; IP6_HLEN + QUOTED_TAIL],
     };
-    load_into(ctx, packet.ip(0), &mut icmp.quoted)?;
+    ctx.load_into(packet.ip(0), &mut icmp.quoted)?;
     // ICMPv6, unlike ICMP, covers a pseudo-header.
     let pseudo = pseudo_v6(packet, ICMP6, size_of_val(&icmp));
     let sum = checksum(pseudo, &icmp)?;

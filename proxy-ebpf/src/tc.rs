@@ -6,10 +6,10 @@
 //! Egress translates replies of local backends on their way back to the client.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     conntrack,
@@ -23,13 +23,11 @@ use crate::{
     NODE,
     counters::bump,
     family::{V4, V6},
+    frame::Frame,
     lb::{self, Client, Draw, Reason, Selected, copy_of},
     packet::{Head, Link, Packet, Parsed, TcFamily, csum_diff},
-    route,
+    route::{self, Route},
 };
-
-const OK: i32 = TC_ACT_OK;
-const SHOT: i32 = TC_ACT_SHOT;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -47,14 +45,14 @@ enum Hook {
 /// Reads the link-layer header and a minimal IPv4 header in one load (most packets need no
 /// more), then hands the packet to its family.
 #[inline(always)]
-fn on_packet(ctx: &TcContext, link: Link, hook: Hook) -> i32 {
+fn on_packet<C: Frame>(ctx: &C, link: Link, hook: Hook) -> i32 {
     let Ok(head) = Head::load(ctx, link) else {
-        return OK;
+        return C::PASS;
     };
     match head.ether_type(link) {
-        t if t == V4::ETHER_TYPE => translate::<V4>(ctx, link, &head, hook),
-        t if t == V6::ETHER_TYPE => translate::<V6>(ctx, link, &head, hook),
-        _ => OK,
+        t if t == V4::ETHER_TYPE => translate::<C, V4>(ctx, link, &head, hook),
+        t if t == V6::ETHER_TYPE => translate::<C, V6>(ctx, link, &head, hook),
+        _ => C::PASS,
     }
 }
 
@@ -63,31 +61,32 @@ fn on_packet(ctx: &TcContext, link: Link, hook: Hook) -> i32 {
 /// values and answers are large, so each stage's frame exists only while it runs (the
 /// program's own frame holds just the packet's fields and the chosen backend).
 #[inline(always)]
-fn translate<F: TcFamily>(ctx: &TcContext, link: Link, head: &Head, hook: Hook) -> i32 {
+fn translate<C: Frame, F: TcFamily>(ctx: &C, link: Link, head: &Head, hook: Hook) -> i32 {
     let mut packet = Packet::default();
     match F::parse(ctx, link, head, &mut packet) {
         Ok(Parsed::Packet) => {}
         Ok(Parsed::Fragment) => {
-            if hook == Hook::Ingress {
+            // Counted once, by tc, which every fragment XDP passes meets next.
+            if hook == Hook::Ingress && !C::BEFORE_TC {
                 bump(Counter::TcFragment);
             }
-            return OK;
+            return C::PASS;
         }
-        Ok(Parsed::Other) | Err(_) => return OK,
+        Ok(Parsed::Other) | Err(_) => return C::PASS,
     }
-    if let Some(verdict) = tracked::<F>(ctx, &packet, hook, false) {
+    if let Some(verdict) = tracked::<C, F>(ctx, &packet, hook, false) {
         return verdict;
     }
     if hook == Hook::Egress {
-        return OK;
+        return C::PASS;
     }
     let mut selected = Selected::default();
     // (SNAT, source port): a pair rather than an Option, whose payload a BPF call would pass
     // uninitialised (which the verifier refuses) when it is None.
     let (snat, snat_port) = match new_flow::<F>(&packet, &mut selected) {
-        Start::Pass => return OK,
-        Start::Drop => return SHOT,
-        Start::Refuse => return F::refuse(ctx, &packet),
+        Start::Pass => return C::PASS,
+        Start::Drop => return C::DROP,
+        Start::Refuse => return ctx.refuse::<F>(&packet),
         Start::Open => (false, 0),
         // Called from here, not from `open_flow`: nested, the two frames would take the IPv6
         // chain past Linux 6.1's stack bound (it rounds each frame up to 32 bytes). The claim
@@ -96,16 +95,16 @@ fn translate<F: TcFamily>(ctx: &TcContext, link: Link, head: &Head, hook: Hook) 
             Some(port) => (true, port),
             None => {
                 bump(Counter::TcSnatFailed);
-                return SHOT;
+                return C::DROP;
             }
         },
     };
     // The first packet is translated by the entries just made, as every later one is: one
     // more lookup, but the translation lives in one place and off the recording's frame.
     if open_flow::<F>(&packet, &selected, snat, snat_port) {
-        tracked::<F>(ctx, &packet, hook, true).unwrap_or(SHOT)
+        tracked::<C, F>(ctx, &packet, hook, true).unwrap_or(C::DROP)
     } else {
-        SHOT
+        C::DROP
     }
 }
 
@@ -135,6 +134,17 @@ pub fn egress(ctx: &TcContext, link: Link) -> i32 {
     on_packet(ctx, link, Hook::Egress)
 }
 
+/// XDP on an external Ethernet device: what tc ingress does, before an skb exists. What it
+/// cannot finish (a refusal, a next hop not resolved yet, a device XDP cannot send to, a
+/// fragment, IPv6 extension headers beyond the parser's) it passes untouched to the stack,
+/// where the tc program on the same device handles it from the same maps. A packet it
+/// translated and passed (DNAT to a backend behind a local bridge) is no frontend's and
+/// matches no conntrack key any more, so tc leaves it alone.
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext) -> u32 {
+    on_packet(ctx, Link::Ethernet, Hook::Ingress) as u32
+}
+
 /// The node settings and the time, read only once a packet turns out to be ours: most
 /// packets on a device belong to no flow and no frontend. The settings are used in place, not
 /// copied: a copy of the IPv6 address in them would be spilled across every helper call.
@@ -148,7 +158,7 @@ fn clock() -> Option<(&'static NodeConfig, u64)> {
 /// Translates a packet of a known flow (`first`: the packet that opened it); `None` when
 /// conntrack has no live entry for it (or, at egress, none for a reply).
 #[inline(never)]
-fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, first: bool) -> Option<i32> {
+fn tracked<C: Frame, F: TcFamily>(ctx: &C, packet: &Packet<F::Addr>, hook: Hook, first: bool) -> Option<i32> {
     let entry_ptr = F::conntrack().get_ptr_mut(packet.ct_key())?;
     // SAFETY: the pointer comes from a successful lookup and stays valid for this program run
     // (RCU). The entry is used in place rather than copied, to spare IPv6's stack: its
@@ -184,20 +194,31 @@ fn tracked<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, hook: Hook, f
             }
         }
     }
-    if rewrite::<F>(ctx, packet, entry).is_err() {
-        return Some(SHOT);
-    }
-    bump(if first {
-        Counter::TcNewFlow
-    } else {
-        Counter::TcTracked
-    });
+    let translated = if first { C::NEW_FLOW } else { C::TRACKED };
     // At ingress, a reply now comes from a frontend and a SNATed packet from the node: both
-    // must bypass the stack's input checks. Egress is past them.
-    if hook == Hook::Ingress && (reply || flags & ct_flags::SNAT != 0) {
-        return Some(route::forward::<F>(ctx, packet, entry));
+    // must bypass the stack's input checks, so they are sent out from here. Egress is past them.
+    let forwarded = hook == Hook::Ingress && (reply || flags & ct_flags::SNAT != 0);
+    let mut route = Route::default();
+    if forwarded && !route::lookup::<C, F>(ctx, packet, entry, &mut route) {
+        if !C::BEFORE_TC {
+            return Some(C::DROP);
+        }
+        // Opened here all the same: tc finds the entries and finishes the packet.
+        if first {
+            bump(translated);
+        }
+        bump(Counter::XdpPass);
+        return Some(C::PASS);
     }
-    Some(OK)
+    if rewrite::<C, F>(ctx, packet, entry).is_err() {
+        return Some(C::DROP);
+    }
+    bump(translated);
+    Some(if forwarded {
+        ctx.send::<F>(packet, &route)
+    } else {
+        C::PASS
+    })
 }
 
 /// The first packet of a flow: is it for an external frontend, may the client use it, and
@@ -247,10 +268,8 @@ fn new_flow<F: TcFamily>(packet: &Packet<F::Addr>, selected: &mut Selected<F::Ad
                 Start::Open
             }
         }
-        Err(Reason::NoBackend) => {
-            bump(Counter::TcRejectNoBackend);
-            Start::Refuse
-        }
+        // Counted where it is answered (`Frame::refuse`).
+        Err(Reason::NoBackend) => Start::Refuse,
         Err(Reason::BackendMissing) => {
             bump(Counter::TcBackendMissing);
             Start::Drop
@@ -432,7 +451,11 @@ fn claim_snat<F: TcFamily>(packet: &Packet<F::Addr>, selected: &Selected<F::Addr
 /// follows from the entry's direction: the destination of an original packet (frontend to
 /// backend), the source of a reply (backend to frontend), and with SNAT the other one too.
 #[inline(always)]
-fn rewrite<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtValue<F::Addr>) -> Result<(), i64> {
+fn rewrite<C: Frame, F: TcFamily>(
+    ctx: &C,
+    packet: &Packet<F::Addr>,
+    to: &CtValue<F::Addr>,
+) -> Result<(), i64> {
     let csum = packet.l4_csum();
     let mangled = if packet.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
@@ -444,14 +467,14 @@ fn rewrite<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtValue<
     let mut diff = 0;
     if reply || snat {
         diff = csum_diff(&packet.saddr, &to.saddr, diff)?;
-        ctx.store(packet.ip(F::SADDR), &to.saddr, 0)?;
+        ctx.write(packet.ip(F::SADDR), &to.saddr)?;
     }
     if !reply || snat {
         diff = csum_diff(&packet.daddr, &to.daddr, diff)?;
-        ctx.store(packet.ip(F::DADDR), &to.daddr, 0)?;
+        ctx.write(packet.ip(F::DADDR), &to.daddr)?;
     }
-    let diff = u64::from(diff);
     F::fix_ip_checksum(ctx, packet, diff)?;
+    let diff = u64::from(diff);
     if ctx
         .l4_csum_replace(csum, 0, diff, F::PSEUDO_FLAGS | mangled)
         .is_err()
@@ -467,7 +490,7 @@ fn rewrite<F: TcFamily>(ctx: &TcContext, packet: &Packet<F::Addr>, to: &CtValue<
             ports_word(to.sport, to.dport),
         );
         ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), mangled | 4)?;
-        ctx.store(packet.l4, &new, 0)?;
+        ctx.write(packet.l4, &new)?;
     }
     Ok(())
 }

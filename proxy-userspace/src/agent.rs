@@ -18,7 +18,7 @@ use crate::{
     datapath::{
         conntrack::Conntrack,
         external::{self, Attached, Attachment},
-        features::TcMode,
+        features::{TcMode, XdpAttach},
         loader::{Datapath, LoadError, MapSizes},
         maps::{OpenError, PinnedMaps},
         reader::{ReadError, Snapshot},
@@ -89,6 +89,7 @@ struct Prepared {
     proxier: Proxier<DatapathSink>,
     external: ExternalSide,
     tc_mode: TcMode,
+    xdp: XdpAttach,
     health_checks: HealthCheckServers,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -169,6 +170,7 @@ impl Prepared {
             proxier,
             external,
             tc_mode,
+            xdp: opts.xdp,
             health_checks: HealthCheckServers::new(metrics_for_checks, health.clone()),
             metrics: metrics_for_prepared,
             health,
@@ -277,7 +279,7 @@ impl Prepared {
                 let names: Vec<String> = present.keys().cloned().collect();
                 let attachments = self
                     .datapath
-                    .attach_devices(&names, self.tc_mode)
+                    .attach_devices(&names, self.tc_mode, self.xdp)
                     .map_err(|e| e.to_string())?;
                 Ok((present, attachments))
             });
@@ -372,6 +374,8 @@ impl Prepared {
             links_updated = attached.updated,
             links_created = attached.created,
             tc_mode = self.tc_mode.as_str(),
+            xdp = self.xdp.as_str(),
+            xdp_devices = ?self.attachments.iter().filter(|a| a.program == external::XDP_PROGRAM && a.outcome.is_ok()).map(|a| a.device.as_str()).collect::<Vec<_>>(),
             tc_links_updated = tc_count(Attached::Updated),
             tc_links_created = tc_count(Attached::Created),
             tc_links_reattached = tc_count(Attached::Reattached),

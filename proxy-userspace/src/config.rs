@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     datapath::{
-        features::TcAttach,
+        features::{TcAttach, XdpAttach},
         host::{self, HostError},
         sizing::{self, FixedSizes, MapSizing},
     },
@@ -63,6 +63,8 @@ pub struct ProxyConfig {
     pub(crate) maglev_table_size: Option<u32>,
     /// `bpfKubeProxy.maglev.hashSeed`.
     pub(crate) maglev_hash_seed: Option<u32>,
+    /// `bpfKubeProxy.xdp`, as `--xdp`.
+    pub(crate) xdp: Option<XdpAttach>,
     /// One line per ignored field, for the caller to log.
     pub ignored: Vec<String>,
 }
@@ -242,6 +244,11 @@ fn parse_bpf_section(value: &Value, config: &mut ProxyConfig) -> Result<(), Conf
             "mapDynamicSizeMemory" => {
                 config.map_dynamic_size_memory = string(&path, v)?
                     .map(|s| sizing::parse_bytes(&s).map_err(|e| field_error(&path, e)))
+                    .transpose()?;
+            }
+            "xdp" => {
+                config.xdp = string(&path, v)?
+                    .map(|s| s.parse().map_err(|e| field_error(&path, e)))
                     .transpose()?;
             }
             "mapSize" => {
@@ -437,6 +444,8 @@ pub struct AgentOptions {
     pub(crate) metrics_addr: Option<SocketAddr>,
     /// How the tc programs attach to the external devices.
     pub tc_attach: TcAttach,
+    /// Whether XDP translates external traffic before tc (`--xdp`).
+    pub xdp: XdpAttach,
     pub external: ExternalOptions,
 }
 
@@ -532,6 +541,12 @@ pub struct RunFlags {
     /// filters on a clsact qdisc (any kernel), or "auto": TCX where the kernel has it.
     #[arg(long, default_value = "auto")]
     tc_attach: TcAttach,
+    /// XDP on the Ethernet --devices, before tc: "auto" (native where the driver has it,
+    /// veths excepted), "native" (every device; a refusal is a failure), "generic" (skb mode,
+    /// any driver, no faster than tc) or "off" [default: auto, or the config file's
+    /// bpfKubeProxy.xdp].
+    #[arg(long)]
+    xdp: Option<XdpAttach>,
     /// kube-proxy's nodePortAddresses: CIDRs whose node addresses serve NodePorts, or
     /// "primary" (default: every node address, and 127.0.0.1 for the node's own clients).
     #[arg(long, value_delimiter = ',')]
@@ -707,6 +722,7 @@ pub(crate) fn resolve(flags: RunFlags, file: ProxyConfig) -> Result<AgentOptions
             DEFAULT_METRICS_BIND_ADDRESS,
         )?,
         tc_attach: flags.tc_attach,
+        xdp: flags.xdp.or(file.xdp).unwrap_or_default(),
         external: ExternalOptions {
             devices: flags.devices,
             node_port_addresses: NodePortAddresses::parse(
@@ -1060,6 +1076,32 @@ nodePortAddresses: null
             let err = parse(&format!("apiVersion: {API_VERSION}\nkind: {KIND}\n{bad}\n")).unwrap_err();
             assert!(err.to_string().contains(expected), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn xdp_comes_from_the_flag_else_the_file_else_auto_and_a_bad_mode_is_named() {
+        assert_eq!(resolved(&[], "").unwrap().xdp, XdpAttach::Auto);
+        let file = "bpfKubeProxy: {xdp: generic}\n";
+        assert_eq!(resolved(&[], file).unwrap().xdp, XdpAttach::Generic);
+        assert_eq!(resolved(&["--xdp", "off"], file).unwrap().xdp, XdpAttach::Off);
+        assert_eq!(resolved(&["--xdp", "native"], "").unwrap().xdp, XdpAttach::Native);
+        let err = parse(&format!(
+            "apiVersion: {API_VERSION}\nkind: {KIND}\nbpfKubeProxy: {{xdp: fast}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("bpfKubeProxy.xdp") && err.contains("\"fast\" is not auto, native, generic or off"),
+            "{err}"
+        );
+        let Err(flag) = <Run as clap::Parser>::try_parse_from(["run", "--xdp", "drv"]) else {
+            panic!("--xdp drv accepted");
+        };
+        assert!(
+            flag.to_string()
+                .contains("\"drv\" is not auto, native, generic or off"),
+            "{flag}"
+        );
     }
 
     #[test]

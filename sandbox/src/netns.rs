@@ -99,6 +99,12 @@ impl Netns {
         ])
     }
 
+    /// `ethtool -K device ...` inside this namespace.
+    pub fn offload(&self, device: &str, offload: host::Offload, on: bool) -> io::Result<()> {
+        let device = device.to_string();
+        self.run(move || host::set_offload(&device, offload, on))
+    }
+
     /// `program` to be run inside this namespace (see [`command_in`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         command_in(&self.path(), program)

@@ -26,7 +26,10 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use bkp_sandbox::{netns::Netns, probe::ProbeMode, servers::Identity};
-use bpf_kube_proxy::{datapath::maps::typed, pipeline::model::Protocol};
+use bpf_kube_proxy::{
+    datapath::{host::Offload, maps::typed},
+    pipeline::model::Protocol,
+};
 use integration_tests::{
     HTTP_PORT, NODE_NAME, UDP_PORT, World, manifests::docs, metric_sample, tun::TunPair,
 };
@@ -54,6 +57,9 @@ const HEALTH_PORT: u16 = 32100;
 enum Uplink {
     /// A veth pair: Ethernet frames.
     Veth,
+    /// A veth pair, the agent running native XDP (`--xdp native`) on `up0` and `n2` ahead of
+    /// tc, and the veths made as a wire is for it (see [`wire_like`]).
+    VethXdp,
     /// A TUN device on each side, packets copied across by the test process.
     Tun,
     /// An IPIP tunnel over a veth underlay (IPv4 only).
@@ -147,7 +153,7 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
     let ext = Netns::create(&format!("{prefix}-ext")).expect("client namespace");
     // The client's end of the uplink.
     let (uplink_state, client_dev) = match uplink {
-        Uplink::Veth => {
+        Uplink::Veth | Uplink::VethXdp => {
             node.veth_to("up0", &ext).expect("veth");
             (Link::Kernel, "eth0")
         }
@@ -221,6 +227,10 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
     if !args.contains(&"--devices") {
         args.extend(["--devices", "up0,n2"]);
     }
+    if matches!(uplink, Uplink::VethXdp) {
+        args.extend(["--xdp", "native"]);
+        wire_like(&[(&ext, "eth0"), (&node2, "eth0"), (&remote, "eth0")]);
+    }
     world.agent_in_node().agent_args(&with_forced_tc_attach(args));
     Outside {
         link: uplink_state,
@@ -229,6 +239,47 @@ fn outside_over(uplink: Uplink, local: &[&str], agent_args: &[&str]) -> Outside 
         node2,
         world,
     }
+}
+
+/// Makes veth ends behave as the far side of a wire does for native XDP: NAPI on the ends
+/// XDP on `up0` and `n2` sends frames to (GRO on: without it a veth drops them), and whole
+/// checksums from the senders whose packets XDP forwards (a veth otherwise leaves them
+/// partial, and XDP, seeing no skb, would fold its changes into a partial sum).
+fn wire_like(ends: &[(&Netns, &str)]) {
+    for (netns, device) in ends {
+        netns
+            .offload(device, Offload::Gro, true)
+            .and_then(|()| netns.offload(device, Offload::TxChecksum, false))
+            .unwrap_or_else(|e| panic!("ethtool -K {device} in {}: {e}", netns.name()));
+    }
+}
+
+/// The datapath's count of `reason` (`bkp_counters`, as the metrics export it).
+fn datapath_events(o: &Outside, reason: &str) -> f64 {
+    let (_, metrics) = o.world.http_get("/metrics", "/metrics");
+    metric_sample(
+        &metrics,
+        &format!("bpf_kube_proxy_datapath_events_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// XDP, not tc, opened every flow of the traffic so far (`flows` at least) and translated
+/// later packets too: XDP did the work, tc only what XDP handed it.
+fn assert_xdp_opened_every_flow(o: &Outside, flows: f64) {
+    let (xdp_new, xdp_tracked, tc_new) = (
+        datapath_events(o, "xdp_new_flow"),
+        datapath_events(o, "xdp_tracked"),
+        datapath_events(o, "tc_new_flow"),
+    );
+    let counts = format!(
+        "xdp_new_flow {xdp_new}, xdp_tracked {xdp_tracked}, tc_new_flow {tc_new}, tc_tracked {}, xdp_pass {}",
+        datapath_events(o, "tc_tracked"),
+        datapath_events(o, "xdp_pass")
+    );
+    assert!(xdp_new >= flows, "XDP opened every flow: {counts}");
+    assert!(xdp_tracked > 0.0, "XDP translated later packets: {counts}");
+    assert!(tc_new < 1.0, "tc opened no flow: {counts}");
 }
 
 impl Outside {
@@ -506,8 +557,8 @@ fn load_balancer_ip_and_external_ip_not_on_any_node() {
 
 /// A client inside the allowed ranges reaches the LoadBalancer IP, one outside the denied
 /// ones does not, and the NodePort is not filtered.
-fn assert_source_ranges_filter(stack: &Stack) {
-    let mut o = outside(&["a"], &[]);
+fn assert_source_ranges_filter(stack: &Stack, uplink: Uplink) -> Outside {
+    let mut o = outside_over(uplink, &["a"], &[]);
     let eps = stack.local_and_remote(&o);
     let manifest = |ranges: &str| {
         (stack.load_balancer)(&format!("loadBalancerSourceRanges: [{ranges}]"), &endpoints(&eps))
@@ -531,19 +582,20 @@ fn assert_source_ranges_filter(stack: &Stack) {
         "a client outside the ranges is dropped: {refused:?}"
     );
     who(&o, target(stack.node_ip, NODE_PORT));
+    o
 }
 
 /// upstream "should only allow access from service loadbalancer source ranges": a client
 /// inside the ranges gets through, one outside does not, and the NodePort is not filtered.
 #[test]
 fn load_balancer_source_ranges_allow_and_deny() {
-    assert_source_ranges_filter(&IPV4);
+    assert_source_ranges_filter(&IPV4, Uplink::Veth);
 }
 
 /// The same for an IPv6 LoadBalancer IP and IPv6 ranges (their own LPM trie).
 #[test]
 fn ipv6_load_balancer_source_ranges_allow_and_deny() {
-    assert_source_ranges_filter(&IPV6);
+    assert_source_ranges_filter(&IPV6, Uplink::Veth);
 }
 
 /// externalTrafficPolicy Local: only this node's endpoint, the client's own address at the
@@ -628,7 +680,7 @@ fn session_affinity_works_for_nodeport() {
 /// With no endpoint left, the family's NodePort refuses TCP with a RST and UDP with an
 /// ICMP (ICMPv6) port unreachable, sent back over `uplink`; once the Service is deleted the
 /// port is released.
-fn assert_refused_then_released(stack: &Stack, uplink: Uplink) {
+fn assert_refused_then_released(stack: &Stack, uplink: Uplink) -> Outside {
     let mut o = stack.started_over(uplink);
     let node_ip = stack.node_ip;
     who(&o, target(node_ip, NODE_PORT));
@@ -659,6 +711,7 @@ fn assert_refused_then_released(stack: &Stack, uplink: Uplink) {
         });
     let err = http_get(&o.ext, target(node_ip, NODE_PORT)).expect_err("released");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    o
 }
 
 /// upstream "should release NodePorts on delete", and "should be rejected when no endpoints
@@ -786,7 +839,9 @@ fn nodeport_over_an_ipip_tunnel_reaches_local_and_remote_backends() {
 /// Refusals without endpoints come back through the IPIP tunnel.
 #[test]
 fn nodeport_over_an_ipip_tunnel_rejects_without_endpoints() {
-    over_ipip(|| assert_refused_then_released(&IPV4, Uplink::Ipip));
+    over_ipip(|| {
+        assert_refused_then_released(&IPV4, Uplink::Ipip);
+    });
 }
 
 /// Our cls_bpf filters on `device` in `direction` as `tc filter show` lists them in the node
@@ -816,6 +871,46 @@ fn program_id(line: &str) -> u32 {
         .find(|w| *w == "id")
         .and_then(|_| words.next()?.parse().ok())
         .unwrap_or_else(|| panic!("no program id in {line:?}"))
+}
+
+/// SIGKILLs the agent and starts it again while a client GETs the NodePort 150 times, 10 ms
+/// apart; the GETs that failed.
+fn kill_and_restart_under_traffic(o: &mut Outside) -> Vec<String> {
+    let Outside { ext, world, .. } = o;
+    let ext: &Netns = ext;
+    std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            (0..150)
+                .filter_map(|_| {
+                    std::thread::sleep(Duration::from_millis(10));
+                    http_get(ext, target(NODE_IP, NODE_PORT))
+                        .err()
+                        .map(|e| e.to_string())
+                })
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        world.stop_agent(Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        world.start_agent();
+        clients.join().expect("client thread")
+    })
+}
+
+/// Stops the agent and runs `cleanup` on its pin dir in the node; what it printed.
+fn stop_and_clean_up(o: &mut Outside) -> String {
+    o.world.stop_agent(Signal::SIGTERM);
+    let out = o
+        .world
+        .topology
+        .node
+        .command(integration_tests::binary())
+        .args(["cleanup", "--pin-dir"])
+        .arg(o.world.pin_dir())
+        .output()
+        .expect("running cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Kernels without TCX (< 6.6): the tc programs are cls_bpf filters attached through netlink.
@@ -850,25 +945,7 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
     who(&o, target(NODE_IP, NODE_PORT));
 
     // Clients keep connecting through the NodePort while the agent is killed and restarted.
-    let Outside { ext, world, .. } = &mut o;
-    let ext: &Netns = ext;
-    let failures = std::thread::scope(|scope| {
-        let clients = scope.spawn(|| {
-            (0..150)
-                .filter_map(|_| {
-                    std::thread::sleep(Duration::from_millis(10));
-                    http_get(ext, target(NODE_IP, NODE_PORT))
-                        .err()
-                        .map(|e| e.to_string())
-                })
-                .collect::<Vec<_>>()
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        world.stop_agent(Signal::SIGKILL);
-        std::thread::sleep(Duration::from_millis(300));
-        world.start_agent();
-        clients.join().expect("client thread")
-    });
+    let failures = kill_and_restart_under_traffic(&mut o);
     assert!(
         failures.is_empty(),
         "{} of 150 failed: {failures:?}",
@@ -895,22 +972,8 @@ fn netlink_filters_survive_sigkill_and_restart_in_place_and_cleanup_removes_them
     }
     who(&o, target(NODE_IP, NODE_PORT));
 
-    o.world.stop_agent(Signal::SIGTERM);
-    let out = o
-        .world
-        .topology
-        .node
-        .command(integration_tests::binary())
-        .args(["cleanup", "--pin-dir"])
-        .arg(o.world.pin_dir())
-        .output()
-        .expect("running cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("4 tc attachments removed"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let removed = stop_and_clean_up(&mut o);
+    assert!(removed.contains("4 tc attachments removed"), "{removed}");
     for (device, dir, _) in &before {
         assert_eq!(
             our_filters(&o, device, dir),
@@ -1288,4 +1351,123 @@ fn auto_selects_the_device_remote_backends_replies_arrive_on() {
     }
     assert_local_and_remote_reached(&o, &IPV4);
     assert!(unserved_warnings(&o.world).is_empty());
+}
+
+/// NodePort through native XDP on veths, TCP and UDP, to the local backend (translated and
+/// passed to the stack) and to the remote one (SNATed and sent out of `n2` by XDP, its replies
+/// translated by XDP on `n2` and sent out of `up0`); XDP opened every flow.
+#[test]
+fn xdp_nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    let o = IPV4.started_over(Uplink::VethXdp);
+    assert_local_and_remote_reached(&o, &IPV4);
+    assert_xdp_opened_every_flow(&o, 70.0);
+    let (_, metrics) = o.world.http_get("/metrics", "/metrics");
+    for device in ["up0", "n2"] {
+        let series = format!(
+            "bpf_kube_proxy_tc_attachments{{device=\"{device}\",program=\"bkp_xdp\",mode=\"native\",state=\"attached\"}}"
+        );
+        assert_eq!(metric_sample(&metrics, &series), Some(1.0), "{series}");
+    }
+}
+
+/// The same over IPv6.
+#[test]
+fn ipv6_xdp_nodeport_reaches_local_and_remote_backends_over_tcp_and_udp() {
+    let o = IPV6.started_over(Uplink::VethXdp);
+    assert_local_and_remote_reached(&o, &IPV6);
+    assert_xdp_opened_every_flow(&o, 70.0);
+}
+
+/// loadBalancerSourceRanges under XDP: the denied client is dropped there.
+#[test]
+fn xdp_load_balancer_source_ranges_allow_and_deny() {
+    let o = assert_source_ranges_filter(&IPV4, Uplink::VethXdp);
+    assert!(datapath_events(&o, "tc_drop_source_range") > 0.0);
+    assert_xdp_opened_every_flow(&o, 2.0);
+}
+
+/// The same for IPv6.
+#[test]
+fn ipv6_xdp_load_balancer_source_ranges_allow_and_deny() {
+    let o = assert_source_ranges_filter(&IPV6, Uplink::VethXdp);
+    assert!(datapath_events(&o, "tc_drop_source_range") > 0.0);
+    assert_xdp_opened_every_flow(&o, 2.0);
+}
+
+/// Without endpoints, XDP hands the packet to tc, which answers it (RST, port unreachable).
+#[test]
+fn xdp_nodeport_rejects_without_endpoints_through_tc() {
+    assert_refused_through_tc(&assert_refused_then_released(&IPV4, Uplink::VethXdp));
+}
+
+/// XDP handed the refused packets to tc, which answered them.
+fn assert_refused_through_tc(o: &Outside) {
+    assert!(
+        datapath_events(o, "xdp_pass") >= 2.0,
+        "XDP passed the TCP and UDP packets"
+    );
+    assert!(
+        datapath_events(o, "tc_reject_no_backend") >= 2.0,
+        "tc answered them"
+    );
+}
+
+/// The same over IPv6.
+#[test]
+fn ipv6_xdp_nodeport_rejects_without_endpoints_through_tc() {
+    assert_refused_through_tc(&assert_refused_then_released(&IPV6, Uplink::VethXdp));
+}
+
+/// The XDP program on `device` of the node: (attach mode, program id) as `ip -j link` shows
+/// it (mode 1 native, 2 generic), or `None`.
+fn xdp_on(o: &Outside, device: &str) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            o.world.topology.node.name(),
+            "-j",
+            "link",
+            "show",
+            "dev",
+            device,
+        ])
+        .output()
+        .expect("ip link");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let xdp = &links[0]["xdp"];
+    Some((xdp["mode"].as_u64()?, xdp["prog"]["id"].as_u64()?))
+}
+
+/// The XDP links are pinned: they outlive a SIGKILLed agent (traffic keeps flowing), a
+/// restarted agent points them at its new program in place (native still), and `cleanup`
+/// removes them with the tc attachments.
+#[test]
+fn xdp_links_survive_sigkill_update_in_place_and_cleanup_removes_them() {
+    const NATIVE: u64 = 1;
+    let mut o = IPV4.started_over(Uplink::VethXdp);
+    let before: Vec<(u64, u64)> = ["up0", "n2"]
+        .iter()
+        .map(|d| xdp_on(&o, d).unwrap_or_else(|| panic!("XDP on {d}")))
+        .collect();
+    assert!(before.iter().all(|(mode, _)| *mode == NATIVE), "{before:?}");
+    assert!(o.world.pin_dir().join("tc/up0@bkp_xdp-native").exists());
+
+    let failures = kill_and_restart_under_traffic(&mut o);
+    assert!(
+        failures.is_empty(),
+        "{} of 150 failed: {failures:?}",
+        failures.len()
+    );
+    for (device, (mode, id)) in ["up0", "n2"].iter().zip(&before) {
+        let now = xdp_on(&o, device).unwrap_or_else(|| panic!("XDP on {device} after restart"));
+        assert_eq!(now.0, *mode, "{device}: still native");
+        assert_ne!(now.1, *id, "{device}: runs the new agent's program");
+    }
+    assert_local_and_remote_reached(&o, &IPV4);
+
+    let removed = stop_and_clean_up(&mut o);
+    assert!(removed.contains("6 tc attachments removed"), "{removed}");
+    for device in ["up0", "n2"] {
+        assert_eq!(xdp_on(&o, device), None, "{device}: XDP detached");
+    }
 }

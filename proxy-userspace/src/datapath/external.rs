@@ -8,17 +8,23 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData},
+    maps::{Array, DevMapHash, MapData},
     programs::{
-        Link as _, LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError,
-        links::LinkError,
+        Link as _, LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError, Xdp, XdpMode,
+        links::{FdLink, LinkError},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use proxy_common::maps::{self as names, NodeConfig};
 
 pub use crate::datapath::links::Attached;
-use crate::datapath::{features::TcMode, host, links, loader::LoadError, maps::typed, sys};
+use crate::datapath::{
+    features::{TcMode, XdpAttach},
+    host, links,
+    loader::LoadError,
+    maps::typed,
+    sys,
+};
 
 /// Writes the node settings the tc programs read.
 pub fn write_node_config(pin_dir: &Path, config: &NodeConfig) -> Result<(), LoadError> {
@@ -50,21 +56,30 @@ pub(crate) enum ProgramState {
     Failed(String),
 }
 
-/// Loads every tc program the object has; none of their failures stops the others.
-pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
-    TC_PROGRAMS
-        .iter()
-        .map(|p| {
-            let state = match tc_program(ebpf, p.name) {
-                Err(e) => ProgramState::Failed(e.to_string()),
-                Ok(program) => match program.load() {
-                    Ok(()) => ProgramState::Loaded,
-                    Err(e) => ProgramState::Failed(short_error(&e.to_string())),
-                },
-            };
-            (p.name, state)
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    ebpf.program_mut(XDP_PROGRAM)
+        .ok_or(LoadError::MissingProgram { name: XDP_PROGRAM })?
+        .try_into()
+        .map_err(|source| LoadError::Program {
+            name: XDP_PROGRAM,
+            source,
         })
-        .collect()
+}
+
+/// Loads every tc program the object has, and the XDP one; none of their failures stops the
+/// others.
+pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Vec<(&'static str, ProgramState)> {
+    let state = |loaded: Result<Result<(), ProgramError>, LoadError>| match loaded {
+        Err(e) => ProgramState::Failed(e.to_string()),
+        Ok(Ok(())) => ProgramState::Loaded,
+        Ok(Err(e)) => ProgramState::Failed(short_error(&e.to_string())),
+    };
+    let mut states: Vec<(&'static str, ProgramState)> = TC_PROGRAMS
+        .iter()
+        .map(|p| (p.name, state(tc_program(ebpf, p.name).map(SchedClassifier::load))))
+        .collect();
+    states.push((XDP_PROGRAM, state(xdp_program(ebpf).map(Xdp::load))));
+    states
 }
 
 /// aya's load error carries the whole verifier log; the reason is its last line before the
@@ -127,6 +142,9 @@ pub(crate) struct TcProgram {
     pub direction: TcAttachType,
     pub kind: DeviceKind,
 }
+
+/// The XDP program, for Ethernet devices under `--xdp`.
+pub(crate) const XDP_PROGRAM: &str = "bkp_xdp";
 
 pub(crate) const TC_PROGRAMS: [TcProgram; 4] = [
     TcProgram {
@@ -325,7 +343,8 @@ pub(crate) fn detach_all(pin_dir: &Path) -> std::io::Result<(usize, Vec<String>)
 pub struct Attachment {
     pub device: String,
     pub program: &'static str,
-    pub mode: TcMode,
+    /// `tcx` or `netlink` for a tc program, `native` or `generic` for XDP.
+    pub mode: &'static str,
     /// How it is attached, or why it is not.
     pub outcome: Result<Attached, String>,
 }
@@ -342,6 +361,7 @@ pub fn attach(
     pin_dir: &Path,
     devices: &[String],
     mode: TcMode,
+    xdp: XdpAttach,
 ) -> Result<Vec<Attachment>, LoadError> {
     let dir = pin_dir.join("tc");
     let pin_err = |what, path: &Path| {
@@ -361,10 +381,19 @@ pub fn attach(
             (d, kind)
         })
         .collect();
+    let xdp_modes: Vec<Option<XdpMode>> = kinds
+        .iter()
+        .map(|(d, k)| xdp_mode(d, k.as_ref().ok().copied(), xdp))
+        .collect();
     let wanted: Vec<String> = kinds
         .iter()
-        .filter_map(|(d, k)| Some((d, *k.as_ref().ok()?)))
-        .flat_map(|(d, k)| programs_for(k).map(move |p| format!("{d}@{}", p.name)))
+        .zip(&xdp_modes)
+        .filter_map(|((d, k), x)| Some((d, *k.as_ref().ok()?, *x)))
+        .flat_map(|(d, k, x)| {
+            programs_for(k)
+                .map(move |p| format!("{d}@{}", p.name))
+                .chain(x.map(|x| xdp_record(d, x)))
+        })
         .collect();
     for entry in fs::read_dir(&dir).map_err(pin_err("listing", &dir))? {
         let path = entry.map_err(pin_err("listing", &dir))?.path();
@@ -377,7 +406,8 @@ pub fn attach(
         }
     }
     let mut out = Vec::new();
-    for (device, kind) in kinds {
+    let mut xdp_devices = Vec::new();
+    for ((device, kind), xdp_mode) in kinds.into_iter().zip(xdp_modes) {
         let kind = match kind {
             Ok(kind) => kind,
             Err(e) => {
@@ -386,12 +416,34 @@ pub fn attach(
                 out.extend(programs_for(DeviceKind::Ethernet).map(|p| Attachment {
                     device: device.clone(),
                     program: p.name,
-                    mode,
+                    mode: mode.as_str(),
                     outcome: Err(format!("device {device}: {e}")),
                 }));
                 continue;
             }
         };
+        if let Some(xdp_mode) = xdp_mode {
+            let path = dir.join(xdp_record(device, xdp_mode));
+            let outcome = attach_xdp(ebpf, &path, device, xdp_mode);
+            match outcome {
+                Ok(_) => xdp_devices.push(device.clone()),
+                // Under auto a driver without native XDP is not a failure: tc serves it.
+                Err(ref e) if xdp == XdpAttach::Auto => {
+                    tracing::info!(device = %device, "no native XDP ({e}): tc alone serves it");
+                    continue_without_xdp(&path);
+                }
+                Err(_) => {}
+            }
+            if xdp != XdpAttach::Auto || outcome.is_ok() {
+                out.push(Attachment {
+                    device: device.clone(),
+                    program: XDP_PROGRAM,
+                    mode: xdp_mode_name(xdp_mode),
+                    outcome: outcome
+                        .map_err(|e| format!("{device}@{XDP_PROGRAM} ({}): {e}", xdp_mode_name(xdp_mode))),
+                });
+            }
+        }
         for p in programs_for(kind) {
             let path = dir.join(format!("{device}@{}", p.name));
             let outcome = attach_one(ebpf, &path, device, p, mode, netns)
@@ -399,12 +451,103 @@ pub fn attach(
             out.push(Attachment {
                 device: device.clone(),
                 program: p.name,
-                mode,
+                mode: mode.as_str(),
                 outcome,
             });
         }
     }
+    write_xdp_devices(pin_dir, &xdp_devices);
     Ok(out)
+}
+
+/// Whether and how `device` (of `kind`, when known) gets the XDP program under `xdp`.
+fn xdp_mode(device: &str, kind: Option<DeviceKind>, xdp: XdpAttach) -> Option<XdpMode> {
+    // XDP reads an Ethernet header first; IP-only devices keep tc alone.
+    if kind != Some(DeviceKind::Ethernet) {
+        return None;
+    }
+    match xdp {
+        XdpAttach::Off => None,
+        XdpAttach::Generic => Some(XdpMode::Skb),
+        XdpAttach::Native => Some(XdpMode::Driver),
+        XdpAttach::Auto => match host::device_driver(device) {
+            Ok(driver) if driver == "veth" => {
+                tracing::info!(
+                    device,
+                    "veth: tc alone under --xdp auto (native XDP on a veth needs NAPI on its peer; --xdp native forces it)"
+                );
+                None
+            }
+            Ok(_) => Some(XdpMode::Driver),
+            Err(e) => {
+                tracing::info!(device, "reading its driver: {e}: tc alone");
+                None
+            }
+        },
+    }
+}
+
+fn xdp_mode_name(mode: XdpMode) -> &'static str {
+    if mode == XdpMode::Skb { "generic" } else { "native" }
+}
+
+/// The record of the XDP link on `device`: the mode is in its name, so that a restart in the
+/// other mode removes the old link (a link update keeps the mode it was made with).
+fn xdp_record(device: &str, mode: XdpMode) -> String {
+    format!("{device}@{XDP_PROGRAM}-{}", xdp_mode_name(mode))
+}
+
+/// A pinned XDP link from an earlier run on a device that now refuses native XDP has no
+/// program to point at: unpinned, which detaches it.
+fn continue_without_xdp(path: &Path) {
+    if path.exists()
+        && let Err(e) = sys::unpin_link(path)
+    {
+        tracing::warn!(record = %path.display(), "removing: {e}");
+    }
+}
+
+fn attach_xdp(ebpf: &mut Ebpf, path: &Path, device: &str, mode: XdpMode) -> Result<Attached, String> {
+    let program = xdp_program(ebpf).map_err(|e| e.to_string())?;
+    if program.fd().is_err() {
+        return Err(format!("program {XDP_PROGRAM} did not load"));
+    }
+    links::attach_or_update(path, program, Xdp::fd, |program| {
+        let id = program.attach(device, mode).map_err(|e| e.to_string())?;
+        FdLink::try_from(program.take_link(id).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("not a BPF link (the kernel attached by netlink): {e}"))
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Makes the devices XDP may send frames to exactly `devices` (those it is attached to). A
+/// failure leaves XDP sending less, never more: every other packet goes to tc.
+fn write_xdp_devices(pin_dir: &Path, devices: &[String]) {
+    let written = (|| -> Result<(), String> {
+        let mut map: DevMapHash<MapData> = typed(pin_dir, names::XDP_DEVICES).map_err(|e| e.to_string())?;
+        let wanted: Vec<u32> = devices
+            .iter()
+            .filter_map(|d| nix::net::if_::if_nametoindex(d.as_str()).ok())
+            .collect();
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            map.remove(key).map_err(|e| e.to_string())?;
+        }
+        for ifindex in wanted {
+            map.insert(ifindex, ifindex, None, 0).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        tracing::warn!(
+            "writing {}: {e}; XDP hands every forwarded packet to tc",
+            names::XDP_DEVICES
+        );
+    }
 }
 
 fn attach_one(

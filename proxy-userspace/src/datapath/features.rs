@@ -40,6 +40,47 @@ impl FromStr for TcAttach {
     }
 }
 
+/// `--xdp`: whether external traffic is also translated by XDP, before tc, on `--devices`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// Native XDP on each Ethernet device whose driver has it, except veths (a frame XDP sends
+    /// to a veth is dropped unless its peer runs NAPI: GRO on, or an XDP program of its own,
+    /// which the agent cannot see from this side); tc alone elsewhere.
+    #[default]
+    Auto,
+    /// Native XDP on every Ethernet device; one whose driver refuses it is a failure.
+    Native,
+    /// Generic (skb) XDP on every Ethernet device: any driver, but no faster than tc.
+    Generic,
+    /// tc alone.
+    Off,
+}
+
+impl FromStr for XdpAttach {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?} is not auto, native, generic or off")),
+        }
+    }
+}
+
+impl XdpAttach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// How a tc program is attached to one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcMode {

@@ -97,7 +97,15 @@ pub fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send)
 /// network namespace. Read with SIOCGIFHWADDR rather than from /sys/class/net, which shows the
 /// namespace sysfs was mounted in, not necessarily the agent's.
 pub(crate) fn device_type(name: &str) -> io::Result<u16> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut request = device_request(name)?;
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr inside `request`.
+    unsafe { device_ioctl(libc::SIOCGIFHWADDR, &mut request)? };
+    // SAFETY: SIOCGIFHWADDR filled the ifr_hwaddr member of the union.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr }.sa_family)
+}
+
+/// A device request naming `name`, the rest zero.
+fn device_request(name: &str) -> io::Result<libc::ifreq> {
     // SAFETY: ifreq is plain data; all zeroes is a valid (empty) request.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
@@ -107,21 +115,91 @@ pub(crate) fn device_type(name: &str) -> io::Result<u16> {
     for (dst, src) in request.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr inside `request`, which
-    // outlives the call; the socket fd is open for its duration.
-    let ret = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SIOCGIFHWADDR,
-            &raw mut request,
-        )
-    };
+    Ok(request)
+}
+
+/// Runs the device ioctl `command` on `request` through a socket of this network namespace.
+///
+/// # Safety
+/// `request` must be what `command` reads and writes, and anything it points to must be
+/// valid for the call.
+unsafe fn device_ioctl(command: libc::c_ulong, request: &mut libc::ifreq) -> io::Result<()> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // SAFETY: the caller's promise; the socket fd is open for the call's duration.
+    let ret = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&socket), command, request) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: SIOCGIFHWADDR filled the ifr_hwaddr member of the union.
-    Ok(unsafe { request.ifr_ifru.ifru_hwaddr }.sa_family)
+    Ok(())
 }
+
+/// The name of the driver behind the device `name` (`ethtool -i`: "veth", "virtio_net",
+/// "mlx5_core"), asked in this process's network namespace like [`device_type`].
+pub(crate) fn device_driver(name: &str) -> io::Result<String> {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h): the command, then the strings we read.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 20],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 20],
+    };
+    let mut request = device_request(name)?;
+    request.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: SIOCETHTOOL reads ifr_name and the command at ifru_data, and writes the
+    // ethtool_drvinfo there, which `info` is and which outlives the call.
+    unsafe { device_ioctl(SIOCETHTOOL, &mut request)? };
+    let end = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// A device feature `ethtool -K` switches, through the ioctl commands that take one value.
+#[derive(Clone, Copy, Debug)]
+pub enum Offload {
+    /// `tx-checksumming`: off, a sender fills in whole checksums. A veth sender otherwise
+    /// leaves them partial (CHECKSUM_PARTIAL), which XDP cannot see and a frame XDP sends on
+    /// loses, so the receiver finds them wrong; a wire never carries partial checksums.
+    TxChecksum,
+    /// `generic-receive-offload`: on a veth, also NAPI on its receive side, without which the
+    /// veth drops the frames XDP on its peer sends it.
+    Gro,
+}
+
+/// Turns `offload` of the device `name` in this network namespace on or off (`ethtool -K`).
+pub fn set_offload(name: &str, offload: Offload, on: bool) -> io::Result<()> {
+    /// `struct ethtool_value` (linux/ethtool.h).
+    #[repr(C)]
+    struct Value {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    let mut value = Value {
+        cmd: match offload {
+            Offload::TxChecksum => ETHTOOL_STXCSUM,
+            Offload::Gro => ETHTOOL_SGRO,
+        },
+        data: u32::from(on),
+    };
+    let mut request = device_request(name)?;
+    request.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: SIOCETHTOOL reads ifr_name and the ethtool_value at ifru_data, which `value` is
+    // and which outlives the call.
+    unsafe { device_ioctl(SIOCETHTOOL, &mut request) }
+}
+
+/// `SIOCETHTOOL` (linux/sockios.h).
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
 
 /// This process's network namespace, by inode (what `ip netns identify` compares).
 pub(crate) fn current_netns() -> io::Result<u64> {

@@ -23,12 +23,28 @@ use proxy_common::{
 
 use crate::datapath::{
     external,
-    features::TcMode,
+    features::{TcMode, XdpAttach},
     host,
     layout::{self, Btf},
     links::{self, PinnedLinkError},
     sys,
 };
+
+/// A pinned map's flags as its object declared them: the kernel makes every devmap read-only
+/// to programs (`BPF_F_RDONLY_PROG`, kernel/bpf/devmap.c) and refuses that flag at creation,
+/// so no build can declare it, and comparing with it would recreate the map on every restart.
+fn declared_flags(map_type: u32, flags: u32) -> u32 {
+    use aya_obj::generated::{BPF_F_RDONLY_PROG, bpf_map_type};
+    let devmaps = [
+        bpf_map_type::BPF_MAP_TYPE_DEVMAP as u32,
+        bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as u32,
+    ];
+    if devmaps.contains(&map_type) {
+        flags & !BPF_F_RDONLY_PROG
+    } else {
+        flags
+    }
+}
 
 /// The datapath object, built by this crate's build script.
 pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -211,8 +227,9 @@ impl Datapath {
         &mut self,
         devices: &[String],
         mode: TcMode,
+        xdp: XdpAttach,
     ) -> Result<Vec<external::Attachment>, LoadError> {
-        external::attach(&mut self.ebpf, &self.pin_dir, devices, mode)
+        external::attach(&mut self.ebpf, &self.pin_dir, devices, mode, xdp)
     }
 
     /// Attaches every socket program to `cgroup` (and its descendants) through links pinned
@@ -366,7 +383,7 @@ fn drop_incompatible_pins(pin_dir: &Path, sizes: MapSizes) -> Result<Vec<Recreat
                     info.key_size,
                     info.value_size,
                     info.max_entries,
-                    info.map_flags,
+                    declared_flags(info.map_type, info.map_flags),
                 );
                 let only_capacity = (pinned_shape.0, pinned_shape.1, pinned_shape.2, pinned_shape.4)
                     == (shape.0, shape.1, shape.2, shape.4);
@@ -580,6 +597,12 @@ mod tests {
                 flags: BPF_F_NO_PREALLOC,
                 ..map::<u32, ServiceLabel>(names::SERVICE_LABELS, BPF_MAP_TYPE_HASH, capacity::SERVICE_LABELS)
             },
+            // Key an ifindex, value `struct bpf_devmap_val` (ifindex, program fd).
+            map::<u32, u64>(
+                names::XDP_DEVICES,
+                BPF_MAP_TYPE_DEVMAP_HASH,
+                capacity::XDP_DEVICES,
+            ),
         ];
         // A hash of maps holds inner map fds (u32) as its values.
         maps.extend(names::MAGLEV.map(|name| Expected {

@@ -78,7 +78,7 @@ fn set_attachment_state(metrics: &Metrics, a: &Attachment, state: &'static str) 
         let label = AttachmentLabel {
             device: a.device.clone(),
             program: a.program.to_string(),
-            mode: a.mode.as_str(),
+            mode: a.mode,
             state: s,
         };
         // Only the series of a state it was ever in exist: the others need no zero.
@@ -107,7 +107,7 @@ pub(crate) fn report_attachments(
                     tracing::info!(
                         device = %a.device,
                         program = a.program,
-                        mode = a.mode.as_str(),
+                        mode = a.mode,
                         "tc program attached afresh: its device had been deleted (and is back)"
                     );
                     metrics
@@ -125,7 +125,7 @@ pub(crate) fn report_attachments(
                     tracing::error!(
                         device = %a.device,
                         program = a.program,
-                        mode = a.mode.as_str(),
+                        mode = a.mode,
                         "tc program not attached; traffic from outside arriving on this device is not served: {e}"
                     );
                 }
@@ -199,7 +199,7 @@ mod tests {
         let on = |device: &str, outcome| Attachment {
             device: device.into(),
             program: "bkp_tc_ingress",
-            mode: TcMode::Tcx,
+            mode: "tcx",
             outcome,
         };
         let series = |device: &str, state: &str| {
