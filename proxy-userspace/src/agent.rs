@@ -120,7 +120,7 @@ impl Prepared {
         let (sizes, growable) = choose_sizes(opts);
         let datapath = Datapath::load(&opts.pin_dir, sizes)?;
         report_recreated(datapath.recreated(), &metrics);
-        let degraded = report_programs(datapath.tc_programs(), &metrics);
+        let degraded = report_programs(datapath.tc_programs(), opts.xdp, &metrics);
         health.set_degraded(degraded.clone(), false);
         external::write_node_config(&opts.pin_dir, &external.config)?;
         let conntrack = Conntrack::open(&opts.pin_dir, external.config)?;

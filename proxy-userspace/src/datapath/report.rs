@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use crate::{
     datapath::{
-        external::{Attached, Attachment, ProgramState},
-        features::{KernelFeatures, TcAttach, TcMode},
+        external::{Attached, Attachment, ProgramState, XDP_PROGRAM},
+        features::{KernelFeatures, TcAttach, TcMode, XdpAttach},
         loader::Recreated,
     },
     node::reply_routes::{Change, ReplyPaths},
@@ -49,13 +49,19 @@ pub(crate) fn report_recreated(recreated: &[Recreated], metrics: &Metrics) {
 }
 
 /// Exports the tc programs' load states; returns the problems, for `/healthz`.
-pub(crate) fn report_programs(programs: &[(&'static str, ProgramState)], metrics: &Metrics) -> Vec<String> {
+pub(crate) fn report_programs(
+    programs: &[(&'static str, ProgramState)],
+    xdp: XdpAttach,
+    metrics: &Metrics,
+) -> Vec<String> {
     let mut problems = Vec::new();
     for (program, state) in programs {
         let state = match state {
             ProgramState::Loaded => "loaded",
             ProgramState::Failed(reason) => {
-                problems.push(format!("tc: program {program} not loaded: {reason}"));
+                if degrades(program, xdp) {
+                    problems.push(format!("tc: program {program} not loaded: {reason}"));
+                }
                 "failed"
             }
         };
@@ -68,6 +74,12 @@ pub(crate) fn report_programs(programs: &[(&'static str, ProgramState)], metrics
             .set(1);
     }
     problems
+}
+
+/// Whether `program` failing to load leaves external traffic worse served: the XDP program
+/// only when XDP was asked for (`--xdp off` never attaches it).
+fn degrades(program: &str, xdp: XdpAttach) -> bool {
+    program != XDP_PROGRAM || xdp != XdpAttach::Off
 }
 
 /// The states of `bpf_kube_proxy_tc_attachments`; a series is 1 in the state it is in.
@@ -191,6 +203,21 @@ mod tests {
     use proxy_common::maps as names;
 
     use super::*;
+
+    #[test]
+    fn an_xdp_program_that_did_not_load_degrades_health_only_when_xdp_was_asked_for() {
+        let metrics = Metrics::new();
+        let programs = [
+            ("bkp_tc_ingress", ProgramState::Loaded),
+            (XDP_PROGRAM, ProgramState::Failed("invalid argument".into())),
+        ];
+        assert!(report_programs(&programs, XdpAttach::Off, &metrics).is_empty());
+        for xdp in [XdpAttach::Auto, XdpAttach::Native, XdpAttach::Generic] {
+            assert_eq!(report_programs(&programs, xdp, &metrics).len(), 1, "{xdp:?}");
+        }
+        let tc_failed = [("bkp_tc_ingress", ProgramState::Failed("E2BIG".into()))];
+        assert_eq!(report_programs(&tc_failed, XdpAttach::Off, &metrics).len(), 1);
+    }
     use crate::datapath::loader::Mismatch;
 
     #[test]
